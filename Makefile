@@ -1,0 +1,33 @@
+# airgap-llm — `make bundle` builds the default bundle; `make test` runs every test.
+SPEC ?= bundle.toml
+OUT ?= dist
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export AIRGAP_LLM_WHEELS ?= $(CURDIR)/wheels
+
+.PHONY: bundle test unit lint venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+bundle: $(VENV)/.installed
+	$(VENV)/bin/bundler bundle $(SPEC) --out $(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -v -rs $(PYTEST_ARGS)
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest -q tests/unit
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check bundler tests
+	sh -n bundler/engines/build_llama_server.sh
+
+clean:
+	rm -rf $(OUT) build

@@ -1,0 +1,208 @@
+"""`make bundle`: spec → one self-checking bundle directory and tar.
+
+    lock + fetch wheels → build llama-server → fetch weights → render install.sh
+    → manifest + SHA256SUMS → move into place → tar
+
+Everything is staged in dist/.NAME.partial and moved into place only when
+whole, so a failed or interrupted run never leaves a half bundle under dist/NAME.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__, lock, manifest, sources
+from .engines import llama_cpp
+from .errors import BundlerError
+from .modelinfo import inspect_gguf
+from .render import render
+from .spec import Spec
+
+# Wheels the installer imports straight from the bundle before anything is installed.
+BOOTSTRAP = ("airgap_llm-*.whl", "jinja2-*.whl", "markupsafe-*.whl", "tqdm-*.whl")
+# x86-64 instructions a GGML_NATIVE=OFF build uses (INS_ENB defaults in ggml/CMakeLists.txt).
+X86_FLAGS = ("avx", "avx2", "fma", "f16c")
+GLIBC_LIBS = ("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "ld-linux", "linux-vdso")
+
+
+@dataclass(frozen=True)
+class Result:
+    directory: Path
+    tar: Path
+    size: int
+    seconds: float
+
+
+def _step(log, title: str) -> None:
+    log(f"==> {title}")
+
+
+def _glibc_needed(binary: Path) -> str:
+    try:
+        out = subprocess.run(["objdump", "-T", str(binary)], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise BundlerError(f"cannot read the symbols of {binary}: {e}", hint="install binutils (objdump)")
+    versions = {tuple(int(x) for x in v.split(".")) for v in re.findall(r"GLIBC_([0-9]+(?:\.[0-9]+)+)", out)}
+    return ".".join(map(str, max(versions))) if versions else "0"
+
+
+def _shared_libs(binary: Path) -> list[Path]:
+    """Non-glibc shared libraries the binary loads (carried beside it)."""
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+    libs = []
+    for line in out.splitlines():
+        m = re.match(r"\s*(\S+) => (\S+)", line)
+        if m and not any(m.group(1).startswith(g) for g in GLIBC_LIBS) and m.group(2) != "not":
+            libs.append(Path(m.group(2)))
+    return libs
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _fetch_sdist(spec: Spec, log) -> Path:
+    name, version = spec.llama_cpp.sdist.split("==", 1)
+    dest = lock.wheel_cache() / "sdists"
+    dest.mkdir(parents=True, exist_ok=True)
+    fname = f"{name.replace('-', '_')}-{version}.tar.gz"
+    path = dest / fname
+    if path.is_file() and manifest.sha256_file(path) == spec.llama_cpp.sha256:
+        return path
+    with tempfile.TemporaryDirectory() as td:
+        req = Path(td) / "sdist.txt"
+        req.write_text(f"{spec.llama_cpp.sdist} --hash=sha256:{spec.llama_cpp.sha256}\n")
+        log(f"downloading {spec.llama_cpp.sdist} sdist (hash-checked by pip)")
+        lock._run([os.sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:",
+                   "--require-hashes", "--dest", td, "-r", str(req)],
+                  f"downloading {spec.llama_cpp.sdist}",
+                  "check engines.llama_cpp.sdist and sha256 in the spec")
+        got = list(Path(td).glob("*.tar.gz"))
+        if not got:
+            raise BundlerError(f"pip saved no sdist for {spec.llama_cpp.sdist}", hint="check the version exists")
+        os.replace(got[0], path)
+    return path
+
+
+def make(spec: Spec, out_dir: Path, log=print) -> Result:
+    t0 = time.monotonic()
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / spec.name
+    stage = out_dir / f".{spec.name}.partial"
+    if stage.exists():
+        shutil.rmtree(stage)
+    (stage / "wheels").mkdir(parents=True)
+    try:
+        meta = _fill(spec, stage, log)
+        _step(log, "writing manifest and SHA256SUMS")
+        entries = manifest.scan(stage)
+        manifest.write(stage, meta, entries)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    tar_path = out_dir / f"{spec.name}.tar"
+    _step(log, f"writing {tar_path.name}")
+    tmp_tar = tar_path.with_suffix(".tar.partial")
+    try:
+        with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tf:
+            tf.add(final, arcname=spec.name, recursive=True)
+        os.replace(tmp_tar, tar_path)
+    finally:
+        tmp_tar.unlink(missing_ok=True)
+    size = sum(e.size for e in entries)
+    return Result(final, tar_path, size, time.monotonic() - t0)
+
+
+def _fill(spec: Spec, stage: Path, log) -> dict[str, Any]:
+    wheels_dir = stage / "wheels"
+    cache = lock.wheel_cache()
+
+    _step(log, "locking the installer's dependencies (pip-compile --generate-hashes)")
+    with tempfile.TemporaryDirectory(prefix="airgap-lock-") as td:
+        box_lock = Path(td) / "box.lock"
+        pins = lock.compile_lock(lock.runtime_requirements() + [lock.PIP_PIN], box_lock)
+        for py in spec.target.pythons:
+            log(f"fetching wheels for Python {py}")
+            for whl in lock.download(box_lock, cache, python=py):
+                if not (wheels_dir / whl.name).exists():
+                    _link_or_copy(whl, wheels_dir / whl.name)
+    log("building the airgap-llm wheel")
+    lock.build_own_wheel(wheels_dir)
+    names = lock.write_install_lock(wheels_dir, stage / "requirements.lock")
+    missing = {n for n, _ in pins} - set(names)
+    if missing:
+        raise BundlerError(f"wheels missing from the bundle: {', '.join(sorted(missing))}", hint="re-run make bundle")
+
+    engines = []
+    for backend in spec.llama_cpp.backends:
+        _step(log, f"llama-server ({backend})")
+        sdist = _fetch_sdist(spec, log)
+        b = llama_cpp.build(sdist, spec.llama_cpp.sha256, backend, log=log)
+        log(f"llama-server ({backend}): {'cached build' if b.cached else f'built in {b.seconds:.0f}s'} ({b.path})")
+        edir = stage / "engines" / f"llama.cpp-{backend}"
+        binary = b.path / "bin" / "llama-server"
+        _link_or_copy(binary, edir / "bin" / "llama-server")
+        libs = _shared_libs(binary)
+        for lib in libs:  # e.g. libgomp: carried so the box needs no compiler runtime
+            (edir / "lib").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(lib.resolve(), edir / "lib" / lib.name)
+        shutil.copy2(b.path / "build.json", edir / "build.json")
+        engines.append({
+            "name": llama_cpp.NAME, "backend": backend, "dir": f"engines/llama.cpp-{backend}",
+            "binary": f"engines/llama.cpp-{backend}/bin/llama-server",
+            "libs": [lib.name for lib in libs], "glibc": _glibc_needed(binary),
+            "arch": platform.machine(),
+            "cpu_flags": list(X86_FLAGS) if platform.machine() == "x86_64" else [],
+            "source": spec.llama_cpp.sdist, "source_sha256": spec.llama_cpp.sha256,
+        })
+
+    models = []
+    for m in spec.models:
+        _step(log, f"model {m.name} ({m.source})")
+        path = sources.fetch(m, log=log)
+        info = inspect_gguf(path)
+        _link_or_copy(path, stage / "models" / m.file)
+        models.append({"name": m.name, "file": f"models/{m.file}", "sha256": m.sha256, "format": m.format,
+                       "source": m.source, "facts": info.to_dict()})
+        log(f"model {m.name}: {info.architecture}, {info.layers} layers, {info.file_size / 2**20:.0f} MiB, "
+            f"trained context {info.context_length}")
+
+    meta = {
+        "schema": 1,
+        "name": spec.name,
+        "version": spec.version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "airgap_llm": __version__,
+        "built_on": {"arch": platform.machine(), "python": platform.python_version(),
+                     "glibc": platform.libc_ver()[1]},
+        "pythons": list(spec.target.pythons),
+        "service": spec.to_dict()["service"],
+        "models": models,
+        "engines": engines,
+        "bootstrap": list(BOOTSTRAP),
+    }
+    _step(log, "rendering install.sh")
+    ctx = {"name": spec.name, "version": spec.version, "model": spec.models[0].name, "port": spec.service.port,
+           "host": spec.service.host, "pythons": spec.target.pythons, "bootstrap": BOOTSTRAP}
+    (stage / "install.sh").write_text(render("install.sh.j2", ctx))
+    (stage / "install.sh").chmod(0o755)
+    (stage / "README.txt").write_text(render("README.txt.j2", dict(ctx, engines=engines, models=models)))
+    return meta

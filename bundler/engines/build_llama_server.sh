@@ -1,0 +1,45 @@
+#!/bin/sh
+# Build llama-server from the llama.cpp sources vendored in a llama-cpp-python sdist.
+# usage: build_llama_server.sh SDIST OUTDIR BACKEND(cpu|cuda) [CUDA_ARCHS] [JOBS]
+# Writes OUTDIR/bin/llama-server (static: runs from any directory). Called by
+# bundler/engines/llama_cpp.py, which caches OUTDIR by a key over every input,
+# this script included. Never run on the offline box.
+set -eu
+
+main() {
+    sdist=$1 out=$2 backend=$3 archs=${4:-} jobs=${5:-$(nproc)}
+    work=$(mktemp -d "${TMPDIR:-/tmp}/llama-build.XXXXXX")
+    trap 'rm -rf "$work"' EXIT INT TERM
+    tar -xzf "$sdist" -C "$work" --wildcards '*/vendor/llama.cpp/*'
+    src=$(echo "$work"/*/vendor/llama.cpp)
+    gen=""
+    if command -v ninja >/dev/null 2>&1; then gen="-G Ninja"; fi
+    extra=""
+    if [ "$backend" = cuda ]; then
+        extra="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$archs"
+    fi
+    # shellcheck disable=SC2086
+    cmake -S "$src" -B "$work/build" $gen \
+        -DCMAKE_BUILD_TYPE=Release \
+        -DBUILD_SHARED_LIBS=OFF \
+        -DGGML_NATIVE=OFF \
+        -DGGML_BACKEND_DL=OFF \
+        -DLLAMA_BUILD_SERVER=ON \
+        -DLLAMA_BUILD_TOOLS=ON \
+        -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_BUILD_UI=OFF \
+        -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DLLAMA_OPENSSL=OFF \
+        -DLLAMA_CURL=OFF \
+        -DCMAKE_EXE_LINKER_FLAGS="-static-libstdc++ -static-libgcc" \
+        $extra
+    cmake --build "$work/build" --target llama-server -j "$jobs"
+    mkdir -p "$out/bin"
+    cp "$work/build/bin/llama-server" "$out/bin/llama-server.tmp"
+    strip "$out/bin/llama-server.tmp" 2>/dev/null || true
+    mv "$out/bin/llama-server.tmp" "$out/bin/llama-server"
+}
+
+main "$@"

@@ -1,0 +1,561 @@
+"""The box side: `./install.sh` runs this from the bundle's wheels.
+
+    verify → probe → plan → (dry run stops here) → release dir, venv, models
+    → env file, launch script, unit → start → /health → chat smoke test → summary
+
+Nothing under the prefix changes before the whole bundle has been verified.
+A new release is switched to `current` only once it answered a chat request;
+if it fails, the previous release (if any) is started again and the new
+one removed. Runs on Python 3.9+, standard library plus jinja2 and tqdm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import manifest as mf
+from . import planner, probe
+from .engines import llama_cpp
+from .errors import BundlerError, PlanRefused, VerifyError
+from .modelinfo import ModelInfo
+from .render import render
+
+DEFAULT_PREFIX = "/opt/airgap-llm"
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Layout:
+    prefix: Path
+    etc: Path
+    name: str
+
+    @property
+    def releases(self) -> Path:
+        return self.prefix / "releases"
+
+    @property
+    def current(self) -> Path:
+        return self.prefix / "current"
+
+    @property
+    def models(self) -> Path:
+        return self.prefix / "models"
+
+    @property
+    def env_file(self) -> Path:
+        return self.etc / f"{self.name}.env"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.prefix / "run" / f"{self.name}.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return self.prefix / "log" / f"{self.name}.log"
+
+    @property
+    def unit(self) -> str:
+        return f"airgap-llm-{self.name}.service"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="install.sh",
+        description="Verify this bundle, plan the engine for this box, install it and start an "
+                    "OpenAI-compatible service, then prove it answers. Never uses the network.",
+        epilog="Environment: AIRGAP_LLM_PYTHON (python3 to use), AIRGAP_LLM_PREFIX (--prefix), "
+               "AIRGAP_LLM_PORT (--port), AIRGAP_LLM_HOST (--host), AIRGAP_LLM_HEALTH_TIMEOUT (--timeout). "
+               "Exit status: 0 done, 1 error, 2 usage, 3 the model cannot be served on this box.")
+    p.add_argument("--bundle", required=True, help=argparse.SUPPRESS)
+    p.add_argument("--prefix", default=env("AIRGAP_LLM_PREFIX"),
+                   help=f"install under this directory (default {DEFAULT_PREFIX}, which needs root)")
+    p.add_argument("--config-dir", default=None,
+                   help="where the env file with the API key goes (default /etc/airgap-llm as root, "
+                        "PREFIX/etc otherwise)")
+    p.add_argument("--host", default=env("AIRGAP_LLM_HOST"), help="address to listen on (default: the bundle's, "
+                   "usually 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(env("AIRGAP_LLM_PORT", "0")) or None,
+                   help="port to listen on (default: the bundle's)")
+    p.add_argument("--concurrency", type=int, default=None, help="requests served at once (default: the bundle's)")
+    p.add_argument("--context", type=int, default=None, help="tokens per request (default: the bundle's)")
+    p.add_argument("--timeout", type=float, default=float(env("AIRGAP_LLM_HEALTH_TIMEOUT", "300")),
+                   help="seconds to wait for the engine to become healthy (default 300)")
+    p.add_argument("--dry-run", action="store_true", help="verify, probe and print the plan; change nothing")
+    p.add_argument("--probe", action="store_true", help="print this box's facts as JSON and exit")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    p.add_argument("--no-smoke", action="store_true", help="skip the chat request after start")
+    p.add_argument("--service", choices=("auto", "systemd", "process"), default="auto",
+                   help="systemd unit (where systemd is PID 1 and we are root) or a supervised background "
+                        "process (default auto)")
+    a = p.parse_args(argv)
+    if a.port is not None and not 1 <= a.port <= 65535:
+        p.error(f"--port {a.port} is outside 1..65535")
+    for opt in ("concurrency", "context"):
+        v = getattr(a, opt)
+        if v is not None and v < 1:
+            p.error(f"--{opt} must be at least 1, got {v}")
+    return a
+
+
+def layout_for(args: argparse.Namespace, name: str) -> Layout:
+    root = os.geteuid() == 0
+    if args.prefix:
+        prefix = Path(args.prefix).expanduser().absolute()
+    elif root:
+        prefix = Path(DEFAULT_PREFIX)
+    else:
+        raise BundlerError(f"installing under {DEFAULT_PREFIX} needs root",
+                           hint="run `sudo ./install.sh`, or `./install.sh --prefix $HOME/airgap-llm`")
+    if args.config_dir:
+        etc = Path(args.config_dir).expanduser().absolute()
+    elif root and not args.prefix:
+        etc = Path("/etc/airgap-llm")
+    else:
+        etc = prefix / "etc"
+    return Layout(prefix, etc, name)
+
+
+def verify_bundle(bundle: Path) -> dict[str, Any]:
+    info(f"verifying {bundle} against its manifest")
+    doc, problems = mf.verify(bundle, show_progress=sys.stderr.isatty() or True)
+    if problems:
+        lines = "\n".join("  " + p.describe() for p in problems)
+        raise VerifyError(f"the bundle failed verification ({len(problems)} problem(s)); nothing was changed:\n"
+                          f"{lines}", hint="copy the bundle again from its source; check it with: "
+                          "sha256sum -c SHA256SUMS")
+    info(f"verified {len(doc['files'])} files")
+    return doc
+
+
+def preflight(doc: dict[str, Any], hw: probe.Hardware, layout: Layout) -> None:
+    problems = []
+    for e in doc["engines"]:
+        if e["arch"] != hw.arch:
+            problems.append(f"the bundled {e['name']} is built for {e['arch']}, this box is {hw.arch}")
+        if _ver(hw.glibc) < _ver(e["glibc"]):
+            problems.append(f"the bundled {e['name']} needs glibc >= {e['glibc']}, this box has {hw.glibc}; "
+                            "bundle on a machine with an older glibc than the box's")
+    model_bytes = sum(f["size"] for f in doc["files"] if f["path"].startswith("models/"))
+    other = sum(f["size"] for f in doc["files"]) - model_bytes
+    existing = sum((layout.models / m["sha256"]).exists() for m in doc["models"])
+    need = other * 2 + (0 if existing else model_bytes) + 64 * planner.MiB
+    if hw.disk_free < need:
+        problems.append(f"{hw.disk_path} has {hw.disk_free / 2**30:.2f} GiB free, the install needs "
+                        f"{need / 2**30:.2f} GiB; free space there or pass --prefix on a larger disk")
+    if problems:
+        raise BundlerError("this box does not meet the bundle's needs:\n  " + "\n  ".join(problems),
+                           hint="nothing was changed")
+
+
+def _ver(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def make_plan(doc: dict[str, Any], hw: probe.Hardware, args: argparse.Namespace) -> planner.Plan:
+    m = doc["models"][0]
+    service = doc["service"]
+    intent = planner.Intent(concurrency=args.concurrency or service["concurrency"],
+                            context=args.context or service["context"])
+    flags: tuple[str, ...] = ()
+    for e in doc["engines"]:
+        flags = tuple(e.get("cpu_flags", ()))
+    return planner.plan(m["name"], ModelInfo(**m["facts"]), hw, intent,
+                        engines_available=tuple(e["backend"] for e in doc["engines"]), cpu_flags_needed=flags)
+
+
+def release_id(doc_sha: str, plan: planner.Plan, host: str, port: int) -> str:
+    h = hashlib.sha256(doc_sha.encode())
+    h.update(json.dumps([plan.to_dict(), host, port], sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+# ---- service control -------------------------------------------------------------
+
+def service_mode(args: argparse.Namespace, hw: probe.Hardware) -> str:
+    if args.service == "systemd":
+        if not hw.systemd_pid1:
+            raise BundlerError("--service systemd: systemd is not PID 1 on this box",
+                               hint="use --service process (a supervised background process)")
+        return "systemd"
+    if args.service == "auto" and hw.systemd_pid1 and os.geteuid() == 0:
+        return "systemd"
+    return "process"
+
+
+def ctl(release: Path, action: str) -> int:
+    return subprocess.run([str(release / "bin" / "ctl"), action], stdout=sys.stderr, stderr=sys.stderr).returncode
+
+
+def is_running(release: Path) -> bool:
+    return subprocess.run([str(release / "bin" / "ctl"), "status"], capture_output=True).returncode == 0
+
+
+def http_json(url: str, body: Any = None, key: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    # The box has no network and must never try: no proxy, loopback or the given host only.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"null")
+        except ValueError:
+            return e.code, None
+
+
+def wait_healthy(base: str, timeout: float, logfile: str, alive) -> float:
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    with tqdm(total=None, desc="waiting for the engine to load", unit="s", bar_format="{desc}: {elapsed}",
+              file=sys.stderr, mininterval=0.5) as bar:
+        while True:
+            try:
+                code, _ = http_json(base + "/health", timeout=2)
+                if code == 200:
+                    return time.monotonic() - t0
+            except (OSError, ValueError):
+                pass
+            if not alive():
+                raise BundlerError("the engine stopped while starting", hint=f"see its log: {logfile}")
+            if time.monotonic() - t0 > timeout:
+                raise BundlerError(f"the engine was not healthy after {timeout:.0f}s",
+                                   hint=f"see its log: {logfile}; a slow box may need --timeout")
+            bar.update(0)
+            time.sleep(0.5)
+
+
+def smoke(base: str, model: str, key: str) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+            "max_tokens": 48, "temperature": 0}
+    code, resp = http_json(base + "/v1/chat/completions", body, key=key, timeout=120)
+    if code != 200:
+        raise BundlerError(f"the chat smoke test got HTTP {code}: {resp}", hint="see the engine's log")
+    text = (resp or {}).get("choices", [{}])[0].get("message", {}).get("content") or ""
+    if not text.strip():
+        raise BundlerError("the chat smoke test got an empty answer", hint="see the engine's log")
+    code_nokey, _ = http_json(base + "/v1/models", timeout=10)
+    if code_nokey != 401:
+        raise BundlerError(f"a request without the API key got HTTP {code_nokey}, not 401",
+                           hint="the service is not protected by its key; see the env file")
+    return text.strip()
+
+
+# ---- building a release ----------------------------------------------------------
+
+def _run_logged(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise BundlerError(f"{what} failed (exit {proc.returncode}):\n{tail}", hint=" ".join(cmd))
+
+
+def _copy_with_progress(src: Path, dst: Path, label: str) -> None:
+    from tqdm import tqdm
+
+    tmp = dst.with_name(dst.name + ".incomplete")
+    size = src.stat().st_size
+    with open(src, "rb") as fi, open(tmp, "wb") as fo, tqdm(total=size, unit="B", unit_scale=True,
+                                                            unit_divisor=1024, desc=label, file=sys.stderr,
+                                                            mininterval=0.3) as bar:
+        while True:
+            block = fi.read(8 << 20)
+            if not block:
+                break
+            fo.write(block)
+            bar.update(len(block))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dst)
+
+
+def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
+    """Models are stored once by content: PREFIX/models/SHA256/FILE."""
+    dest = layout.models / m["sha256"] / Path(m["file"]).name
+    if dest.is_file() and dest.stat().st_size == (bundle / m["file"]).stat().st_size:
+        if mf.sha256_file(dest) == m["sha256"]:
+            return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _copy_with_progress(bundle / m["file"], dest, f"model {Path(m['file']).name}")
+    return dest
+
+
+def build_release(bundle: Path, doc: dict[str, Any], plan: planner.Plan, layout: Layout, rid: str, host: str,
+                  port: int, mode: str) -> Path:
+    final = layout.releases / rid
+    stage = layout.releases / f".{rid}.partial"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        engine = next(e for e in doc["engines"] if e["backend"] == plan.backend)
+        shutil.copytree(bundle / engine["dir"], stage / "engine")
+        for name in ("manifest.json", "README.txt", "requirements.lock"):
+            shutil.copy2(bundle / name, stage / name)
+        info("creating the release's Python environment (venv --without-pip + bundled wheels)")
+        _run_logged([sys.executable, "-m", "venv", "--without-pip", str(stage / "venv")], "creating the venv")
+        pip_whl = next((bundle / "wheels").glob("pip-*.whl"))
+        env = dict(os.environ, PIP_CONFIG_FILE="/dev/null", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+        env.pop("PYTHONPATH", None)
+        _run_logged([str(stage / "venv" / "bin" / "python"), str(pip_whl / "pip"), "install", "--quiet",
+                     "--no-index", "--find-links", str(bundle / "wheels"), "--require-hashes", "--no-cache-dir",
+                     "--no-compile", "-r", str(bundle / "requirements.lock")], "installing the bundled wheels", env)
+        m = doc["models"][0]
+        model_path = store_model(bundle, m, layout)
+        final_engine = final / "engine"
+        argv = llama_cpp.launch_argv(str(final_engine / "bin" / "llama-server"), str(model_path), m["name"],
+                                     host, port, plan)
+        bindir = stage / "bin"
+        bindir.mkdir()
+        ld = str(final_engine / "lib")
+        launch = render("launch.sh.j2", {"engine": plan.engine, "name": layout.name, "release": rid,
+                                          "env_file": str(layout.env_file), "argv": argv})
+        launch = launch.replace("set +a\n", f"set +a\n    LD_LIBRARY_PATH='{ld}'${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\n"
+                                "    export LD_LIBRARY_PATH\n", 1)
+        (bindir / "launch").write_text(launch)
+        ctx = {"name": layout.name, "mode": mode, "unit": layout.unit, "pidfile": str(layout.pidfile),
+               "logfile": str(layout.logfile), "python": str(final / "venv" / "bin" / "python"),
+               "launch": str(final / "bin" / "launch"), "prefix": str(layout.prefix)}
+        (bindir / "ctl").write_text(render("ctl.sh.j2", ctx))
+        for f in ("launch", "ctl"):
+            (bindir / f).chmod(0o755)
+        (stage / "systemd").mkdir()
+        (stage / "systemd" / layout.unit).write_text(render("unit.service.j2", {
+            "name": layout.name, "engine": plan.engine, "model": m["name"], "prefix": str(layout.prefix),
+            "env_file": str(layout.env_file), "gpus": plan.gpu_layers > 0}))
+        (stage / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+        return final
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def ensure_env_file(layout: Layout) -> str:
+    """Create the env file with a fresh API key once; keep the key on later installs."""
+    path = layout.env_file
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.startswith("LLAMA_API_KEY="):
+                key = line.split("=", 1)[1].strip()
+                if key:
+                    break
+        else:
+            key = ""
+        if key:
+            return key
+    key = "sk-" + secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(render("env.j2", {"name": layout.name, "api_key": key}))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return key
+
+
+def read_key(layout: Layout) -> str:
+    for line in layout.env_file.read_text().splitlines():
+        if line.startswith("LLAMA_API_KEY="):
+            return line.split("=", 1)[1].strip()
+    raise BundlerError(f"{layout.env_file} holds no LLAMA_API_KEY", hint="delete it and run install.sh again")
+
+
+def switch_current(layout: Layout, release: Path) -> None:
+    tmp = layout.prefix / ".current.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(Path("releases") / release.name, tmp)
+    os.replace(tmp, layout.current)
+
+
+def start(release: Path, mode: str, layout: Layout) -> None:
+    if mode == "systemd":
+        unit_src = release / "systemd" / layout.unit
+        shutil.copy2(unit_src, Path("/etc/systemd/system") / layout.unit)
+        _run_logged(["systemctl", "daemon-reload"], "systemctl daemon-reload")
+        _run_logged(["systemctl", "enable", "--now", layout.unit], f"systemctl enable --now {layout.unit}")
+    else:
+        layout.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        layout.logfile.parent.mkdir(parents=True, exist_ok=True)
+        if ctl(release, "start") != 0:
+            raise BundlerError("the service did not start", hint=f"see {layout.logfile}")
+
+
+def stop_command(layout: Layout, mode: str) -> str:
+    if mode == "systemd":
+        return f"systemctl stop {layout.unit}"
+    return f"{layout.current}/bin/ctl stop"
+
+
+def summary(layout: Layout, doc: dict[str, Any], plan: planner.Plan, host: str, port: int, mode: str,
+            answer: str | None, changed: bool) -> dict[str, Any]:
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    endpoint = f"http://{shown_host}:{port}/v1"
+    return {
+        "endpoint": endpoint,
+        "api_key_file": str(layout.env_file),
+        "model": doc["models"][0]["name"],
+        "engine": plan.engine,
+        "service": layout.unit if mode == "systemd" else f"process (pid file {layout.pidfile}, log {layout.logfile})",
+        "stop_command": stop_command(layout, mode),
+        "release": str(layout.current.resolve()),
+        "changed": changed,
+        "answer": answer,
+        "curl": (f"curl -s {endpoint}/chat/completions -H \"Authorization: Bearer "
+                 f"$(sed -n 's/^LLAMA_API_KEY=//p' {layout.env_file})\" -H 'Content-Type: application/json' "
+                 f"-d '{{\"model\": \"{doc['models'][0]['name']}\", \"messages\": "
+                 "[{\"role\": \"user\", \"content\": \"Hello\"}]}'"),
+    }
+
+
+def print_plan(plan: planner.Plan, hw: probe.Hardware) -> None:
+    info(f"box: {hw.cpus} CPUs, {hw.ram_available / 2**30:.1f} GiB RAM available, "
+         f"{len(hw.gpus)} GPU(s), glibc {hw.glibc}, Python {hw.python}, {hw.os}")
+    info(f"plan: {plan.engine} ({plan.backend}), {plan.threads} threads, {plan.slots} slots × "
+         f"{plan.context_per_slot} tokens")
+    for r in plan.reasons:
+        info(f"  because: {r}")
+    for r in plan.rejected:
+        info(f"  not {r['engine']}: {r['why']}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    bundle = Path(args.bundle).absolute()
+    doc0 = mf.load(bundle)
+    if args.probe:
+        hw = probe.probe(Path(args.prefix or DEFAULT_PREFIX))
+        print(json.dumps(hw.to_dict(), indent=2))
+        return None
+    layout = layout_for(args, doc0["name"])
+    doc = verify_bundle(bundle)
+    hw = probe.probe(layout.prefix)
+    preflight(doc, hw, layout)
+    plan = make_plan(doc, hw, args)
+    print_plan(plan, hw)
+    host = args.host or doc["service"]["host"]
+    port = args.port or doc["service"]["port"]
+    mode = service_mode(args, hw)
+    if args.dry_run:
+        info(f"dry run: would install release under {layout.releases}, env file {layout.env_file}, "
+             f"service as {mode}, listening on {host}:{port}; nothing was changed")
+        if args.json:
+            print(json.dumps({"dry_run": True, "plan": plan.to_dict(), "box": hw.to_dict(),
+                              "prefix": str(layout.prefix), "service": mode}, indent=2))
+        return None
+
+    rid = release_id(mf.sha256_file(bundle / mf.MANIFEST), plan, host, port)
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    previous = layout.current.resolve() if layout.current.is_symlink() else None
+    if previous is not None and previous.name == rid and previous.is_dir():
+        if is_running(previous):
+            key = read_key(layout)
+            code, _ = http_json(base + "/health")
+            if code == 200:
+                info(f"release {rid} is installed and healthy; nothing changed")
+                return summary(layout, doc, plan, host, port, mode, None, changed=False)
+        info(f"release {rid} is installed but not running; starting it")
+        start(previous, mode, layout)
+        key = read_key(layout)
+        wait_healthy(base, args.timeout, str(layout.logfile), lambda: is_running(previous))
+        answer = None if args.no_smoke else smoke(base, doc["models"][0]["name"], key)
+        return summary(layout, doc, plan, host, port, mode, answer, changed=True)
+
+    layout.prefix.mkdir(parents=True, exist_ok=True)
+    for d in (layout.releases, layout.models, layout.etc):
+        d.mkdir(parents=True, exist_ok=True)
+    os.chmod(layout.etc, 0o700)  # holds the API key
+    key = ensure_env_file(layout)
+    release = build_release(bundle, doc, plan, layout, rid, host, port, mode)
+    info(f"release {rid} built at {release}")
+    if previous is not None and previous.is_dir() and is_running(previous):
+        info(f"stopping the previous release {previous.name}")
+        ctl(previous, "stop")
+    t0 = time.monotonic()
+    try:
+        start(release, mode, layout)
+        secs = wait_healthy(base, args.timeout, str(layout.logfile), lambda: is_running(release))
+        info(f"healthy after {secs:.1f}s")
+        answer = None if args.no_smoke else smoke(base, doc["models"][0]["name"], key)
+    except BaseException:
+        warn(f"release {rid} failed; removing it" + (f" and restarting {previous.name}" if previous else ""))
+        ctl(release, "stop")
+        shutil.rmtree(release, ignore_errors=True)
+        if previous is not None and previous.is_dir():
+            start(previous, mode, layout)
+        raise
+    switch_current(layout, release)
+    info(f"first answer {time.monotonic() - t0:.1f}s after start")
+    return summary(layout, doc, plan, host, port, mode, answer, changed=True)
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    lines = [
+        "",
+        f"airgap-llm is serving {s['model']} with {s['engine']}" + ("" if s["changed"] else " (unchanged)"),
+        f"  endpoint:     {s['endpoint']}",
+        f"  API key in:   {s['api_key_file']}",
+        f"  service:      {s['service']}",
+        f"  stop with:    {s['stop_command']}",
+        f"  try it:       {s['curl']}",
+    ]
+    if s.get("answer"):
+        lines.append(f"  model said:   {s['answer']}")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except BundlerError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

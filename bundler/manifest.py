@@ -1,0 +1,193 @@
+"""Manifest: every file of a bundle with its size and sha256, plus SHA256SUMS.
+
+Runs on both sides (bundle and box), so it uses the standard library only
+(tqdm when importable). sha256 everywhere: it matches pip --hash, Hugging Face
+LFS oids and coreutils' sha256sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
+CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    path: str  # relative, '/'-separated
+    size: int
+    sha256: str
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    kind: str  # "changed" | "missing" | "size" | "extra" | "unreadable"
+    expected: str = ""
+    actual: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "changed":
+            return f"{self.path}: sha256 mismatch: expected {self.expected}, got {self.actual}"
+        if self.kind == "size":
+            return f"{self.path}: size mismatch: expected {self.expected} bytes, got {self.actual}"
+        if self.kind == "missing":
+            return f"{self.path}: missing (the manifest lists it)"
+        if self.kind == "extra":
+            return f"{self.path}: not in the manifest"
+        return f"{self.path}: {self.kind}: {self.actual}"
+
+
+def sha256_file(path: str | os.PathLike[str], progress: Callable[[int], Any] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK)
+            if not block:
+                break
+            h.update(block)
+            if progress:
+                progress(len(block))
+    return h.hexdigest()
+
+
+def _walk(root: Path) -> Iterable[str]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            p = Path(dirpath, fn)
+            rel = p.relative_to(root).as_posix()
+            if rel in (MANIFEST, SUMS):
+                continue
+            yield rel
+
+
+def scan(root: Path, workers: int | None = None) -> list[ManifestEntry]:
+    """Hash every file under root (except the manifest and SHA256SUMS themselves)."""
+    rels = list(_walk(root))
+
+    def one(rel: str) -> ManifestEntry:
+        p = root / rel
+        st = p.stat()
+        mode = 0o755 if st.st_mode & 0o111 else 0o644
+        return ManifestEntry(rel, st.st_size, sha256_file(p), mode)
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as ex:
+        return list(ex.map(one, rels))
+
+
+def write(root: Path, meta: dict[str, Any], entries: list[ManifestEntry]) -> Path:
+    """Write manifest.json (meta + files) and SHA256SUMS (files + manifest.json)."""
+    doc = dict(meta)
+    doc["files"] = [asdict(e) for e in entries]
+    mpath = root / MANIFEST
+    tmp = mpath.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, mpath)
+    lines = [f"{e.sha256}  {e.path}\n" for e in entries]
+    lines.append(f"{sha256_file(mpath)}  {MANIFEST}\n")
+    (root / SUMS).write_text("".join(lines))
+    return mpath
+
+
+def load(root: Path) -> dict[str, Any]:
+    mpath = root / MANIFEST
+    try:
+        return json.loads(mpath.read_text())
+    except FileNotFoundError:
+        from .errors import VerifyError
+
+        raise VerifyError(f"{mpath}: no manifest here", hint="run this from an unpacked bundle directory")
+    except (ValueError, UnicodeDecodeError) as e:
+        from .errors import VerifyError
+
+        raise VerifyError(f"{mpath}: damaged manifest ({e})", hint="copy the bundle again from its source")
+
+
+def entries_of(doc: dict[str, Any]) -> list[ManifestEntry]:
+    return [ManifestEntry(**f) for f in doc["files"]]
+
+
+def _sums_manifest_hash(root: Path) -> str | None:
+    try:
+        for line in (root / SUMS).read_text().splitlines():
+            digest, _, name = line.partition("  ")
+            if name == MANIFEST:
+                return digest
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def verify(root: Path, workers: int | None = None, show_progress: bool = True) -> tuple[dict[str, Any], list[Problem]]:
+    """Check every file the manifest names; report all problems, not only the first."""
+    problems: list[Problem] = []
+    expected_m = _sums_manifest_hash(root)
+    if expected_m is None:
+        problems.append(Problem(SUMS, "missing"))
+    else:
+        actual_m = sha256_file(root / MANIFEST) if (root / MANIFEST).exists() else ""
+        if actual_m and actual_m != expected_m:
+            problems.append(Problem(MANIFEST, "changed", expected_m, actual_m))
+    doc = load(root)
+    entries = entries_of(doc)
+    total = sum(e.size for e in entries)
+    bar = _progress(total, "verify", show_progress)
+
+    def one(e: ManifestEntry) -> Problem | None:
+        p = root / e.path
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            bar(e.size)
+            return Problem(e.path, "missing")
+        if size != e.size:
+            bar(e.size)
+            return Problem(e.path, "size", str(e.size), str(size))
+        try:
+            digest = sha256_file(p, bar)
+        except OSError as err:
+            return Problem(e.path, "unreadable", actual=str(err))
+        if digest != e.sha256:
+            return Problem(e.path, "changed", e.sha256, digest)
+        return None
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as ex:
+        problems += [p for p in ex.map(one, entries) if p]
+    bar(None)
+    named = {e.path for e in entries}
+    problems += [Problem(rel, "extra") for rel in _walk(root) if rel not in named]
+    return doc, problems
+
+
+def _progress(total: int, desc: str, show: bool) -> Callable[[int | None], None]:
+    """A thread-safe byte counter; tqdm where it can be imported, silence otherwise."""
+    if not show:
+        return lambda n: None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is always bundled
+        return lambda n: None
+    import threading
+
+    t = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=True,
+             file=__import__("sys").stderr, mininterval=0.3)
+    lock = threading.Lock()
+
+    def update(n: int | None) -> None:
+        with lock:
+            if n is None:
+                t.close()
+            else:
+                t.update(n)
+
+    return update

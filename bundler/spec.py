@@ -1,0 +1,238 @@
+"""Bundle spec (TOML) → validated, frozen Spec.
+
+Every error names the file, the key and what would fix it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+
+FORMATS = ("gguf", "safetensors", "exl2")
+SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|file://|/|\./|\.\./|~)")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # served model name (what clients put in "model")
+    source: str  # pypi:NAME==VER | https://… | hf://ORG/REPO/PATH@REV | local path
+    sha256: str
+    format: str
+    file: str  # file name inside the bundle's models/ directory
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    port: int = 8080
+    host: str = "127.0.0.1"
+    concurrency: int = 4  # requests served at once (llama-server slots)
+    context: int = 4096  # tokens per request (prompt + answer)
+
+
+@dataclass(frozen=True)
+class LlamaCppSpec:
+    sdist: str = "llama-cpp-python==0.3.36"
+    sha256: str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+    backends: tuple[str, ...] = ("cpu",)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    # "host" means: like the machine that builds the bundle (its CPU architecture).
+    platform: str = "host"
+    pythons: tuple[str, ...] = ("3.9", "3.10", "3.11", "3.12", "3.13")
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: str
+    name: str
+    version: str
+    models: tuple[ModelSpec, ...]
+    service: ServiceSpec = field(default_factory=ServiceSpec)
+    llama_cpp: LlamaCppSpec = field(default_factory=LlamaCppSpec)
+    target: TargetSpec = field(default_factory=TargetSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib  # type: ignore[import-not-found]
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file", hint="pass an existing TOML file: make bundle SPEC=path/to/spec.toml")
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}", hint="fix the syntax at the line shown")
+
+
+class _Reader:
+    """Reads keys of one table, remembering which were used to flag unknown ones."""
+
+    def __init__(self, path: Path, where: str, table: Any):
+        self.path, self.where = path, where
+        if not isinstance(table, dict):
+            self.fail(where, f"must be a table, got {type(table).__name__}", f"write it as [{where}]")
+        self.table = table
+        self.used: set[str] = set()
+
+    def fail(self, key: str, what: str, hint: str) -> None:
+        raise SpecError(f"{self.path}: {key} {what}", hint=hint)
+
+    def get(self, key: str, typ: type | tuple[type, ...], default: Any = ..., *, hint: str = "") -> Any:
+        self.used.add(key)
+        full = f"{self.where}.{key}" if self.where else key
+        if key not in self.table:
+            if default is ...:
+                self.fail(full, "is missing", hint or f"add `{key} = …` under [{self.where}]")
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and typ is not bool:
+            self.fail(full, f"must be {_tname(typ)}, got a boolean", hint or f"set {full} to a {_tname(typ)}")
+        if not isinstance(value, typ):
+            self.fail(full, f"must be {_tname(typ)}, got {type(value).__name__} {value!r}",
+                      hint or f"set {full} to a {_tname(typ)}")
+        return value
+
+    def int_in(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self.get(key, int, default)
+        if not lo <= value <= hi:
+            full = f"{self.where}.{key}"
+            self.fail(full, f"is {value}, outside {lo}..{hi}", f"set {full} to a number from {lo} to {hi}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            self.fail(f"[{self.where or 'top level'}]", f"has unknown key(s): {', '.join(unknown)}",
+                      f"known keys here: {known}")
+
+
+def _tname(typ: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", list: "a list", dict: "a table", bool: "true or false"}
+    if isinstance(typ, tuple):
+        return " or ".join(names.get(t, t.__name__) for t in typ)
+    return names.get(typ, typ.__name__)
+
+
+def default_file_name(source: str) -> str:
+    """The file name a source delivers when the spec gives none."""
+    if source.startswith("hf://"):
+        return source[5:].split("@", 1)[0].rsplit("/", 1)[-1]
+    if source.startswith(("http://", "https://")):
+        return source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    if source.startswith("pypi:"):
+        return ""
+    return Path(source).name
+
+
+def load(path: str | Path) -> Spec:
+    path = Path(path)
+    data = _load_toml(path)
+    top = _Reader(path, "", data)
+    bundle = _Reader(path, "bundle", top.get("bundle", dict, hint="add a [bundle] table with name = \"…\""))
+    name = bundle.get("name", str)
+    if not NAME_RE.match(name):
+        bundle.fail("bundle.name", f"{name!r} is not a valid name",
+                    "use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
+    version = bundle.get("version", str, "1.0.0")
+    bundle.done()
+
+    raw_models = top.get("models", list, hint="add at least one [[models]] table with source and sha256")
+    if not raw_models:
+        top.fail("models", "is empty", "add at least one [[models]] table with source and sha256")
+    models = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_models):
+        r = _Reader(path, f"models[{i}]", raw)
+        source = r.get("source", str, hint="e.g. source = \"pypi:NAME==VERSION\", \"https://…\", "
+                       "\"hf://ORG/REPO/FILE@COMMIT\" or a local path")
+        if not SOURCE_RE.match(source):
+            r.fail(f"models[{i}].source", f"{source!r} is not a known source",
+                   "use pypi:NAME==VERSION, https://…, http://…, hf://ORG/REPO/PATH@REVISION, or a path")
+        if source.startswith("pypi:") and "==" not in source:
+            r.fail(f"models[{i}].source", f"{source!r} pins no version",
+                   f"pin it exactly: {source.split('[')[0]}==VERSION")
+        if source.startswith("hf://"):
+            rest = source[5:]
+            if "@" not in rest or rest.count("/") < 2:
+                r.fail(f"models[{i}].source", f"{source!r} must name ORG/REPO/PATH@REVISION",
+                       "pin the revision (a commit hash), e.g. hf://org/repo/model.gguf@0123abc…")
+        sha = r.get("sha256", str, hint="pin every model by the sha256 of its file (sha256sum FILE)").lower()
+        if not SHA_RE.match(sha):
+            r.fail(f"models[{i}].sha256", f"{sha!r} is not a sha256 (64 hex digits)",
+                   "copy it from `sha256sum FILE` or the hub's file page (LFS oid)")
+        fname = r.get("file", str, default_file_name(source))
+        if not fname:
+            r.fail(f"models[{i}].file", "is missing",
+                   "name the model file the package ships, e.g. file = \"model.gguf\"")
+        if "/" in fname or fname in (".", ".."):
+            r.fail(f"models[{i}].file", f"{fname!r} must be a plain file name", "drop the directory part")
+        fmt = r.get("format", str, "gguf" if fname.endswith(".gguf") else ...,
+                    hint=f"add format = one of {', '.join(FORMATS)}")
+        if fmt not in FORMATS:
+            r.fail(f"models[{i}].format", f"is {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+        if fmt != "gguf":
+            r.fail(f"models[{i}].format", f"{fmt!r} is not bundled yet",
+                   "this release serves GGUF models with llama.cpp; convert the model to GGUF")
+        mname = r.get("name", str, fname.rsplit(".", 1)[0])
+        if mname in seen:
+            r.fail(f"models[{i}].name", f"{mname!r} is used twice", "give each model its own name")
+        seen.add(mname)
+        r.done()
+        models.append(ModelSpec(name=mname, source=source, sha256=sha, format=fmt, file=fname))
+    if len(models) > 1:
+        top.fail("models", f"lists {len(models)} models", "this release serves one model per bundle; keep one")
+
+    s = _Reader(path, "service", top.get("service", dict, {}))
+    host = s.get("host", str, "127.0.0.1")
+    service = ServiceSpec(
+        port=s.int_in("port", 8080, 1, 65535),
+        host=host,
+        concurrency=s.int_in("concurrency", 4, 1, 1024),
+        context=s.int_in("context", 4096, 256, 1048576),
+    )
+    s.done()
+
+    engines = _Reader(path, "engines", top.get("engines", dict, {}))
+    lc = _Reader(path, "engines.llama_cpp", engines.get("llama_cpp", dict, {}))
+    d = LlamaCppSpec()
+    sdist = lc.get("sdist", str, d.sdist)
+    if not re.match(r"^llama-cpp-python==\S+$", sdist):
+        lc.fail("engines.llama_cpp.sdist", f"{sdist!r} must be llama-cpp-python==VERSION",
+                "pin the sdist whose vendored llama.cpp is built")
+    lsha = lc.get("sha256", str, d.sha256 if sdist == d.sdist else ...,
+                  hint="a different sdist needs its sha256: pip download --no-binary :all: --no-deps "
+                  f"{sdist} and sha256sum it")
+    backends = tuple(lc.get("backends", list, list(d.backends)))
+    for b in backends:
+        if b not in ("cpu", "cuda"):
+            lc.fail("engines.llama_cpp.backends", f"has {b!r}", "use \"cpu\" (and, later, \"cuda\")")
+    lc.done()
+    engines.done()
+
+    t = _Reader(path, "target", top.get("target", dict, {}))
+    platform = t.get("platform", str, "host")
+    if platform != "host":
+        t.fail("target.platform", f"is {platform!r}", "only \"host\" (like this machine) is supported so far")
+    pythons = tuple(t.get("pythons", list, list(TargetSpec().pythons)))
+    for v in pythons:
+        if not isinstance(v, str) or not re.match(r"^3\.(9|1[0-9])$", v):
+            t.fail("target.pythons", f"has {v!r}", "list Python versions as strings from \"3.9\" up, e.g. [\"3.11\"]")
+    t.done()
+    top.done()
+    return Spec(path=str(path), name=name, version=version, models=tuple(models), service=service,
+                llama_cpp=LlamaCppSpec(sdist=sdist, sha256=lsha.lower(), backends=backends),
+                target=TargetSpec(platform=platform, pythons=pythons))

