@@ -191,7 +191,9 @@ def make_plan(doc: dict[str, Any], hw: probe.Hardware, args: argparse.Namespace)
 
 def release_id(doc_sha: str, plan: planner.Plan, host: str, port: int) -> str:
     h = hashlib.sha256(doc_sha.encode())
-    h.update(json.dumps([plan.to_dict(), host, port], sort_keys=True).encode())
+    # only the decisions: the reasons quote free RAM, which moves between runs
+    decided = {k: v for k, v in plan.to_dict().items() if k not in ("reasons", "rejected", "ram_bytes")}
+    h.update(json.dumps([decided, host, port], sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 

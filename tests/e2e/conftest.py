@@ -1,0 +1,61 @@
+"""End to end: a real bundle of the default spec, installed inside a network
+namespace that has only loopback, answering through the official openai client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "bundle.toml"), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "next:" in r.stdout and "install.sh" in r.stdout
+    return out / "gemma3-270m-cpu"
+
+
+class Netns:
+    """A named network namespace with only `lo` (up); commands run inside it."""
+
+    def __init__(self) -> None:
+        self.name = f"airgap-e2e-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> "Netns":
+        if os.geteuid() != 0 or not shutil.which("ip"):
+            pytest.fail("the offline e2e test needs root and iproute2 (ip netns) to make a namespace without network")
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"], check=True)
+        return self
+
+    def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 600)
+        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], **kw)
+
+    def __exit__(self, *exc) -> None:
+        # nothing may outlive the namespace: kill what still runs in it
+        pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+@pytest.fixture
+def netns():
+    with Netns() as ns:
+        yield ns

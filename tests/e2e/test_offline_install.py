@@ -1,0 +1,116 @@
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bundler.manifest import sha256_file
+
+pytestmark = pytest.mark.e2e
+MODEL = "models/gemma-3-270m-q4_k_m.gguf"
+MODEL_SHA = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+HERE = Path(__file__).parent
+
+
+def test_sha256sum_checks_the_bundle_with_coreutils_alone(bundle_dir):
+    r = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=bundle_dir, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sha256_file(bundle_dir / MODEL) == MODEL_SHA
+    assert (bundle_dir.parent / "gemma3-270m-cpu.tar").stat().st_size > 250_000_000
+
+
+def test_offline_install_serves_chat_with_its_key_and_stops(bundle_dir, netns, tmp_path):
+    prefix = tmp_path / "prefix"
+    t0 = time.monotonic()
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--json", "--port", "18080"])
+    install_s = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"endpoint", "api_key_file", "model", "engine", "service", "stop_command"}
+    assert out["endpoint"] == "http://127.0.0.1:18080/v1"
+    assert out["engine"] == "llama.cpp" and out["model"] == "gemma-3-270m"
+    assert out["answer"], "the installer's own smoke test showed no answer"
+    key_file = Path(out["api_key_file"])
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = next(line.split("=", 1)[1] for line in key_file.read_text().splitlines() if line.startswith("LLAMA_API_KEY="))
+    assert "verif" in r.stderr and "plan: llama.cpp (cpu)" in r.stderr
+    print(f"\ninstall took {install_s:.1f}s")
+
+    # A user with the official client: an answer with the key, 401 without it.
+    c = netns.run([sys.executable, str(HERE / "client_check.py"), out["endpoint"], key, out["model"]])
+    assert c.returncode == 0, c.stderr
+    seen = json.loads(c.stdout)
+    assert seen["text"].strip()
+    assert seen["wrong_key_status"] == 401
+
+    # The key never shows on a command line.
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert key not in ps
+
+    # Re-running with the same bundle changes nothing and says so.
+    release = sorted((prefix / "releases").iterdir())
+    r2 = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--json", "--port", "18080"])
+    assert r2.returncode == 0, r2.stderr
+    assert json.loads(r2.stdout)["changed"] is False
+    assert "nothing changed" in r2.stderr
+    assert sorted((prefix / "releases").iterdir()) == release
+    assert key_file.read_text().count(key) == 1
+
+    # systemd accepts the unit rendered for this release.
+    unit = next((prefix / "current" / "systemd").glob("*.service"))
+    v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+    # The printed stop command stops it.
+    s = netns.run(["sh", "-c", out["stop_command"]])
+    assert s.returncode == 0, s.stderr
+    gone = netns.run([sys.executable, "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:18080/health', "
+                      "timeout=3)"])
+    assert gone.returncode != 0
+    assert not (prefix / "run" / "gemma3-270m-cpu.pid").exists()
+
+
+def _copy_bundle(src: Path, dst: Path) -> Path:
+    """Hard-link copy (cheap), with real copies of the files we are about to change."""
+    shutil.copytree(src, dst, copy_function=lambda s, d: shutil.copy2(s, d) if s.endswith(".gguf") else
+                    __import__("os").link(s, d))
+    return dst
+
+
+def test_one_changed_byte_in_the_model_is_refused_before_any_change(bundle_dir, netns, tmp_path):
+    bad = _copy_bundle(bundle_dir, tmp_path / "bad")
+    model = bad / MODEL
+    offset = random.Random(7).randrange(model.stat().st_size)
+    with open(model, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    actual = sha256_file(model)
+    prefix = tmp_path / "prefix"
+    r = netns.run([str(bad / "install.sh"), "--prefix", str(prefix)])
+    assert r.returncode == 1
+    assert f"{MODEL}: sha256 mismatch: expected {MODEL_SHA}, got {actual}" in r.stderr
+    assert "nothing was changed" in r.stderr
+    assert not prefix.exists()
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(bundle_dir, netns, tmp_path):
+    prefix = tmp_path / "prefix"
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--dry-run", "--json"])
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)["plan"]
+    assert plan["engine"] == "llama.cpp" and plan["slots"] == 4 and plan["context_per_slot"] == 4096
+    assert "because:" in r.stderr and "nothing was changed" in r.stderr
+    assert not prefix.exists()
+
+
+def test_help_documents_options_and_environment(bundle_dir):
+    r = subprocess.run([str(bundle_dir / "install.sh"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for word in ("--prefix", "--dry-run", "--json", "--port", "AIRGAP_LLM_PYTHON", "AIRGAP_LLM_PREFIX"):
+        assert word in r.stdout

@@ -1,0 +1,61 @@
+"""The real pip-compile and pip download against the package index."""
+
+import zipfile
+
+import pytest
+
+from bundler import lock
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture(scope="module")
+def box_lock(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lock")
+    out = d / "box.lock"
+    pins = lock.compile_lock(lock.runtime_requirements() + [lock.PIP_PIN], out)
+    return out, dict(pins)
+
+
+def test_lock_pins_every_runtime_dependency_with_hashes(box_lock):
+    out, pins = box_lock
+    assert {"jinja2", "markupsafe", "tqdm", "pip"} <= set(pins)
+    assert pins["pip"].split(".")[0] in ("24", "25")  # pip 26 dropped Python 3.9
+    text = out.read_text()
+    for name in ("jinja2", "markupsafe", "tqdm", "pip"):
+        block = text.split(f"{name}==", 1)[1].split("\n\n", 1)[0]
+        assert "--hash=sha256:" in block
+
+
+def test_download_fetches_binary_wheels_for_each_python(box_lock, tmp_path):
+    out, pins = box_lock
+    got39 = lock.download(out, tmp_path, python="3.9")
+    got313 = lock.download(out, tmp_path, python="3.13")
+    names = {p.name for p in got39 + got313}
+    assert any("cp39" in n and n.startswith("markupsafe") for n in names)
+    assert any("cp313" in n and n.startswith("markupsafe") for n in names)
+    assert all(zipfile.is_zipfile(p) for p in got39 + got313)
+
+
+def test_install_lock_is_written_from_the_files_present(box_lock, tmp_path):
+    out, _ = box_lock
+    wheels = tmp_path / "w"
+    lock.download(out, wheels, python="3.11")
+    own = lock.build_own_wheel(wheels)
+    again = lock.build_own_wheel(tmp_path / "w2")
+    assert own.read_bytes() == again.read_bytes(), "the same source must give the same wheel"
+    req = tmp_path / "requirements.lock"
+    names = lock.write_install_lock(wheels, req)
+    assert "airgap-llm" in names
+    from bundler.manifest import sha256_file
+
+    assert f"--hash=sha256:{sha256_file(own)}" in req.read_text()
+
+
+def test_a_missing_package_fails_with_what_was_asked(tmp_path):
+    from bundler.errors import BundlerError
+
+    with pytest.raises(BundlerError) as e:
+        lock.compile_lock(["airgap-llm-no-such-package-xyz==9.9"], tmp_path / "x.lock")
+    assert "airgap-llm-no-such-package-xyz" in e.value.message
+    assert "reachable" in e.value.hint
