@@ -1,5 +1,7 @@
 """The one error type users see. The CLI prints `error:` and `hint:` lines and exits 1."""
 
+from __future__ import annotations
+
 
 class BundlerError(Exception):
     exit_code = 1

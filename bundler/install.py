@@ -29,7 +29,7 @@ from typing import Any
 from . import manifest as mf
 from . import planner, probe
 from .engines import llama_cpp
-from .errors import BundlerError, PlanRefused, VerifyError
+from .errors import BundlerError, VerifyError
 from .modelinfo import ModelInfo
 from .render import render
 
@@ -341,9 +341,7 @@ def build_release(bundle: Path, doc: dict[str, Any], plan: planner.Plan, layout:
         bindir.mkdir()
         ld = str(final_engine / "lib")
         launch = render("launch.sh.j2", {"engine": plan.engine, "name": layout.name, "release": rid,
-                                          "env_file": str(layout.env_file), "argv": argv})
-        launch = launch.replace("set +a\n", f"set +a\n    LD_LIBRARY_PATH='{ld}'${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\n"
-                                "    export LD_LIBRARY_PATH\n", 1)
+                                          "env_file": str(layout.env_file), "argv": argv, "lib_dir": ld})
         (bindir / "launch").write_text(launch)
         ctx = {"name": layout.name, "mode": mode, "unit": layout.unit, "pidfile": str(layout.pidfile),
                "logfile": str(layout.logfile), "python": str(final / "venv" / "bin" / "python"),
@@ -432,7 +430,8 @@ def summary(layout: Layout, doc: dict[str, Any], plan: planner.Plan, host: str, 
         "api_key_file": str(layout.env_file),
         "model": doc["models"][0]["name"],
         "engine": plan.engine,
-        "service": layout.unit if mode == "systemd" else f"process (pid file {layout.pidfile}, log {layout.logfile})",
+        "service": (layout.unit if mode == "systemd"
+                    else f"process (pid file {layout.pidfile}, log {layout.logfile})"),
         "stop_command": stop_command(layout, mode),
         "release": str(layout.current.resolve()),
         "changed": changed,

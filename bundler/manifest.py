@@ -13,7 +13,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
+from collections.abc import Iterable
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"

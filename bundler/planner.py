@@ -138,6 +138,6 @@ def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
     elif not info.has_chat_template:
         reasons.append("the GGUF carries no chat template and none is known for "
                        f"{info.architecture}: llama-server falls back to chatml")
-    return Plan(engine="llama.cpp", chat_template=template, backend="cpu", model=model_name, threads=threads, slots=slots,
-                context_per_slot=ctx, gpu_layers=0, total_layers=info.layers, ram_bytes=need,
+    return Plan(engine="llama.cpp", chat_template=template, backend="cpu", model=model_name, threads=threads,
+                slots=slots, context_per_slot=ctx, gpu_layers=0, total_layers=info.layers, ram_bytes=need,
                 reasons=tuple(reasons), rejected=tuple(rejected))

@@ -49,7 +49,7 @@ class Hardware:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Hardware":
+    def from_dict(cls, d: dict[str, Any]) -> Hardware:
         d = dict(d)
         d["gpus"] = tuple(Gpu(**g) for g in d.get("gpus", ()))
         d["cpu_flags"] = tuple(d.get("cpu_flags", ()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 
@@ -10,4 +11,5 @@ def render(name: str, context: dict[str, Any]) -> str:
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("bundler", "templates"), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
+    env.filters["sh"] = shlex.quote  # shell-quote any value put into a script
     return env.get_template(name).render(**context)

@@ -72,7 +72,8 @@ def _load_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise SpecError(f"{path}: no such spec file", hint="pass an existing TOML file: make bundle SPEC=path/to/spec.toml")
+        raise SpecError(f"{path}: no such spec file",
+                        hint="pass an existing TOML file: make bundle SPEC=path/to/spec.toml")
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}", hint="fix the syntax at the line shown")
 

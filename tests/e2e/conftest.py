@@ -31,7 +31,7 @@ class Netns:
     def __init__(self) -> None:
         self.name = f"airgap-e2e-{uuid.uuid4().hex[:8]}"
 
-    def __enter__(self) -> "Netns":
+    def __enter__(self) -> Netns:
         if os.geteuid() != 0 or not shutil.which("ip"):
             pytest.fail("the offline e2e test needs root and iproute2 (ip netns) to make a namespace without network")
         subprocess.run(["ip", "netns", "add", self.name], check=True)

@@ -114,3 +114,48 @@ def test_help_documents_options_and_environment(bundle_dir):
     assert r.returncode == 0
     for word in ("--prefix", "--dry-run", "--json", "--port", "AIRGAP_LLM_PYTHON", "AIRGAP_LLM_PREFIX"):
         assert word in r.stdout
+
+
+def _python(version):
+    """A python3.X on this machine (pyenv's or the system's), or None."""
+    for cand in (f"/root/.pyenv/versions/{v}/bin/python{version}" for v in
+                 sorted(p.name for p in Path("/root/.pyenv/versions").glob(f"{version}.*")) or ()):
+        if Path(cand).exists():
+            return cand
+    return shutil.which(f"python{version}")
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.13"])
+def test_installs_with_the_oldest_and_newest_supported_python(bundle_dir, netns, tmp_path, version):
+    py = _python(version)
+    if not py:
+        pytest.skip(f"no python{version} on this machine")
+    prefix = tmp_path / "prefix"
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--json", "--port", "18081"],
+                  env={"PATH": "/usr/bin:/bin", "AIRGAP_LLM_PYTHON": py})
+    try:
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["answer"]
+        venv_py = prefix / "current" / "venv" / "bin" / "python"
+        v = subprocess.run([str(venv_py), "-c", "import sys, jinja2, tqdm, bundler; print(sys.version[:4])"],
+                           capture_output=True, text=True)
+        assert v.stdout.strip().startswith(version), v.stderr
+    finally:
+        netns.run(["sh", "-c", f"{prefix}/current/bin/ctl stop"])
+
+
+def test_old_python_is_refused_clearly(bundle_dir, tmp_path):
+    py38 = _python("3.8")
+    if not py38:
+        pytest.skip("no python3.8 on this machine")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python3").symlink_to(py38)
+    (fake_bin / "dirname").symlink_to(shutil.which("dirname"))
+    # a box whose only python3 is 3.8
+    r = subprocess.run(["/bin/sh", str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p")],
+                       capture_output=True, text=True, env={"PATH": str(fake_bin)})
+    assert r.returncode == 1
+    assert "older than 3.9" in r.stderr and "AIRGAP_LLM_PYTHON" in r.stderr
+    assert not (tmp_path / "p").exists()
