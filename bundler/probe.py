@@ -44,6 +44,7 @@ class Hardware:
     os: str
     systemd_pid1: bool
     gpus: tuple[Gpu, ...] = field(default_factory=tuple)
+    gpu_links: str = ""  # "nvlink" (every pair), "pcie", or "" (fewer than two GPUs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,26 +58,59 @@ class Hardware:
 
 
 def parse_gpu_csv(text: str) -> list[Gpu]:
-    """Parse `nvidia-smi --query-gpu=GPU_QUERY --format=csv,noheader,nounits`."""
+    """Parse `nvidia-smi --query-gpu=… --format=csv` output, with or without its header
+    (`noheader,nounits` output is read in GPU_QUERY's column order)."""
+    rows = [[c.strip() for c in row] for row in csv.reader(io.StringIO(text)) if row]
+    if not rows:
+        return []
+    columns = GPU_QUERY.split(",")
+    if not rows[0][0].isdigit():  # a header: "index, uuid, name, memory.total [MiB], …"
+        columns = [c.split(" [")[0].strip() for c in rows[0]]
+        rows = rows[1:]
     gpus = []
-    for row in csv.reader(io.StringIO(text)):
-        if len(row) < 6 or not row[0].strip().isdigit():
+    for row in rows:
+        d = dict(zip(columns, row))
+        if not d.get("index", "").isdigit():
             continue
-        idx, name, total, free, cc, driver = (c.strip() for c in row[:6])
-        gpus.append(Gpu(int(idx), name, int(float(total)), int(float(free)), cc, driver))
+        gpus.append(Gpu(int(d["index"]), d.get("name", "?"), _num(d, "memory.total"), _num(d, "memory.free"),
+                        d.get("compute_cap", "0.0"), d.get("driver_version", "")))
     return gpus
 
 
-def _gpus() -> tuple[Gpu, ...]:
+def _num(d: dict[str, str], key: str) -> int:
+    try:
+        return int(float(d.get(key, "0").split()[0]))
+    except (ValueError, IndexError):  # "[N/A]" on some boards
+        return 0
+
+
+def parse_topo(text: str) -> str:
+    """'nvlink' when every GPU pair in `nvidia-smi topo -m` is linked by NVLink (NV#),
+    'pcie' when some pair is not, '' for fewer than two GPUs."""
+    lines = [line.split("\t") for line in text.splitlines() if line.startswith("GPU")]
+    header = next((row for row in (line.split("\t") for line in text.splitlines()) if "GPU0" in row[1:2]), None)
+    n = sum(1 for c in (header or []) if c.strip().startswith("GPU") and c.strip()[3:].isdigit())
+    if n < 2:
+        return ""
+    links = []
+    for row in lines[:n]:
+        cells = [c.strip() for c in row[1:n + 1]]
+        links += [c for c in cells if c and c != "X"]
+    return "nvlink" if links and all(c.startswith("NV") for c in links) else "pcie"
+
+
+def _smi(*args: str) -> str:
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return ()
+        return ""
     try:
-        out = subprocess.run([smi, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return subprocess.run([smi, *args], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return ()
-    return tuple(parse_gpu_csv(out))
+        return ""
+
+
+def _gpus() -> tuple[Gpu, ...]:
+    return tuple(parse_gpu_csv(_smi(f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits")))
 
 
 def _meminfo() -> dict[str, int]:
@@ -96,7 +130,9 @@ def _cpu_flags() -> tuple[str, ...]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return tuple(sorted(line.split(":", 1)[1].split()))
+                # only the instruction sets that decide which engine builds run here
+                return tuple(sorted(f for f in line.split(":", 1)[1].split()
+                                    if f.startswith(("avx", "fma", "f16c", "sse4", "amx", "bmi"))))
     except OSError:
         pass
     return ()
@@ -128,6 +164,7 @@ def _existing_parent(path: Path) -> Path:
 
 def probe(prefix: Path) -> Hardware:
     mem = _meminfo()
+    gpus = _gpus()
     disk = _existing_parent(prefix)
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -145,7 +182,8 @@ def probe(prefix: Path) -> Hardware:
         python=platform.python_version(),
         os=_os_name(),
         systemd_pid1=systemd_is_pid1(),
-        gpus=_gpus(),
+        gpus=gpus,
+        gpu_links=parse_topo(_smi("topo", "-m")) if len(gpus) > 1 else "",
     )
 
 

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from bundler.probe import parse_gpu_csv, parse_topo
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "gpu"
+
+
+def test_real_h200x2_query_output_parses():
+    gpus = parse_gpu_csv((DATA / "h200x2" / "nvidia-smi-query.csv").read_text())
+    assert [g.index for g in gpus] == [0, 1]
+    assert gpus[0].name == "NVIDIA H200"
+    assert gpus[0].memory_total_mib == 143771 and gpus[0].memory_free_mib == 143156
+    assert gpus[0].compute_capability == "9.0" and gpus[0].driver == "580.159.04"
+
+
+def test_real_h200x4_query_output_parses():
+    gpus = parse_gpu_csv((DATA / "h200x4" / "nvidia-smi-query.csv").read_text())
+    assert len(gpus) == 4 and all(g.name == "NVIDIA H200" for g in gpus)
+
+
+def test_noheader_nounits_output_parses_in_query_order():
+    text = "0, NVIDIA GeForce RTX 3090, 24576, 24000, 8.6, 550.54.14\n"
+    (g,) = parse_gpu_csv(text)
+    assert (g.name, g.memory_total_mib, g.compute_capability, g.driver) == ("NVIDIA GeForce RTX 3090", 24576, "8.6",
+                                                                            "550.54.14")
+
+
+def test_no_gpus_means_empty():
+    assert parse_gpu_csv("") == []
+
+
+def test_topology_of_real_nvlinked_boxes_and_a_pcie_box():
+    assert parse_topo((DATA / "h200x2" / "nvidia-smi-topo.txt").read_text()) == "nvlink"
+    assert parse_topo((DATA / "h200x4" / "nvidia-smi-topo.txt").read_text()) == "nvlink"
+    pcie = ("\tGPU0\tGPU1\tCPU Affinity\n"
+            "GPU0\t X \tPHB\t0-15\n"
+            "GPU1\tPHB\t X \t0-15\n")
+    assert parse_topo(pcie) == "pcie"
