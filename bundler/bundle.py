@@ -87,7 +87,7 @@ def _fetch_sdist(spec: Spec, log) -> Path:
         req = Path(td) / "sdist.txt"
         req.write_text(f"{spec.llama_cpp.sdist} --hash=sha256:{spec.llama_cpp.sha256}\n")
         log(f"downloading {spec.llama_cpp.sdist} sdist (hash-checked by pip)")
-        lock._run([os.sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:",
+        lock._run([os.sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"--no-binary={name}",
                    "--require-hashes", "--dest", td, "-r", str(req)],
                   f"downloading {spec.llama_cpp.sdist}",
                   "check engines.llama_cpp.sdist and sha256 in the spec")
