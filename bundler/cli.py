@@ -68,11 +68,118 @@ def cmd_probe(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from .modelinfo import inspect_gguf
+    from .modelinfo import inspect
 
-    info = inspect_gguf(Path(a.model))
+    info = inspect(Path(a.model))
     print(json.dumps(info.to_dict(), indent=2))
     return 0
+
+
+SIZE_RE = r"^(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|K|M|G|T)?$"
+UNITS = {None: 1, "B": 1, "K": 1 << 10, "KiB": 1 << 10, "KB": 10**3, "M": 1 << 20, "MiB": 1 << 20, "MB": 10**6,
+         "G": 1 << 30, "GiB": 1 << 30, "GB": 10**9, "T": 1 << 40, "TiB": 1 << 40, "TB": 10**12}
+
+
+def parse_size(text: str, what: str) -> int:
+    import re
+
+    m = re.match(SIZE_RE, text.strip())
+    if not m:
+        raise BundlerError(f"{what}: cannot read {text!r} as a size", hint="write e.g. 80GiB, 512GiB or 24576MiB")
+    return int(float(m.group(1)) * UNITS[m.group(2)])
+
+
+def parse_gpus(spec_text: str, driver: str) -> tuple[list, str]:
+    """`none` or COUNTxMEMORY[@CC][,nvlink] → ([Gpu], links)."""
+    import re
+
+    from .probe import Gpu
+
+    text = spec_text.strip().lower()
+    if text in ("none", "0", ""):
+        return [], ""
+    m = re.match(r"^(\d+)x([0-9.]+\s*[a-z]*)(?:@(\d+\.\d+))?((?:,[a-z]+)*)$", text)
+    if not m:
+        raise BundlerError(f"--gpus {spec_text!r} is not COUNTxMEMORY[@CC][,nvlink]",
+                           hint="e.g. --gpus 8x80GiB@8.0,nvlink, --gpus 4x24GiB@8.9, or --gpus none")
+    count = int(m.group(1))
+    mem_text = m.group(2).replace("gib", "GiB").replace("mib", "MiB").replace("gb", "GB").replace("tib", "TiB")
+    mib = parse_size(mem_text if mem_text[-1:].isalpha() else mem_text + "GiB", "--gpus") // (1 << 20)
+    cc = m.group(3) or "9.0"
+    flags = [f for f in m.group(4).split(",") if f]
+    bad = [f for f in flags if f not in ("nvlink", "pcie")]
+    if bad or count < 1 or count > 64:
+        raise BundlerError(f"--gpus {spec_text!r}: unknown flag {bad[0] if bad else ''} or count {count}",
+                           hint="flags: nvlink or pcie; count 1..64")
+    gpus = [Gpu(i, f"GPU {mib // 1024} GiB (described)", mib, mib, cc, driver) for i in range(count)]
+    links = ("nvlink" if "nvlink" in flags else "pcie") if count > 1 else ""
+    return gpus, links
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from . import planner
+    from .modelinfo import inspect
+    from .probe import Hardware
+
+    if a.box:
+        try:
+            hw = Hardware.from_dict(json.loads(Path(a.box).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise BundlerError(f"--box {a.box}: not a probe file ({e})",
+                               hint="make one with `./install.sh --probe > box.json` or `bundler probe`")
+    else:
+        gpus, links = parse_gpus(a.gpus, a.driver or "999")
+        ram = parse_size(a.ram, "--ram") if a.ram else 256 << 30
+        hw = Hardware(cpus=a.cpus or 32, ram_total=ram, ram_available=ram, disk_free=1 << 40, disk_path="/",
+                      arch="x86_64", cpu_flags=(), glibc="2.39", python="3.12", os="described with --gpus",
+                      systemd_pid1=True, gpus=tuple(gpus), gpu_links=links)
+    if a.box and (a.ram or a.cpus or a.driver):
+        gpus = tuple(replace(g, driver=a.driver) for g in hw.gpus) if a.driver else hw.gpus
+        ram = parse_size(a.ram, "--ram") if a.ram else hw.ram_available
+        hw = replace(hw, cpus=a.cpus or hw.cpus, ram_available=ram, ram_total=max(ram, hw.ram_total), gpus=gpus)
+    intent = planner.Intent(concurrency=a.concurrency, context=a.context)
+    results, refused = [], 0
+    for m in a.model:
+        info = inspect(Path(m))
+        name = Path(m).stem if not Path(m).is_dir() else Path(m).name
+        try:
+            p = planner.plan(name, info, hw, intent, engines_available=planner.ALL_ENGINES)
+            results.append(p.to_dict())
+            if not a.json:
+                _explain(p, a.explain)
+        except BundlerError as e:
+            refused += 1
+            results.append({"model": name, "engine": None, "error": e.message, "hint": e.hint,
+                            "tensor_parallel": 0, "data_parallel": 0, "gpu_layers": 0, "total_layers": info.layers,
+                            "slots": 0, "context_per_slot": 0, "memory_per_gpu_gib": [], "reasons": [e.message],
+                            "rejected": []})
+            if not a.json:
+                print(f"{name}: refused: {e.message}\n  hint: {e.hint}\n")
+    if a.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    return 3 if refused else 0
+
+
+def _explain(p, explain: bool) -> None:
+    head = f"{p.model}: {p.engine} ({p.backend})"
+    if p.engine == "vllm":
+        head += f", tensor parallel {p.tensor_parallel} × data parallel {p.data_parallel}, " \
+                f"--max-num-seqs {p.max_num_seqs}, --max-model-len {p.max_model_len}"
+    elif p.engine == "llama.cpp":
+        head += f", {p.gpu_layers}/{p.total_layers} layers on GPU, {p.slots} slots × {p.context_per_slot} tokens"
+    else:
+        head += f", TP {p.tensor_parallel}, split {list(p.gpu_split_gib)}, {p.slots} × {p.context_per_slot} tokens"
+    if p.memory_per_gpu_gib:
+        head += f"; GiB per GPU {list(p.memory_per_gpu_gib)} of {list(p.usable_per_gpu_gib)}"
+    print(head)
+    if explain:
+        for r in p.reasons:
+            print(f"  because: {r}")
+        for r in p.rejected:
+            print(f"  not {r['engine']}: {r['why']}")
+    print()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +195,25 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("probe", help="print this machine's facts as JSON")
     pr.add_argument("--prefix", default="/", help="where free disk is measured")
     pr.set_defaults(func=cmd_probe)
-    i = sub.add_parser("inspect", help="print a GGUF model's facts as JSON")
+    pl = sub.add_parser("plan", help="plan the engine for a model on a box (real or described)",
+                        description="Plan which engine serves each model on a box, with what parameters, and why. "
+                                    "Exit 3 when a model cannot be served there.")
+    pl.add_argument("--model", action="append", required=True,
+                    help="GGUF file, HF/EXL2 model directory (config.json + safetensors or their index), or "
+                         "a JSON file from `bundler inspect`; repeat for several")
+    where = pl.add_mutually_exclusive_group(required=True)
+    where.add_argument("--box", help="probe file (./install.sh --probe, bundler probe)")
+    where.add_argument("--gpus", help="describe a box: none, or COUNTxMEMORY[@CC][,nvlink], e.g. 8x80GiB@8.0,nvlink")
+    pl.add_argument("--ram", help="RAM available, e.g. 512GiB (default 256GiB with --gpus)")
+    pl.add_argument("--cpus", type=int, help="CPU cores (default 32 with --gpus)")
+    pl.add_argument("--driver", help="NVIDIA driver version, e.g. 580.65 (default: new enough)")
+    pl.add_argument("--concurrency", type=int, default=4, help="requests served at once (default 4)")
+    pl.add_argument("--context", type=int, default=4096, help="tokens per request (default 4096)")
+    out = pl.add_mutually_exclusive_group()
+    out.add_argument("--explain", action="store_true", help="say why, and why not the other engines")
+    out.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
+    i = sub.add_parser("inspect", help="print a model's facts as JSON (GGUF file or HF/EXL2 directory)")
     i.add_argument("model")
     i.set_defaults(func=cmd_inspect)
     a = p.parse_args(argv)

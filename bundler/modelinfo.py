@@ -3,6 +3,7 @@ needs no parser. GGUF headers are read with the `gguf` package."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,26 @@ class ModelInfo:
     sliding_window: int = 0
     experts: int = 0
     has_chat_template: bool = False
+    vocab_size: int = 0
+    bits: float = 0.0  # EXL2 bits per weight; 0 when not quantized that way
+    dtype: str = ""  # safetensors torch_dtype, or the dominant GGUF tensor type
+    tensor_types: tuple[tuple[str, int], ...] = ()  # GGUF: (type, count), most common first
 
     def kv_bytes_per_token(self, bytes_per_element: float = 2.0) -> float:
         """Upper bound: every layer keeps full-context K and V (f16 by default)."""
         return self.layers * self.kv_heads * (self.head_dim_k + self.head_dim_v) * bytes_per_element
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["tensor_types"] = [list(t) for t in self.tensor_types]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k in known}
+        d["tensor_types"] = tuple(tuple(t) for t in d.get("tensor_types", ()))
+        return cls(**d)
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -57,6 +71,12 @@ def inspect_gguf(path: Path) -> ModelInfo:
     arch = _field(r, "general.architecture")
     if not arch:
         raise BundlerError(f"{path}: GGUF without general.architecture", hint="re-convert the model")
+    counts: dict[str, int] = {}
+    nbytes: dict[str, int] = {}
+    for t in r.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        nbytes[t.tensor_type.name] = nbytes.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    types = sorted(counts.items(), key=lambda kv: -nbytes[kv[0]])  # by bytes: the quant that dominates
     layers = int(_field(r, f"{arch}.block_count", 0))
     heads = int(_field(r, f"{arch}.attention.head_count", 0))
     kv_heads = int(_field(r, f"{arch}.attention.head_count_kv", heads) or heads)
@@ -75,7 +95,76 @@ def inspect_gguf(path: Path) -> ModelInfo:
         sliding_window=int(_field(r, f"{arch}.attention.sliding_window", 0) or 0),
         experts=int(_field(r, f"{arch}.expert_count", 0) or 0),
         has_chat_template="tokenizer.chat_template" in r.fields,
+        vocab_size=int(_field(r, f"{arch}.vocab_size", 0) or len(r.fields["tokenizer.ggml.tokens"].data)
+                       if "tokenizer.ggml.tokens" in r.fields else 0),
+        dtype=types[0][0] if types else "",
+        tensor_types=tuple(types),
     )
+
+
+def inspect_hf(path: Path) -> ModelInfo:
+    """An HF model directory: config.json plus safetensors sizes (or the index's total_size,
+    so a directory holding only config.json and model.safetensors.index.json can be planned)."""
+    cfg_path = path / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise BundlerError(f"{path}: no config.json", hint="point at a Hugging Face model directory")
+    except ValueError as e:
+        raise BundlerError(f"{cfg_path}: not valid JSON ({e})", hint="copy the file again")
+    text = cfg.get("text_config", cfg)  # multimodal configs nest the language model
+    heads = int(text.get("num_attention_heads", 0))
+    if not heads or "num_hidden_layers" not in text:
+        raise BundlerError(f"{cfg_path}: lacks num_hidden_layers/num_attention_heads",
+                           hint="is this a transformer language model's config.json?")
+    hidden = int(text.get("hidden_size", 0))
+    head_dim = int(text.get("head_dim") or (hidden // heads))
+    files = sorted(path.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    index = path / "model.safetensors.index.json"
+    if not size and index.is_file():
+        size = int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
+    if not size:
+        raise BundlerError(f"{path}: no *.safetensors files and no model.safetensors.index.json total_size",
+                           hint="the directory must hold the weights or their index")
+    q = cfg.get("quantization_config") or {}
+    fmt, bits = "safetensors", 0.0
+    if q.get("quant_method") == "exl2" or "bits" in q and "exl2" in str(q).lower():
+        fmt, bits = "exl2", float(q.get("bits", 0))
+    return ModelInfo(
+        format=fmt,
+        architecture=(cfg.get("architectures") or [cfg.get("model_type", "?")])[0],
+        file_size=size,
+        layers=int(text["num_hidden_layers"]),
+        heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim_k=head_dim,
+        head_dim_v=head_dim,
+        context_length=int(text.get("max_position_embeddings", 0)),
+        sliding_window=int(text.get("sliding_window") or 0),
+        experts=int(text.get("num_local_experts") or text.get("num_experts") or 0),
+        has_chat_template=(path / "tokenizer_config.json").is_file()
+        and "chat_template" in (path / "tokenizer_config.json").read_text(),
+        vocab_size=int(text.get("vocab_size", 0)),
+        bits=bits,
+        dtype=str(text.get("torch_dtype") or cfg.get("torch_dtype") or ""),
+    )
+
+
+def inspect(path: Path) -> ModelInfo:
+    """A GGUF file, an HF/EXL2 model directory, or a JSON file as `bundler inspect` prints."""
+    path = Path(path)
+    if path.is_dir():
+        return inspect_hf(path)
+    if path.suffix == ".json":
+        try:
+            return ModelInfo.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise BundlerError(f"{path}: not a model description ({e})",
+                               hint="write it with `bundler inspect MODEL > FILE.json`")
+    if not path.exists():
+        raise BundlerError(f"{path}: no such model file or directory", hint="check the path")
+    return inspect_gguf(path)
 
 
 # llama.cpp's built-in chat templates for GGUF files that carry none

@@ -1,26 +1,44 @@
 """plan(model, hardware, intent) → Plan: which engine, with which parameters, and why.
 
 Pure: no I/O. Every number it sets comes with a reason a person can check, and
-every engine it did not pick is listed with why.
+every engine it did not pick is listed with why. Intent is the load to serve:
+target concurrency and tokens per request (prompt + answer).
 
-Memory model for llama.cpp on the CPU (estimates, documented so they can be checked):
-- weights: the GGUF file size (llama.cpp maps the file; every byte is touched).
-- KV cache: layers × kv_heads × (head_dim_k + head_dim_v) × 2 bytes (f16) per
-  token, for slots × context tokens (an upper bound: sliding-window layers
-  need less).
-- compute buffers and runtime: 256 MiB + 64 MiB per slot (llama-server's CPU
-  compute buffer for a 2048-token batch is a few hundred MiB on small models).
-- usable RAM: 85 % of MemAvailable, leaving room for the OS and page cache.
+Engines (DESIGN.md):
+- GGUF → llama.cpp's llama-server: all layers on the GPUs when weights + KV for
+  the target load fit; else partial offload (-ngl); no usable GPU → CPU.
+- safetensors → vLLM: smallest tensor-parallel size that fits weights + KV for
+  the load, a power of two that divides the attention heads and divides or is
+  a multiple of the KV heads; GPUs left over become data-parallel replicas.
+- EXL2 → ExLlamaV2 (TabbyAPI): one GPU, GPU split, or tensor parallel on NVLink.
+
+Memory model (estimates, each constant with where it comes from):
+- weights: the model's file size (GGUF) or safetensors bytes; llama.cpp keeps
+  the output/embedding tensors as about one more layer's worth.
+- KV cache per token: Σ layers × kv_heads × (head_dim_k + head_dim_v) × bytes
+  per element (f16 2, q8_0 1.0625 = 34 bytes per 32 values, q4_0 0.5625 = 18 per
+  32; ggml block sizes). Sliding-window layers are counted as full: an upper bound.
+  With tensor parallel each GPU holds kv_heads / TP heads (at least one).
+- llama.cpp on a GPU: 95 % of free memory, less 600 MiB for the CUDA context and
+  compute buffers (llama-server logs ~300-500 MiB of CUDA compute buffer for a
+  512-token ubatch on 8B models).
+- llama.cpp on the CPU: 85 % of available RAM; 256 MiB + 64 MiB per slot of
+  compute buffers.
+- vLLM: --gpu-memory-utilization 0.90 of total memory (vLLM's default), of which
+  2 GiB go to activations, CUDA graphs and NCCL buffers (vLLM's profile run
+  reports 1-3 GiB of non-KV, non-weight memory for 8B-70B models).
+- ExLlamaV2: 95 % of free memory less 1 GiB per GPU for activations.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import PlanRefused
 from .modelinfo import ModelInfo, fallback_template
-from .probe import Hardware
+from .probe import Gpu, Hardware
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -28,6 +46,17 @@ RAM_FRACTION = 0.85
 BASE_OVERHEAD = 256 * MiB
 SLOT_OVERHEAD = 64 * MiB
 MIN_CONTEXT = 512
+LLAMA_GPU_FRACTION = 0.95
+LLAMA_GPU_OVERHEAD = 600 * MiB
+VLLM_UTILIZATION = 0.90
+VLLM_OVERHEAD = 2 * GiB
+EXL2_OVERHEAD = 1 * GiB
+KV_BYTES = {"f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
+MIN_CC = {"llama.cpp": 5.0, "vllm": 7.0, "exllamav2": 7.0}
+# The newest driver branch each bundled CUDA major needs (NVIDIA's CUDA release notes, minor-version
+# compatibility): CUDA 13 wheels (vLLM 0.33, torch 2.14) need >= 580, CUDA 12 >= 525.
+CUDA_DRIVER_MIN = {"13": "580", "12": "525"}
+ALL_ENGINES = ("cpu", "cuda", "vllm", "exllamav2")
 
 
 @dataclass(frozen=True)
@@ -49,16 +78,22 @@ class Plan:
     tensor_parallel: int = 1
     data_parallel: int = 1
     ram_bytes: int = 0
-    chat_template: str = ""  # built-in llama.cpp template when the GGUF carries none
     memory_per_gpu_gib: tuple[float, ...] = ()
+    usable_per_gpu_gib: tuple[float, ...] = ()
+    chat_template: str = ""  # built-in llama.cpp template when the GGUF carries none
+    tensor_split: tuple[float, ...] = ()  # llama.cpp --tensor-split proportions
+    max_model_len: int = 0  # vLLM
+    max_num_seqs: int = 0  # vLLM, per replica
+    gpu_memory_utilization: float = 0.0  # vLLM
+    gpu_split_gib: tuple[float, ...] = ()  # ExLlamaV2 gpu_split
     reasons: tuple[str, ...] = ()
     rejected: tuple[dict[str, str], ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["memory_per_gpu_gib"] = list(self.memory_per_gpu_gib)
-        d["reasons"] = list(self.reasons)
-        d["rejected"] = list(self.rejected)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
         return d
 
 
@@ -66,40 +101,94 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def _r(n: float) -> float:
+    return round(n / GiB, 2)
+
+
+def _ver(v: str) -> tuple[int, ...]:
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in str(v).split("."))
+
+
 def ram_needed(info: ModelInfo, slots: int, ctx: int) -> int:
     kv = info.kv_bytes_per_token() * slots * ctx
     return int(info.file_size + kv + BASE_OVERHEAD + SLOT_OVERHEAD * slots)
 
 
+def _gpu_problem(gpus: tuple[Gpu, ...], engine: str, cuda: str, driver_min: str | None = None) -> str:
+    """Why these GPUs cannot run `engine` ("" when they can)."""
+    if not gpus:
+        return "no NVIDIA GPU found (nvidia-smi absent or lists none)"
+    need = MIN_CC[engine]
+    low = [g for g in gpus if g.compute_capability and float(g.compute_capability) < need]
+    if low:
+        return f"{engine} needs compute capability >= {need}; GPU {low[0].index} ({low[0].name}) has " \
+               f"{low[0].compute_capability}"
+    dmin = driver_min or CUDA_DRIVER_MIN.get(cuda, "0")
+    old = [g for g in gpus if g.driver and _ver(g.driver) < _ver(dmin)]
+    if old:
+        return f"driver {old[0].driver} is older than {dmin}, which the bundled CUDA {cuda} needs; " \
+               f"update the NVIDIA driver to >= {dmin}"
+    return ""
+
+
 def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
-         engines_available: tuple[str, ...] = ("cpu",), cpu_flags_needed: tuple[str, ...] = ()) -> Plan:
-    if info.format != "gguf":
-        raise PlanRefused(f"{model_name}: format {info.format} cannot be served by this bundle",
-                          hint="bundle a GGUF build of the model")
+         engines_available: tuple[str, ...] = ("cpu",), cpu_flags_needed: tuple[str, ...] = (),
+         cuda: str = "13") -> Plan:
+    """Choose the engine and its parameters for serving `info` on `hw` at `intent`."""
+    if info.format == "gguf":
+        return _plan_gguf(model_name, info, hw, intent, engines_available, cpu_flags_needed, cuda)
+    if info.format == "safetensors":
+        return _plan_vllm(model_name, info, hw, intent, engines_available, cuda)
+    if info.format == "exl2":
+        return _plan_exl2(model_name, info, hw, intent, engines_available, cuda)
+    raise PlanRefused(f"{model_name}: unknown format {info.format!r}", hint="use GGUF, safetensors or EXL2")
+
+
+# ---- GGUF: llama.cpp ----------------------------------------------------------
+
+def _template_reason(info: ModelInfo) -> tuple[str, str]:
+    template = fallback_template(info)
+    if template:
+        return template, (f"the GGUF carries no chat template: using llama.cpp's built-in {template!r} "
+                          f"for architecture {info.architecture}")
+    if not info.has_chat_template:
+        return "", f"the GGUF carries no chat template and none is known for {info.architecture}: chatml is used"
+    return "", ""
+
+
+def _plan_gguf(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
+               cpu_flags_needed: tuple[str, ...], cuda: str) -> Plan:
     rejected: list[dict[str, str]] = [
         {"engine": "vllm", "why": "vLLM serves no GGUF (removed in 0.33); this model is GGUF"},
         {"engine": "exllamav2", "why": "ExLlamaV2 serves EXL2 only"},
     ]
-    reasons: list[str] = []
-    if hw.gpus and "cuda" not in engines_available:
-        rejected.append({"engine": "llama.cpp (cuda)",
-                         "why": f"the box has {len(hw.gpus)} GPU(s) but this bundle carries only a CPU "
-                                "llama-server; bundle with backends = [\"cpu\", \"cuda\"] to use them"})
-    elif not hw.gpus:
-        rejected.append({"engine": "llama.cpp (cuda)", "why": "no NVIDIA GPU found (nvidia-smi absent or empty)"})
+    ctx = intent.context
+    notes: list[str] = []
+    if info.context_length and ctx > info.context_length:
+        notes.append(f"context per request {ctx} capped at the model's trained context {info.context_length}")
+        ctx = info.context_length
+    gpu_why = _gpu_problem(hw.gpus, "llama.cpp", cuda)
+    if "cuda" not in engines and hw.gpus:
+        gpu_why = (f"the box has {len(hw.gpus)} GPU(s) but this bundle carries only a CPU llama-server; "
+                   "bundle with backends = [\"cpu\", \"cuda\"] to use them")
+    if not gpu_why:
+        p = _plan_llama_gpu(name, info, hw, intent.concurrency, ctx, notes, rejected)
+        if p is not None:
+            return p
+    else:
+        rejected.append({"engine": "llama.cpp (cuda)", "why": gpu_why})
+    return _plan_llama_cpu(name, info, hw, intent.concurrency, ctx, notes, rejected, cpu_flags_needed)
+
+
+def _plan_llama_cpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: int, notes: list[str],
+                    rejected: list[dict[str, str]], cpu_flags_needed: tuple[str, ...]) -> Plan:
     missing_flags = [f for f in cpu_flags_needed if hw.cpu_flags and f not in hw.cpu_flags]
     if missing_flags:
         raise PlanRefused(f"this CPU lacks {', '.join(missing_flags)}, which the bundled llama-server needs",
                           hint="bundle on a machine like this box, or use a box with an x86-64-v3 CPU")
-
     threads = max(1, hw.cpus)
-    reasons.append(f"llama.cpp on the CPU: GGUF model, no usable GPU engine; {threads} threads = CPU cores "
-                   "available to this process")
-    ctx = intent.context
-    if info.context_length and ctx > info.context_length:
-        reasons.append(f"context per request {ctx} capped at the model's trained context {info.context_length}")
-        ctx = info.context_length
-    slots = intent.concurrency
+    reasons = [f"llama.cpp on the CPU: GGUF model, no usable GPU engine; {threads} threads = CPU cores "
+               "available to this process", *notes]
     budget = int(hw.ram_available * RAM_FRACTION)
     kv_tok = info.kv_bytes_per_token()
     need = ram_needed(info, slots, ctx)
@@ -119,9 +208,10 @@ def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
             if ram_needed(info, fit_slots, MIN_CONTEXT) > budget:
                 short = ram_needed(info, 1, MIN_CONTEXT) - budget
                 raise PlanRefused(
-                    f"{model_name} does not fit in RAM: needs {_gib(ram_needed(info, 1, MIN_CONTEXT))} for one "
+                    f"{name} does not fit in RAM: needs {_gib(ram_needed(info, 1, MIN_CONTEXT))} for one "
                     f"request of {MIN_CONTEXT} tokens, usable RAM is {_gib(budget)} (short by {_gib(short)})",
-                    hint="free memory, add RAM, or bundle a smaller quantization of the model")
+                    hint="free memory, add RAM, bundle a smaller quantization (e.g. Q4_K_M is ~30 % of F16), "
+                         "or use GPUs with a CUDA build")
             reasons.append(f"slots lowered from {slots} to {fit_slots} at {MIN_CONTEXT} tokens each to fit "
                            f"usable RAM {_gib(budget)}")
             slots, ctx = fit_slots, MIN_CONTEXT
@@ -131,13 +221,252 @@ def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
     reasons.append(f"memory estimate {_gib(need)} = weights {_gib(info.file_size)} + KV cache "
                    f"{_gib(kv_tok * slots * ctx)} ({kv_tok / 1024:.1f} KiB/token) + buffers; "
                    f"usable RAM {_gib(budget)} of {_gib(hw.ram_available)} available")
-    template = fallback_template(info)
-    if template:
-        reasons.append(f"the GGUF carries no chat template: using llama.cpp's built-in {template!r} "
-                       f"for architecture {info.architecture}")
-    elif not info.has_chat_template:
-        reasons.append("the GGUF carries no chat template and none is known for "
-                       f"{info.architecture}: llama-server falls back to chatml")
-    return Plan(engine="llama.cpp", chat_template=template, backend="cpu", model=model_name, threads=threads,
-                slots=slots, context_per_slot=ctx, gpu_layers=0, total_layers=info.layers, ram_bytes=need,
+    template, why = _template_reason(info)
+    if why:
+        reasons.append(why)
+    return Plan(engine="llama.cpp", backend="cpu", model=name, threads=threads, slots=slots, context_per_slot=ctx,
+                gpu_layers=0, total_layers=info.layers, ram_bytes=need, chat_template=template,
                 reasons=tuple(reasons), rejected=tuple(rejected))
+
+
+def _plan_llama_gpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: int, notes: list[str],
+                    rejected: list[dict[str, str]]) -> Plan | None:
+    gpus = hw.gpus
+    usable = [max(0, int(g.memory_free_mib * MiB * LLAMA_GPU_FRACTION) - LLAMA_GPU_OVERHEAD) for g in gpus]
+    total_usable = sum(usable)
+    L = max(1, info.layers)
+    per_layer = info.file_size / (L + 1)  # + output/embeddings ≈ one more layer
+    kv_layer_tok = info.kv_bytes_per_token() / L
+    tokens = slots * ctx
+    reasons = [*notes]
+    need_all = info.file_size + kv_layer_tok * L * tokens
+    template, twhy = _template_reason(info)
+    if need_all <= total_usable:
+        ngl = L
+        reasons.insert(0, f"llama.cpp with every layer on {len(gpus)} GPU(s): weights {_gib(info.file_size)} + "
+                          f"KV for {slots} slots × {ctx} tokens {_gib(kv_layer_tok * L * tokens)} fit "
+                          f"{_gib(total_usable)} usable GPU memory")
+        on_gpu = need_all
+        cpu_bytes = 0.0
+    else:
+        ngl = int((total_usable - per_layer) // (per_layer + kv_layer_tok * tokens))
+        ngl = max(0, min(ngl, L - 1))
+        if ngl == 0:
+            rejected.append({"engine": "llama.cpp (cuda)",
+                             "why": f"not one layer with its KV fits {_gib(total_usable)} usable GPU memory"})
+            return None
+        on_gpu = per_layer + ngl * (per_layer + kv_layer_tok * tokens)
+        cpu_bytes = (L - ngl) * (per_layer + kv_layer_tok * tokens)
+        if cpu_bytes + BASE_OVERHEAD > hw.ram_available * RAM_FRACTION:
+            rejected.append({"engine": "llama.cpp (cuda, partial offload)",
+                             "why": f"the {L - ngl} layers left for the CPU need {_gib(cpu_bytes)}, more than "
+                                    f"usable RAM {_gib(hw.ram_available * RAM_FRACTION)}"})
+            return None
+        reasons.insert(0, f"llama.cpp with partial offload: {ngl} of {L} layers on {len(gpus)} GPU(s), the rest on "
+                          f"{hw.cpus} CPU threads: everything needs {_gib(need_all)}, the GPUs have "
+                          f"{_gib(total_usable)} usable (short by {_gib(need_all - total_usable)}; a smaller "
+                          "quant or more GPU memory keeps every layer on the GPU, which is much faster)")
+    split = tuple(round(u / total_usable, 3) for u in usable) if len(gpus) > 1 else ()
+    per_gpu = [on_gpu * u / total_usable + LLAMA_GPU_OVERHEAD for u in usable]
+    reasons.append(f"{slots} slots (target concurrency) × {ctx} tokens each (--parallel {slots}, "
+                   f"--ctx-size {slots * ctx})")
+    if len(gpus) > 1:
+        links = hw.gpu_links or "unknown links"
+        reasons.append(f"{len(gpus)} GPUs split by layer (--split-mode layer, --tensor-split "
+                       f"{','.join(str(s) for s in split)} by free memory): the least traffic between GPUs "
+                       f"({links}). Row split (-sm row) can lower single-request latency on NVLink but "
+                       "rarely raises throughput; for many users on several GPUs, vLLM with the safetensors "
+                       "model and tensor parallel is faster")
+    reasons.append(f"memory estimate per GPU {', '.join(_gib(b) for b in per_gpu)} "
+                   f"(usable {', '.join(_gib(u + LLAMA_GPU_OVERHEAD) for u in usable)})")
+    if twhy:
+        reasons.append(twhy)
+    return Plan(engine="llama.cpp", backend="cuda", model=name, threads=max(1, hw.cpus), slots=slots,
+                context_per_slot=ctx, gpu_layers=ngl, total_layers=L, ram_bytes=int(cpu_bytes + BASE_OVERHEAD),
+                memory_per_gpu_gib=tuple(_r(b) for b in per_gpu),
+                usable_per_gpu_gib=tuple(_r(u + LLAMA_GPU_OVERHEAD) for u in usable),
+                chat_template=template, tensor_split=split, reasons=tuple(reasons), rejected=tuple(rejected))
+
+
+# ---- safetensors: vLLM ----------------------------------------------------------
+
+def tp_candidates(info: ModelInfo, max_gpus: int) -> tuple[list[int], list[str]]:
+    """Powers of two up to max_gpus that the model's heads allow, and why the others are not."""
+    ok, why = [], []
+    tp = 1
+    while tp <= max_gpus:
+        if info.heads % tp:
+            why.append(f"TP {tp}: attention heads ({info.heads}) are not divisible by {tp}")
+        elif info.kv_heads % tp and tp % info.kv_heads:
+            why.append(f"TP {tp}: KV heads ({info.kv_heads}) neither divide nor are divisible by {tp}")
+        else:
+            ok.append(tp)
+        tp *= 2
+    return ok, why
+
+
+def kv_per_gpu_per_token(info: ModelInfo, tp: int, kv_dtype: str = "f16") -> float:
+    heads_per_gpu = max(1, info.kv_heads // tp)
+    return info.layers * heads_per_gpu * (info.head_dim_k + info.head_dim_v) * KV_BYTES[kv_dtype]
+
+
+def _refuse_gpu_model(name: str, info: ModelInfo, hw: Hardware, engine: str, usable: float, ctx: int,
+                      tps: list[int]) -> PlanRefused:
+    tp = max(tps) if tps else 1
+    w = info.file_size / tp
+    kv_tok = kv_per_gpu_per_token(info, tp)
+    need = w + kv_tok * ctx
+    short = need - usable
+    options = []
+    if usable > w:
+        fit_ctx = int((usable - w) // kv_tok)
+        if fit_ctx >= MIN_CONTEXT:
+            options.append(f"a context of {fit_ctx} tokens or less (--context {fit_ctx})")
+    gpu_gib = usable / VLLM_UTILIZATION / GiB if hw.gpus else 80
+    for more in (2, 4, 8, 16):
+        if more > len(hw.gpus) and info.heads % more == 0 and (info.kv_heads % more == 0 or more % info.kv_heads == 0):
+            if info.file_size / more + kv_per_gpu_per_token(info, more) * ctx <= usable:
+                options.append(f"{more} GPUs like these (TP {more})")
+                break
+    for label, factor in (("an FP8 build", 0.5), ("a 4-bit build (AWQ/GPTQ)", 0.28)):
+        if info.file_size * factor / tp + kv_tok * ctx <= usable:
+            options.append(f"{label} of the model (~{_gib(info.file_size * factor)})")
+            break
+    return PlanRefused(
+        f"{name} ({_gib(info.file_size)} of weights) does not fit: with TP {tp} each GPU needs {_gib(need)} "
+        f"for weights and one request of {ctx} tokens, {engine} can use {_gib(usable)} of each "
+        f"{gpu_gib:.0f} GiB GPU (short by {_gib(short)})",
+        hint="what would fit: " + ("; ".join(options) if options else "a smaller model"))
+
+
+def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
+               cuda: str) -> Plan:
+    rejected = [{"engine": "llama.cpp", "why": "serves GGUF only; convert the model to GGUF to use it"},
+                {"engine": "exllamav2", "why": "serves EXL2 only"}]
+    if "vllm" not in engines:
+        raise PlanRefused(f"{name} is a safetensors model but this bundle carries no vLLM",
+                          hint="bundle vLLM for it, or a GGUF build of the model for llama.cpp")
+    why = _gpu_problem(hw.gpus, "vllm", cuda)
+    if why:
+        raise PlanRefused(f"{name} (safetensors) needs vLLM on NVIDIA GPUs: {why}",
+                          hint="use a GPU box that qualifies, or bundle a GGUF build of the model to serve it "
+                               "with llama.cpp on the CPU")
+    n = len(hw.gpus)
+    ctx = intent.context
+    reasons: list[str] = []
+    if info.context_length and ctx > info.context_length:
+        reasons.append(f"context per request {ctx} capped at the model's trained context {info.context_length}")
+        ctx = info.context_length
+    gpu_bytes = min(g.memory_total_mib for g in hw.gpus) * MiB
+    usable = gpu_bytes * VLLM_UTILIZATION - VLLM_OVERHEAD
+    tps, not_ok = tp_candidates(info, n)
+    conc = intent.concurrency
+    chosen = None
+    for tp in tps:
+        w = info.file_size / tp
+        kv = kv_per_gpu_per_token(info, tp) * conc * ctx
+        if w + kv <= usable:
+            chosen = tp
+            break
+    seqs = conc
+    if chosen is None:
+        for tp in tps:
+            w = info.file_size / tp
+            fit = int((usable - w) // (kv_per_gpu_per_token(info, tp) * ctx)) if usable > w else 0
+            if fit >= 1:
+                chosen, seqs = tp, fit
+                reasons.append(f"KV for {conc} requests of {ctx} tokens does not fit any TP size; TP {tp} holds "
+                               f"{fit} at once (vLLM queues the rest; more GPUs or a shorter context serve more)")
+                break
+    if chosen is None:
+        raise _refuse_gpu_model(name, info, hw, "vLLM", usable, ctx, tps)
+    tp = chosen
+    dp = max(1, min(n // tp, conc))
+    per_replica = max(1, math.ceil(conc / dp))
+    seqs = min(seqs, per_replica) if seqs < conc else per_replica
+    w = info.file_size / tp
+    kv_tok = kv_per_gpu_per_token(info, tp)
+    est = w + kv_tok * seqs * ctx + VLLM_OVERHEAD
+    smaller = [t for t in tps if t < tp]
+    reasons.insert(0, f"vLLM: safetensors on {n} GPU(s) with compute capability "
+                      f"{hw.gpus[0].compute_capability}; tensor parallel {tp} is the smallest size whose share of "
+                      f"weights ({_gib(w)}) and KV for {per_replica} requests × {ctx} tokens fits "
+                      f"{_gib(usable)} per GPU" + (f" (TP {', '.join(map(str, smaller))} does not)" if smaller else ""))
+    if dp > 1:
+        reasons.append(f"data parallel {dp}: the {n - tp} GPUs left over hold {dp - 1} more replica(s), each "
+                       f"serving ~{per_replica} of the {conc} concurrent requests; replicas need no traffic between "
+                       "them, so throughput grows with them (DP 4 gave 14,254 tok/s on 4×H200)")
+    elif n > tp:
+        reasons.append(f"{n - tp} GPU(s) left idle: the target concurrency ({conc}) needs no second replica")
+    if tp > 1:
+        reasons.append("tensor parallel over NVLink" if hw.gpu_links == "nvlink" else
+                       f"tensor parallel over {hw.gpu_links or 'unknown links'}: slower than NVLink; more "
+                       "replicas (data parallel) may serve better")
+    reasons += [f"not TP {w_}" for w_ in not_ok]
+    reasons.append(f"--max-model-len {ctx}, --max-num-seqs {seqs}, --gpu-memory-utilization {VLLM_UTILIZATION}; "
+                   f"estimate {_gib(est)} per GPU of {_gib(gpu_bytes * VLLM_UTILIZATION)} allowed")
+    used = tp * dp
+    return Plan(engine="vllm", backend="cuda", model=name, threads=max(1, hw.cpus), slots=seqs * dp,
+                context_per_slot=ctx, gpu_layers=info.layers, total_layers=info.layers, tensor_parallel=tp,
+                data_parallel=dp, memory_per_gpu_gib=tuple(_r(est) for _ in range(used)),
+                usable_per_gpu_gib=tuple(_r(gpu_bytes * VLLM_UTILIZATION) for _ in range(used)),
+                max_model_len=ctx, max_num_seqs=seqs, gpu_memory_utilization=VLLM_UTILIZATION,
+                reasons=tuple(reasons), rejected=tuple(rejected))
+
+
+# ---- EXL2: ExLlamaV2 ------------------------------------------------------------
+
+def _plan_exl2(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
+               cuda: str) -> Plan:
+    rejected = [{"engine": "llama.cpp", "why": "serves GGUF only"},
+                {"engine": "vllm", "why": "serves no EXL2 quantization"}]
+    if "exllamav2" not in engines:
+        raise PlanRefused(f"{name} is an EXL2 model but this bundle carries no ExLlamaV2",
+                          hint="bundle ExLlamaV2 (TabbyAPI) for it")
+    why = _gpu_problem(hw.gpus, "exllamav2", cuda)
+    if why:
+        raise PlanRefused(f"{name} (EXL2) needs ExLlamaV2 on NVIDIA GPUs: {why}",
+                          hint="use a GPU box that qualifies, or bundle a GGUF build for llama.cpp")
+    ctx = min(intent.context, info.context_length or intent.context)
+    conc = intent.concurrency
+    usable = [max(0, g.memory_free_mib * MiB * LLAMA_GPU_FRACTION - EXL2_OVERHEAD) for g in hw.gpus]
+    kv = info.kv_bytes_per_token() * conc * ctx
+    need = info.file_size + kv
+    reasons = []
+    if need <= usable[0]:
+        split: tuple[float, ...] = ()
+        tp = 1
+        used = [need + EXL2_OVERHEAD]
+        reasons.append(f"ExLlamaV2 on one GPU: weights {_gib(info.file_size)} ({info.bits or '?'} bits) + KV "
+                       f"{_gib(kv)} fit {_gib(usable[0])}")
+    elif need <= sum(usable):
+        ok = [t for t in tp_candidates(info, len(hw.gpus))[0] if t == len(hw.gpus)]
+        if hw.gpu_links == "nvlink" and ok and need / ok[0] <= min(usable):
+            tp = ok[0]
+            split = ()
+            used = [need / tp + EXL2_OVERHEAD] * tp
+            reasons.append(f"ExLlamaV2 tensor parallel over {tp} NVLinked GPUs (TabbyAPI tensor_parallel): "
+                           "faster than a layer split when the GPUs talk over NVLink")
+        else:
+            tp = 1
+            left = need
+            used_l = []
+            for u in usable:
+                take = min(u, left)
+                used_l.append(take)
+                left -= take
+            used = [b + EXL2_OVERHEAD for b in used_l if b > 0]
+            split = tuple(_r(b) for b in used_l if b > 0)
+            reasons.append(f"ExLlamaV2 with a GPU split over {len(split)} GPUs (gpu_split "
+                           f"{', '.join(str(s) for s in split)} GiB): layers fill one GPU after another")
+    else:
+        raise PlanRefused(f"{name} does not fit: weights {_gib(info.file_size)} + KV {_gib(kv)} for {conc} × {ctx} "
+                          f"tokens need {_gib(need)}, the GPUs have {_gib(sum(usable))} usable "
+                          f"(short by {_gib(need - sum(usable))})",
+                          hint="a lower-bit EXL2 build, a shorter --context, fewer --concurrency, or more GPUs")
+    reasons.append(f"{conc} concurrent requests (max_batch_size) × {ctx} tokens")
+    return Plan(engine="exllamav2", backend="cuda", model=name, threads=max(1, hw.cpus), slots=conc,
+                context_per_slot=ctx, gpu_layers=info.layers, total_layers=info.layers, tensor_parallel=tp,
+                memory_per_gpu_gib=tuple(_r(b) for b in used),
+                usable_per_gpu_gib=tuple(_r(u + EXL2_OVERHEAD) for u in usable[:len(used)]),
+                gpu_split_gib=split, reasons=tuple(reasons), rejected=tuple(rejected))

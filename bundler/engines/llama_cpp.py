@@ -123,7 +123,11 @@ def launch_argv(binary: str, model_path: str, alias: str, host: str, port: int, 
         "--metrics",
     ]
     if plan.gpu_layers:
-        argv += ["--n-gpu-layers", str(plan.gpu_layers)]
+        # 999: every layer and the output tensors; a smaller number offloads that many layers
+        ngl = 999 if plan.gpu_layers >= plan.total_layers else plan.gpu_layers
+        argv += ["--n-gpu-layers", str(ngl)]
+    if plan.tensor_split:
+        argv += ["--split-mode", "layer", "--tensor-split", ",".join(str(x) for x in plan.tensor_split)]
     if plan.chat_template:
         argv += ["--chat-template", plan.chat_template]
     return argv

@@ -1,0 +1,194 @@
+"""The planner across boxes of 0-8 GPUs and models of 1B-72B: engine, TP/DP or
+-ngl, slots, and memory per GPU within what that GPU can give."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from bundler import planner
+from bundler.cli import parse_gpus
+from bundler.errors import PlanRefused
+from bundler.modelinfo import ModelInfo
+from bundler.probe import Hardware
+
+GiB = 1 << 30
+# Shapes as published in each model's config.json: layers, heads, kv heads, head dim
+SHAPES = {
+    "1b": (16, 32, 8, 64, 1.24e9),
+    "8b": (32, 32, 8, 128, 8.03e9),
+    "70b": (80, 64, 8, 128, 70.6e9),
+    "72b-qwen": (80, 64, 8, 128, 72.7e9),
+    "7b-qwen": (28, 28, 4, 128, 7.6e9),
+    "mixtral-8x7b": (32, 32, 8, 128, 46.7e9),
+}
+BYTES_PER_PARAM = {"Q4_K_M": 0.605, "Q8_0": 1.0625, "F16": 2.0, "bf16": 2.0, "exl2-4.0": 0.517}
+
+
+def model(shape: str, quant: str) -> ModelInfo:
+    layers, heads, kv, hd, params = SHAPES[shape]
+    fmt = "gguf" if quant in ("Q4_K_M", "Q8_0", "F16") else ("exl2" if quant.startswith("exl2") else "safetensors")
+    return ModelInfo(format=fmt, architecture="llama", file_size=int(params * BYTES_PER_PARAM[quant]), layers=layers,
+                     heads=heads, kv_heads=kv, head_dim_k=hd, head_dim_v=hd, context_length=131072,
+                     experts=8 if shape.startswith("mixtral") else 0, has_chat_template=True,
+                     bits=4.0 if fmt == "exl2" else 0.0)
+
+
+def box(gpus: str, ram_gib: int = 256, cpus: int = 32, driver: str = "580.65") -> Hardware:
+    g, links = parse_gpus(gpus, driver)
+    return Hardware(cpus=cpus, ram_total=ram_gib * GiB, ram_available=ram_gib * GiB, disk_free=1 << 40,
+                    disk_path="/", arch="x86_64", cpu_flags=("avx", "avx2", "f16c", "fma"), glibc="2.39",
+                    python="3.12", os="test", systemd_pid1=True, gpus=tuple(g), gpu_links=links)
+
+
+@dataclass
+class Case:
+    id: str
+    model: tuple[str, str]
+    gpus: str
+    conc: int
+    ctx: int
+    engine: str | None  # None: refused
+    tp: int = 1
+    dp: int = 1
+    ngl: str = ""  # "all", "partial", "0"
+    slots: int | None = None
+    ram: int = 256
+    driver: str = "580.65"
+    backend: str = ""
+    says: str = ""  # a phrase the reasons (or the refusal) must contain
+
+
+CASES = [
+    Case("st-8b-1xH100", ("8b", "bf16"), "1x80GiB@9.0", 16, 4096, "vllm", 1, 1, slots=16),
+    Case("st-8b-8xA100-dp8", ("8b", "bf16"), "8x80GiB@8.0,nvlink", 64, 4096, "vllm", 1, 8, slots=64,
+         says="data parallel 8"),
+    Case("st-70b-1x80-refused", ("70b", "bf16"), "1x80GiB@9.0", 16, 4096, None, says="2 GPUs like these"),
+    Case("st-70b-2x80-fewer-seqs", ("70b", "bf16"), "2x80GiB@9.0,nvlink", 16, 4096, "vllm", 2, 1,
+         says="holds"),
+    Case("st-70b-4x80-tp4", ("70b", "bf16"), "4x80GiB@9.0,nvlink", 32, 4096, "vllm", 4, 1, slots=32),
+    Case("st-70b-8x80-tp4-dp2", ("70b", "bf16"), "8x80GiB@8.0,nvlink", 64, 4096, "vllm", 4, 2, slots=64),
+    Case("st-70b-2xH200-tp2", ("70b", "bf16"), "2x141GiB@9.0,nvlink", 50, 4096, "vllm", 2, 1, slots=50),
+    Case("st-72b-4x80-tp4", ("72b-qwen", "bf16"), "4x80GiB@9.0,nvlink", 16, 8192, "vllm", 4, 1, slots=16),
+    Case("st-qwen7b-8x24-no-tp8", ("7b-qwen", "bf16"), "8x24GiB@8.9", 64, 4096, "vllm", 2, 4, slots=64,
+         says="TP 8: attention heads (28) are not divisible by 8"),
+    Case("st-mixtral-2x80", ("mixtral-8x7b", "bf16"), "2x80GiB@9.0,nvlink", 16, 4096, "vllm", 2, 1, slots=16),
+    Case("st-mixtral-4x48", ("mixtral-8x7b", "bf16"), "4x48GiB@8.9", 32, 4096, "vllm", 4, 1, slots=32),
+    Case("st-8b-no-gpu", ("8b", "bf16"), "none", 4, 4096, None, says="GGUF"),
+    Case("st-8b-old-driver", ("8b", "bf16"), "1x80GiB@9.0", 4, 4096, None, driver="535.104", says="580"),
+    Case("st-8b-pascal", ("8b", "bf16"), "2x24GiB@6.1", 4, 4096, None, says="compute capability >= 7.0"),
+    Case("st-8b-3x48-dp3", ("8b", "bf16"), "3x48GiB@8.9", 16, 4096, "vllm", 1, 3, slots=18),
+    Case("st-70b-3x80-one-idle", ("70b", "bf16"), "3x80GiB@9.0,nvlink", 16, 4096, "vllm", 2, 1, says="idle"),
+    Case("st-70b-4xH200-200", ("70b", "bf16"), "4x141GiB@9.0,nvlink", 200, 4096, "vllm", 4, 1, slots=200),
+    Case("st-8b-4xH200-200", ("8b", "bf16"), "4x141GiB@9.0,nvlink", 200, 4096, "vllm", 1, 4, slots=200),
+    Case("gguf-8b-q4-1x3090", ("8b", "Q4_K_M"), "1x24GiB@8.6", 8, 8192, "llama.cpp", ngl="all", slots=8,
+         backend="cuda"),
+    Case("gguf-70b-q4-1x24-partial", ("70b", "Q4_K_M"), "1x24GiB@8.9", 4, 4096, "llama.cpp", ngl="partial", slots=4,
+         backend="cuda", says="partial offload"),
+    Case("gguf-70b-q4-2x4090", ("70b", "Q4_K_M"), "2x24GiB@8.9", 4, 2048, "llama.cpp", ngl="all", slots=4,
+         backend="cuda", says="split by layer"),
+    Case("gguf-70b-q4-4x24", ("70b", "Q4_K_M"), "4x24GiB@8.9", 16, 4096, "llama.cpp", ngl="all", slots=16,
+         backend="cuda"),
+    Case("gguf-8b-q8-8xA100", ("8b", "Q8_0"), "8x80GiB@8.0,nvlink", 64, 4096, "llama.cpp", ngl="all", slots=64,
+         backend="cuda", says="vLLM"),
+    Case("gguf-1b-cpu", ("1b", "Q4_K_M"), "none", 4, 4096, "llama.cpp", ngl="0", slots=4, ram=16, backend="cpu"),
+    Case("gguf-70b-f16-cpu-refused", ("70b", "F16"), "none", 1, 2048, None, ram=64, says="short by"),
+    Case("gguf-70b-q4-cpu-ctx-lowered", ("70b", "Q4_K_M"), "none", 8, 8192, "llama.cpp", ngl="0", slots=8, ram=64,
+         backend="cpu", says="lowered from 8192"),
+    Case("gguf-8b-old-driver-cpu", ("8b", "Q4_K_M"), "1x80GiB@9.0", 4, 4096, "llama.cpp", ngl="0", slots=4,
+         driver="535.104", backend="cpu"),
+    Case("gguf-8b-3x48", ("8b", "Q4_K_M"), "3x48GiB@8.9", 16, 4096, "llama.cpp", ngl="all", slots=16,
+         backend="cuda"),
+    Case("exl2-70b-1x48", ("70b", "exl2-4.0"), "1x48GiB@8.6", 4, 4096, "exllamav2", 1, slots=4),
+    Case("exl2-70b-2x3090-nvlink-tp", ("70b", "exl2-4.0"), "2x24GiB@8.6,nvlink", 2, 4096, "exllamav2", 2, slots=2,
+         says="tensor parallel"),
+    Case("exl2-70b-2x3090-pcie-split", ("70b", "exl2-4.0"), "2x24GiB@8.6", 2, 4096, "exllamav2", 1, slots=2,
+         says="GPU split"),
+    Case("exl2-no-gpu", ("70b", "exl2-4.0"), "none", 2, 4096, None, says="NVIDIA GPUs"),
+]
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_plan_table(c: Case):
+    info = model(*c.model)
+    hw = box(c.gpus, ram_gib=c.ram, driver=c.driver)
+    intent = planner.Intent(concurrency=c.conc, context=c.ctx)
+    if c.engine is None:
+        with pytest.raises(PlanRefused) as e:
+            planner.plan("m", info, hw, intent, engines_available=planner.ALL_ENGINES)
+        assert e.value.exit_code == 3
+        assert c.says in e.value.message + " " + (e.value.hint or "")
+        return
+    p = planner.plan("m", info, hw, intent, engines_available=planner.ALL_ENGINES)
+    assert p.engine == c.engine
+    if c.backend:
+        assert p.backend == c.backend
+    if c.engine in ("vllm", "exllamav2"):
+        assert (p.tensor_parallel, p.data_parallel) == (c.tp, c.dp)
+    if c.ngl == "all":
+        assert p.gpu_layers == p.total_layers == info.layers
+    elif c.ngl == "partial":
+        assert 0 < p.gpu_layers < p.total_layers
+    elif c.ngl == "0":
+        assert p.gpu_layers == 0
+    if c.slots is not None:
+        assert p.slots == c.slots
+    if c.says:
+        assert c.says in " ".join(p.reasons), p.reasons
+    _assert_sound(p, info, hw)
+
+
+def _assert_sound(p: planner.Plan, info: ModelInfo, hw: Hardware) -> None:
+    """What every plan must hold, whatever the case."""
+    assert len(p.memory_per_gpu_gib) == len(p.usable_per_gpu_gib)
+    for used, usable in zip(p.memory_per_gpu_gib, p.usable_per_gpu_gib):
+        assert used <= usable
+    for used, g in zip(p.memory_per_gpu_gib, hw.gpus):
+        assert used * GiB <= g.memory_free_mib * (1 << 20)
+    if p.engine == "vllm":
+        tp = p.tensor_parallel
+        assert tp & (tp - 1) == 0, "TP is a power of two"
+        assert info.heads % tp == 0
+        assert info.kv_heads % tp == 0 or tp % info.kv_heads == 0
+        assert tp * p.data_parallel <= len(hw.gpus)
+        assert p.max_num_seqs >= 1 and p.max_model_len >= 1
+    if p.backend == "cpu":
+        assert p.ram_bytes <= hw.ram_available * planner.RAM_FRACTION
+    assert p.reasons and p.rejected
+
+
+def test_random_boxes_and_models_never_break_the_rules():
+    rng = random.Random(20261127)
+    specs = ["none", "1x24GiB@8.6", "2x24GiB@8.9", "1x48GiB@8.9", "4x48GiB@8.9", "1x80GiB@8.0", "2x80GiB@9.0,nvlink",
+             "3x80GiB@9.0", "4x80GiB@9.0,nvlink", "8x80GiB@8.0,nvlink", "2x141GiB@9.0,nvlink", "4x141GiB@9.0,nvlink",
+             "8x16GiB@7.5"]
+    planned = refused = 0
+    for _ in range(600):
+        shape = rng.choice(list(SHAPES))
+        quant = rng.choice(list(BYTES_PER_PARAM))
+        info = model(shape, quant)
+        hw = box(rng.choice(specs), ram_gib=rng.choice([16, 64, 256, 1024]))
+        intent = planner.Intent(concurrency=rng.choice([1, 4, 16, 50, 200]), context=rng.choice([1024, 4096, 32768]))
+        try:
+            p = planner.plan("m", info, hw, intent, engines_available=planner.ALL_ENGINES)
+        except PlanRefused as e:
+            refused += 1
+            assert "GiB" in e.message or "GPU" in e.message or "CPU" in e.message
+            continue
+        planned += 1
+        _assert_sound(p, info, hw)
+    assert planned > 200 and refused > 20
+
+
+def test_cli_gpus_spec_parsing():
+    gpus, links = parse_gpus("8x80GiB@8.0,nvlink", "580.65")
+    assert len(gpus) == 8 and gpus[0].memory_total_mib == 81920 and gpus[0].compute_capability == "8.0"
+    assert links == "nvlink"
+    assert parse_gpus("none", "") == ([], "")
+    from bundler.errors import BundlerError
+
+    with pytest.raises(BundlerError) as e:
+        parse_gpus("eight", "")
+    assert "COUNTxMEMORY" in e.value.hint or "COUNTxMEMORY" in e.value.message
