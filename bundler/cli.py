@@ -182,6 +182,37 @@ def _explain(p, explain: bool) -> None:
     print()
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from . import bench
+
+    key = a.api_key or ""
+    if a.api_key_file:
+        text = Path(a.api_key_file).read_text()
+        key = next((line.split("=", 1)[1].strip() for line in text.splitlines()
+                    if line.startswith(("LLAMA_API_KEY=", "VLLM_API_KEY=", "API_KEY="))), text.strip())
+    try:
+        levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    except ValueError:
+        raise BundlerError(f"--concurrency {a.concurrency!r}: give numbers", hint="e.g. --concurrency 1,8,50")
+    if not levels or min(levels) < 1:
+        raise BundlerError("--concurrency needs numbers >= 1", hint="e.g. --concurrency 1,50")
+    report = bench.sweep(a.url, key, a.model, levels, a.requests, a.prompt_tokens, a.max_tokens, a.timeout)
+    report["label"] = a.label or a.model
+    print(bench.table(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    if a.plot:
+        if bench.plot([(report["label"], report)], Path(a.plot)):
+            print(f"wrote {a.plot}")
+        else:
+            log("warning: matplotlib is not installed here: no plot written (the JSON has every figure)")
+    bad = sum(r["errors"] for r in report["levels"])
+    if bad:
+        raise BundlerError(f"{bad} request(s) failed", hint="see the first error above and the server's log")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bundler", description="Bundle an LLM service for an offline box.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -213,6 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     out.add_argument("--explain", action="store_true", help="say why, and why not the other engines")
     out.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=cmd_plan)
+    be = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint",
+                        description="Send N streamed chat requests at each concurrency level; report output tok/s, "
+                                    "time to first token and latency p50/p95, and errors.")
+    be.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080/v1")
+    be.add_argument("--model", required=True, help="model name the server serves")
+    be.add_argument("--api-key", help="API key (or --api-key-file)")
+    be.add_argument("--api-key-file", help="file holding the key (an airgap-llm env file works)")
+    be.add_argument("--concurrency", default="1,8", help="levels, comma-separated (default 1,8)")
+    be.add_argument("--requests", type=int, help="requests per level (default 2 × concurrency, at least 4)")
+    be.add_argument("--prompt-tokens", type=int, default=400, help="prompt length in tokens (default 400)")
+    be.add_argument("--max-tokens", type=int, default=512, help="output tokens per request (default 512)")
+    be.add_argument("--timeout", type=float, default=600, help="seconds per request (default 600)")
+    be.add_argument("--label", help="name for this run in the JSON and plot")
+    be.add_argument("--json", help="write the report here")
+    be.add_argument("--plot", help="write a PNG of tok/s against concurrency here")
+    be.set_defaults(func=cmd_bench)
     i = sub.add_parser("inspect", help="print a model's facts as JSON (GGUF file or HF/EXL2 directory)")
     i.add_argument("model")
     i.set_defaults(func=cmd_inspect)

@@ -393,7 +393,7 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                       f"weights ({_gib(w)}) and KV for {per_replica} requests × {ctx} tokens fits "
                       f"{_gib(usable)} per GPU" + (f" (TP {', '.join(map(str, smaller))} does not)" if smaller else ""))
     if dp > 1:
-        reasons.append(f"data parallel {dp}: the {n - tp} GPUs left over hold {dp - 1} more replica(s), each "
+        reasons.append(f"data parallel {dp}: {n - tp} GPU(s) left over hold {dp - 1} more replica(s), each "
                        f"serving ~{per_replica} of the {conc} concurrent requests; replicas need no traffic between "
                        "them, so throughput grows with them (DP 4 gave 14,254 tok/s on 4×H200)")
     elif n > tp:

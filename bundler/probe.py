@@ -45,6 +45,10 @@ class Hardware:
     systemd_pid1: bool
     gpus: tuple[Gpu, ...] = field(default_factory=tuple)
     gpu_links: str = ""  # "nvlink" (every pair), "pcie", or "" (fewer than two GPUs)
+    python_path: str = ""  # the python3 that ran the probe (the installer's)
+    site_packages: tuple[str, ...] = ()
+    # distributions that python already has (name → version), for bundles that reuse them
+    installed: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,7 +58,9 @@ class Hardware:
         d = dict(d)
         d["gpus"] = tuple(Gpu(**g) for g in d.get("gpus", ()))
         d["cpu_flags"] = tuple(d.get("cpu_flags", ()))
-        return cls(**d)
+        d["site_packages"] = tuple(d.get("site_packages", ()))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def parse_gpu_csv(text: str) -> list[Gpu]:
@@ -162,9 +168,30 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def installed_distributions(paths: tuple[str, ...]) -> dict[str, str]:
+    """Distributions installed in these site-packages (not the bundle's own wheels on PYTHONPATH)."""
+    from importlib import metadata
+
+    found: dict[str, str] = {}
+    for dist in metadata.distributions(path=list(paths)):
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(name.lower().replace("_", "-").replace(".", "-"), dist.version)
+    return dict(sorted(found.items()))
+
+
+def _site_packages() -> tuple[str, ...]:
+    import site
+    import sysconfig
+
+    paths = [sysconfig.get_paths()["purelib"], *getattr(site, "getsitepackages", lambda: [])()]
+    return tuple(dict.fromkeys(p for p in paths if os.path.isdir(p)))
+
+
 def probe(prefix: Path) -> Hardware:
     mem = _meminfo()
     gpus = _gpus()
+    site = _site_packages()
     disk = _existing_parent(prefix)
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -184,6 +211,9 @@ def probe(prefix: Path) -> Hardware:
         systemd_pid1=systemd_is_pid1(),
         gpus=gpus,
         gpu_links=parse_topo(_smi("topo", "-m")) if len(gpus) > 1 else "",
+        python_path=sys.executable,
+        site_packages=site,
+        installed=installed_distributions(site),
     )
 
 

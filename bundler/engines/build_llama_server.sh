@@ -1,13 +1,16 @@
 #!/bin/sh
 # Build llama-server from the llama.cpp sources vendored in a llama-cpp-python sdist.
-# usage: build_llama_server.sh SDIST OUTDIR BACKEND(cpu|cuda) [CUDA_ARCHS] [JOBS]
+# usage: build_llama_server.sh SDIST OUTDIR BACKEND(cpu|cuda) [CUDA_ARCHS] [JOBS] [CUBLAS_ROOT] [CMAKE_ARGS]
+#   CUBLAS_ROOT: a directory with include/cublas_v2.h and lib/libcublas.so* (from the
+#   nvidia-cublas wheel) when the CUDA toolkit here has no cuBLAS.
+#   CMAKE_ARGS: more -D options (space-separated), e.g. -DGGML_CUDA_NO_VMM=ON.
 # Writes OUTDIR/bin/llama-server (static: runs from any directory). Called by
 # bundler/engines/llama_cpp.py, which caches OUTDIR by a key over every input,
 # this script included. Never run on the offline box.
 set -eu
 
 main() {
-    sdist=$1 out=$2 backend=$3 archs=${4:-} jobs=${5:-$(nproc)}
+    sdist=$1 out=$2 backend=$3 archs=${4:-} jobs=${5:-$(nproc)} cublas=${6:-} more=${7:-}
     work=$(mktemp -d "${TMPDIR:-/tmp}/llama-build.XXXXXX")
     trap 'rm -rf "$work"' EXIT INT TERM
     tar -xzf "$sdist" -C "$work" --wildcards '*/vendor/llama.cpp/*'
@@ -17,6 +20,10 @@ main() {
     extra=""
     if [ "$backend" = cuda ]; then
         extra="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$archs"
+        if [ -n "$cublas" ]; then
+            extra="$extra -DCUDA_cublas_LIBRARY=$cublas/lib/libcublas.so -DCUDA_cublasLt_LIBRARY=$cublas/lib/libcublasLt.so"
+            extra="$extra -DCMAKE_CUDA_FLAGS=-I$cublas/include -DCMAKE_CXX_FLAGS=-I$cublas/include"
+        fi
     fi
     # shellcheck disable=SC2086
     cmake -S "$src" -B "$work/build" $gen \
@@ -34,7 +41,7 @@ main() {
         -DLLAMA_OPENSSL=OFF \
         -DLLAMA_CURL=OFF \
         -DCMAKE_EXE_LINKER_FLAGS="-static-libstdc++ -static-libgcc" \
-        $extra
+        $extra $more
     cmake --build "$work/build" --target llama-server -j "$jobs"
     mkdir -p "$out/bin"
     cp "$work/build/bin/llama-server" "$out/bin/llama-server.tmp"

@@ -50,10 +50,20 @@ def _compiler_id(backend: str) -> str:
     return " | ".join(parts)
 
 
-def build_key(sdist_sha256: str, backend: str, cuda_archs: str = "") -> str:
+# cuBLAS headers and libraries for the CUDA build, and at run time on a box that lacks
+# them: NVIDIA's wheel, hash-locked like every other wheel. CUDA 13 needs driver >= 580.
+CUBLAS_REQ = "nvidia-cublas==13.0.2.14"
+CUDART_REQ = "nvidia-cuda-runtime==13.0.96"
+# No libcuda.so stub in a toolkit without a driver: build without CUDA virtual memory
+# management (llama.cpp then uses its plain pool allocator; no need to link libcuda).
+CUDA_CMAKE_ARGS = "-DGGML_CUDA_NO_VMM=ON"
+
+
+def build_key(sdist_sha256: str, backend: str, cuda_archs: str = "", extra: str = "") -> str:
     h = hashlib.sha256()
     script = BUILD_SCRIPT.read_bytes()
-    for item in (sdist_sha256, backend, cuda_archs, _compiler_id(backend), hashlib.sha256(script).hexdigest()):
+    for item in (sdist_sha256, backend, cuda_archs, _compiler_id(backend), hashlib.sha256(script).hexdigest(),
+                 extra):
         h.update(item.encode() + b"\0")
     return h.hexdigest()[:20]
 
@@ -66,9 +76,54 @@ class Build:
     seconds: float
 
 
+def cuda_wheel_root(requirements: list[str], log=print) -> tuple[Path, str]:
+    """Unpack NVIDIA's CUDA library wheels into one cached tree (include/, lib/ with .so links).
+    Returns (root, a key over the wheels' sha256)."""
+    import tempfile
+    import zipfile
+
+    from .. import lock
+    from ..manifest import sha256_file
+
+    with tempfile.TemporaryDirectory(prefix="airgap-cuda-") as td:
+        lf = Path(td) / "cuda.lock"
+        lock.compile_lock(requirements, lf)
+        wheels = [w for w in lock.download(lf, lock.wheel_cache() / "cuda") if w.name.startswith("nvidia_")]
+    key = hashlib.sha256("".join(sorted(sha256_file(w) for w in wheels)).encode()).hexdigest()[:16]
+    root = cache_root() / "cuda-libs" / key
+    if (root / ".done").is_file():
+        return root, key
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root.parent if root.parent.exists() else None))
+    for w in wheels:
+        log(f"unpacking {w.name}")
+        with zipfile.ZipFile(w) as z:
+            for name in z.namelist():
+                parts = name.split("/")
+                if len(parts) >= 4 and parts[0] == "nvidia" and parts[2] in ("include", "lib"):
+                    dest = tmp / parts[2] / "/".join(parts[3:])
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(name) as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+    for so in (tmp / "lib").glob("*.so.*"):
+        link = so.with_name(so.name.split(".so")[0] + ".so")
+        if not link.exists():
+            link.symlink_to(so.name)
+    (tmp / ".done").write_text("\n".join(w.name for w in wheels) + "\n")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    return root, key
+
+
 def build(sdist: Path, sdist_sha256: str, backend: str = "cpu", cuda_archs: str = "", log=print) -> Build:
     """Build (or reuse from the cache) llama-server for `backend`."""
-    key = build_key(sdist_sha256, backend, cuda_archs)
+    cublas, extra_key = "", ""
+    if backend == "cuda":
+        root, extra_key = cuda_wheel_root([CUBLAS_REQ, CUDART_REQ], log=log)
+        cublas = str(root)
+    more = CUDA_CMAKE_ARGS if backend == "cuda" else ""
+    key = build_key(sdist_sha256, backend, cuda_archs, extra_key + more)
     dest = cache_root() / "llama-server" / f"{backend}-{key}"
     if (dest / "build.json").is_file() and (dest / "bin" / "llama-server").is_file():
         return Build(dest, key, True, 0.0)
@@ -78,7 +133,8 @@ def build(sdist: Path, sdist_sha256: str, backend: str = "cpu", cuda_archs: str 
     log(f"building llama-server ({backend}) from {sdist.name}; this takes ~20 min on 2 cores "
         f"and is cached; log: {log_path}")
     t0 = time.monotonic()
-    cmd = ["sh", str(BUILD_SCRIPT), str(sdist), str(tmp), backend, cuda_archs, str(os.cpu_count() or 2)]
+    cmd = ["sh", str(BUILD_SCRIPT), str(sdist), str(tmp), backend, cuda_archs, str(os.cpu_count() or 2), cublas,
+           more]
     with open(log_path, "w") as lf:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
@@ -97,7 +153,7 @@ def build(sdist: Path, sdist_sha256: str, backend: str = "cpu", cuda_archs: str 
                            hint=f"full log: {log_path}; cmake, a C++ compiler and (for cuda) nvcc are needed")
     seconds = time.monotonic() - t0
     info = {"backend": backend, "cuda_archs": cuda_archs, "sdist": sdist.name, "sdist_sha256": sdist_sha256,
-            "compiler": _compiler_id(backend), "seconds": round(seconds, 1), "key": key}
+            "compiler": _compiler_id(backend), "seconds": round(seconds, 1), "key": key, "cuda_libs": cublas}
     (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     if dest.exists():
         shutil.rmtree(dest)
