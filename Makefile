@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# TARGET=box.json (from ./install.sh --probe) bundles for that box; REUSE=1 carries only
+# what its python lacks; PART_SIZE=60M splits large files for size-limited transfers.
 bundle: $(VENV)/.installed
-	$(VENV)/bin/bundler bundle $(SPEC) --out $(OUT)
+	$(VENV)/bin/bundler bundle $(SPEC) --out $(OUT) $(if $(TARGET),--target $(TARGET)) \
+		$(if $(REUSE),--reuse-installed) $(if $(PART_SIZE),--part-size $(PART_SIZE))
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -v -rs $(PYTEST_ARGS)

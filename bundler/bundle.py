@@ -98,7 +98,11 @@ def _fetch_sdist(spec: Spec, log) -> Path:
     return path
 
 
-def make(spec: Spec, out_dir: Path, log=print) -> Result:
+def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_installed: bool = False,
+         part_size: int = 0) -> Result:
+    """Build the bundle. `target` (a probe.Hardware) bundles for that box: its Python,
+    glibc and GPU architectures; with reuse_installed, what its python already has is
+    not carried. part_size splits every larger file into parts of at most that size."""
     t0 = time.monotonic()
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,9 +112,11 @@ def make(spec: Spec, out_dir: Path, log=print) -> Result:
         shutil.rmtree(stage)
     (stage / "wheels").mkdir(parents=True)
     try:
-        meta = _fill(spec, stage, log)
+        meta = _fill(spec, stage, log, target, reuse_installed)
         _step(log, "writing manifest and SHA256SUMS")
         entries = manifest.scan(stage)
+        if part_size:
+            entries = manifest.split_large(stage, entries, part_size, log=log)
         manifest.write(stage, meta, entries)
         if final.exists():
             shutil.rmtree(final)
@@ -119,6 +125,9 @@ def make(spec: Spec, out_dir: Path, log=print) -> Result:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     tar_path = out_dir / f"{spec.name}.tar"
+    if part_size:  # the directory of small files is what travels; a tar would be one big file again
+        tar_path.unlink(missing_ok=True)
+        return Result(final, tar_path, sum(e.size for e in entries), time.monotonic() - t0)
     _step(log, f"writing {tar_path.name}")
     tmp_tar = tar_path.with_suffix(".tar.partial")
     try:
@@ -131,15 +140,28 @@ def make(spec: Spec, out_dir: Path, log=print) -> Result:
     return Result(final, tar_path, size, time.monotonic() - t0)
 
 
-def _fill(spec: Spec, stage: Path, log) -> dict[str, Any]:
+def _cuda_archs(spec: Spec, target: Any) -> str:
+    if spec.llama_cpp.cuda_archs:
+        return spec.llama_cpp.cuda_archs
+    if target is not None and target.gpus:
+        return ";".join(sorted({g.compute_capability.replace(".", "") for g in target.gpus}))
+    return "80;86;89;90"
+
+
+def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: bool = False) -> dict[str, Any]:
     wheels_dir = stage / "wheels"
     cache = lock.wheel_cache()
+    pythons = spec.target.pythons
+    if target is not None:
+        pythons = (".".join(target.python.split(".")[:2]),)
+        log(f"bundling for the box in the target file: {target.os}, Python {target.python}, glibc {target.glibc}, "
+            f"{len(target.gpus)} GPU(s)")
 
     _step(log, "locking the installer's dependencies (pip-compile --generate-hashes)")
     with tempfile.TemporaryDirectory(prefix="airgap-lock-") as td:
         box_lock = Path(td) / "box.lock"
         pins = lock.compile_lock(lock.runtime_requirements() + [lock.PIP_PIN], box_lock)
-        for py in spec.target.pythons:
+        for py in pythons:
             log(f"fetching wheels for Python {py}")
             for whl in lock.download(box_lock, cache, python=py):
                 if not (wheels_dir / whl.name).exists():
@@ -155,7 +177,8 @@ def _fill(spec: Spec, stage: Path, log) -> dict[str, Any]:
     for backend in spec.llama_cpp.backends:
         _step(log, f"llama-server ({backend})")
         sdist = _fetch_sdist(spec, log)
-        b = llama_cpp.build(sdist, spec.llama_cpp.sha256, backend, log=log)
+        archs = _cuda_archs(spec, target) if backend == "cuda" else ""
+        b = llama_cpp.build(sdist, spec.llama_cpp.sha256, backend, archs, log=log)
         log(f"llama-server ({backend}): {'cached build' if b.cached else f'built in {b.seconds:.0f}s'} ({b.path})")
         edir = stage / "engines" / f"llama.cpp-{backend}"
         binary = b.path / "bin" / "llama-server"
@@ -165,7 +188,11 @@ def _fill(spec: Spec, stage: Path, log) -> dict[str, Any]:
             (edir / "lib").mkdir(parents=True, exist_ok=True)
             shutil.copy2(lib.resolve(), edir / "lib" / lib.name)
         shutil.copy2(b.path / "build.json", edir / "build.json")
+        box_lib_dirs: list[str] = []
+        if backend == "cuda":
+            box_lib_dirs = _cuda_runtime(target, reuse_installed, edir / "lib", log)
         engines.append({
+            "box_lib_dirs": box_lib_dirs, "cuda_archs": archs, "cuda": "13" if backend == "cuda" else "",
             "name": llama_cpp.NAME, "backend": backend, "dir": f"engines/llama.cpp-{backend}",
             "binary": f"engines/llama.cpp-{backend}/bin/llama-server",
             "libs": [lib.name for lib in libs], "glibc": _glibc_needed(binary),
@@ -174,8 +201,17 @@ def _fill(spec: Spec, stage: Path, log) -> dict[str, Any]:
             "source": spec.llama_cpp.sdist, "source_sha256": spec.llama_cpp.sha256,
         })
 
+    if spec.vllm.version:
+        engines.append(_vllm(spec, stage, target, reuse_installed, log))
+
     models = []
     for m in spec.models:
+        if m.on_box:
+            models.append({"name": m.name, "file": m.file, "on_box": True, "sha256": m.sha256, "format": m.format,
+                           "source": m.source, "facts": None})
+            log(f"model {m.name}: served from {m.file} on the box (carried separately"
+                + (f", pinned by sha256 {m.sha256})" if m.sha256 else "; no sha256 pinned)"))
+            continue
         _step(log, f"model {m.name} ({m.source})")
         path = sources.fetch(m, log=log)
         info = inspect_gguf(path)
@@ -193,7 +229,8 @@ def _fill(spec: Spec, stage: Path, log) -> dict[str, Any]:
         "airgap_llm": __version__,
         "built_on": {"arch": platform.machine(), "python": platform.python_version(),
                      "glibc": platform.libc_ver()[1]},
-        "pythons": list(spec.target.pythons),
+        "pythons": list(pythons),
+        "target": _assumptions(target, reuse_installed, engines),
         "service": spec.to_dict()["service"],
         "models": models,
         "engines": engines,
@@ -201,8 +238,67 @@ def _fill(spec: Spec, stage: Path, log) -> dict[str, Any]:
     }
     _step(log, "rendering install.sh")
     ctx = {"name": spec.name, "version": spec.version, "model": spec.models[0].name, "port": spec.service.port,
-           "host": spec.service.host, "pythons": spec.target.pythons, "bootstrap": BOOTSTRAP}
+           "host": spec.service.host, "pythons": pythons, "bootstrap": BOOTSTRAP}
     (stage / "install.sh").write_text(render("install.sh.j2", ctx))
     (stage / "install.sh").chmod(0o755)
     (stage / "README.txt").write_text(render("README.txt.j2", dict(ctx, engines=engines, models=models)))
     return meta
+
+
+def _cuda_runtime(target: Any, reuse_installed: bool, lib_dir: Path, log) -> list[str]:
+    """CUDA runtime and cuBLAS for the CUDA llama-server: the box's own copies (from its
+    python's NVIDIA wheels) with reuse_installed, else carried from NVIDIA's wheels."""
+    if reuse_installed and target is not None:
+        have = {k.lower(): v for k, v in target.installed.items()}
+        if have.get("nvidia-cublas", "").startswith("13.") and have.get("nvidia-cuda-runtime", "").startswith("13."):
+            dirs = [f"{sp}/nvidia/cu13/lib" for sp in target.site_packages]
+            log(f"CUDA runtime and cuBLAS: reusing the box's (nvidia-cublas {have['nvidia-cublas']}) in {dirs[0]}")
+            return dirs
+    root, _ = llama_cpp.cuda_wheel_root([llama_cpp.CUBLAS_REQ, llama_cpp.CUDART_REQ], log=log)
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in ("libcudart.so.*", "libcublas.so.*", "libcublasLt.so.*"):
+        for so in (root / "lib").glob(pattern):
+            shutil.copy2(so, lib_dir / so.name)
+    log("CUDA runtime and cuBLAS: carried from NVIDIA's wheels")
+    return []
+
+
+def _vllm(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
+    from .engines import vllm
+
+    if target is None:
+        raise BundlerError("bundling vLLM needs the box's probe file (its Python and CUDA stack)",
+                           hint="run ./install.sh --probe > box.json on the box, then make bundle TARGET=box.json")
+    if not reuse_installed:
+        raise BundlerError("bundling vLLM without --reuse-installed would carry torch and CUDA (~4.3 GB)",
+                           hint="add REUSE=1 (make) or --reuse-installed (bundler) on a box that has torch")
+    _step(log, f"vLLM {spec.vllm.version} for the box")
+    edir = stage / "engines" / "vllm"
+    with tempfile.TemporaryDirectory(prefix="airgap-vllm-") as td:
+        carry, summary = vllm.lock_for_box(spec.vllm.version, target, Path(td), log=log)
+    wheels = vllm.download(carry, target, lock.wheel_cache() / "vllm", log=log)
+    (edir / "wheels").mkdir(parents=True)
+    for w in wheels:
+        _link_or_copy(w, edir / "wheels" / w.name)
+    lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
+    reused = {n: v for n, v in target.installed.items()
+              if lock.normalize(n) not in carry and lock.normalize(n).startswith(vllm.GPU_STACK)}
+    return {"name": vllm.NAME, "backend": "cuda", "version": spec.vllm.version, "dir": "engines/vllm",
+            "python": summary["python"], "arch": target.arch, "glibc": "2.28", "cuda": "13",
+            "lock": summary, "reuses": reused, "cpu_flags": []}
+
+
+def _assumptions(target: Any, reuse_installed: bool, engines: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the bundle assumed of the box; the installer refuses a box that breaks one."""
+    if target is None:
+        return None
+    need: dict[str, str] = {}
+    if reuse_installed:
+        for e in engines:
+            need.update(e.get("reuses") or {})
+            if e.get("box_lib_dirs"):
+                need.update({k: v for k, v in target.installed.items()
+                             if k in ("nvidia-cublas", "nvidia-cuda-runtime")})
+    return {"python": ".".join(target.python.split(".")[:2]), "arch": target.arch, "glibc_min": target.glibc,
+            "driver_min": "580" if any(e.get("cuda") for e in engines) else "", "installed": need,
+            "python_path": target.python_path}

@@ -32,12 +32,25 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
     if sys.version_info < (3, 10):
         raise BundlerError("bundling needs Python >= 3.10", hint="run make bundle with a newer python3")
+    from .probe import Hardware
+
     s = spec.load(a.spec)
+    target = None
+    if a.target:
+        try:
+            target = Hardware.from_dict(json.loads(Path(a.target).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise BundlerError(f"--target {a.target}: not a probe file ({e})",
+                               hint="make it on the box with ./install.sh --probe > box.json (or bundler probe)")
+    part = parse_size(a.part_size, "--part-size") if a.part_size else 0
+    if part and part < 1 << 20:
+        raise BundlerError(f"--part-size {a.part_size} is under 1 MiB", hint="e.g. --part-size 60M")
     log(f"bundling {s.name} {s.version} from {a.spec}")
-    r = bundle.make(s, Path(a.out), log=log)
-    pythons = ", ".join(s.target.pythons)
-    print(f"\nbundle ready in {r.seconds:.0f}s: {r.directory} ({_size(r.size)})\n"
-          f"  tar: {r.tar} ({_size(r.tar.stat().st_size)})\n"
+    r = bundle.make(s, Path(a.out), log=log, target=target, reuse_installed=a.reuse_installed, part_size=part)
+    pythons = ", ".join(json.loads((r.directory / "manifest.json").read_text())["pythons"])
+    carry = (f"  tar: {r.tar} ({_size(r.tar.stat().st_size)})\n" if r.tar.exists() else
+             f"  split for transfer: no file in {r.directory} is larger than {a.part_size}; carry the directory\n")
+    print(f"\nbundle ready in {r.seconds:.0f}s: {r.directory} ({_size(r.size)})\n{carry}"
           f"  the box needs: Linux on this CPU architecture, python3 {pythons}\n"
           f"next: copy {r.tar.name} to the offline box, then:\n"
           f"  tar xf {r.tar.name} && cd {s.name} && sudo ./install.sh   (or ./install.sh --prefix DIR)")
@@ -219,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bundle", help="build a bundle from a spec (make bundle)")
     b.add_argument("spec", nargs="?", default="bundle.toml", help="bundle spec (TOML), default bundle.toml")
     b.add_argument("--out", default="dist", help="output directory (default dist/)")
+    b.add_argument("--target", help="probe file of the box (./install.sh --probe): bundle for its Python, glibc, "
+                                    "GPUs")
+    b.add_argument("--reuse-installed", action="store_true",
+                   help="with --target: carry only what the box's python lacks (e.g. vLLM over its torch)")
+    b.add_argument("--part-size", help="split files larger than this (e.g. 60M) for size-limited transfers")
     b.set_defaults(func=cmd_bundle)
     v = sub.add_parser("verify", help="check every file of an unpacked bundle against its manifest")
     v.add_argument("path")

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import manifest as mf
 from . import planner, probe
-from .engines import llama_cpp
+from .engines import llama_cpp, vllm
 from .errors import BundlerError, VerifyError
 from .modelinfo import ModelInfo
 from .render import render
@@ -100,8 +100,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="port to listen on (default: the bundle's)")
     p.add_argument("--concurrency", type=int, default=None, help="requests served at once (default: the bundle's)")
     p.add_argument("--context", type=int, default=None, help="tokens per request (default: the bundle's)")
-    p.add_argument("--timeout", type=float, default=float(env("AIRGAP_LLM_HEALTH_TIMEOUT", "300")),
-                   help="seconds to wait for the engine to become healthy (default 300)")
+    p.add_argument("--timeout", type=float, default=float(env("AIRGAP_LLM_HEALTH_TIMEOUT", "0")) or None,
+                   help="seconds to wait for the engine to become healthy (default 300; 900 for vLLM)")
+    p.add_argument("--model", dest="model_path", default=None,
+                   help="serve this model already on the box (a GGUF file or an HF model directory) instead of "
+                        "the bundle's; it is not covered by the bundle's manifest")
+    p.add_argument("--model-facts", default=None,
+                   help="JSON from `bundler inspect` for a --model GGUF when the gguf package is not on the box")
+    p.add_argument("--model-name", default=None, help="name clients use for --model (default: its file name)")
+    p.add_argument("--bench", action="store_true",
+                   help="after the install, load-test the service at concurrency 1 and the planned slots")
+    p.add_argument("--bench-max-tokens", type=int, default=512, help="output tokens per bench request (512)")
     p.add_argument("--dry-run", action="store_true", help="verify, probe and print the plan; change nothing")
     p.add_argument("--probe", action="store_true", help="print this box's facts as JSON and exit")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
@@ -145,6 +154,10 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
         raise VerifyError(f"the bundle failed verification ({len(problems)} problem(s)); nothing was changed:\n"
                           f"{lines}", hint="copy the bundle again from its source; check it with: "
                           "sha256sum -c SHA256SUMS")
+    for e in mf.entries_of(doc):
+        if e.parts and not mf._whole_ok(bundle, e):
+            info(f"joining {e.path} from {len(e.parts)} verified parts")
+            mf.join_parts(bundle, e)
     info(f"verified {len(doc['files'])} files")
     return doc
 
@@ -164,6 +177,20 @@ def preflight(doc: dict[str, Any], hw: probe.Hardware, layout: Layout) -> None:
     if hw.disk_free < need:
         problems.append(f"{hw.disk_path} has {hw.disk_free / 2**30:.2f} GiB free, the install needs "
                         f"{need / 2**30:.2f} GiB; free space there or pass --prefix on a larger disk")
+    t = doc.get("target")
+    if t:
+        py = ".".join(hw.python.split(".")[:2])
+        if t["python"] != py:
+            problems.append(f"the bundle was made for Python {t['python']}, this installer runs on {py}; run it "
+                            f"with AIRGAP_LLM_PYTHON={t.get('python_path') or 'python' + t['python']}")
+        for name, version in sorted(t.get("installed", {}).items()):
+            have = hw.installed.get(name)
+            if have != version:
+                problems.append(f"the bundle reuses {name} {version} from the box's python, which has "
+                                f"{have or 'none'}; bundle again with this box's probe (./install.sh --probe)")
+        if t.get("driver_min") and hw.gpus and _ver(hw.gpus[0].driver) < _ver(t["driver_min"]):
+            problems.append(f"the bundled CUDA 13 engines need NVIDIA driver >= {t['driver_min']}, this box has "
+                            f"{hw.gpus[0].driver}; update the driver")
     if problems:
         raise BundlerError("this box does not meet the bundle's needs:\n  " + "\n  ".join(problems),
                            hint="nothing was changed")
@@ -177,16 +204,55 @@ def _ver(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def make_plan(doc: dict[str, Any], hw: probe.Hardware, args: argparse.Namespace) -> planner.Plan:
-    m = doc["models"][0]
+def resolve_model(doc: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The model to serve: the bundle's, or one already on the box (--model or a box: source)."""
+    m = dict(doc["models"][0])
+    if args.model_path:
+        path = Path(args.model_path).expanduser().absolute()
+        m = {"name": args.model_name or (path.name.rsplit(".", 1)[0] if path.is_file() else path.name),
+             "file": str(path), "on_box": True, "sha256": "", "facts": None,
+             "format": "safetensors" if path.is_dir() else "gguf", "source": f"box:{path}"}
+    if not m.get("on_box"):
+        return m
+    path = Path(m["file"])
+    if not path.exists():
+        raise BundlerError(f"model {path} is not on this box", hint="copy it there, or pass --model PATH")
+    if m["sha256"] and path.is_file() and mf.sha256_file(path) != m["sha256"]:
+        raise VerifyError(f"{path}: sha256 mismatch: expected {m['sha256']}, got {mf.sha256_file(path)}",
+                          hint="copy the model again")
+    from . import modelinfo
+
+    if args.model_facts:
+        m["facts"] = json.loads(Path(args.model_facts).read_text())
+    elif path.is_dir():
+        m["facts"] = modelinfo.inspect_hf(path).to_dict()
+        m["format"] = m["facts"]["format"]
+    else:
+        try:
+            m["facts"] = modelinfo.inspect_gguf(path).to_dict()
+        except BundlerError as e:
+            raise BundlerError(f"cannot read {path}'s GGUF header here ({e.message})",
+                               hint="run `bundler inspect MODEL > facts.json` where the gguf package is, then pass "
+                                    "--model-facts facts.json")
+    info(f"model {m['name']}: {path} (on the box" + (", sha256 checked)" if m["sha256"] else ", not pinned)"))
+    return m
+
+
+def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, args: argparse.Namespace) -> planner.Plan:
     service = doc["service"]
     intent = planner.Intent(concurrency=args.concurrency or service["concurrency"],
                             context=args.context or service["context"])
     flags: tuple[str, ...] = ()
+    available = []
     for e in doc["engines"]:
-        flags = tuple(e.get("cpu_flags", ()))
-    return planner.plan(m["name"], ModelInfo(**m["facts"]), hw, intent,
-                        engines_available=tuple(e["backend"] for e in doc["engines"]), cpu_flags_needed=flags)
+        if e["name"] == llama_cpp.NAME:
+            available.append(e["backend"])
+            if e["backend"] == "cpu":
+                flags = tuple(e.get("cpu_flags", ()))
+        else:
+            available.append(e["name"])
+    return planner.plan(m["name"], ModelInfo.from_dict(m["facts"]), hw, intent,
+                        engines_available=tuple(available), cpu_flags_needed=flags)
 
 
 def release_id(doc_sha: str, plan: planner.Plan, host: str, port: int) -> str:
@@ -312,16 +378,14 @@ def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
     return dest
 
 
-def build_release(bundle: Path, doc: dict[str, Any], plan: planner.Plan, layout: Layout, rid: str, host: str,
-                  port: int, mode: str) -> Path:
+def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
+                  rid: str, host: str, port: int, mode: str, safe: bool = False) -> Path:
     final = layout.releases / rid
     stage = layout.releases / f".{rid}.partial"
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     try:
-        engine = next(e for e in doc["engines"] if e["backend"] == plan.backend)
-        shutil.copytree(bundle / engine["dir"], stage / "engine")
         for name in ("manifest.json", "README.txt", "requirements.lock"):
             shutil.copy2(bundle / name, stage / name)
         info("creating the release's Python environment (venv --without-pip + bundled wheels)")
@@ -332,16 +396,31 @@ def build_release(bundle: Path, doc: dict[str, Any], plan: planner.Plan, layout:
         _run_logged([str(stage / "venv" / "bin" / "python"), str(pip_whl / "pip"), "install", "--quiet",
                      "--no-index", "--find-links", str(bundle / "wheels"), "--require-hashes", "--no-cache-dir",
                      "--no-compile", "-r", str(bundle / "requirements.lock")], "installing the bundled wheels", env)
-        m = doc["models"][0]
-        model_path = store_model(bundle, m, layout)
+        model_path = Path(m["file"]) if m.get("on_box") else store_model(bundle, m, layout)
         final_engine = final / "engine"
-        argv = llama_cpp.launch_argv(str(final_engine / "bin" / "llama-server"), str(model_path), m["name"],
-                                     host, port, plan)
+        lib_dirs: list[str] = []
+        extra_env: dict[str, str] = {}
+        if plan.engine == "vllm":
+            engine = next(e for e in doc["engines"] if e["name"] == vllm.NAME)
+            info(f"installing vLLM {engine['version']} into the release ({engine['lock']['carried']} wheels; "
+                 f"{engine['lock']['reused']} packages reused from this box's python)")
+            _run_logged([sys.executable, "-s", str(pip_whl / "pip"), "install", "--quiet", "--no-index", "--no-deps",
+                         "--find-links", str(bundle / engine["dir"] / "wheels"), "--require-hashes",
+                         "--no-cache-dir", "--no-compile", "--target", str(stage / "engine" / "site"),
+                         "-r", str(bundle / engine["dir"] / "requirements.lock")], "installing vLLM's wheels", env)
+            argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], host, port, plan, safe)
+            extra_env = {"PYTHONPATH": str(final_engine / "site"), **vllm.OFFLINE_ENV}
+        else:
+            engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
+            shutil.copytree(bundle / engine["dir"], stage / "engine")
+            argv = llama_cpp.launch_argv(str(final_engine / "bin" / "llama-server"), str(model_path), m["name"],
+                                         host, port, plan)
+            lib_dirs = [str(final_engine / "lib"), *engine.get("box_lib_dirs", [])]
         bindir = stage / "bin"
         bindir.mkdir()
-        ld = str(final_engine / "lib")
         launch = render("launch.sh.j2", {"engine": plan.engine, "name": layout.name, "release": rid,
-                                          "env_file": str(layout.env_file), "argv": argv, "lib_dir": ld})
+                                          "env_file": str(layout.env_file), "argv": argv,
+                                          "lib_dir": ":".join(lib_dirs), "extra_env": extra_env})
         (bindir / "launch").write_text(launch)
         ctx = {"name": layout.name, "mode": mode, "unit": layout.unit, "pidfile": str(layout.pidfile),
                "logfile": str(layout.logfile), "python": str(final / "venv" / "bin" / "python"),
@@ -352,7 +431,7 @@ def build_release(bundle: Path, doc: dict[str, Any], plan: planner.Plan, layout:
         (stage / "systemd").mkdir()
         (stage / "systemd" / layout.unit).write_text(render("unit.service.j2", {
             "name": layout.name, "engine": plan.engine, "model": m["name"], "prefix": str(layout.prefix),
-            "env_file": str(layout.env_file), "gpus": plan.gpu_layers > 0}))
+            "env_file": str(layout.env_file), "gpus": plan.backend == "cuda"}))
         (stage / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -421,14 +500,14 @@ def stop_command(layout: Layout, mode: str) -> str:
     return f"{layout.current}/bin/ctl stop"
 
 
-def summary(layout: Layout, doc: dict[str, Any], plan: planner.Plan, host: str, port: int, mode: str,
-            answer: str | None, changed: bool) -> dict[str, Any]:
+def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, host: str, port: int,
+            mode: str, answer: str | None, changed: bool) -> dict[str, Any]:
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     endpoint = f"http://{shown_host}:{port}/v1"
     return {
         "endpoint": endpoint,
         "api_key_file": str(layout.env_file),
-        "model": doc["models"][0]["name"],
+        "model": m["name"],
         "engine": plan.engine,
         "service": (layout.unit if mode == "systemd"
                     else f"process (pid file {layout.pidfile}, log {layout.logfile})"),
@@ -438,7 +517,7 @@ def summary(layout: Layout, doc: dict[str, Any], plan: planner.Plan, host: str, 
         "answer": answer,
         "curl": (f"curl -s {endpoint}/chat/completions -H \"Authorization: Bearer "
                  f"$(sed -n 's/^LLAMA_API_KEY=//p' {layout.env_file})\" -H 'Content-Type: application/json' "
-                 f"-d '{{\"model\": \"{doc['models'][0]['name']}\", \"messages\": "
+                 f"-d '{{\"model\": \"{m['name']}\", \"messages\": "
                  "[{\"role\": \"user\", \"content\": \"Hello\"}]}'"),
     }
 
@@ -465,11 +544,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     doc = verify_bundle(bundle)
     hw = probe.probe(layout.prefix)
     preflight(doc, hw, layout)
-    plan = make_plan(doc, hw, args)
+    m = resolve_model(doc, args)
+    plan = make_plan(doc, m, hw, args)
     print_plan(plan, hw)
     host = args.host or doc["service"]["host"]
     port = args.port or doc["service"]["port"]
     mode = service_mode(args, hw)
+    timeout = args.timeout or (900.0 if plan.engine == "vllm" else 300.0)
     if args.dry_run:
         info(f"dry run: would install release under {layout.releases}, env file {layout.env_file}, "
              f"service as {mode}, listening on {host}:{port}; nothing was changed")
@@ -478,49 +559,67 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                               "prefix": str(layout.prefix), "service": mode}, indent=2))
         return None
 
-    rid = release_id(mf.sha256_file(bundle / mf.MANIFEST), plan, host, port)
+    rid = release_id(mf.sha256_file(bundle / mf.MANIFEST) + m["file"], plan, host, port)
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     previous = layout.current.resolve() if layout.current.is_symlink() else None
-    if previous is not None and previous.name == rid and previous.is_dir():
+    if previous is not None and previous.name.split("-safe")[0] == rid and previous.is_dir():
         if is_running(previous):
-            key = read_key(layout)
             code, _ = http_json(base + "/health")
             if code == 200:
-                info(f"release {rid} is installed and healthy; nothing changed")
-                return summary(layout, doc, plan, host, port, mode, None, changed=False)
-        info(f"release {rid} is installed but not running; starting it")
+                info(f"release {previous.name} is installed and healthy; nothing changed")
+                return summary(layout, doc, m, plan, host, port, mode, None, changed=False)
+        info(f"release {previous.name} is installed but not running; starting it")
         start(previous, mode, layout)
-        key = read_key(layout)
-        wait_healthy(base, args.timeout, str(layout.logfile), lambda: is_running(previous))
-        answer = None if args.no_smoke else smoke(base, doc["models"][0]["name"], key)
-        return summary(layout, doc, plan, host, port, mode, answer, changed=True)
+        wait_healthy(base, timeout, str(layout.logfile), lambda: is_running(previous))
+        answer = None if args.no_smoke else smoke(base, m["name"], read_key(layout))
+        return summary(layout, doc, m, plan, host, port, mode, answer, changed=True)
 
     layout.prefix.mkdir(parents=True, exist_ok=True)
     for d in (layout.releases, layout.models, layout.etc):
         d.mkdir(parents=True, exist_ok=True)
     os.chmod(layout.etc, 0o700)  # holds the API key
     key = ensure_env_file(layout)
-    release = build_release(bundle, doc, plan, layout, rid, host, port, mode)
-    info(f"release {rid} built at {release}")
     if previous is not None and previous.is_dir() and is_running(previous):
         info(f"stopping the previous release {previous.name}")
         ctl(previous, "stop")
-    t0 = time.monotonic()
-    try:
-        start(release, mode, layout)
-        secs = wait_healthy(base, args.timeout, str(layout.logfile), lambda: is_running(release))
-        info(f"healthy after {secs:.1f}s")
-        answer = None if args.no_smoke else smoke(base, doc["models"][0]["name"], key)
-    except BaseException:
-        warn(f"release {rid} failed; removing it" + (f" and restarting {previous.name}" if previous else ""))
-        ctl(release, "stop")
-        shutil.rmtree(release, ignore_errors=True)
-        if previous is not None and previous.is_dir():
-            start(previous, mode, layout)
-        raise
+    # vLLM with tensor parallel can crash in its all-reduce paths where NVLink multicast is
+    # off (VMs, PCIe cards): a crashed start is retried once with the safe flags, and said so.
+    tries = [False, True] if plan.engine == "vllm" and plan.tensor_parallel > 1 else [False]
+    release = None
+    for safe in tries:
+        release = build_release(bundle, doc, m, plan, layout, rid + ("-safe" if safe else ""), host, port, mode,
+                                safe=safe)
+        info(f"release {release.name} built at {release}")
+        t0 = time.monotonic()
+        try:
+            start(release, mode, layout)
+            secs = wait_healthy(base, timeout, str(layout.logfile), lambda r=release: is_running(r))
+            info(f"healthy after {secs:.1f}s")
+            answer = None if args.no_smoke else smoke(base, m["name"], key)
+            break
+        except BaseException as e:
+            ctl(release, "stop")
+            shutil.rmtree(release, ignore_errors=True)
+            if not safe and len(tries) > 1 and isinstance(e, BundlerError):
+                warn(f"vLLM with tensor parallel {plan.tensor_parallel} failed to start ({e.message}); retrying "
+                     f"with {' '.join(vllm.SAFE_TP_FLAGS[:1])} and FlashInfer all-reduce fusion off")
+                continue
+            warn(f"release {release.name} failed; removed it" + (f"; restarting {previous.name}" if previous else ""))
+            if previous is not None and previous.is_dir():
+                start(previous, mode, layout)
+            raise
+    assert release is not None
     switch_current(layout, release)
     info(f"first answer {time.monotonic() - t0:.1f}s after start")
-    return summary(layout, doc, plan, host, port, mode, answer, changed=True)
+    result = summary(layout, doc, m, plan, host, port, mode, answer, changed=True)
+    if args.bench:
+        from . import bench
+
+        report = bench.sweep(base + "/v1", key, m["name"], sorted({1, plan.slots}), None, 400,
+                             args.bench_max_tokens)
+        info(bench.table(report))
+        result["bench"] = report
+    return result
 
 
 def print_summary(s: dict[str, Any]) -> None:

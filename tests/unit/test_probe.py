@@ -36,3 +36,10 @@ def test_topology_of_real_nvlinked_boxes_and_a_pcie_box():
             "GPU0\t X \tPHB\t0-15\n"
             "GPU1\tPHB\t X \t0-15\n")
     assert parse_topo(pcie) == "pcie"
+
+
+def test_topology_with_terminal_underline_codes_as_seen_on_the_device():
+    text = ("\t\x1b[4mGPU0\tGPU1\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m\n"
+            "GPU0\t X \tNV18\t0-31\t0\t\tN/A\n"
+            "GPU1\tNV18\t X \t0-31\t0\t\tN/A\n")
+    assert parse_topo(text) == "nvlink"

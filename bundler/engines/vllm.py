@@ -1,0 +1,138 @@
+"""vLLM for safetensors models on NVIDIA GPUs.
+
+Bundle side: lock vLLM for the box's Python and platform with `uv pip compile`
+(pip-compile cannot lock for another interpreter), keeping the box's CUDA stack
+(torch, triton, nvidia-*) at the versions it has, then preferring every other
+version the box already has; only what the box lacks is downloaded and carried.
+Box side: those wheels go into the release (`pip install --target`) and vLLM
+runs on the box's own python with PYTHONPATH pointing there (a venv with
+--system-site-packages does not see a venv's torch; DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import BundlerError
+
+NAME = "vllm"
+FORMATS = ("safetensors",)
+DEFAULT_VERSION = "0.26.0"  # the newest that pins torch 2.11.0 (DESIGN.md)
+GPU_STACK = ("torch", "torchvision", "torchaudio", "triton", "nvidia-")
+# Flags that avoid the all-reduce paths which crashed with tensor parallel where
+# NVLink multicast is off (VMs, PCIe cards, the GPU test boxes): DESIGN.md.
+SAFE_TP_FLAGS = ["--disable-custom-all-reduce",
+                 "--compilation-config", '{"pass_config": {"enable_fi_allreduce_fusion": false}}']
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               "VLLM_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _uv() -> list[str]:
+    exe = shutil.which("uv", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe:
+        return [exe]
+    try:
+        import uv  # type: ignore[import-not-found]
+
+        return [uv.find_uv_bin()]
+    except ImportError:
+        raise BundlerError("uv is needed to lock vLLM for another Python", hint="pip install -e '.[bundle]'")
+
+
+def _compile(requirement: str, constraints: dict[str, str], python: str, platform_tag: str, out: Path) -> str:
+    req = out.with_suffix(".in")
+    req.write_text(requirement + "\n")
+    con = out.with_suffix(".constraints")
+    con.write_text("".join(f"{n}=={v}\n" for n, v in sorted(constraints.items())))
+    proc = subprocess.run([*_uv(), "pip", "compile", str(req), "-c", str(con), "--python-version", python,
+                           "--python-platform", platform_tag, "--generate-hashes", "--no-header", "--no-annotate",
+                           "--quiet", "-o", str(out)], capture_output=True, text=True)
+    return "" if proc.returncode == 0 else (proc.stdout + proc.stderr)
+
+
+def parse_lock(text: str) -> dict[str, tuple[str, list[str]]]:
+    """name → (version, [hash lines]) from a --generate-hashes lock."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    current = None
+    for line in text.splitlines():
+        m = PIN_RE.match(line)
+        if m:
+            current = _norm(m.group(1))
+            pins[current] = (m.group(2), [])
+        elif current and "--hash=" in line:
+            pins[current][1].extend(re.findall(r"--hash=sha256:[0-9a-f]{64}", line))
+    return pins
+
+
+def lock_for_box(version: str, box: Any, workdir: Path, log=print) -> tuple[dict[str, tuple[str, list[str]]], dict]:
+    """Lock vllm==version for the box; return (pins to carry, summary)."""
+    python = ".".join(box.python.split(".")[:2])
+    glibc_minor = int(box.glibc.split(".")[1]) if "." in box.glibc else 17
+    platform_tag = f"{box.arch}-manylinux_2_{min(glibc_minor, 40)}"
+    installed = {_norm(k): v for k, v in box.installed.items()}
+    hard = {k: v for k, v in installed.items() if k.startswith(GPU_STACK)}
+    out = workdir / "vllm.lock"
+    log(f"locking vllm=={version} for Python {python} on {platform_tag} (uv), keeping the box's "
+        f"torch {installed.get('torch', '?')} stack")
+    err = _compile(f"vllm=={version}", hard, python, platform_tag, out)
+    if err:
+        raise BundlerError(f"cannot lock vllm=={version} against the box's CUDA stack:\n{err[-1500:]}",
+                           hint="pick a vLLM version that pins the box's torch (vLLM 0.26.0 pins torch 2.11.0)")
+    pins = parse_lock(out.read_text())
+    # prefer what the box has: constrain every other package it has at another version
+    prefer = dict(hard)
+    prefer.update({n: installed[n] for n, (v, _) in pins.items() if n in installed and installed[n] != v})
+    out2 = workdir / "vllm-reuse.lock"
+    if len(prefer) > len(hard) and not _compile(f"vllm=={version}", prefer, python, platform_tag, out2):
+        pins = parse_lock(out2.read_text())
+    carry = {n: p for n, p in pins.items() if installed.get(n) != p[0]}
+    summary = {"python": python, "platform": platform_tag, "resolved": len(pins), "reused": len(pins) - len(carry),
+               "carried": len(carry)}
+    log(f"vllm lock: {len(pins)} packages, {len(pins) - len(carry)} already on the box, {len(carry)} to carry")
+    return carry, summary
+
+
+def download(carry: dict[str, tuple[str, list[str]]], box: Any, dest: Path, log=print) -> list[Path]:
+    """Fetch the carried pins as wheels for the box (pip checks every hash)."""
+    from .. import lock
+
+    python = ".".join(box.python.split(".")[:2])
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="airgap-vllm-") as td:
+        req = Path(td) / "carry.txt"
+        req.write_text("".join(f"{n}=={v} {' '.join(h)}\n" for n, (v, h) in sorted(carry.items())))
+        nodot = python.replace(".", "")
+        glibc_minor = int(box.glibc.split(".")[1]) if "." in box.glibc else 17
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--require-hashes", "--dest", str(dest), "-r", str(req), "--python-version", python,
+               "--implementation", "cp", "--abi", f"cp{nodot}", "--abi", "abi3", "--abi", "none"]
+        for n in range(17, glibc_minor + 1):
+            cmd += ["--platform", f"manylinux_2_{n}_{box.arch}"]
+        cmd += ["--platform", f"manylinux2014_{box.arch}", "--platform", f"linux_{box.arch}"]
+        log(f"downloading {len(carry)} wheels for the box (hash-checked by pip)")
+        lock._run(cmd, "pip download of vLLM's wheels", "a pin may have no wheel for the box's Python/platform")
+    return lock.files_for([(n, v) for n, (v, _) in carry.items()], dest)
+
+
+def launch_argv(python: str, model_path: str, name: str, host: str, port: int, plan, safe: bool) -> list[str]:
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name", name,
+            "--host", host, "--port", str(port), "--tensor-parallel-size", str(plan.tensor_parallel),
+            "--data-parallel-size", str(plan.data_parallel), "--max-model-len", str(plan.max_model_len),
+            "--max-num-seqs", str(plan.max_num_seqs), "--gpu-memory-utilization", str(plan.gpu_memory_utilization),
+            "--uvicorn-log-level", "warning"]
+    if safe and plan.tensor_parallel > 1:
+        argv += SAFE_TP_FLAGS
+    return argv
