@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--api-key", help="API key (or --api-key-file)")
     be.add_argument("--api-key-file", help="file holding the key (an airgap-llm env file works)")
     be.add_argument("--concurrency", default="1,8", help="levels, comma-separated (default 1,8)")
-    be.add_argument("--requests", type=int, help="requests per level (default 2 × concurrency, at least 4)")
+    be.add_argument("--requests", type=int, help="requests per level (default: the concurrency, at least 4)")
     be.add_argument("--prompt-tokens", type=int, default=400, help="prompt length in tokens (default 400)")
     be.add_argument("--max-tokens", type=int, default=512, help="output tokens per request (default 512)")
     be.add_argument("--timeout", type=float, default=600, help="seconds per request (default 600)")

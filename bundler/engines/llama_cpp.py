@@ -128,6 +128,21 @@ def build(sdist: Path, sdist_sha256: str, backend: str = "cpu", cuda_archs: str 
     if (dest / "build.json").is_file() and (dest / "bin" / "llama-server").is_file():
         return Build(dest, key, True, 0.0)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(dest.parent / f"{backend}-{key}.lock", "w") as lockf:
+        try:
+            fcntl.flock(lockf, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another process is building llama-server ({backend}) {key}; waiting for it")
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+        if (dest / "build.json").is_file() and (dest / "bin" / "llama-server").is_file():
+            return Build(dest, key, True, 0.0)
+        return _build_locked(sdist, sdist_sha256, backend, cuda_archs, cublas, more, key, dest, log)
+
+
+def _build_locked(sdist: Path, sdist_sha256: str, backend: str, cuda_archs: str, cublas: str, more: str, key: str,
+                  dest: Path, log) -> Build:
     tmp = Path(tempfile.mkdtemp(prefix=f".{backend}-{key}.", dir=dest.parent))
     log_path = dest.parent / f"{backend}-{key}.log"
     log(f"building llama-server ({backend}) from {sdist.name}; this takes ~20 min on 2 cores "

@@ -96,8 +96,18 @@ def lock_for_box(version: str, box: Any, workdir: Path, log=print) -> tuple[dict
     prefer = dict(hard)
     prefer.update({n: installed[n] for n, (v, _) in pins.items() if n in installed and installed[n] != v})
     out2 = workdir / "vllm-reuse.lock"
-    if len(prefer) > len(hard) and not _compile(f"vllm=={version}", prefer, python, platform_tag, out2):
-        pins = parse_lock(out2.read_text())
+    for _ in range(5):  # drop the preferences the resolver names as conflicting, then try again
+        if len(prefer) == len(hard):
+            break
+        err = _compile(f"vllm=={version}", prefer, python, platform_tag, out2)
+        if not err:
+            pins = parse_lock(out2.read_text())
+            break
+        named = {n for n in prefer if n not in hard and re.search(rf"\b{re.escape(n)}\b", err.lower())}
+        if not named:
+            break
+        for n in named:
+            del prefer[n]
     carry = {n: p for n, p in pins.items() if installed.get(n) != p[0]}
     summary = {"python": python, "platform": platform_tag, "resolved": len(pins), "reused": len(pins) - len(carry),
                "carried": len(carry)}
