@@ -143,11 +143,11 @@ def inspect_hf(path: Path) -> ModelInfo:
         context_length=int(text.get("max_position_embeddings", 0)),
         sliding_window=int(text.get("sliding_window") or 0),
         experts=int(text.get("num_local_experts") or text.get("num_experts") or 0),
-        has_chat_template=(path / "tokenizer_config.json").is_file()
+        has_chat_template=(path / "chat_template.jinja").is_file() or (path / "tokenizer_config.json").is_file()
         and "chat_template" in (path / "tokenizer_config.json").read_text(),
         vocab_size=int(text.get("vocab_size", 0)),
         bits=bits,
-        dtype=str(text.get("torch_dtype") or cfg.get("torch_dtype") or ""),
+        dtype=str(text.get("torch_dtype") or text.get("dtype") or cfg.get("torch_dtype") or cfg.get("dtype") or ""),
     )
 
 

@@ -1,0 +1,57 @@
+"""The installer's refusals before any change: a box that breaks what the bundle assumed."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bundler import install
+from bundler.errors import BundlerError
+from bundler.probe import Hardware
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def device_box() -> Hardware:
+    return Hardware.from_dict(json.loads((DATA / "boxes" / "device-h200x2-probe.json").read_text()))
+
+
+def doc(target):
+    return {"engines": [{"name": "vllm", "arch": "x86_64", "glibc": "2.28"}],
+            "files": [{"path": "wheels/x.whl", "size": 10, "sha256": "0" * 64}], "models": [], "target": target}
+
+
+def layout(tmp_path):
+    return install.Layout(tmp_path / "prefix", tmp_path / "etc", "b")
+
+
+TARGET = {"python": "3.12", "arch": "x86_64", "glibc_min": "2.39", "driver_min": "580",
+          "installed": {"torch": "2.11.0", "nvidia-cublas": "13.1.0.3"}, "python_path": "/opt/torch/.venv/bin/python3"}
+
+
+def test_the_box_the_bundle_was_made_for_passes(tmp_path):
+    install.preflight(doc(TARGET), device_box(), layout(tmp_path))
+
+
+def test_another_python_missing_torch_and_an_old_driver_are_each_named(tmp_path):
+    hw = device_box()
+    old = tuple(replace(g, driver="535.104.05") for g in hw.gpus)
+    hw = replace(hw, python="3.11.7", installed={k: v for k, v in hw.installed.items() if k != "torch"}, gpus=old)
+    with pytest.raises(BundlerError) as e:
+        install.preflight(doc(TARGET), hw, layout(tmp_path))
+    msg = e.value.message
+    assert "made for Python 3.12, this installer runs on 3.11" in msg and "AIRGAP_LLM_PYTHON=/opt/torch" in msg
+    assert "reuses torch 2.11.0" in msg and "has none" in msg
+    assert "driver >= 580" in msg and "535.104.05" in msg
+    assert e.value.hint == "nothing was changed"
+    assert not (tmp_path / "prefix").exists()
+
+
+def test_too_little_disk_names_both_figures(tmp_path):
+    hw = replace(device_box(), disk_free=1000)
+    d = doc(None)
+    d["files"][0]["size"] = 10 << 30
+    with pytest.raises(BundlerError) as e:
+        install.preflight(d, hw, layout(tmp_path))
+    assert "GiB free, the install needs" in e.value.message and "--prefix" in e.value.message
