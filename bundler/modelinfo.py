@@ -154,6 +154,8 @@ def inspect_hf(path: Path) -> ModelInfo:
 def inspect(path: Path) -> ModelInfo:
     """A GGUF file, an HF/EXL2 model directory, or a JSON file as `bundler inspect` prints."""
     path = Path(path)
+    if not path.exists():
+        raise BundlerError(f"{path}: no such model file or directory", hint="check the path")
     if path.is_dir():
         return inspect_hf(path)
     if path.suffix == ".json":
@@ -162,8 +164,6 @@ def inspect(path: Path) -> ModelInfo:
         except (ValueError, TypeError) as e:
             raise BundlerError(f"{path}: not a model description ({e})",
                                hint="write it with `bundler inspect MODEL > FILE.json`")
-    if not path.exists():
-        raise BundlerError(f"{path}: no such model file or directory", hint="check the path")
     return inspect_gguf(path)
 
 

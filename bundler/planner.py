@@ -82,6 +82,7 @@ class Plan:
     usable_per_gpu_gib: tuple[float, ...] = ()
     chat_template: str = ""  # built-in llama.cpp template when the GGUF carries none
     tensor_split: tuple[float, ...] = ()  # llama.cpp --tensor-split proportions
+    single_gpu: bool = False  # llama.cpp on GPU 0 only (--split-mode none) although the box has more
     max_model_len: int = 0  # vLLM
     max_num_seqs: int = 0  # vLLM, per replica
     gpu_memory_utilization: float = 0.0  # vLLM
@@ -241,6 +242,13 @@ def _plan_llama_gpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: i
     reasons = [*notes]
     need_all = info.file_size + kv_layer_tok * L * tokens
     template, twhy = _template_reason(info)
+    if len(gpus) > 1 and need_all <= usable[0]:
+        # llama.cpp's layer split runs the GPUs one after another: a model that fits one GPU
+        # gains nothing from more, and pays for the hops between them.
+        reasons.append(f"one GPU is enough (needs {_gib(need_all)} of {_gib(usable[0])}): llama.cpp gains nothing "
+                       f"from splitting it over {len(gpus)} (--split-mode none); the other GPUs stay free. For "
+                       "throughput over several GPUs, serve a safetensors build with vLLM (data parallel)")
+        gpus, usable, total_usable = gpus[:1], usable[:1], usable[0]
     if need_all <= total_usable:
         ngl = L
         reasons.insert(0, f"llama.cpp with every layer on {len(gpus)} GPU(s): weights {_gib(info.file_size)} + "
@@ -267,6 +275,7 @@ def _plan_llama_gpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: i
                           f"{_gib(total_usable)} usable (short by {_gib(need_all - total_usable)}; a smaller "
                           "quant or more GPU memory keeps every layer on the GPU, which is much faster)")
     split = tuple(round(u / total_usable, 3) for u in usable) if len(gpus) > 1 else ()
+    single = len(gpus) == 1 and len(hw.gpus) > 1
     per_gpu = [on_gpu * u / total_usable + LLAMA_GPU_OVERHEAD for u in usable]
     reasons.append(f"{slots} slots (target concurrency) × {ctx} tokens each (--parallel {slots}, "
                    f"--ctx-size {slots * ctx})")
@@ -285,7 +294,8 @@ def _plan_llama_gpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: i
                 context_per_slot=ctx, gpu_layers=ngl, total_layers=L, ram_bytes=int(cpu_bytes + BASE_OVERHEAD),
                 memory_per_gpu_gib=tuple(_r(b) for b in per_gpu),
                 usable_per_gpu_gib=tuple(_r(u + LLAMA_GPU_OVERHEAD) for u in usable),
-                chat_template=template, tensor_split=split, reasons=tuple(reasons), rejected=tuple(rejected))
+                chat_template=template, tensor_split=split, single_gpu=single, reasons=tuple(reasons),
+                rejected=tuple(rejected))
 
 
 # ---- safetensors: vLLM ----------------------------------------------------------

@@ -56,7 +56,7 @@ vllm() {
     sh "$B/install.sh" --prefix /tmp/pfx-vllm --port 8081 --model "$MODELS/llama-8b-hf" \
         --model-name llama-8b-hf --json > "$OUT/install-vllm.json" || { tail -n 60 /tmp/pfx-vllm/log/gpu-box.log; exit 1; }
     cp /tmp/pfx-vllm/current/plan.json "$OUT/plan-vllm.json"
-    grep -iE "KV cache|Maximum concurrency|model weights took" /tmp/pfx-vllm/log/gpu-box.log | head -12 > "$OUT/vllm-kv.txt" || true
+    grep -iE "KV cache|Maximum concurrency|loading took|weights took" /tmp/pfx-vllm/log/gpu-box.log | head -12 > "$OUT/vllm-kv.txt" || true
     bench vllm-planned 8081 /tmp/pfx-vllm/etc/gpu-box.env llama-8b-hf
     /tmp/pfx-vllm/current/bin/ctl stop
 }

@@ -197,6 +197,8 @@ def launch_argv(binary: str, model_path: str, alias: str, host: str, port: int, 
         # 999: every layer and the output tensors; a smaller number offloads that many layers
         ngl = 999 if plan.gpu_layers >= plan.total_layers else plan.gpu_layers
         argv += ["--n-gpu-layers", str(ngl)]
+    if getattr(plan, "single_gpu", False):
+        argv += ["--split-mode", "none", "--main-gpu", "0"]
     if plan.tensor_split:
         argv += ["--split-mode", "layer", "--tensor-split", ",".join(str(x) for x in plan.tensor_split)]
     if plan.chat_template:

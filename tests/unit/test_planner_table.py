@@ -91,16 +91,16 @@ CASES = [
          backend="cuda", says="split by layer"),
     Case("gguf-70b-q4-4x24", ("70b", "Q4_K_M"), "4x24GiB@8.9", 16, 4096, "llama.cpp", ngl="all", slots=16,
          backend="cuda"),
-    Case("gguf-8b-q8-8xA100", ("8b", "Q8_0"), "8x80GiB@8.0,nvlink", 64, 4096, "llama.cpp", ngl="all", slots=64,
-         backend="cuda", says="vLLM"),
+    Case("gguf-8b-q8-8xA100-one-gpu", ("8b", "Q8_0"), "8x80GiB@8.0,nvlink", 64, 4096, "llama.cpp", ngl="all",
+         slots=64, backend="cuda", says="one GPU is enough"),
     Case("gguf-1b-cpu", ("1b", "Q4_K_M"), "none", 4, 4096, "llama.cpp", ngl="0", slots=4, ram=16, backend="cpu"),
     Case("gguf-70b-f16-cpu-refused", ("70b", "F16"), "none", 1, 2048, None, ram=64, says="short by"),
     Case("gguf-70b-q4-cpu-ctx-lowered", ("70b", "Q4_K_M"), "none", 8, 8192, "llama.cpp", ngl="0", slots=8, ram=64,
          backend="cpu", says="lowered from 8192"),
     Case("gguf-8b-old-driver-cpu", ("8b", "Q4_K_M"), "1x80GiB@9.0", 4, 4096, "llama.cpp", ngl="0", slots=4,
          driver="535.104", backend="cpu"),
-    Case("gguf-8b-3x48", ("8b", "Q4_K_M"), "3x48GiB@8.9", 16, 4096, "llama.cpp", ngl="all", slots=16,
-         backend="cuda"),
+    Case("gguf-8b-3x48-one-gpu", ("8b", "Q4_K_M"), "3x48GiB@8.9", 16, 4096, "llama.cpp", ngl="all", slots=16,
+         backend="cuda", says="--split-mode none"),
     Case("exl2-70b-1x48", ("70b", "exl2-4.0"), "1x48GiB@8.6", 4, 4096, "exllamav2", 1, slots=4),
     Case("exl2-70b-2x3090-nvlink-tp", ("70b", "exl2-4.0"), "2x24GiB@8.6,nvlink", 2, 4096, "exllamav2", 2, slots=2,
          says="tensor parallel"),
@@ -137,6 +137,9 @@ def test_plan_table(c: Case):
         assert p.slots == c.slots
     if c.says:
         assert c.says in " ".join(p.reasons), p.reasons
+    if c.engine == "llama.cpp" and p.backend == "cuda":
+        # split over several GPUs only when one cannot hold it
+        assert (len(p.memory_per_gpu_gib) == 1) == (p.single_gpu or len(hw.gpus) == 1)
     _assert_sound(p, info, hw)
 
 

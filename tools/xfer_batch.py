@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Stage batch N of a bundle directory for a size-limited transfer (the device tool
+carries 64 MiB per call, like the gateways our users face): files are packed in
+order into batches of at most LIMIT bytes and hard-linked under .carry/xfer/.
+
+usage: xfer_batch.py BUNDLE_DIR N [LIMIT_MB]   → prints how many batches there are
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def batches(root: Path, limit: int) -> list[list[Path]]:
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: str(p))
+    out: list[list[Path]] = [[]]
+    size = 0
+    for f in files:
+        s = f.stat().st_size
+        if s > limit:
+            sys.exit(f"{f} is {s} bytes, over the {limit}-byte limit: bundle with a smaller PART_SIZE")
+        if size + s > limit and out[-1]:
+            out.append([])
+            size = 0
+        out[-1].append(f)
+        size += s
+    return out
+
+
+def main() -> None:
+    root, n = Path(sys.argv[1]), int(sys.argv[2])
+    limit = int(float(sys.argv[3]) * (1 << 20)) if len(sys.argv) > 3 else 58 << 20
+    bs = batches(root, limit)
+    dest = Path(".carry/xfer")
+    shutil.rmtree(dest, ignore_errors=True)
+    for f in bs[n]:
+        target = dest / root.name / f.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, target)
+    print(f"batch {n + 1} of {len(bs)}: {len(bs[n])} files, {sum(f.stat().st_size for f in bs[n]) >> 20} MiB")
+
+
+if __name__ == "__main__":
+    main()
