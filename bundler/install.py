@@ -115,6 +115,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe", action="store_true", help="print this box's facts as JSON and exit")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     p.add_argument("--no-smoke", action="store_true", help="skip the chat request after start")
+    p.add_argument("--rollback", action="store_true",
+                   help="switch back to the release installed before the current one and start it")
+    p.add_argument("--uninstall", action="store_true",
+                   help="stop the service and remove its releases, unit and env file (models are kept)")
+    p.add_argument("--purge", action="store_true", help="with --uninstall: remove the stored models too")
     p.add_argument("--service", choices=("auto", "systemd", "process"), default="auto",
                    help="systemd unit (where systemd is PID 1 and we are root) or a supervised background "
                         "process (default auto)")
@@ -479,6 +484,84 @@ def switch_current(layout: Layout, release: Path) -> None:
         tmp.unlink()
     os.symlink(Path("releases") / release.name, tmp)
     os.replace(tmp, layout.current)
+    with open(layout.releases / "history", "a") as f:  # the order releases went live, for --rollback
+        f.write(release.name + "\n")
+
+
+def history(layout: Layout) -> list[str]:
+    try:
+        names = (layout.releases / "history").read_text().split()
+    except FileNotFoundError:
+        return []
+    return [n for n in names if (layout.releases / n).is_dir()]
+
+
+def rollback(layout: Layout, hw: probe.Hardware, args: argparse.Namespace) -> dict[str, Any]:
+    if not layout.current.is_symlink():
+        raise BundlerError(f"nothing is installed under {layout.prefix}", hint="check --prefix")
+    current = layout.current.resolve()
+    older = [n for n in history(layout) if n != current.name]
+    if not older:
+        raise BundlerError(f"{current.name} is the only release under {layout.releases}; nothing to roll back to",
+                           hint="install the bundle you want instead")
+    target = layout.releases / older[-1]
+    mode = service_mode(args, hw)
+    info(f"rolling back from {current.name} to {target.name}")
+    if is_running(current):
+        ctl(current, "stop")
+    plan = json.loads((target / "plan.json").read_text())
+    doc = json.loads((target / "manifest.json").read_text())
+    host, port = _listen_of(target)
+    start(target, mode, layout)
+    base = f"http://{host}:{port}"
+    try:
+        wait_healthy(base, args.timeout or 900.0, str(layout.logfile), lambda: is_running(target))
+    except BundlerError:
+        ctl(target, "stop")
+        start(current, mode, layout)
+        raise
+    switch_current(layout, target)
+    info(f"{target.name} is serving again; {current.name} is kept (run --rollback again to return to it)")
+    m = {"name": plan["model"]}
+    return summary(layout, doc, m, planner.Plan(**{k: v for k, v in plan.items()
+                                                   if k in planner.Plan.__dataclass_fields__}),
+                   host, port, mode, None, changed=True)
+
+
+def _listen_of(release: Path) -> tuple[str, int]:
+    text = (release / "bin" / "launch").read_text()
+    import re
+
+    host = re.search(r"--host '?([^' ]+)'?", text)
+    port = re.search(r"--port '?(\d+)'?", text)
+    h = host.group(1) if host else "127.0.0.1"
+    return ("127.0.0.1" if h in ("0.0.0.0", "::") else h), int(port.group(1) if port else 8080)
+
+
+def uninstall(layout: Layout, purge: bool) -> None:
+    if layout.current.is_symlink():
+        cur = layout.current.resolve()
+        if cur.is_dir() and is_running(cur):
+            ctl(cur, "stop")
+    unit = Path("/etc/systemd/system") / layout.unit
+    if unit.exists():
+        subprocess.run(["systemctl", "disable", "--now", layout.unit], capture_output=True)
+        unit.unlink()
+        subprocess.run(["systemctl", "daemon-reload"], capture_output=True)
+    removed = []
+    for p in (layout.current, layout.releases, layout.env_file, layout.pidfile.parent, layout.logfile.parent):
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+            removed.append(str(p))
+        elif p.is_dir():
+            shutil.rmtree(p)
+            removed.append(str(p))
+    if purge and layout.models.is_dir():
+        shutil.rmtree(layout.models)
+        removed.append(str(layout.models))
+    info("removed: " + (", ".join(removed) if removed else "nothing (not installed here)"))
+    if not purge and layout.models.is_dir():
+        info(f"kept the models in {layout.models} (--purge removes them)")
 
 
 def start(release: Path, mode: str, layout: Layout) -> None:
@@ -541,6 +624,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         print(json.dumps(hw.to_dict(), indent=2))
         return None
     layout = layout_for(args, doc0["name"])
+    if args.uninstall:
+        uninstall(layout, args.purge)
+        return None
+    if args.rollback:
+        return rollback(layout, probe.probe(layout.prefix), args)
     doc = verify_bundle(bundle)
     hw = probe.probe(layout.prefix)
     preflight(doc, hw, layout)

@@ -179,3 +179,33 @@ def test_a_bundle_in_parts_names_a_missing_part_and_installs_once_whole(parts_bu
     assert r.returncode == 0, r.stderr
     assert f"joining {MODEL} from 5 verified parts" in r.stderr
     assert sha256_file(bad / MODEL) == MODEL_SHA
+
+
+def test_upgrade_then_rollback_then_uninstall(bundle_dir, netns, tmp_path):
+    prefix = tmp_path / "prefix"
+    inst = [str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18082", "--no-smoke", "--json"]
+    first = netns.run(inst)
+    assert first.returncode == 0, first.stderr
+    rel1 = Path(json.loads(first.stdout)["release"]).name
+    second = netns.run([*inst, "--concurrency", "2"])  # another plan: a new release replaces the first
+    assert second.returncode == 0, second.stderr
+    rel2 = Path(json.loads(second.stdout)["release"]).name
+    assert rel2 != rel1 and (prefix / "releases" / rel1).is_dir()
+    assert json.loads((prefix / "current" / "plan.json").read_text())["slots"] == 2
+
+    back = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--rollback", "--json"])
+    assert back.returncode == 0, back.stderr
+    assert (prefix / "current").resolve().name == rel1
+    assert json.loads((prefix / "current" / "plan.json").read_text())["slots"] == 4
+    ok = netns.run([sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
+                    "'http://127.0.0.1:18082/health', timeout=5).status)"])
+    assert ok.stdout.strip() == "200", ok.stderr
+
+    gone = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--uninstall"])
+    assert gone.returncode == 0, gone.stderr
+    assert sorted(p.name for p in prefix.iterdir()) == ["etc", "models"]
+    assert not list((prefix / "etc").iterdir())
+    assert (prefix / "models" / MODEL_SHA / "gemma-3-270m-q4_k_m.gguf").is_file()
+    down = netns.run([sys.executable, "-c", "import urllib.request as u; u.urlopen("
+                      "'http://127.0.0.1:18082/health', timeout=3)"])
+    assert down.returncode != 0
