@@ -33,6 +33,9 @@ BOOTSTRAP = ("airgap_llm-*.whl", "jinja2-*.whl", "markupsafe-*.whl", "tqdm-*.whl
 # x86-64 instructions a GGML_NATIVE=OFF build uses (INS_ENB defaults in ggml/CMakeLists.txt).
 X86_FLAGS = ("avx", "avx2", "fma", "f16c")
 GLIBC_LIBS = ("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "ld-linux", "linux-vdso")
+# CUDA's own libraries are not copied from this machine: _cuda_runtime() carries them from
+# NVIDIA's hash-locked wheels, or points at the box's copies.
+CUDA_LIBS = ("libcuda.", "libcudart", "libcublas", "libnv")
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def _shared_libs(binary: Path) -> list[Path]:
     libs = []
     for line in out.splitlines():
         m = re.match(r"\s*(\S+) => (\S+)", line)
-        if m and not any(m.group(1).startswith(g) for g in GLIBC_LIBS) and m.group(2) != "not":
+        if m and not any(m.group(1).startswith(g) for g in GLIBC_LIBS + CUDA_LIBS) and m.group(2) != "not":
             libs.append(Path(m.group(2)))
     return libs
 

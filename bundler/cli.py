@@ -52,8 +52,11 @@ def cmd_bundle(a: argparse.Namespace) -> int:
              f"  split for transfer: no file in {r.directory} is larger than {a.part_size}; carry the directory\n")
     print(f"\nbundle ready in {r.seconds:.0f}s: {r.directory} ({_size(r.size)})\n{carry}"
           f"  the box needs: Linux on this CPU architecture, python3 {pythons}\n"
-          f"next: copy {r.tar.name} to the offline box, then:\n"
-          f"  tar xf {r.tar.name} && cd {s.name} && sudo ./install.sh   (or ./install.sh --prefix DIR)")
+          + (f"next: copy {r.tar.name} to the offline box, then:\n"
+             f"  tar xf {r.tar.name} && cd {s.name} && sudo ./install.sh   (or ./install.sh --prefix DIR)"
+             if r.tar.exists() else
+             f"next: copy the directory {s.name}/ to the offline box, then:\n"
+             f"  cd {s.name} && sudo ./install.sh   (or ./install.sh --prefix DIR); it joins the parts"))
     return 0
 
 
