@@ -13,18 +13,22 @@ from pathlib import Path
 
 
 def batches(root: Path, limit: int) -> list[list[Path]]:
-    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: str(p))
-    out: list[list[Path]] = [[]]
-    size = 0
+    """First-fit decreasing: largest files first, each into the first batch it fits."""
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: (-p.stat().st_size, str(p)))
+    out: list[list[Path]] = []
+    sizes: list[int] = []
     for f in files:
         s = f.stat().st_size
         if s > limit:
             sys.exit(f"{f} is {s} bytes, over the {limit}-byte limit: bundle with a smaller PART_SIZE")
-        if size + s > limit and out[-1]:
-            out.append([])
-            size = 0
-        out[-1].append(f)
-        size += s
+        for i, used in enumerate(sizes):
+            if used + s <= limit:
+                out[i].append(f)
+                sizes[i] += s
+                break
+        else:
+            out.append([f])
+            sizes.append(s)
     return out
 
 
