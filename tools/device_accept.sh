@@ -16,7 +16,7 @@ info() { printf '[device] %s\n' "$*" >&2; }
 
 receive() {
     mkdir -p /tmp/b
-    cp -a .carry/xfer/. /tmp/b/
+    for d in .carry/x*; do [ -d "$d" ] && cp -a "$d"/. /tmp/b/ && rm -rf "$d"; done
     info "bundle files here: $(find /tmp/b -type f | wc -l), $(du -sh /tmp/b | cut -f1)"
 }
 
