@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-facts", default=None,
                    help="JSON from `bundler inspect` for a --model GGUF when the gguf package is not on the box")
     p.add_argument("--model-name", default=None, help="name clients use for --model (default: its file name)")
+    p.add_argument("--tensor-parallel", type=int, default=None,
+                   help="vLLM: override the planned tensor-parallel size (checked against the model's heads)")
+    p.add_argument("--data-parallel", type=int, default=None, help="vLLM: override the planned data-parallel size")
     p.add_argument("--bench", action="store_true",
                    help="after the install, load-test the service at concurrency 1 and the planned slots")
     p.add_argument("--bench-max-tokens", type=int, default=512, help="output tokens per bench request (512)")
@@ -260,6 +263,29 @@ def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, args: 
                         engines_available=tuple(available), cpu_flags_needed=flags)
 
 
+def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware,
+                      args: argparse.Namespace) -> planner.Plan:
+    """--tensor-parallel / --data-parallel replace the planner's choice (vLLM), within what fits."""
+    if args.tensor_parallel is None and args.data_parallel is None:
+        return plan
+    if plan.engine != "vllm":
+        raise BundlerError(f"--tensor-parallel/--data-parallel apply to vLLM; this plan uses {plan.engine}",
+                           hint="drop the option")
+    from dataclasses import replace
+
+    info_ = ModelInfo.from_dict(m["facts"])
+    tp = args.tensor_parallel or plan.tensor_parallel
+    dp = args.data_parallel or max(1, len(hw.gpus) // tp)
+    ok, _ = planner.tp_candidates(info_, len(hw.gpus))
+    if tp not in ok or tp * dp > len(hw.gpus):
+        raise BundlerError(f"tensor parallel {tp} × data parallel {dp} does not fit this model on {len(hw.gpus)} "
+                           "GPU(s)", hint=f"tensor-parallel sizes that work here: {', '.join(map(str, ok))}")
+    seqs = max(1, -(-plan.slots // dp))
+    return replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs,
+                   reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp} × data parallel "
+                                           f"{dp}, {seqs} sequences per replica"))
+
+
 def release_id(doc_sha: str, plan: planner.Plan, host: str, port: int) -> str:
     h = hashlib.sha256(doc_sha.encode())
     # only the decisions: the reasons quote free RAM, which moves between runs
@@ -287,6 +313,18 @@ def ctl(release: Path, action: str) -> int:
 
 def is_running(release: Path) -> bool:
     return subprocess.run([str(release / "bin" / "ctl"), "status"], capture_output=True).returncode == 0
+
+
+def engine_alive(release: Path, layout: Layout, mode: str) -> bool:
+    """While starting: the service runs and its engine has not died yet (the supervisor
+    would restart it forever; systemd likewise), so a crashed start is seen at once."""
+    if not is_running(release):
+        return False
+    if mode == "process":
+        return not Path(f"{layout.pidfile}.restarts").exists()
+    out = subprocess.run(["systemctl", "show", "-p", "NRestarts", "--value", layout.unit], capture_output=True,
+                         text=True).stdout.strip()
+    return out in ("", "0")
 
 
 def http_json(url: str, body: Any = None, key: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
@@ -515,7 +553,7 @@ def rollback(layout: Layout, hw: probe.Hardware, args: argparse.Namespace) -> di
     start(target, mode, layout)
     base = f"http://{host}:{port}"
     try:
-        wait_healthy(base, args.timeout or 900.0, str(layout.logfile), lambda: is_running(target))
+        wait_healthy(base, args.timeout or 900.0, str(layout.logfile), lambda: engine_alive(target, layout, mode))
     except BundlerError:
         ctl(target, "stop")
         start(current, mode, layout)
@@ -634,6 +672,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     preflight(doc, hw, layout)
     m = resolve_model(doc, args)
     plan = make_plan(doc, m, hw, args)
+    plan = override_parallel(plan, m, hw, args)
     print_plan(plan, hw)
     host = args.host or doc["service"]["host"]
     port = args.port or doc["service"]["port"]
@@ -658,7 +697,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                 return summary(layout, doc, m, plan, host, port, mode, None, changed=False)
         info(f"release {previous.name} is installed but not running; starting it")
         start(previous, mode, layout)
-        wait_healthy(base, timeout, str(layout.logfile), lambda: is_running(previous))
+        wait_healthy(base, timeout, str(layout.logfile), lambda: engine_alive(previous, layout, mode))
         answer = None if args.no_smoke else smoke(base, m["name"], read_key(layout))
         return summary(layout, doc, m, plan, host, port, mode, answer, changed=True)
 
@@ -681,7 +720,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         t0 = time.monotonic()
         try:
             start(release, mode, layout)
-            secs = wait_healthy(base, timeout, str(layout.logfile), lambda r=release: is_running(r))
+            secs = wait_healthy(base, timeout, str(layout.logfile), lambda r=release: engine_alive(r, layout, mode))
             info(f"healthy after {secs:.1f}s")
             answer = None if args.no_smoke else smoke(base, m["name"], key)
             break

@@ -39,6 +39,11 @@ def run(cmd: list[str], pidfile: str, logpath: str) -> int:
         f.write(f"{os.getpid()}\n")
     os.replace(tmp, pidfile)
     backoff = 1.0
+    restarts = 0
+    try:
+        os.unlink(f"{pidfile}.restarts")
+    except FileNotFoundError:
+        pass
     try:
         while not stopping:
             started = time.monotonic()
@@ -49,6 +54,9 @@ def run(cmd: list[str], pidfile: str, logpath: str) -> int:
                 break
             if time.monotonic() - started > 60:
                 backoff = 1.0
+            restarts += 1
+            with open(f"{pidfile}.restarts", "w") as f:  # the installer reads this: a crashed start
+                f.write(f"{restarts} {rc}\n")
             _log(log, f"exited with status {rc}; restarting in {backoff:.0f}s")
             deadline = time.monotonic() + backoff
             while not stopping and time.monotonic() < deadline:
@@ -66,6 +74,8 @@ def run(cmd: list[str], pidfile: str, logpath: str) -> int:
             with open(pidfile) as f:
                 if f.read().strip() == str(os.getpid()):
                     os.unlink(pidfile)
+                    if os.path.exists(f"{pidfile}.restarts"):
+                        os.unlink(f"{pidfile}.restarts")
         except FileNotFoundError:
             pass
     return 0

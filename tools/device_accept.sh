@@ -5,6 +5,7 @@
 #   sh tools/device_accept.sh gguf             install the bundle (CUDA llama-server as planned) and bench it,
 #                                              then the -np 4 default-like baseline
 #   sh tools/device_accept.sh vllm             install the HF model with vLLM as planned and bench it
+#   sh tools/device_accept.sh vllm_tp2         the alternative: tensor parallel 2 (no data parallel)
 # Results land in $OUT. The box has no network; nothing here needs one.
 set -eu
 
@@ -59,6 +60,21 @@ vllm() {
     grep -iE "KV cache|Maximum concurrency|loading took|weights took" /tmp/pfx-vllm/log/gpu-box.log | head -12 > "$OUT/vllm-kv.txt" || true
     bench vllm-planned 8081 /tmp/pfx-vllm/etc/gpu-box.env llama-8b-hf
     /tmp/pfx-vllm/current/bin/ctl stop
+}
+
+hfmodel() {
+    mkdir -p "$MODELS"
+    [ -f "$MODELS/llama-8b-hf/tokenizer_config.json" ] || python3 tools/random_hf_llama.py "$MODELS/llama-8b-hf" 8b
+}
+
+vllm_tp2() {
+    hfmodel
+    sh "$B/install.sh" --prefix /tmp/pfx-tp2 --port 8082 --model "$MODELS/llama-8b-hf" --model-name llama-8b-hf \
+        --tensor-parallel 2 --data-parallel 1 --json > "$OUT/install-vllm-tp2.json" \
+        || { tail -n 80 /tmp/pfx-tp2/log/gpu-box.log; exit 1; }
+    cp /tmp/pfx-tp2/current/plan.json "$OUT/plan-vllm-tp2.json"
+    bench vllm-tp2 8082 /tmp/pfx-tp2/etc/gpu-box.env llama-8b-hf
+    /tmp/pfx-tp2/current/bin/ctl stop
 }
 
 "$@"

@@ -209,3 +209,22 @@ def test_upgrade_then_rollback_then_uninstall(bundle_dir, netns, tmp_path):
     down = netns.run([sys.executable, "-c", "import urllib.request as u; u.urlopen("
                       "'http://127.0.0.1:18082/health', timeout=3)"])
     assert down.returncode != 0
+
+
+def test_an_engine_that_dies_at_start_fails_the_install_fast_and_leaves_nothing(bundle_dir, netns, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 4096)  # a header llama-server cannot load
+    facts = tmp_path / "facts.json"
+    doc = json.loads((bundle_dir / "manifest.json").read_text())
+    facts.write_text(json.dumps(doc["models"][0]["facts"]))
+    prefix = tmp_path / "prefix"
+    t0 = time.monotonic()
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18083", "--model", str(bad),
+                   "--model-facts", str(facts), "--timeout", "120"])
+    took = time.monotonic() - t0
+    assert r.returncode == 1
+    assert "the engine stopped while starting" in r.stderr and "gemma3-270m-cpu.log" in r.stderr
+    assert took < 60, f"a crash must be seen at once, not after the health timeout ({took:.0f}s)"
+    assert not [p for p in (prefix / "releases").iterdir() if p.is_dir()]
+    assert not (prefix / "current").exists()
+    assert not (prefix / "run" / "gemma3-270m-cpu.pid").exists()
