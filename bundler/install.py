@@ -345,7 +345,33 @@ def http_json(url: str, body: Any = None, key: str | None = None, timeout: float
             return e.code, None
 
 
-def wait_healthy(base: str, timeout: float, logfile: str, alive) -> float:
+class LogWatch:
+    """New lines of the service log since the start, searched for lines after which the
+    engine will never become healthy."""
+
+    def __init__(self, path: Path, patterns: tuple[str, ...]):
+        self.path, self.patterns = path, patterns
+        try:
+            self.offset = path.stat().st_size
+        except FileNotFoundError:
+            self.offset = 0
+
+    def fatal(self) -> str:
+        if not self.patterns:
+            return ""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                text = f.read(8 << 20).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+        for line in text.splitlines():
+            if any(p in line for p in self.patterns):
+                return line.strip()[:300]
+        return ""
+
+
+def wait_healthy(base: str, timeout: float, logfile: str, alive, watch: LogWatch | None = None) -> float:
     from tqdm import tqdm
 
     t0 = time.monotonic()
@@ -360,6 +386,9 @@ def wait_healthy(base: str, timeout: float, logfile: str, alive) -> float:
                 pass
             if not alive():
                 raise BundlerError("the engine stopped while starting", hint=f"see its log: {logfile}")
+            line = watch.fatal() if watch else ""
+            if line:
+                raise BundlerError(f"the engine failed while starting: {line}", hint=f"see its log: {logfile}")
             if time.monotonic() - t0 > timeout:
                 raise BundlerError(f"the engine was not healthy after {timeout:.0f}s",
                                    hint=f"see its log: {logfile}; a slow box may need --timeout")
@@ -451,7 +480,8 @@ def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: pl
                          "--find-links", str(bundle / engine["dir"] / "wheels"), "--require-hashes",
                          "--no-cache-dir", "--no-compile", "--target", str(stage / "engine" / "site"),
                          "-r", str(bundle / engine["dir"] / "requirements.lock")], "installing vLLM's wheels", env)
-            argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], host, port, plan, safe)
+            argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], host, port, plan, safe,
+                                    engine["version"])
             extra_env = {"PYTHONPATH": str(final_engine / "site"), **vllm.OFFLINE_ENV}
         else:
             engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
@@ -718,9 +748,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                                 safe=safe)
         info(f"release {release.name} built at {release}")
         t0 = time.monotonic()
+        watch = LogWatch(layout.logfile, vllm.FATAL_LOG if plan.engine == "vllm" else ())
         try:
             start(release, mode, layout)
-            secs = wait_healthy(base, timeout, str(layout.logfile), lambda r=release: engine_alive(r, layout, mode))
+            secs = wait_healthy(base, timeout, str(layout.logfile), lambda r=release: engine_alive(r, layout, mode),
+                                watch)
             info(f"healthy after {secs:.1f}s")
             answer = None if args.no_smoke else smoke(base, m["name"], key)
             break
@@ -729,7 +761,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             shutil.rmtree(release, ignore_errors=True)
             if not safe and len(tries) > 1 and isinstance(e, BundlerError):
                 warn(f"vLLM with tensor parallel {plan.tensor_parallel} failed to start ({e.message}); retrying "
-                     f"with {' '.join(vllm.SAFE_TP_FLAGS[:1])} and FlashInfer all-reduce fusion off")
+                     "with the safe flags: --disable-custom-all-reduce and the all-reduce fusion off")
                 continue
             warn(f"release {release.name} failed; removed it" + (f"; restarting {previous.name}" if previous else ""))
             if previous is not None and previous.is_dir():

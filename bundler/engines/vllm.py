@@ -27,9 +27,21 @@ FORMATS = ("safetensors",)
 DEFAULT_VERSION = "0.26.0"  # the newest that pins torch 2.11.0 (DESIGN.md)
 GPU_STACK = ("torch", "torchvision", "torchaudio", "triton", "nvidia-")
 # Flags that avoid the all-reduce paths which crashed with tensor parallel where
-# NVLink multicast is off (VMs, PCIe cards, the GPU test boxes): DESIGN.md.
-SAFE_TP_FLAGS = ["--disable-custom-all-reduce",
-                 "--compilation-config", '{"pass_config": {"enable_fi_allreduce_fusion": false}}']
+# NVLink multicast is off (VMs, PCIe cards, the GPU test boxes): vLLM's custom
+# all-reduce, and the all-reduce + RMSNorm fusion of its compiler. On 2×H200 with
+# vLLM 0.26.0, TP 2 died with "illegal memory access" in torch's symmetric-memory
+# all-reduce right after "Enabled custom fusions: allreduce_rms" (docs/BENCHMARKS.md);
+# DESIGN.md saw the same class of crash with 0.33, whose switch is named differently.
+def safe_tp_flags(version: str) -> list[str]:
+    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) or (0, 0)
+    key = "fuse_allreduce_rms" if parts < (0, 33) else "enable_fi_allreduce_fusion"
+    return ["--disable-custom-all-reduce", "--compilation-config", f'{{"pass_config": {{"{key}": false}}}}']
+
+
+# Log lines after which a starting vLLM never becomes healthy (its API server can
+# hang on after the engine died, so the process alone does not tell).
+FATAL_LOG = ("Engine core initialization failed", "an illegal memory access was encountered",
+             "CUBLAS_STATUS_INTERNAL_ERROR", "Worker failed with error", "CUDA out of memory")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                "VLLM_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
@@ -137,12 +149,13 @@ def download(carry: dict[str, tuple[str, list[str]]], box: Any, dest: Path, log=
     return lock.files_for([(n, v) for n, (v, _) in carry.items()], dest)
 
 
-def launch_argv(python: str, model_path: str, name: str, host: str, port: int, plan, safe: bool) -> list[str]:
+def launch_argv(python: str, model_path: str, name: str, host: str, port: int, plan, safe: bool,
+                version: str = DEFAULT_VERSION) -> list[str]:
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name", name,
             "--host", host, "--port", str(port), "--tensor-parallel-size", str(plan.tensor_parallel),
             "--data-parallel-size", str(plan.data_parallel), "--max-model-len", str(plan.max_model_len),
             "--max-num-seqs", str(plan.max_num_seqs), "--gpu-memory-utilization", str(plan.gpu_memory_utilization),
             "--uvicorn-log-level", "warning"]
     if safe and plan.tensor_parallel > 1:
-        argv += SAFE_TP_FLAGS
+        argv += safe_tp_flags(version)
     return argv

@@ -55,3 +55,25 @@ def test_too_little_disk_names_both_figures(tmp_path):
     with pytest.raises(BundlerError) as e:
         install.preflight(d, hw, layout(tmp_path))
     assert "GiB free, the install needs" in e.value.message and "--prefix" in e.value.message
+
+
+def test_a_fatal_engine_line_in_the_log_is_seen_only_after_the_start(tmp_path):
+    from bundler.engines import vllm
+
+    log = tmp_path / "svc.log"
+    log.write_text("old run: CUDA error: an illegal memory access was encountered\n")
+    watch = install.LogWatch(log, vllm.FATAL_LOG)
+    assert watch.fatal() == ""  # what an earlier run wrote does not count
+    with open(log, "a") as f:
+        f.write("(Worker_TP0 pid=2171) INFO loading\n"
+                "(EngineCore pid=1931) RuntimeError: Worker failed with error 'CUDA error: CUBLAS_STATUS_INTERNAL_ERROR'\n")
+    assert "CUBLAS_STATUS_INTERNAL_ERROR" in watch.fatal()
+
+
+def test_safe_tensor_parallel_flags_follow_the_vllm_version():
+    from bundler.engines import vllm
+
+    old = vllm.safe_tp_flags("0.26.0")
+    assert old[0] == "--disable-custom-all-reduce"
+    assert json.loads(old[2]) == {"pass_config": {"fuse_allreduce_rms": False}}
+    assert json.loads(vllm.safe_tp_flags("0.33.0")[2]) == {"pass_config": {"enable_fi_allreduce_fusion": False}}
