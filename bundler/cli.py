@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import BundlerError
+from .errors import BundlerError, report
 
 
 def log(msg: str) -> None:
@@ -32,16 +32,10 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
     if sys.version_info < (3, 10):
         raise BundlerError("bundling needs Python >= 3.10", hint="run make bundle with a newer python3")
-    from .probe import Hardware
+    from .probe import load_probe
 
     s = spec.load(a.spec)
-    target = None
-    if a.target:
-        try:
-            target = Hardware.from_dict(json.loads(Path(a.target).read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise BundlerError(f"--target {a.target}: not a probe file ({e})",
-                               hint="make it on the box with ./install.sh --probe > box.json (or bundler probe)")
+    target = load_probe(a.target, "--target") if a.target else None
     part = parse_size(a.part_size, "--part-size") if a.part_size else 0
     if part and part < 1 << 20:
         raise BundlerError(f"--part-size {a.part_size} is under 1 MiB", hint="e.g. --part-size 60M")
@@ -137,14 +131,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     from . import planner
     from .modelinfo import inspect
-    from .probe import Hardware
+    from .probe import Hardware, load_probe
 
     if a.box:
-        try:
-            hw = Hardware.from_dict(json.loads(Path(a.box).read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise BundlerError(f"--box {a.box}: not a probe file ({e})",
-                               hint="make one with `./install.sh --probe > box.json` or `bundler probe`")
+        hw = load_probe(a.box, "--box")
     else:
         gpus, links = parse_gpus(a.gpus, a.driver or "999")
         ram = parse_size(a.ram, "--ram") if a.ram else 256 << 30
@@ -288,10 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.func(a)
     except BundlerError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        return e.exit_code
+        return report(e)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

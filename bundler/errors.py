@@ -24,3 +24,13 @@ class PlanRefused(BundlerError):
     """No engine can serve the model on this hardware."""
 
     exit_code = 3
+
+
+def report(e: BundlerError) -> int:
+    """Print `error:` and `hint:` to stderr; return the exit code (the CLIs' one place for this)."""
+    import sys
+
+    print(f"error: {e.message}", file=sys.stderr)
+    if e.hint:
+        print(f"hint: {e.hint}", file=sys.stderr)
+    return e.exit_code

@@ -29,7 +29,7 @@ from typing import Any
 from . import manifest as mf
 from . import planner, probe
 from .engines import llama_cpp, vllm
-from .errors import BundlerError, VerifyError
+from .errors import BundlerError, VerifyError, report
 from .modelinfo import ModelInfo
 from .render import render
 
@@ -801,10 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except BundlerError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        return e.exit_code
+        return report(e)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

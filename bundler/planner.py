@@ -349,18 +349,24 @@ def _refuse_gpu_model(name: str, info: ModelInfo, hw: Hardware, engine: str, usa
         hint="what would fit: " + ("; ".join(options) if options else "a smaller model"))
 
 
+def _require_gpu_engine(name: str, fmt: str, engine: str, label: str, engines: tuple[str, ...], hw: Hardware,
+                        cuda: str, instead: str) -> None:
+    """Refuse unless the bundle carries `engine` and the GPUs can run it."""
+    if engine not in engines:
+        raise PlanRefused(f"{name} is a {fmt} model but this bundle carries no {label}",
+                          hint=f"bundle {label} for it, or {instead}")
+    why = _gpu_problem(hw.gpus, engine, cuda)
+    if why:
+        raise PlanRefused(f"{name} ({fmt}) needs {label} on NVIDIA GPUs: {why}",
+                          hint=f"use a GPU box that qualifies, or bundle {instead}")
+
+
 def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
                cuda: str) -> Plan:
     rejected = [{"engine": "llama.cpp", "why": "serves GGUF only; convert the model to GGUF to use it"},
                 {"engine": "exllamav2", "why": "serves EXL2 only"}]
-    if "vllm" not in engines:
-        raise PlanRefused(f"{name} is a safetensors model but this bundle carries no vLLM",
-                          hint="bundle vLLM for it, or a GGUF build of the model for llama.cpp")
-    why = _gpu_problem(hw.gpus, "vllm", cuda)
-    if why:
-        raise PlanRefused(f"{name} (safetensors) needs vLLM on NVIDIA GPUs: {why}",
-                          hint="use a GPU box that qualifies, or bundle a GGUF build of the model to serve it "
-                               "with llama.cpp on the CPU")
+    _require_gpu_engine(name, "safetensors", "vllm", "vLLM", engines, hw, cuda,
+                        "a GGUF build of the model to serve it with llama.cpp on the CPU")
     n = len(hw.gpus)
     ctx = intent.context
     reasons: list[str] = []
@@ -430,13 +436,7 @@ def _plan_exl2(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                cuda: str) -> Plan:
     rejected = [{"engine": "llama.cpp", "why": "serves GGUF only"},
                 {"engine": "vllm", "why": "serves no EXL2 quantization"}]
-    if "exllamav2" not in engines:
-        raise PlanRefused(f"{name} is an EXL2 model but this bundle carries no ExLlamaV2",
-                          hint="bundle ExLlamaV2 (TabbyAPI) for it")
-    why = _gpu_problem(hw.gpus, "exllamav2", cuda)
-    if why:
-        raise PlanRefused(f"{name} (EXL2) needs ExLlamaV2 on NVIDIA GPUs: {why}",
-                          hint="use a GPU box that qualifies, or bundle a GGUF build for llama.cpp")
+    _require_gpu_engine(name, "EXL2", "exllamav2", "ExLlamaV2", engines, hw, cuda, "a GGUF build for llama.cpp")
     ctx = min(intent.context, info.context_length or intent.context)
     conc = intent.concurrency
     usable = [max(0, g.memory_free_mib * MiB * LLAMA_GPU_FRACTION - EXL2_OVERHEAD) for g in hw.gpus]

@@ -63,6 +63,19 @@ class Hardware:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def load_probe(path: str, option: str) -> Hardware:
+    """A probe file (./install.sh --probe, bundler probe) given as `option`."""
+    import json
+
+    from .errors import BundlerError
+
+    try:
+        return Hardware.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise BundlerError(f"{option} {path}: not a probe file ({e})",
+                           hint="make it on the box with ./install.sh --probe > box.json (or bundler probe)")
+
+
 def parse_gpu_csv(text: str) -> list[Gpu]:
     """Parse `nvidia-smi --query-gpu=… --format=csv` output, with or without its header
     (`noheader,nounits` output is read in GPU_QUERY's column order)."""

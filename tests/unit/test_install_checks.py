@@ -66,7 +66,8 @@ def test_a_fatal_engine_line_in_the_log_is_seen_only_after_the_start(tmp_path):
     assert watch.fatal() == ""  # what an earlier run wrote does not count
     with open(log, "a") as f:
         f.write("(Worker_TP0 pid=2171) INFO loading\n"
-                "(EngineCore pid=1931) RuntimeError: Worker failed with error 'CUDA error: CUBLAS_STATUS_INTERNAL_ERROR'\n")
+                "(EngineCore pid=1931) RuntimeError: Worker failed with error "
+                "'CUDA error: CUBLAS_STATUS_INTERNAL_ERROR'\n")
     assert "CUBLAS_STATUS_INTERNAL_ERROR" in watch.fatal()
 
 
