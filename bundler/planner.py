@@ -332,7 +332,7 @@ def _refuse_gpu_model(name: str, info: ModelInfo, hw: Hardware, engine: str, usa
         fit_ctx = int((usable - w) // kv_tok)
         if fit_ctx >= MIN_CONTEXT:
             options.append(f"a context of {fit_ctx} tokens or less (--context {fit_ctx})")
-    gpu_gib = usable / VLLM_UTILIZATION / GiB if hw.gpus else 80
+    gpu_gib = min(g.memory_total_mib for g in hw.gpus) / 1024 if hw.gpus else 80
     for more in (2, 4, 8, 16):
         if more > len(hw.gpus) and info.heads % more == 0 and (info.kv_heads % more == 0 or more % info.kv_heads == 0):
             if info.file_size / more + kv_per_gpu_per_token(info, more) * ctx <= usable:
