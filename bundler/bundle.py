@@ -29,7 +29,7 @@ from .render import render
 from .spec import Spec
 
 # Wheels the installer imports straight from the bundle before anything is installed.
-BOOTSTRAP = ("airgap_llm-*.whl", "jinja2-*.whl", "markupsafe-*.whl", "tqdm-*.whl")
+BOOTSTRAP = ("airgap_llm-*.whl", "jinja2-*.whl", "markupsafe-*.whl", "tqdm-*.whl", "nvidia_ml_py-*.whl")
 # x86-64 instructions a GGML_NATIVE=OFF build uses (INS_ENB defaults in ggml/CMakeLists.txt).
 X86_FLAGS = ("avx", "avx2", "fma", "f16c")
 GLIBC_LIBS = ("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "ld-linux", "linux-vdso")

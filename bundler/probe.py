@@ -45,6 +45,7 @@ class Hardware:
     systemd_pid1: bool
     gpus: tuple[Gpu, ...] = field(default_factory=tuple)
     gpu_links: str = ""  # "nvlink" (every pair), "pcie", or "" (fewer than two GPUs)
+    gpu_source: str = ""  # "nvml", "nvidia-smi", or "" (none found)
     python_path: str = ""  # the python3 that ran the probe (the installer's)
     site_packages: tuple[str, ...] = ()
     # distributions that python already has (name → version), for bundles that reuse them
@@ -131,6 +132,45 @@ def _smi(*args: str) -> str:
         return ""
 
 
+def _gpus_nvml() -> tuple[tuple[Gpu, ...], str] | None:
+    """GPUs and links through NVML (nvidia-ml-py, pure Python over the driver's libnvidia-ml);
+    None when NVML cannot be loaded, so nvidia-smi is asked instead."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+    except Exception:  # no module, no driver library, no GPU: all mean "ask nvidia-smi"
+        return None
+    try:
+        def text(v):
+            return v.decode() if isinstance(v, bytes) else str(v)
+
+        driver = text(pynvml.nvmlSystemGetDriverVersion())
+        gpus, linked = [], []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            gpus.append(Gpu(i, text(pynvml.nvmlDeviceGetName(h)), int(mem.total) >> 20, int(mem.free) >> 20,
+                            f"{major}.{minor}", driver))
+            active = 0
+            for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
+                try:
+                    active += int(pynvml.nvmlDeviceGetNvLinkState(h, link) == pynvml.NVML_FEATURE_ENABLED)
+                except Exception:
+                    break
+            linked.append(active > 0)
+        links = ("nvlink" if all(linked) else "pcie") if len(gpus) > 1 else ""
+        return tuple(gpus), links
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
 def _gpus() -> tuple[Gpu, ...]:
     return tuple(parse_gpu_csv(_smi(f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits")))
 
@@ -206,7 +246,13 @@ def _site_packages() -> tuple[str, ...]:
 
 def probe(prefix: Path) -> Hardware:
     mem = _meminfo()
-    gpus = _gpus()
+    nvml = _gpus_nvml()
+    if nvml is not None:
+        gpus, links, source = nvml[0], nvml[1], "nvml"
+    else:
+        gpus = _gpus()
+        links = parse_topo(_smi("topo", "-m")) if len(gpus) > 1 else ""
+        source = "nvidia-smi" if gpus else ""
     site = _site_packages()
     disk = _existing_parent(prefix)
     try:
@@ -226,7 +272,8 @@ def probe(prefix: Path) -> Hardware:
         os=_os_name(),
         systemd_pid1=systemd_is_pid1(),
         gpus=gpus,
-        gpu_links=parse_topo(_smi("topo", "-m")) if len(gpus) > 1 else "",
+        gpu_links=links,
+        gpu_source=source,
         python_path=sys.executable,
         site_packages=site,
         installed=installed_distributions(site),

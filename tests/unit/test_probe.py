@@ -43,3 +43,48 @@ def test_topology_with_terminal_underline_codes_as_seen_on_the_device():
             "GPU0\t X \tNV18\t0-31\t0\t\tN/A\n"
             "GPU1\tNV18\t X \t0-31\t0\t\tN/A\n")
     assert parse_topo(text) == "nvlink"
+
+
+def _fake_smi(tmp_path, box):
+    """An nvidia-smi on PATH that prints a recorded box's output, as the probe asks it."""
+    d = DATA / box
+    topo, query = d / "nvidia-smi-topo.txt", d / "nvidia-smi-query.csv"
+    script = tmp_path / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\ncase \"$1\" in topo) cat '{topo}' 2>/dev/null ;; *) cat '{query}' ;; esac\n")
+    script.chmod(0o755)
+    return tmp_path
+
+
+def test_probe_reads_gpus_and_links_through_nvidia_smi(tmp_path, monkeypatch):
+    from bundler import probe
+
+    monkeypatch.setenv("PATH", f"{_fake_smi(tmp_path, 'a100x8-nvlink')}:/usr/bin:/bin")
+    hw = probe.probe(tmp_path)
+    assert hw.gpu_source == "nvidia-smi"  # no NVML library on this machine
+    assert len(hw.gpus) == 8 and hw.gpus[7].name == "NVIDIA A100-SXM4-80GB" and hw.gpus[0].memory_total_mib == 81920
+    assert hw.gpu_links == "nvlink"
+
+
+def test_probe_of_a_pcie_box_an_old_driver_and_a_box_without_nvidia_smi(tmp_path, monkeypatch):
+    from bundler import probe
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.setenv("PATH", f"{_fake_smi(tmp_path / 'a', 'rtx4090x4-pcie')}:/usr/bin:/bin")
+    hw = probe.probe(tmp_path)
+    assert [g.compute_capability for g in hw.gpus] == ["8.9"] * 4 and hw.gpu_links == "pcie"
+
+    (tmp_path / "b").mkdir()
+    monkeypatch.setenv("PATH", f"{_fake_smi(tmp_path / 'b', 'old-driver-v100x2')}:/usr/bin:/bin")
+    hw = probe.probe(tmp_path)
+    assert hw.gpus[0].driver == "470.256.02" and hw.gpu_links == "nvlink"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    hw = probe.probe(tmp_path)
+    assert hw.gpus == () and hw.gpu_source == "" and hw.gpu_links == ""
+
+
+def test_single_rtx3090_output():
+    (g,) = parse_gpu_csv((DATA / "rtx3090x1" / "nvidia-smi-query.csv").read_text())
+    assert (g.name, g.memory_total_mib, g.compute_capability) == ("NVIDIA GeForce RTX 3090", 24576, "8.6")
