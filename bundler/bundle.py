@@ -139,6 +139,8 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
         os.replace(tmp_tar, tar_path)
     finally:
         tmp_tar.unlink(missing_ok=True)
+    # a stdlib-only checker/extractor to carry beside the tar (python3 NAME.unpack.py NAME.tar)
+    shutil.copy2(Path(__file__).with_name("safetar.py"), out_dir / f"{spec.name}.unpack.py")
     size = sum(e.size for e in entries)
     return Result(final, tar_path, size, time.monotonic() - t0)
 

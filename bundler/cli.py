@@ -55,9 +55,17 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from . import manifest
+    from . import manifest, safetar
 
     t0 = time.monotonic()
+    if Path(a.path).is_file():  # a tar: members checked against its manifest, nothing written
+        problems = safetar.check(a.path)
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            raise BundlerError(f"{a.path}: {len(problems)} problem(s) found", hint="copy the tar again from its source")
+        print(f"{a.path}: every member matches the manifest ({time.monotonic() - t0:.1f}s)")
+        return 0
     doc, problems = manifest.verify(Path(a.path))
     total = sum(f["size"] for f in doc["files"])
     secs = time.monotonic() - t0
@@ -231,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --target: carry only what the box's python lacks (e.g. vLLM over its torch)")
     b.add_argument("--part-size", help="split files larger than this (e.g. 60M) for size-limited transfers")
     b.set_defaults(func=cmd_bundle)
-    v = sub.add_parser("verify", help="check every file of an unpacked bundle against its manifest")
+    u = sub.add_parser("unpack", help="check a bundle tar against its manifest, then extract it safely")
+    u.add_argument("tar")
+    u.add_argument("dest", nargs="?", default=".")
+    u.set_defaults(func=lambda a: __import__("bundler.safetar", fromlist=["main"]).main([a.tar, a.dest]))
+    v = sub.add_parser("verify", help="check a bundle (directory or tar) against its manifest")
     v.add_argument("path")
     v.set_defaults(func=cmd_verify)
     pr = sub.add_parser("probe", help="print this machine's facts as JSON")

@@ -23,6 +23,16 @@ def test_sha256sum_checks_the_bundle_with_coreutils_alone(bundle_dir):
     assert (bundle_dir.parent / "gemma3-270m-cpu.tar").stat().st_size > 250_000_000
 
 
+def test_the_tar_unpacks_safely_with_the_script_beside_it(bundle_dir, tmp_path):
+    dist = bundle_dir.parent
+    r = subprocess.run([sys.executable, "-I", str(dist / "gemma3-270m-cpu.unpack.py"),
+                        str(dist / "gemma3-270m-cpu.tar"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    v = subprocess.run([sys.executable, "-m", "bundler.cli", "verify", str(tmp_path / "gemma3-270m-cpu")],
+                       capture_output=True, text=True)
+    assert v.returncode == 0 and "verified" in v.stdout, v.stderr
+
+
 def test_offline_install_serves_chat_with_its_key_and_stops(bundle_dir, netns, tmp_path):
     prefix = tmp_path / "prefix"
     t0 = time.monotonic()
