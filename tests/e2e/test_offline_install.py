@@ -238,3 +238,44 @@ def test_an_engine_that_dies_at_start_fails_the_install_fast_and_leaves_nothing(
     assert not [p for p in (prefix / "releases").iterdir() if p.is_dir()]
     assert not (prefix / "current").exists()
     assert not (prefix / "run" / "gemma3-270m-cpu.pid").exists()
+
+
+def test_200_random_byte_flips_are_each_detected_and_named(bundle_dir, netns, tmp_path):
+    from bundler import manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    doc = manifest.load(copy)
+    targets = [f["path"] for f in doc["files"]] + ["manifest.json"]
+    kinds = {t.split("/")[0] for t in targets}
+    assert {"wheels", "models", "engines", "manifest.json", "install.sh"} <= kinds
+    rng = random.Random(20261127)
+    prefix = tmp_path / "prefix"
+    for trial in range(200):
+        rel = rng.choice(targets)
+        path = copy / rel
+        offset = rng.randrange(path.stat().st_size)
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            old = f.read(1)
+            f.seek(offset)
+            f.write(bytes([old[0] ^ (1 << rng.randrange(8))]))
+        try:
+            try:
+                _, problems = manifest.verify(copy, show_progress=False)
+                named = [p.path for p in problems]
+            except Exception as e:  # a manifest that no longer parses is refused by name too
+                named = ["manifest.json"] if "manifest.json" in str(e) else [str(e)]
+            # the flipped file is named; a flipped manifest is named first (the hashes it now
+            # claims may then disagree with good files too, which are listed after it)
+            assert named[0] == rel and (rel == "manifest.json" or len(named) == 1), \
+                f"trial {trial}: flipped {rel}@{offset}, verify named {named}"
+            if trial % 50 == 0:  # and the installer refuses it before touching the prefix
+                r = netns.run([str(copy / "install.sh"), "--prefix", str(prefix), "--dry-run"])
+                assert r.returncode != 0 and rel in r.stderr, r.stderr
+                assert not prefix.exists()
+        finally:
+            with open(path, "r+b") as f:
+                f.seek(offset)
+                f.write(old)
+    assert manifest.verify(copy, show_progress=False)[1] == []

@@ -99,3 +99,20 @@ def test_parts_join_back_into_the_original_file(tmp_path):
     assert (root / "models/m.gguf").read_bytes() == data
     _, problems = manifest.verify(root, show_progress=False)
     assert problems == []  # the joined file is named by the manifest; the parts still are too
+
+
+def test_huge_files_are_verified_by_chunks_and_the_bad_chunk_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "CHUNKED_MIN", 10_000)
+    monkeypatch.setattr(manifest, "CHUNK_SIZE", 8192)
+    root = _bundle(tmp_path)  # models/m.gguf is 25,604 bytes: 4 chunks
+    (e,) = [e for e in manifest.entries_of(manifest.load(root)) if e.path == "models/m.gguf"]
+    assert len(e.chunks) == 4 and e.sha256 == manifest.sha256_file(root / "models/m.gguf")
+    r = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0
+    assert manifest.verify(root, show_progress=False)[1] == []
+    data = bytearray((root / "models/m.gguf").read_bytes())
+    data[2 * 8192 + 5] ^= 0x40
+    (root / "models/m.gguf").write_bytes(bytes(data))
+    _, problems = manifest.verify(root, show_progress=False)
+    assert [p.describe().split(": expected")[0] for p in problems] == [
+        "models/m.gguf: sha256 mismatch in bytes 16384-24575"]
