@@ -102,7 +102,7 @@ def _fetch_sdist(spec: Spec, log) -> Path:
 
 
 def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_installed: bool = False,
-         part_size: int = 0) -> Result:
+         part_size: int = 0, sign: bool = True) -> Result:
     """Build the bundle. `target` (a probe.Hardware) bundles for that box: its Python,
     glibc and GPU architectures; with reuse_installed, what its python already has is
     not carried. part_size splits every larger file into parts of at most that size."""
@@ -116,11 +116,19 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
     (stage / "wheels").mkdir(parents=True)
     try:
         meta = _fill(spec, stage, log, target, reuse_installed)
+        if sign:
+            from . import signing
+
+            _, pub = signing.load_or_create(log)
+            (stage / signing.SIGNER_PUB).write_text(pub.to_text())
+            meta["signed_by"] = pub.fingerprint
         _step(log, "writing manifest and SHA256SUMS")
         entries = manifest.scan(stage)
         if part_size:
             entries = manifest.split_large(stage, entries, part_size, log=log)
         manifest.write(stage, meta, entries)
+        if sign:
+            signing.sign(stage, log)
         if final.exists():
             shutil.rmtree(final)
         os.replace(stage, final)

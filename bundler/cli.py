@@ -40,7 +40,8 @@ def cmd_bundle(a: argparse.Namespace) -> int:
     if part and part < 1 << 20:
         raise BundlerError(f"--part-size {a.part_size} is under 1 MiB", hint="e.g. --part-size 60M")
     log(f"bundling {s.name} {s.version} from {a.spec}")
-    r = bundle.make(s, Path(a.out), log=log, target=target, reuse_installed=a.reuse_installed, part_size=part)
+    r = bundle.make(s, Path(a.out), log=log, target=target, reuse_installed=a.reuse_installed, part_size=part,
+                    sign=not a.unsigned)
     pythons = ", ".join(json.loads((r.directory / "manifest.json").read_text())["pythons"])
     carry = (f"  tar: {r.tar} ({_size(r.tar.stat().st_size)})\n" if r.tar.exists() else
              f"  split for transfer: no file in {r.directory} is larger than {a.part_size}; carry the directory\n")
@@ -238,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--reuse-installed", action="store_true",
                    help="with --target: carry only what the box's python lacks (e.g. vLLM over its torch)")
     b.add_argument("--part-size", help="split files larger than this (e.g. 60M) for size-limited transfers")
+    b.add_argument("--unsigned", action="store_true", help="do not sign the manifest (boxes will refuse it unless "
+                   "their installer is given --allow-unsigned)")
+    k = sub.add_parser("keygen", help="make the Ed25519 key that signs bundles (in ~/.config/airgap-llm)")
+    k.add_argument("--force", action="store_true", help="replace an existing key")
+    k.set_defaults(func=lambda a: (__import__("bundler.signing", fromlist=["keygen"]).keygen(log, a.force), 0)[1])
     b.set_defaults(func=cmd_bundle)
     u = sub.add_parser("unpack", help="check a bundle tar against its manifest, then extract it safely")
     u.add_argument("tar")

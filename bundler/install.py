@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Verify this bundle, plan the engine for this box, install it and start an "
                     "OpenAI-compatible service, then prove it answers. Never uses the network.",
         epilog="Environment: AIRGAP_LLM_PYTHON (python3 to use), AIRGAP_LLM_PREFIX (--prefix), "
-               "AIRGAP_LLM_PORT (--port), AIRGAP_LLM_HOST (--host), AIRGAP_LLM_HEALTH_TIMEOUT (--timeout). "
+               "AIRGAP_LLM_PORT (--port), AIRGAP_LLM_HOST (--host), AIRGAP_LLM_HEALTH_TIMEOUT (--timeout), "
+               "AIRGAP_LLM_TRUST (--trust). "
                "Exit status: 0 done, 1 error, 2 usage, 3 the model cannot be served on this box.")
     p.add_argument("--bundle", required=True, help=argparse.SUPPRESS)
     p.add_argument("--prefix", default=env("AIRGAP_LLM_PREFIX"),
@@ -118,11 +119,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe", action="store_true", help="print this box's facts as JSON and exit")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     p.add_argument("--no-smoke", action="store_true", help="skip the chat request after start")
+    p.add_argument("--trust", action="append", default=[e for e in [env("AIRGAP_LLM_TRUST")] if e],
+                   help="a signer's public key (minisign .pub) to trust; pinned under CONFIG/trusted.d once a bundle "
+                        "it signed verifies (AIRGAP_LLM_TRUST)")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="install a bundle without a valid signature from a pinned key (shouted, and recorded)")
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="install an older version than the last one accepted for this bundle name")
+    p.add_argument("--yes", action="store_true", help="answer yes to pinning the signer's key on a first install")
     p.add_argument("--rollback", action="store_true",
                    help="switch back to the release installed before the current one and start it")
     p.add_argument("--uninstall", action="store_true",
                    help="stop the service and remove its releases, unit and env file (models are kept)")
-    p.add_argument("--purge", action="store_true", help="with --uninstall: remove the stored models too")
+    p.add_argument("--purge", action="store_true",
+                   help="with --uninstall: remove the stored models, pinned keys and accepted versions too")
     p.add_argument("--service", choices=("auto", "systemd", "process"), default="auto",
                    help="systemd unit (where systemd is PID 1 and we are root) or a supervised background "
                         "process (default auto)")
@@ -168,6 +178,105 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
             mf.join_parts(bundle, e)
     info(f"verified {len(doc['files'])} files")
     return doc
+
+
+def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """The bundle must be signed by a pinned key (or --allow-unsigned), and not older than the
+    last version accepted for its name (or --allow-downgrade). Returns what to record."""
+    from . import signing
+
+    trusted_dir = layout.etc / "trusted.d"
+    given = [(Path(t), signing.parse_public_key(Path(t).read_text(), t)) for t in args.trust]
+    pinned = signing.pinned_keys(trusted_dir)
+    sig = signing.read_signature(bundle)
+    record: dict[str, Any] = {"version": doc.get("version", "0"), "unsigned": False, "key": "", "pin": None}
+    if sig is None:
+        if not args.allow_unsigned:
+            raise BundlerError(f"{bundle} is not signed ({signing.SIG_NAME} is missing); nothing was changed",
+                               hint="ask for a signed bundle, or pass --allow-unsigned if you checked it another way")
+        _shout("INSTALLING AN UNSIGNED BUNDLE (--allow-unsigned): nothing proves who made it; this is recorded in "
+               f"{layout.etc / 'accepted.json'}")
+        record["unsigned"] = True
+    else:
+        matching = [(p, k) for p, k in given + pinned if k.key_id == sig.key_id]
+        if matching:
+            if not any(signing.check(bundle, sig, k) for _, k in matching):
+                if not args.allow_unsigned:
+                    raise BundlerError(f"the signature of {bundle / 'manifest.json'} does not verify with key "
+                                       f"{sig.fingerprint} ({matching[0][0]}); nothing was changed",
+                                       hint="the manifest was changed after signing: copy the bundle again")
+                _shout(f"THE SIGNATURE DOES NOT VERIFY (key {sig.fingerprint}); installing anyway (--allow-unsigned)")
+                record["unsigned"] = True
+            else:
+                record["key"] = sig.fingerprint
+                src = matching[0][0]
+                if src.parent != trusted_dir:
+                    record["pin"] = str(src)
+        elif given or pinned:
+            known = ", ".join(sorted({k.fingerprint for _, k in given + pinned}))
+            if not args.allow_unsigned:
+                raise BundlerError(f"{bundle} is signed by key {sig.fingerprint}, which this box does not trust "
+                                   f"(trusted: {known}); nothing was changed",
+                                   hint="if you expect that signer, get its .pub out of band and pass --trust FILE")
+            _shout(f"SIGNED BY AN UNTRUSTED KEY {sig.fingerprint}; installing anyway (--allow-unsigned)")
+            record["unsigned"] = True
+        else:
+            offered = bundle / signing.SIGNER_PUB
+            pub = signing.parse_public_key(offered.read_text(), str(offered)) if offered.exists() else None
+            interactive = sys.stdin.isatty() and not args.json
+            if pub is None or pub.key_id != sig.key_id or not signing.check(bundle, sig, pub):
+                raise BundlerError(f"{bundle}: its signature does not verify with the key it names",
+                                   hint="copy the bundle again from its source")
+            if args.yes or (interactive and _ask(f"This box trusts no signing key yet. The bundle is signed by key "
+                                                 f"{sig.fingerprint}. Compare it with what its maker told you. "
+                                                 "Trust this key from now on? [y/N] ")):
+                record["key"], record["pin"] = sig.fingerprint, str(offered)
+            elif not args.allow_unsigned:
+                raise BundlerError(f"no signing key is pinned on this box, and the bundle is signed by "
+                                   f"{sig.fingerprint}; nothing was changed",
+                                   hint="pass --trust KEY.pub (the public key you got from the bundle's maker out of "
+                                        "band), or run interactively to confirm the fingerprint")
+            else:
+                _shout(f"KEY {sig.fingerprint} IS NOT PINNED; installing anyway (--allow-unsigned)")
+                record["unsigned"] = True
+    accepted = _accepted(layout).get(doc["name"])
+    if accepted and _ver(record["version"]) < _ver(accepted["version"]) and not args.allow_downgrade:
+        raise BundlerError(f"{doc['name']} {record['version']} is older than {accepted['version']}, the version this "
+                           "box accepted last; nothing was changed",
+                           hint="install the newer bundle, or pass --allow-downgrade if you mean to go back")
+    return record
+
+
+def _shout(msg: str) -> None:
+    bar = "!" * min(100, len(msg) + 4)
+    print(f"{bar}\n! {msg}\n{bar}", file=sys.stderr, flush=True)
+
+
+def _ask(question: str) -> bool:
+    print(question, end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _accepted(layout: Layout) -> dict[str, Any]:
+    try:
+        return json.loads((layout.etc / "accepted.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def remember(layout: Layout, name: str, record: dict[str, Any]) -> None:
+    """Pin the key the operator gave (or confirmed) and record the version accepted."""
+    if record.get("pin"):
+        d = layout.etc / "trusted.d"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(record["pin"], d / f"{record['key']}.pub")
+        info(f"pinned signing key {record['key']} in {d}")
+    acc = _accepted(layout)
+    acc[name] = {"version": record["version"], "key": record["key"], "unsigned": record["unsigned"],
+                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = layout.etc / "accepted.json.tmp"
+    tmp.write_text(json.dumps(acc, indent=2) + "\n")
+    os.replace(tmp, layout.etc / "accepted.json")
 
 
 def preflight(doc: dict[str, Any], hw: probe.Hardware, layout: Layout) -> None:
@@ -624,9 +733,14 @@ def uninstall(layout: Layout, purge: bool) -> None:
         elif p.is_dir():
             shutil.rmtree(p)
             removed.append(str(p))
-    if purge and layout.models.is_dir():
-        shutil.rmtree(layout.models)
-        removed.append(str(layout.models))
+    if purge:
+        for p in (layout.models, layout.etc / "trusted.d", layout.etc / "accepted.json"):
+            if p.is_dir():
+                shutil.rmtree(p)
+                removed.append(str(p))
+            elif p.exists():
+                p.unlink()
+                removed.append(str(p))
     info("removed: " + (", ".join(removed) if removed else "nothing (not installed here)"))
     if not purge and layout.models.is_dir():
         info(f"kept the models in {layout.models} (--purge removes them)")
@@ -698,6 +812,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.rollback:
         return rollback(layout, probe.probe(layout.prefix), args)
     doc = verify_bundle(bundle)
+    trust = check_trust(bundle, doc, layout, args)
     hw = probe.probe(layout.prefix)
     preflight(doc, hw, layout)
     m = resolve_model(doc, args)
@@ -769,6 +884,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             raise
     assert release is not None
     switch_current(layout, release)
+    remember(layout, doc["name"], trust)
     info(f"first answer {time.monotonic() - t0:.1f}s after start")
     result = summary(layout, doc, m, plan, host, port, mode, answer, changed=True)
     if args.bench:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
+SIGNATURE = "manifest.json.minisig"  # signs the manifest, so it cannot be listed in it
 CHUNK = 4 << 20
 # Files over CHUNKED_MIN also get the sha256 of each CHUNK_SIZE piece in the manifest, so
 # one huge file is verified on every core at once (its whole-file sha256 stays, for
@@ -106,7 +107,7 @@ def _walk(root: Path) -> Iterable[str]:
         for fn in sorted(filenames):
             p = Path(dirpath, fn)
             rel = p.relative_to(root).as_posix()
-            if rel in (MANIFEST, SUMS):
+            if rel in (MANIFEST, SUMS, SIGNATURE):
                 continue
             yield rel
 

@@ -23,7 +23,7 @@ import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
-META = ("manifest.json", "SHA256SUMS")
+META = ("manifest.json", "SHA256SUMS", "manifest.json.minisig")  # the signature signs the manifest
 
 
 def _bad_name(name: str) -> str:

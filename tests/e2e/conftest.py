@@ -16,7 +16,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory) -> Path:
+def signing_home(tmp_path_factory) -> Path:
+    """A signing key made for this test run (bundler keygen on first bundle), and the box's
+    trust of it given the way an operator would: AIRGAP_LLM_TRUST=KEY.pub."""
+    home = tmp_path_factory.mktemp("config")
+    os.environ["XDG_CONFIG_HOME"] = str(home)
+    os.environ["AIRGAP_LLM_TRUST"] = str(home / "airgap-llm" / "signing-key.pub")
+    return home
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, signing_home) -> Path:
     out = tmp_path_factory.mktemp("dist")
     r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "bundle.toml"), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True)
@@ -26,7 +36,7 @@ def bundle_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def parts_bundle_dir(tmp_path_factory) -> Path:
+def parts_bundle_dir(tmp_path_factory, signing_home) -> Path:
     """The default bundle split for a transfer gateway that takes files of at most 60 MiB."""
     out = tmp_path_factory.mktemp("dist-parts")
     r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "bundle.toml"), "--out", str(out),

@@ -1,4 +1,5 @@
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -142,7 +143,8 @@ def test_installs_with_the_oldest_and_newest_supported_python(bundle_dir, netns,
         pytest.skip(f"no python{version} on this machine")
     prefix = tmp_path / "prefix"
     r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--json", "--port", "18081"],
-                  env={"PATH": "/usr/bin:/bin", "AIRGAP_LLM_PYTHON": py})
+                  env={"PATH": "/usr/bin:/bin", "AIRGAP_LLM_PYTHON": py,
+                       "AIRGAP_LLM_TRUST": os.environ["AIRGAP_LLM_TRUST"]})
     try:
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
@@ -214,7 +216,8 @@ def test_upgrade_then_rollback_then_uninstall(bundle_dir, netns, tmp_path):
     gone = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--uninstall"])
     assert gone.returncode == 0, gone.stderr
     assert sorted(p.name for p in prefix.iterdir()) == ["etc", "models"]
-    assert not list((prefix / "etc").iterdir())
+    # the key pinned and the version accepted stay (an uninstall must not open the door to a downgrade)
+    assert sorted(p.name for p in (prefix / "etc").iterdir()) == ["accepted.json", "trusted.d"]
     assert (prefix / "models" / MODEL_SHA / "gemma-3-270m-q4_k_m.gguf").is_file()
     down = netns.run([sys.executable, "-c", "import urllib.request as u; u.urlopen("
                       "'http://127.0.0.1:18082/health', timeout=3)"])

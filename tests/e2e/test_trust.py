@@ -1,0 +1,94 @@
+"""Signatures: only bundles signed by a pinned key install; refusals change nothing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bundler import manifest
+
+pytestmark = pytest.mark.e2e
+
+
+def copy(bundle_dir, dest):
+    shutil.copytree(bundle_dir, dest, copy_function=lambda s, d: shutil.copy2(s, d) if s.endswith(
+        ("manifest.json", "SHA256SUMS", ".minisig", ".pub")) else os.link(s, d))
+    return dest
+
+
+def dry(netns, bundle, prefix, *extra, trust=True):
+    env = dict(os.environ)
+    if not trust:
+        env.pop("AIRGAP_LLM_TRUST", None)
+    return netns.run([str(bundle / "install.sh"), "--prefix", str(prefix), "--dry-run", *extra], env=env,
+                     stdin=subprocess.DEVNULL)
+
+
+def fingerprint(bundle):
+    return json.loads((bundle / "manifest.json").read_text())["signed_by"]
+
+
+def test_minisign_itself_accepts_the_signature(bundle_dir):
+    if not shutil.which("minisign"):
+        pytest.skip("minisign is not installed")
+    r = subprocess.run(["minisign", "-Vm", str(bundle_dir / "manifest.json"), "-p", os.environ["AIRGAP_LLM_TRUST"]],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_pinned_key_is_refused_unless_trusted(bundle_dir, netns, tmp_path):
+    r = dry(netns, bundle_dir, tmp_path / "p", trust=False)
+    assert r.returncode == 1
+    assert f"signed by {fingerprint(bundle_dir)}" in r.stderr and "--trust" in r.stderr
+    assert not (tmp_path / "p").exists()
+    ok = dry(netns, bundle_dir, tmp_path / "p")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_wrong_key_is_refused(bundle_dir, netns, tmp_path):
+    other = tmp_path / "other"
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "keygen"], capture_output=True, text=True,
+                       env=dict(os.environ, XDG_CONFIG_HOME=str(other)))
+    assert r.returncode == 0, r.stderr
+    bad = dry(netns, bundle_dir, tmp_path / "p", "--trust", str(other / "airgap-llm" / "signing-key.pub"),
+              trust=False)
+    assert bad.returncode == 1
+    assert "which this box does not trust" in bad.stderr and not (tmp_path / "p").exists()
+
+
+def test_valid_sums_but_a_changed_manifest_fail_the_signature(bundle_dir, netns, tmp_path):
+    b = copy(bundle_dir, tmp_path / "b")
+    m = b / "manifest.json"
+    m.write_text(m.read_text().replace('"version": "1.0.0"', '"version": "9.9.9"'))
+    sums = (b / "SHA256SUMS").read_text().splitlines()
+    sums[-1] = f"{manifest.sha256_file(m)}  manifest.json"
+    (b / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=b).returncode == 0
+    r = dry(netns, b, tmp_path / "p")
+    assert r.returncode == 1 and "does not verify with key" in r.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_missing_signature_needs_allow_unsigned_which_is_shouted(bundle_dir, netns, tmp_path):
+    b = copy(bundle_dir, tmp_path / "b")
+    (b / "manifest.json.minisig").unlink()
+    r = dry(netns, b, tmp_path / "p")
+    assert r.returncode == 1 and "is not signed" in r.stderr and not (tmp_path / "p").exists()
+    r = dry(netns, b, tmp_path / "p", "--allow-unsigned")
+    assert r.returncode == 0, r.stderr
+    assert "INSTALLING AN UNSIGNED BUNDLE" in r.stderr
+
+
+def test_an_older_signed_bundle_is_refused_after_a_newer_one(bundle_dir, netns, tmp_path):
+    prefix = tmp_path / "p"
+    (prefix / "etc").mkdir(parents=True)
+    name = json.loads((bundle_dir / "manifest.json").read_text())["name"]
+    newer = {name: {"version": "2.0.0", "key": "", "unsigned": False}}
+    (prefix / "etc" / "accepted.json").write_text(json.dumps(newer))
+    r = dry(netns, bundle_dir, prefix)
+    assert r.returncode == 1 and "older than 2.0.0" in r.stderr and "--allow-downgrade" in r.stderr
+    r = dry(netns, bundle_dir, prefix, "--allow-downgrade")
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+
+from bundler import ed25519
+
+ed = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.ed25519")
+
+
+def test_rfc8032_test_vector_1():
+    pub = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+    sig = bytes.fromhex("e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+                        "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+    assert ed25519.verify(pub, b"", sig)
+    assert not ed25519.verify(pub, b"x", sig)
+
+
+def test_agrees_with_cryptography_on_random_keys_messages_and_tampering():
+    for i in range(40):
+        key = ed.Ed25519PrivateKey.generate()
+        pub = key.public_key().public_bytes_raw()
+        msg = os.urandom(i * 7)
+        sig = key.sign(msg)
+        assert ed25519.verify(pub, msg, sig)
+        bad = bytearray(sig)
+        bad[i % 64] ^= 1 << (i % 8)
+        assert not ed25519.verify(pub, msg, bytes(bad))
+        assert not ed25519.verify(pub, msg + b"!", sig)
+        other = ed.Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        assert not ed25519.verify(other, msg, sig)
