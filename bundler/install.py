@@ -395,6 +395,22 @@ def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware,
                                            f"{dp}, {seqs} sequences per replica"))
 
 
+def check_port(host: str, port: int, layout: Layout) -> None:
+    """Refuse a port another program holds (ours is stopped and restarted by the upgrade)."""
+    import socket
+
+    if layout.current.is_symlink() and is_running(layout.current.resolve()):
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise BundlerError(f"port {port} on {host} is taken by another program ({e.strerror}); nothing was "
+                               "changed", hint=f"free it, or pick another with --port (e.g. --port {port + 1})")
+
+
 def release_id(doc_sha: str, plan: planner.Plan, host: str, port: int) -> str:
     h = hashlib.sha256(doc_sha.encode())
     # only the decisions: the reasons quote free RAM, which moves between runs
@@ -846,12 +862,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         answer = None if args.no_smoke else smoke(base, m["name"], read_key(layout))
         return summary(layout, doc, m, plan, host, port, mode, answer, changed=True)
 
+    check_port(host, port, layout)
     layout.prefix.mkdir(parents=True, exist_ok=True)
     for d in (layout.releases, layout.models, layout.etc):
         d.mkdir(parents=True, exist_ok=True)
+    for stale in layout.releases.glob(".*.partial"):  # left by an installer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     os.chmod(layout.etc, 0o700)  # holds the API key
     key = ensure_env_file(layout)
+    done = layout.prefix / f".upgrade-{os.getpid()}.done"
     if previous is not None and previous.is_dir() and is_running(previous):
+        # if this process dies from here on, the guard brings the previous release back
+        subprocess.Popen([sys.executable, "-m", "bundler.guard", "--pid", str(os.getpid()), "--done", str(done),
+                          "--ctl", str(previous / "bin" / "ctl"), "--remove", str(layout.releases / rid)],
+                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True)
         info(f"stopping the previous release {previous.name}")
         ctl(previous, "stop")
     # vLLM with tensor parallel can crash in its all-reduce paths where NVLink multicast is
@@ -881,8 +906,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             warn(f"release {release.name} failed; removed it" + (f"; restarting {previous.name}" if previous else ""))
             if previous is not None and previous.is_dir():
                 start(previous, mode, layout)
+            done.touch()
             raise
     assert release is not None
+    done.touch()  # healthy and answering: from here on the guard must not undo it
     switch_current(layout, release)
     remember(layout, doc["name"], trust)
     info(f"first answer {time.monotonic() - t0:.1f}s after start")

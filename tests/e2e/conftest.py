@@ -65,6 +65,11 @@ class Netns:
         kw.setdefault("timeout", 600)
         return subprocess.run(["ip", "netns", "exec", self.name, *cmd], **kw)
 
+    def popen(self, cmd: list[str], **kw) -> subprocess.Popen:
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)
+
     def __exit__(self, *exc) -> None:
         # nothing may outlive the namespace: kill what still runs in it
         pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout.split()

@@ -282,3 +282,55 @@ def test_200_random_byte_flips_are_each_detected_and_named(bundle_dir, netns, tm
                 f.seek(offset)
                 f.write(old)
     assert manifest.verify(copy, show_progress=False)[1] == []
+
+
+def test_a_port_held_by_another_program_is_refused(bundle_dir, netns, tmp_path):
+    holder = netns.popen([sys.executable, "-c", "import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 18084));"
+                          " s.listen(); time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--port", "18084"])
+        assert r.returncode == 1
+        assert "port 18084 on 127.0.0.1 is taken" in r.stderr and "--port 18085" in r.stderr
+        assert not (tmp_path / "p").exists()
+    finally:
+        holder.kill()
+
+
+def _chat(netns, port, key):
+    code = ("import json,sys,urllib.request as u\n"
+            f"r=u.Request('http://127.0.0.1:{port}/v1/chat/completions', data=json.dumps({{'model':'x',"
+            "'messages':[{'role':'user','content':'hi'}],'max_tokens':8}).encode(),"
+            f"headers={{'Authorization':'Bearer {key}','Content-Type':'application/json'}})\n"
+            "print(json.load(u.urlopen(r, timeout=60))['choices'][0]['message']['content'])")
+    return netns.run([sys.executable, "-c", code])
+
+
+def test_an_upgrade_killed_at_ten_points_leaves_a_release_answering(bundle_dir, netns, tmp_path):
+    import signal
+
+    prefix = tmp_path / "prefix"
+    base = [str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18085", "--no-smoke"]
+    first = netns.run([*base, "--json"])
+    assert first.returncode == 0, first.stderr
+    key = next(line.split("=", 1)[1] for line in (prefix / "etc" / "gemma3-270m-cpu.env").read_text().splitlines()
+               if line.startswith("LLAMA_API_KEY="))
+    for i, delay in enumerate([0.3, 0.8, 1.3, 1.8, 2.3, 2.8, 3.3, 3.8, 4.5, 5.5]):
+        # each upgrade is a new plan (slots 2..11), so a new release is built and started
+        proc = netns.popen([*base, "--concurrency", str(2 + i)])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        answered = None
+        for _ in range(120):
+            r = _chat(netns, 18085, key)
+            if r.returncode == 0 and r.stdout.strip():
+                answered = r.stdout
+                break
+            time.sleep(0.5)
+        assert answered, f"nothing answered after the installer was killed at {delay}s (point {i + 1})"
+        live = (prefix / "current").resolve()
+        assert (live / "plan.json").is_file(), f"current points at an incomplete release after point {i + 1}"
+        status = netns.run([str(prefix / "current" / "bin" / "ctl"), "status"])
+        assert status.returncode == 0, f"the answering service is not the one ctl controls (point {i + 1})"
+    netns.run([str(prefix / "current" / "bin" / "ctl"), "stop"])
