@@ -190,55 +190,57 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, args: argpars
     pinned = signing.pinned_keys(trusted_dir)
     sig = signing.read_signature(bundle)
     record: dict[str, Any] = {"version": doc.get("version", "0"), "unsigned": False, "key": "", "pin": None}
-    if sig is None:
+
+    def refuse_unless_allowed(message: str, hint: str, shout: str) -> None:
         if not args.allow_unsigned:
-            raise BundlerError(f"{bundle} is not signed ({signing.SIG_NAME} is missing); nothing was changed",
-                               hint="ask for a signed bundle, or pass --allow-unsigned if you checked it another way")
-        _shout("INSTALLING AN UNSIGNED BUNDLE (--allow-unsigned): nothing proves who made it; this is recorded in "
-               f"{layout.etc / 'accepted.json'}")
+            raise BundlerError(f"{message}; nothing was changed", hint=hint)
+        _shout(f"{shout}; installing anyway (--allow-unsigned), recorded in {layout.etc / 'accepted.json'}")
         record["unsigned"] = True
-    else:
-        matching = [(p, k) for p, k in given + pinned if k.key_id == sig.key_id]
-        if matching:
-            if not any(signing.check(bundle, sig, k) for _, k in matching):
-                if not args.allow_unsigned:
-                    raise BundlerError(f"the signature of {bundle / 'manifest.json'} does not verify with key "
-                                       f"{sig.fingerprint} ({matching[0][0]}); nothing was changed",
-                                       hint="the manifest was changed after signing: copy the bundle again")
-                _shout(f"THE SIGNATURE DOES NOT VERIFY (key {sig.fingerprint}); installing anyway (--allow-unsigned)")
-                record["unsigned"] = True
-            else:
-                record["key"] = sig.fingerprint
-                src = matching[0][0]
-                if src.parent != trusted_dir:
-                    record["pin"] = str(src)
-        elif given or pinned:
-            known = ", ".join(sorted({k.fingerprint for _, k in given + pinned}))
-            if not args.allow_unsigned:
-                raise BundlerError(f"{bundle} is signed by key {sig.fingerprint}, which this box does not trust "
-                                   f"(trusted: {known}); nothing was changed",
-                                   hint="if you expect that signer, get its .pub out of band and pass --trust FILE")
-            _shout(f"SIGNED BY AN UNTRUSTED KEY {sig.fingerprint}; installing anyway (--allow-unsigned)")
-            record["unsigned"] = True
+
+    if sig is None:
+        refuse_unless_allowed(f"{bundle} is not signed ({signing.SIG_NAME} is missing)",
+                              "ask for a signed bundle, or pass --allow-unsigned if you checked it another way",
+                              "INSTALLING AN UNSIGNED BUNDLE: nothing proves who made it")
+        return _check_downgrade(doc, layout, args, record)
+    matching = [(p, k) for p, k in given + pinned if k.key_id == sig.key_id]
+    if matching:
+        if any(signing.check(bundle, sig, k) for _, k in matching):
+            record["key"] = sig.fingerprint
+            if matching[0][0].parent != trusted_dir:
+                record["pin"] = str(matching[0][0])
         else:
-            offered = bundle / signing.SIGNER_PUB
-            pub = signing.parse_public_key(offered.read_text(), str(offered)) if offered.exists() else None
-            interactive = sys.stdin.isatty() and not args.json
-            if pub is None or pub.key_id != sig.key_id or not signing.check(bundle, sig, pub):
-                raise BundlerError(f"{bundle}: its signature does not verify with the key it names",
-                                   hint="copy the bundle again from its source")
-            if args.yes or (interactive and _ask(f"This box trusts no signing key yet. The bundle is signed by key "
-                                                 f"{sig.fingerprint}. Compare it with what its maker told you. "
-                                                 "Trust this key from now on? [y/N] ")):
-                record["key"], record["pin"] = sig.fingerprint, str(offered)
-            elif not args.allow_unsigned:
-                raise BundlerError(f"no signing key is pinned on this box, and the bundle is signed by "
-                                   f"{sig.fingerprint}; nothing was changed",
-                                   hint="pass --trust KEY.pub (the public key you got from the bundle's maker out of "
-                                        "band), or run interactively to confirm the fingerprint")
-            else:
-                _shout(f"KEY {sig.fingerprint} IS NOT PINNED; installing anyway (--allow-unsigned)")
-                record["unsigned"] = True
+            refuse_unless_allowed(f"the signature of {bundle / 'manifest.json'} does not verify with key "
+                                  f"{sig.fingerprint} ({matching[0][0]})",
+                                  "the manifest was changed after signing: copy the bundle again",
+                                  f"THE SIGNATURE DOES NOT VERIFY (key {sig.fingerprint})")
+    elif given or pinned:
+        known = ", ".join(sorted({k.fingerprint for _, k in given + pinned}))
+        refuse_unless_allowed(f"{bundle} is signed by key {sig.fingerprint}, which this box does not trust "
+                              f"(trusted: {known})",
+                              "if you expect that signer, get its .pub out of band and pass --trust FILE",
+                              f"SIGNED BY AN UNTRUSTED KEY {sig.fingerprint}")
+    else:
+        offered = bundle / signing.SIGNER_PUB
+        pub = signing.parse_public_key(offered.read_text(), str(offered)) if offered.exists() else None
+        if pub is None or pub.key_id != sig.key_id or not signing.check(bundle, sig, pub):
+            raise BundlerError(f"{bundle}: its signature does not verify with the key it names",
+                               hint="copy the bundle again from its source")
+        interactive = sys.stdin.isatty() and not args.json
+        if args.yes or (interactive and _ask(f"This box trusts no signing key yet. The bundle is signed by key "
+                                             f"{sig.fingerprint}. Compare it with what its maker told you. "
+                                             "Trust this key from now on? [y/N] ")):
+            record["key"], record["pin"] = sig.fingerprint, str(offered)
+        else:
+            refuse_unless_allowed(f"no signing key is pinned on this box, and the bundle is signed by "
+                                  f"{sig.fingerprint}",
+                                  "pass --trust KEY.pub (the public key you got from the bundle's maker out of "
+                                  "band), or run interactively to confirm the fingerprint",
+                                  f"KEY {sig.fingerprint} IS NOT PINNED")
+    return _check_downgrade(doc, layout, args, record)
+
+
+def _check_downgrade(doc: dict[str, Any], layout: Layout, args: argparse.Namespace,
+                     record: dict[str, Any]) -> dict[str, Any]:
     accepted = _accepted(layout).get(doc["name"])
     if accepted and _ver(record["version"]) < _ver(accepted["version"]) and not args.allow_downgrade:
         raise BundlerError(f"{doc['name']} {record['version']} is older than {accepted['version']}, the version this "

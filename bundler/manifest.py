@@ -101,6 +101,17 @@ def sha256_file(path: str | os.PathLike[str], progress: Callable[[int], Any] | N
     return h.hexdigest()
 
 
+def _blocks(f, limit: int):
+    """Blocks of f from where it stands, `limit` bytes at most."""
+    left = limit
+    while left:
+        block = f.read(min(CHUNK, left))
+        if not block:
+            return
+        left -= len(block)
+        yield block
+
+
 def _walk(root: Path) -> Iterable[str]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -125,16 +136,12 @@ def scan(root: Path, workers: int | None = None) -> list[ManifestEntry]:
         whole, chunks = hashlib.sha256(), []
         with open(p, "rb") as f:  # one pass: the whole file and its chunks
             while True:
-                piece = hashlib.sha256()
-                left = CHUNK_SIZE
-                while left:
-                    block = f.read(min(CHUNK, left))
-                    if not block:
-                        break
+                piece, n = hashlib.sha256(), 0
+                for block in _blocks(f, CHUNK_SIZE):
                     whole.update(block)
                     piece.update(block)
-                    left -= len(block)
-                if left == CHUNK_SIZE:
+                    n += len(block)
+                if not n:
                     break
                 chunks.append(piece.hexdigest())
         return ManifestEntry(rel, st.st_size, whole.hexdigest(), mode, chunks=tuple(chunks))
@@ -284,14 +291,9 @@ def verify(root: Path, workers: int | None = None, show_progress: bool = True) -
         try:
             with open(root / e.path, "rb") as f:
                 f.seek(i * CHUNK_SIZE)
-                left = CHUNK_SIZE
-                while left:
-                    block = f.read(min(CHUNK, left))
-                    if not block:
-                        break
+                for block in _blocks(f, CHUNK_SIZE):
                     h.update(block)
                     bar(len(block))
-                    left -= len(block)
         except OSError as err:
             return Problem(e.path, "unreadable", actual=str(err))
         if h.hexdigest() != e.chunks[i]:
