@@ -289,6 +289,10 @@ def preflight(doc: dict[str, Any], hw: probe.Hardware, layout: Layout) -> None:
         if _ver(hw.glibc) < _ver(e["glibc"]):
             problems.append(f"the bundled {e['name']} needs glibc >= {e['glibc']}, this box has {hw.glibc}; "
                             "bundle on a machine with an older glibc than the box's")
+    need, wheel = wheels_glibc(doc, hw.python)
+    if need and _ver(hw.glibc) < _ver(need):
+        problems.append(f"the bundled wheel {wheel} needs glibc >= {need}, this box has {hw.glibc}; bundle against "
+                        "this box's probe file (make bundle TARGET=box.json)")
     model_bytes = sum(f["size"] for f in doc["files"] if f["path"].startswith("models/"))
     other = sum(f["size"] for f in doc["files"]) - model_bytes
     existing = sum((layout.models / m["sha256"]).exists() for m in doc["models"])
@@ -313,6 +317,39 @@ def preflight(doc: dict[str, Any], hw: probe.Hardware, layout: Layout) -> None:
     if problems:
         raise BundlerError("this box does not meet the bundle's needs:\n  " + "\n  ".join(problems),
                            hint="nothing was changed")
+
+
+def wheels_glibc(doc: dict[str, Any], python: str) -> tuple[str, str]:
+    """The newest glibc any bundled wheel for this Python needs (a wheel with several tags
+    needs the oldest of them), and that wheel's name."""
+    import re
+
+    tag = "cp" + "".join(python.split(".")[:2])
+    worst, name = (0, 0), ""
+    for f in doc["files"]:
+        base = f["path"].rsplit("/", 1)[-1]
+        if not base.endswith(".whl"):
+            continue
+        parts = base[:-4].split("-")
+        if len(parts) < 5:
+            continue
+        py, abi = parts[-3], parts[-2]
+        if not (py.startswith("py") or py == tag or abi == "abi3"):
+            continue  # a wheel for another Python (markupsafe is carried for each)
+        needs = []
+        for t in parts[-1].split("."):
+            m = re.match(r"manylinux_(\d+)_(\d+)_", t)
+            if m:
+                needs.append((int(m.group(1)), int(m.group(2))))
+            elif t.startswith("manylinux2014"):
+                needs.append((2, 17))
+            elif t.startswith("manylinux2010"):
+                needs.append((2, 12))
+            elif t.startswith("manylinux1"):
+                needs.append((2, 5))
+        if needs and min(needs) > worst:
+            worst, name = min(needs), base
+    return (f"{worst[0]}.{worst[1]}" if name else ""), name
 
 
 def _ver(v: str) -> tuple[int, ...]:

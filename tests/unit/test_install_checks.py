@@ -78,3 +78,17 @@ def test_safe_tensor_parallel_flags_follow_the_vllm_version():
     assert old[0] == "--disable-custom-all-reduce"
     assert json.loads(old[2]) == {"pass_config": {"fuse_allreduce_rms": False}}
     assert json.loads(vllm.safe_tp_flags("0.33.0")[2]) == {"pass_config": {"enable_fi_allreduce_fusion": False}}
+
+
+def test_wheels_newer_than_the_box_glibc_are_refused_by_name(tmp_path):
+    d = doc(None)
+    d["files"] = [{"path": "wheels/fast-1.0-cp312-cp312-manylinux_2_39_x86_64.whl", "size": 1, "sha256": "0" * 64},
+                  {"path": "wheels/old-1.0-cp39-cp39-manylinux_2_40_x86_64.whl", "size": 1, "sha256": "0" * 64},
+                  {"path": "wheels/multi-1.0-py3-none-manylinux2014_x86_64.manylinux_2_34_x86_64.whl", "size": 1,
+                   "sha256": "0" * 64}]
+    assert install.wheels_glibc(d, "3.12.3") == ("2.39", "fast-1.0-cp312-cp312-manylinux_2_39_x86_64.whl")
+    hw = replace(device_box(), glibc="2.35")
+    with pytest.raises(BundlerError) as e:
+        install.preflight(d, hw, layout(tmp_path))
+    assert "fast-1.0-cp312-cp312-manylinux_2_39_x86_64.whl needs glibc >= 2.39, this box has 2.35" in e.value.message
+    install.preflight(d, replace(device_box(), glibc="2.39"), layout(tmp_path))
