@@ -43,15 +43,20 @@ def cmd_bundle(a: argparse.Namespace) -> int:
     r = bundle.make(s, Path(a.out), log=log, target=target, reuse_installed=a.reuse_installed, part_size=part,
                     sign=not a.unsigned)
     pythons = ", ".join(json.loads((r.directory / "manifest.json").read_text())["pythons"])
+    from .signing import key_paths
+
+    pub = key_paths()[1]
+    trust = "--allow-unsigned" if a.unsigned else f"--trust {pub.name}"
     carry = (f"  tar: {r.tar} ({_size(r.tar.stat().st_size)})\n" if r.tar.exists() else
              f"  split for transfer: no file in {r.directory} is larger than {a.part_size}; carry the directory\n")
     print(f"\nbundle ready in {r.seconds:.0f}s: {r.directory} ({_size(r.size)})\n{carry}"
           f"  the box needs: Linux on this CPU architecture, python3 {pythons}\n"
-          + (f"next: copy {r.tar.name} to the offline box, then:\n"
-             f"  tar xf {r.tar.name} && cd {s.name} && sudo ./install.sh   (or ./install.sh --prefix DIR)"
+          + (f"next: copy {r.tar.name} and {r.tar.name.replace('.tar', '.unpack.py')} to the offline box, then:\n"
+             f"  python3 {s.name}.unpack.py {r.tar.name} && cd {s.name} && sudo ./install.sh {trust}"
              if r.tar.exists() else
              f"next: copy the directory {s.name}/ to the offline box, then:\n"
-             f"  cd {s.name} && sudo ./install.sh   (or ./install.sh --prefix DIR); it joins the parts"))
+             f"  cd {s.name} && sudo ./install.sh {trust}   (it joins the parts)")
+          + ("" if a.unsigned else f"\n  (signed: give the box {pub} by another way, once)"))
     return 0
 
 
