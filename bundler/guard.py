@@ -24,7 +24,54 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (dead, not yet reaped) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _pidfile_of(ctl: str) -> str:
+    for line in open(ctl):
+        if line.startswith("PIDFILE="):
+            return line.split("=", 1)[1].strip().strip("'")
+    return ""
+
+
+def _supervisors(pidfile: str) -> list[int]:
+    """Processes running `bundler.supervise --pidfile PIDFILE` (found in /proc)."""
+    if not pidfile:
+        return []
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"bundler.supervise" in args and pidfile.encode() in args:
+            found.append(int(d))
+    return found
+
+
+def _stop_supervisors(pidfile: str) -> bool:
+    pids = _supervisors(pidfile)
+    for pid in pids:
+        try:
+            os.kill(pid, 15)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 25
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    return bool(pids)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(a.done):
         os.unlink(a.done)
         return 0
-    subprocess.run([a.ctl, "stop"], capture_output=True)  # whatever holds the pid file (maybe the new one)
+    # Stop every supervisor of this service, not only the one the pid file names: the dead
+    # installer's last `ctl start` may still be starting one. Twice, a second apart.
+    pidfile = _pidfile_of(a.ctl)
+    for _ in range(3):
+        subprocess.run([a.ctl, "stop"], capture_output=True)
+        stopped = _stop_supervisors(pidfile)
+        time.sleep(1.0)
+        if not stopped and not _supervisors(pidfile):
+            break
     subprocess.run([a.ctl, "start"], capture_output=True)
     if a.remove and os.path.isdir(a.remove):
         shutil.rmtree(a.remove, ignore_errors=True)

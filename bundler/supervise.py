@@ -16,6 +16,18 @@ import sys
 import time
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the supervisor dies, even by SIGKILL (Linux prctl), so an
+    engine is never left holding the port without a supervisor."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _log(log, msg: str) -> None:
     log.write(f"[supervise {time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
     log.flush()
@@ -48,7 +60,8 @@ def run(cmd: list[str], pidfile: str, logpath: str) -> int:
         while not stopping:
             started = time.monotonic()
             _log(log, "starting: " + " ".join(cmd))
-            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
             rc = child.wait()
             if stopping:
                 break
