@@ -788,6 +788,8 @@ def uninstall(layout: Layout, purge: bool) -> None:
         elif p.is_dir():
             shutil.rmtree(p)
             removed.append(str(p))
+    for marker in layout.prefix.glob(".upgrade-*.done"):
+        marker.unlink()
     if purge:
         for p in (layout.models, layout.etc / "trusted.d", layout.etc / "accepted.json"):
             if p.is_dir():
@@ -909,8 +911,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         shutil.rmtree(stale, ignore_errors=True)
     os.chmod(layout.etc, 0o700)  # holds the API key
     key = ensure_env_file(layout)
-    done = layout.prefix / f".upgrade-{os.getpid()}.done"
+    done = layout.prefix / f".upgrade-{os.getpid()}.done"  # read (and removed) by the guard only
+    guarded = False
     if previous is not None and previous.is_dir() and is_running(previous):
+        guarded = True
         # if this process dies from here on, the guard brings the previous release back
         subprocess.Popen([sys.executable, "-m", "bundler.guard", "--pid", str(os.getpid()), "--done", str(done),
                           "--ctl", str(previous / "bin" / "ctl"), "--remove", str(layout.releases / rid)],
@@ -945,10 +949,12 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             warn(f"release {release.name} failed; removed it" + (f"; restarting {previous.name}" if previous else ""))
             if previous is not None and previous.is_dir():
                 start(previous, mode, layout)
-            done.touch()
+            if guarded:
+                done.touch()
             raise
     assert release is not None
-    done.touch()  # healthy and answering: from here on the guard must not undo it
+    if guarded:
+        done.touch()  # healthy and answering: from here on the guard must not undo it
     switch_current(layout, release)
     remember(layout, doc["name"], trust)
     info(f"first answer {time.monotonic() - t0:.1f}s after start")
