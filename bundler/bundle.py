@@ -14,6 +14,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -90,7 +91,7 @@ def _fetch_sdist(spec: Spec, log) -> Path:
         req = Path(td) / "sdist.txt"
         req.write_text(f"{spec.llama_cpp.sdist} --hash=sha256:{spec.llama_cpp.sha256}\n")
         log(f"downloading {spec.llama_cpp.sdist} sdist (hash-checked by pip)")
-        lock._run([os.sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"--no-binary={name}",
+        lock._run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"--no-binary={name}",
                    "--require-hashes", "--dest", td, "-r", str(req)],
                   f"downloading {spec.llama_cpp.sdist}",
                   "check engines.llama_cpp.sdist and sha256 in the spec")

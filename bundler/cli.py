@@ -84,6 +84,19 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from . import signing
+
+    signing.keygen(log, a.force)
+    return 0
+
+
+def cmd_unpack(a: argparse.Namespace) -> int:
+    from . import safetar
+
+    return safetar.main([a.tar, a.dest])
+
+
 def cmd_probe(a: argparse.Namespace) -> int:
     from . import probe
 
@@ -248,12 +261,12 @@ def main(argv: list[str] | None = None) -> int:
                    "their installer is given --allow-unsigned)")
     k = sub.add_parser("keygen", help="make the Ed25519 key that signs bundles (in ~/.config/airgap-llm)")
     k.add_argument("--force", action="store_true", help="replace an existing key")
-    k.set_defaults(func=lambda a: (__import__("bundler.signing", fromlist=["keygen"]).keygen(log, a.force), 0)[1])
+    k.set_defaults(func=cmd_keygen)
     b.set_defaults(func=cmd_bundle)
     u = sub.add_parser("unpack", help="check a bundle tar against its manifest, then extract it safely")
     u.add_argument("tar")
     u.add_argument("dest", nargs="?", default=".")
-    u.set_defaults(func=lambda a: __import__("bundler.safetar", fromlist=["main"]).main([a.tar, a.dest]))
+    u.set_defaults(func=cmd_unpack)
     v = sub.add_parser("verify", help="check a bundle (directory or tar) against its manifest")
     v.add_argument("path")
     v.set_defaults(func=cmd_verify)

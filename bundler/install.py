@@ -31,6 +31,7 @@ from . import planner, probe
 from .engines import llama_cpp, vllm
 from .errors import BundlerError, VerifyError, report
 from .modelinfo import ModelInfo
+from .planner import version_tuple
 from .render import render
 
 DEFAULT_PREFIX = "/opt/airgap-llm"
@@ -166,7 +167,7 @@ def layout_for(args: argparse.Namespace, name: str) -> Layout:
 
 def verify_bundle(bundle: Path) -> dict[str, Any]:
     info(f"verifying {bundle} against its manifest")
-    doc, problems = mf.verify(bundle, show_progress=sys.stderr.isatty() or True)
+    doc, problems = mf.verify(bundle, show_progress=True)
     if problems:
         lines = "\n".join("  " + p.describe() for p in problems)
         raise VerifyError(f"the bundle failed verification ({len(problems)} problem(s)); nothing was changed:\n"
@@ -186,7 +187,7 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, args: argpars
     from . import signing
 
     trusted_dir = layout.etc / "trusted.d"
-    given = [(Path(t), signing.parse_public_key(Path(t).read_text(), t)) for t in args.trust]
+    given = [(Path(t), signing.read_public_key(Path(t))) for t in args.trust]
     pinned = signing.pinned_keys(trusted_dir)
     sig = signing.read_signature(bundle)
     record: dict[str, Any] = {"version": doc.get("version", "0"), "unsigned": False, "key": "", "pin": None}
@@ -221,7 +222,7 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, args: argpars
                               f"SIGNED BY AN UNTRUSTED KEY {sig.fingerprint}")
     else:
         offered = bundle / signing.SIGNER_PUB
-        pub = signing.parse_public_key(offered.read_text(), str(offered)) if offered.exists() else None
+        pub = signing.read_public_key(offered) if offered.exists() else None
         if pub is None or pub.key_id != sig.key_id or not signing.check(bundle, sig, pub):
             raise BundlerError(f"{bundle}: its signature does not verify with the key it names",
                                hint="copy the bundle again from its source")
@@ -242,7 +243,7 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, args: argpars
 def _check_downgrade(doc: dict[str, Any], layout: Layout, args: argparse.Namespace,
                      record: dict[str, Any]) -> dict[str, Any]:
     accepted = _accepted(layout).get(doc["name"])
-    if accepted and _ver(record["version"]) < _ver(accepted["version"]) and not args.allow_downgrade:
+    if accepted and version_tuple(record["version"]) < version_tuple(accepted["version"]) and not args.allow_downgrade:
         raise BundlerError(f"{doc['name']} {record['version']} is older than {accepted['version']}, the version this "
                            "box accepted last; nothing was changed",
                            hint="install the newer bundle, or pass --allow-downgrade if you mean to go back")
@@ -286,11 +287,11 @@ def preflight(doc: dict[str, Any], hw: probe.Hardware, layout: Layout) -> None:
     for e in doc["engines"]:
         if e["arch"] != hw.arch:
             problems.append(f"the bundled {e['name']} is built for {e['arch']}, this box is {hw.arch}")
-        if _ver(hw.glibc) < _ver(e["glibc"]):
+        if version_tuple(hw.glibc) < version_tuple(e["glibc"]):
             problems.append(f"the bundled {e['name']} needs glibc >= {e['glibc']}, this box has {hw.glibc}; "
                             "bundle on a machine with an older glibc than the box's")
     need, wheel = wheels_glibc(doc, hw.python)
-    if need and _ver(hw.glibc) < _ver(need):
+    if need and version_tuple(hw.glibc) < version_tuple(need):
         problems.append(f"the bundled wheel {wheel} needs glibc >= {need}, this box has {hw.glibc}; bundle against "
                         "this box's probe file (make bundle TARGET=box.json)")
     model_bytes = sum(f["size"] for f in doc["files"] if f["path"].startswith("models/"))
@@ -311,7 +312,7 @@ def preflight(doc: dict[str, Any], hw: probe.Hardware, layout: Layout) -> None:
             if have != version:
                 problems.append(f"the bundle reuses {name} {version} from the box's python, which has "
                                 f"{have or 'none'}; bundle again with this box's probe (./install.sh --probe)")
-        if t.get("driver_min") and hw.gpus and _ver(hw.gpus[0].driver) < _ver(t["driver_min"]):
+        if t.get("driver_min") and hw.gpus and version_tuple(hw.gpus[0].driver) < version_tuple(t["driver_min"]):
             problems.append(f"the bundled CUDA 13 engines need NVIDIA driver >= {t['driver_min']}, this box has "
                             f"{hw.gpus[0].driver}; update the driver")
     if problems:
@@ -324,20 +325,19 @@ def wheels_glibc(doc: dict[str, Any], python: str) -> tuple[str, str]:
     needs the oldest of them), and that wheel's name."""
     import re
 
+    from .lock import WHEEL_RE
+
     tag = "cp" + "".join(python.split(".")[:2])
     worst, name = (0, 0), ""
     for f in doc["files"]:
         base = f["path"].rsplit("/", 1)[-1]
-        if not base.endswith(".whl"):
+        w = WHEEL_RE.match(base)
+        if not w:
             continue
-        parts = base[:-4].split("-")
-        if len(parts) < 5:
-            continue
-        py, abi = parts[-3], parts[-2]
-        if not (py.startswith("py") or py == tag or abi == "abi3"):
+        if not (w["py"].startswith("py") or w["py"] == tag or w["abi"] == "abi3"):
             continue  # a wheel for another Python (markupsafe is carried for each)
         needs = []
-        for t in parts[-1].split("."):
+        for t in w["plat"].split("."):
             m = re.match(r"manylinux_(\d+)_(\d+)_", t)
             if m:
                 needs.append((int(m.group(1)), int(m.group(2))))
@@ -350,14 +350,6 @@ def wheels_glibc(doc: dict[str, Any], python: str) -> tuple[str, str]:
         if needs and min(needs) > worst:
             worst, name = min(needs), base
     return (f"{worst[0]}.{worst[1]}" if name else ""), name
-
-
-def _ver(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits or 0))
-    return tuple(out)
 
 
 def resolve_model(doc: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -373,9 +365,11 @@ def resolve_model(doc: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     path = Path(m["file"])
     if not path.exists():
         raise BundlerError(f"model {path} is not on this box", hint="copy it there, or pass --model PATH")
-    if m["sha256"] and path.is_file() and mf.sha256_file(path) != m["sha256"]:
-        raise VerifyError(f"{path}: sha256 mismatch: expected {m['sha256']}, got {mf.sha256_file(path)}",
-                          hint="copy the model again")
+    if m["sha256"] and path.is_file():
+        actual = mf.sha256_file(path)  # a box model can be many GB: hash it once
+        if actual != m["sha256"]:
+            raise VerifyError(f"{path}: sha256 mismatch: expected {m['sha256']}, got {actual}",
+                              hint="copy the model again")
     from . import modelinfo
 
     if args.model_facts:
@@ -766,8 +760,12 @@ def _listen_of(release: Path) -> tuple[str, int]:
 
     host = re.search(r"--host '?([^' ]+)'?", text)
     port = re.search(r"--port '?(\d+)'?", text)
-    h = host.group(1) if host else "127.0.0.1"
-    return ("127.0.0.1" if h in ("0.0.0.0", "::") else h), int(port.group(1) if port else 8080)
+    return local_address(host.group(1) if host else "127.0.0.1"), int(port.group(1) if port else 8080)
+
+
+def local_address(host: str) -> str:
+    """Where this box reaches a service listening on host (a wildcard means loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 def uninstall(layout: Layout, purge: bool) -> None:
@@ -824,8 +822,7 @@ def stop_command(layout: Layout, mode: str) -> str:
 
 def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, host: str, port: int,
             mode: str, answer: str | None, changed: bool) -> dict[str, Any]:
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    endpoint = f"http://{shown_host}:{port}/v1"
+    endpoint = f"http://{local_address(host)}:{port}/v1"
     return {
         "endpoint": endpoint,
         "api_key_file": str(layout.env_file),
@@ -889,7 +886,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
 
     rid = release_id(mf.sha256_file(bundle / mf.MANIFEST) + m["file"], plan, host, port)
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    base = f"http://{local_address(host)}:{port}"
     previous = layout.current.resolve() if layout.current.is_symlink() else None
     if previous is not None and previous.name.split("-safe")[0] == rid and previous.is_dir():
         if is_running(previous):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -334,7 +335,7 @@ def _progress(total: int, desc: str, show: bool) -> Callable[[int | None], None]
     import threading
 
     t = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=True,
-             file=__import__("sys").stderr, mininterval=0.3)
+             file=sys.stderr, mininterval=0.3)
     lock = threading.Lock()
 
     def update(n: int | None) -> None:

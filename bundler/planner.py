@@ -106,7 +106,8 @@ def _r(n: float) -> float:
     return round(n / GiB, 2)
 
 
-def _ver(v: str) -> tuple[int, ...]:
+def version_tuple(v: str) -> tuple[int, ...]:
+    """'580.159.04' → (580, 159, 4); '2.39' → (2, 39): for comparing driver, glibc and release versions."""
     return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in str(v).split("."))
 
 
@@ -125,7 +126,7 @@ def _gpu_problem(gpus: tuple[Gpu, ...], engine: str, cuda: str, driver_min: str 
         return f"{engine} needs compute capability >= {need}; GPU {low[0].index} ({low[0].name}) has " \
                f"{low[0].compute_capability}"
     dmin = driver_min or CUDA_DRIVER_MIN.get(cuda, "0")
-    old = [g for g in gpus if g.driver and _ver(g.driver) < _ver(dmin)]
+    old = [g for g in gpus if g.driver and version_tuple(g.driver) < version_tuple(dmin)]
     if old:
         return f"driver {old[0].driver} is older than {dmin}, which the bundled CUDA {cuda} needs; " \
                f"update the NVIDIA driver to >= {dmin}"

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from . import ed25519
 from .errors import BundlerError
+from .manifest import SIGNATURE
 
-SIG_NAME = "manifest.json.minisig"
+SIG_NAME = SIGNATURE
 SIGNER_PUB = "signer.pub"  # shown to the operator for an interactive first pin, never trusted by itself
 
 
@@ -48,6 +49,15 @@ def parse_public_key(text: str, where: str) -> PublicKey:
     if len(raw) != 42 or raw[:2] != b"Ed":
         raise BundlerError(f"{where}: not a minisign public key", hint="use the .pub file `bundler keygen` printed")
     return PublicKey(raw[2:10], raw[10:])
+
+
+def read_public_key(path: Path) -> PublicKey:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise BundlerError(f"{path}: cannot read the public key ({e.strerror})",
+                           hint="pass the .pub file the bundle's maker gave you, e.g. --trust signing-key.pub")
+    return parse_public_key(text, str(path))
 
 
 def config_dir() -> Path:
@@ -92,8 +102,7 @@ def load_or_create(log=print):
         log("no signing key yet: making one (bundler keygen)")
         keygen(log)
     key = serialization.load_pem_private_key(secret.read_bytes(), password=None)
-    pub = parse_public_key(public.read_text(), str(public))
-    return key, pub
+    return key, read_public_key(public)
 
 
 def sign(root: Path, log=print) -> PublicKey:
@@ -152,5 +161,5 @@ def pinned_keys(trusted_dir: Path) -> list[tuple[Path, PublicKey]]:
     keys = []
     if trusted_dir.is_dir():
         for p in sorted(trusted_dir.glob("*.pub")):
-            keys.append((p, parse_public_key(p.read_text(), str(p))))
+            keys.append((p, read_public_key(p)))
     return keys

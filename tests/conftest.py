@@ -8,6 +8,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def small_bundle(parent: Path) -> Path:
+    """A tiny bundle directory (a model and an installer) with its manifest, at parent/b."""
+    from bundler import manifest
+
+    root = parent / "b"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 100)
+    (root / "install.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "install.sh").chmod(0o755)
+    manifest.write(root, {"name": "b"}, manifest.scan(root))
+    return root
+
+
 @pytest.fixture
 def write_spec(tmp_path):
     """Write a spec file from a TOML string; returns its path."""

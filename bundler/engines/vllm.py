@@ -33,8 +33,9 @@ GPU_STACK = ("torch", "torchvision", "torchaudio", "triton", "nvidia-")
 # all-reduce right after "Enabled custom fusions: allreduce_rms" (docs/BENCHMARKS.md);
 # DESIGN.md saw the same class of crash with 0.33, whose switch is named differently.
 def safe_tp_flags(version: str) -> list[str]:
-    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) or (0, 0)
-    key = "fuse_allreduce_rms" if parts < (0, 33) else "enable_fi_allreduce_fusion"
+    from ..planner import version_tuple
+
+    key = "fuse_allreduce_rms" if version_tuple(version)[:2] < (0, 33) else "enable_fi_allreduce_fusion"
     return ["--disable-custom-all-reduce", "--compilation-config", f'{{"pass_config": {{"{key}": false}}}}']
 
 

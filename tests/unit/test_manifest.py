@@ -1,16 +1,7 @@
 import subprocess
 
 from bundler import manifest
-
-
-def _bundle(tmp_path):
-    root = tmp_path / "b"
-    (root / "models").mkdir(parents=True)
-    (root / "models" / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 100)
-    (root / "install.sh").write_text("#!/bin/sh\necho hi\n")
-    (root / "install.sh").chmod(0o755)
-    manifest.write(root, {"name": "b"}, manifest.scan(root))
-    return root
+from tests.conftest import small_bundle as _bundle
 
 
 def test_manifest_lists_every_file_with_size_hash_and_mode(tmp_path):

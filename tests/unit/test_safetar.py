@@ -6,17 +6,12 @@ import tarfile
 import pytest
 
 from bundler import manifest, safetar
+from tests.conftest import small_bundle
 
 
 @pytest.fixture
 def bundle(tmp_path):
-    root = tmp_path / "src" / "b"
-    (root / "models").mkdir(parents=True)
-    (root / "models" / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 64)
-    (root / "install.sh").write_text("#!/bin/sh\n")
-    (root / "install.sh").chmod(0o755)
-    manifest.write(root, {"name": "b"}, manifest.scan(root))
-    return root
+    return small_bundle(tmp_path / "src")
 
 
 def make_tar(bundle, path, extra=None, mutate=None):
@@ -80,7 +75,8 @@ def test_crafted_members_are_refused_and_nothing_is_written(bundle, tmp_path, ex
 
 def test_a_changed_member_is_named_with_both_hashes(bundle, tmp_path):
     good = manifest.sha256_file(bundle / "models" / "m.gguf")
-    (bundle / "models" / "m.gguf").write_bytes(b"GGUX" + bytes(range(256)) * 64)  # same size, after the manifest
+    model = bundle / "models" / "m.gguf"
+    model.write_bytes(b"GGUX" + model.read_bytes()[4:])  # same size, changed after the manifest
     tar = make_tar(bundle, tmp_path / "b.tar")
     problems = safetar.check(tar)
     assert problems == [f"b/models/m.gguf: sha256 mismatch: expected {good}, got "
