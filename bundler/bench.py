@@ -142,10 +142,10 @@ def run_level(url: str, key: str, model: str, concurrency: int, requests: int, p
 
 
 def sweep(url: str, key: str, model: str, levels: list[int], requests: int | None, prompt_tokens: int,
-          max_tokens: int, timeout: float = 600.0, progress: bool = True) -> dict[str, Any]:
+          max_tokens: int, timeout: float = 600.0, progress: bool = True, min_requests: int = 4) -> dict[str, Any]:
     results = []
     for c in levels:
-        n = requests if requests else max(c, 4)  # one full wave at each level
+        n = requests if requests else max(c, min_requests)  # one full wave at each level
         results.append(run_level(url, key, model, c, n, prompt_tokens, max_tokens, timeout, progress))
     return {"endpoint": url, "model": model, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "levels": [asdict(r) for r in results]}

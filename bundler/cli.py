@@ -229,7 +229,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise BundlerError(f"--concurrency {a.concurrency!r}: give numbers", hint="e.g. --concurrency 1,8,50")
     if not levels or min(levels) < 1:
         raise BundlerError("--concurrency needs numbers >= 1", hint="e.g. --concurrency 1,50")
-    report = bench.sweep(a.url, key, a.model, levels, a.requests, a.prompt_tokens, a.max_tokens, a.timeout)
+    report = bench.sweep(a.url, key, a.model, levels, a.requests, a.prompt_tokens, a.max_tokens, a.timeout,
+                         min_requests=a.min_requests)
     report["label"] = a.label or a.model
     print(bench.table(report))
     if a.json:
@@ -299,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--api-key", help="API key (or --api-key-file)")
     be.add_argument("--api-key-file", help="file holding the key (an airgap-llm env file works)")
     be.add_argument("--concurrency", default="1,8", help="levels, comma-separated (default 1,8)")
-    be.add_argument("--requests", type=int, help="requests per level (default: the concurrency, at least 4)")
+    be.add_argument("--requests", type=int, help="requests per level (default: the concurrency, at least "
+                                                 "--min-requests)")
+    be.add_argument("--min-requests", type=int, default=4,
+                    help="requests at a level below this concurrency (default 4; one wave above it)")
     be.add_argument("--prompt-tokens", type=int, default=400, help="prompt length in tokens (default 400)")
     be.add_argument("--max-tokens", type=int, default=512, help="output tokens per request (default 512)")
     be.add_argument("--timeout", type=float, default=600, help="seconds per request (default 600)")

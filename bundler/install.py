@@ -64,6 +64,15 @@ class Layout:
         return self.prefix / "models"
 
     @property
+    def engines(self) -> Path:
+        return self.prefix / "engines"
+
+    @property
+    def cache(self) -> Path:
+        """Kernels the engines compile on first start (vLLM, FlashInfer, Triton), kept for the next."""
+        return self.prefix / "cache"
+
+    @property
     def env_file(self) -> Path:
         return self.etc / f"{self.name}.env"
 
@@ -113,6 +122,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel", type=int, default=None,
                    help="vLLM: override the planned tensor-parallel size (checked against the model's heads)")
     p.add_argument("--data-parallel", type=int, default=None, help="vLLM: override the planned data-parallel size")
+    p.add_argument("--safe-all-reduce", action="store_true",
+                   help="vLLM with tensor parallel: start with the custom all-reduce and its fusion off (the default "
+                        "where NCCL_NVLS_ENABLE=0 or TORCH_SYMM_MEM_DISABLE_MULTICAST=1 says NVLink multicast is "
+                        "off; elsewhere a crashed start is retried with them)")
     p.add_argument("--bench", action="store_true",
                    help="after the install, load-test the service at concurrency 1 and the planned slots")
     p.add_argument("--bench-max-tokens", type=int, default=512, help="output tokens per bench request (512)")
@@ -608,6 +621,33 @@ def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
     return dest
 
 
+def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout, pip_whl: Path, env: dict[str, str]) -> Path:
+    """vLLM's wheels installed once per lock under PREFIX/engines and shared by the releases that use
+    that lock: a re-plan (other TP/DP, context, port) or a rollback does not reinstall a GB of wheels."""
+    lockfile = bundle / engine["dir"] / "requirements.lock"
+    home = layout.engines / f"vllm-{engine['version']}-{mf.sha256_file(lockfile)[:16]}"
+    if (home / "complete").is_file():
+        info(f"vLLM {engine['version']}: reusing {home} (same lock)")
+        return home / "site"
+    partial = home.with_name(home.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    info(f"installing vLLM {engine['version']} into {home} ({engine['lock']['carried']} wheels; "
+         f"{engine['lock']['reused']} packages reused from this box's python)")
+    try:
+        _run_logged([sys.executable, "-s", str(pip_whl / "pip"), "install", "--quiet", "--no-index", "--no-deps",
+                     "--find-links", str(bundle / engine["dir"] / "wheels"), "--require-hashes",
+                     "--no-cache-dir", "--no-compile", "--target", str(partial / "site"),
+                     "-r", str(lockfile)], "installing vLLM's wheels", env)
+        shutil.copy2(lockfile, partial / "requirements.lock")
+        (partial / "complete").write_text(engine["version"] + "\n")
+        shutil.rmtree(home, ignore_errors=True)
+        os.replace(partial, home)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return home / "site"
+
+
 def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
                   rid: str, host: str, port: int, mode: str, safe: bool = False) -> Path:
     final = layout.releases / rid
@@ -630,17 +670,14 @@ def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: pl
         final_engine = final / "engine"
         lib_dirs: list[str] = []
         extra_env: dict[str, str] = {}
+        cache_vars: dict[str, str] = {}
         if plan.engine == "vllm":
             engine = next(e for e in doc["engines"] if e["name"] == vllm.NAME)
-            info(f"installing vLLM {engine['version']} into the release ({engine['lock']['carried']} wheels; "
-                 f"{engine['lock']['reused']} packages reused from this box's python)")
-            _run_logged([sys.executable, "-s", str(pip_whl / "pip"), "install", "--quiet", "--no-index", "--no-deps",
-                         "--find-links", str(bundle / engine["dir"] / "wheels"), "--require-hashes",
-                         "--no-cache-dir", "--no-compile", "--target", str(stage / "engine" / "site"),
-                         "-r", str(bundle / engine["dir"] / "requirements.lock")], "installing vLLM's wheels", env)
+            site = engine_site(bundle, engine, layout, pip_whl, env)
             argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], host, port, plan, safe,
                                     engine["version"])
-            extra_env = {"PYTHONPATH": str(final_engine / "site"), **vllm.OFFLINE_ENV}
+            extra_env = {"PYTHONPATH": str(site), **vllm.OFFLINE_ENV, **vllm.multicast_env(dict(os.environ))}
+            cache_vars = vllm.CACHE_VARS
         else:
             engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
             shutil.copytree(bundle / engine["dir"], stage / "engine")
@@ -651,7 +688,8 @@ def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: pl
         bindir.mkdir()
         launch = render("launch.sh.j2", {"engine": plan.engine, "name": layout.name, "release": rid,
                                           "env_file": str(layout.env_file), "argv": argv,
-                                          "lib_dir": ":".join(lib_dirs), "extra_env": extra_env})
+                                          "lib_dir": ":".join(lib_dirs), "extra_env": extra_env,
+                                          "cache_dir": str(layout.cache), "cache_vars": cache_vars})
         (bindir / "launch").write_text(launch)
         ctx = {"name": layout.name, "mode": mode, "unit": layout.unit, "pidfile": str(layout.pidfile),
                "logfile": str(layout.logfile), "python": str(final / "venv" / "bin" / "python"),
@@ -779,7 +817,8 @@ def uninstall(layout: Layout, purge: bool) -> None:
         unit.unlink()
         subprocess.run(["systemctl", "daemon-reload"], capture_output=True)
     removed = []
-    for p in (layout.current, layout.releases, layout.env_file, layout.pidfile.parent, layout.logfile.parent):
+    for p in (layout.current, layout.releases, layout.engines, layout.cache, layout.env_file, layout.pidfile.parent,
+              layout.logfile.parent):
         if p.is_symlink() or p.is_file():
             p.unlink()
             removed.append(str(p))
@@ -922,6 +961,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     # vLLM with tensor parallel can crash in its all-reduce paths where NVLink multicast is
     # off (VMs, PCIe cards): a crashed start is retried once with the safe flags, and said so.
     tries = [False, True] if plan.engine == "vllm" and plan.tensor_parallel > 1 else [False]
+    if len(tries) > 1 and (args.safe_all_reduce or vllm.multicast_off(dict(os.environ))):
+        tries = [True]
+        info("tensor parallel with the safe all-reduce flags from the start (" +
+             ("--safe-all-reduce" if args.safe_all_reduce else "NVLink multicast is off in this environment") + ")")
     release = None
     for safe in tries:
         release = build_release(bundle, doc, m, plan, layout, rid + ("-safe" if safe else ""), host, port, mode,

@@ -378,37 +378,46 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
     usable = gpu_bytes * VLLM_UTILIZATION - VLLM_OVERHEAD
     tps, not_ok = tp_candidates(info, n)
     conc = intent.concurrency
-    chosen = None
+    # Each TP size leaves n // tp GPU groups for data-parallel replicas; a replica needs the KV of its
+    # share of the load only. Take the smallest TP whose replica holds its share at full context
+    # (fewer hops per token, more replicas); if none does, the one that holds the most requests.
+    chosen, best, full_fit = None, None, 0
     for tp in tps:
         w = info.file_size / tp
-        kv = kv_per_gpu_per_token(info, tp) * conc * ctx
-        if w + kv <= usable:
-            chosen = tp
+        if w >= usable:
+            continue
+        dp_ = max(1, min(n // tp, conc))
+        share = math.ceil(conc / dp_)
+        full = int((usable - w) // (kv_per_gpu_per_token(info, tp) * ctx))
+        if full >= share:
+            chosen, full_fit = tp, full
             break
-    seqs = conc
-    if chosen is None:
-        for tp in tps:
-            w = info.file_size / tp
-            fit = int((usable - w) // (kv_per_gpu_per_token(info, tp) * ctx)) if usable > w else 0
-            if fit >= 1:
-                chosen, seqs = tp, fit
-                reasons.append(f"KV for {conc} requests of {ctx} tokens does not fit any TP size; TP {tp} holds "
-                               f"{fit} at once (vLLM queues the rest; more GPUs or a shorter context serve more)")
-                break
+        if full >= 1 and (best is None or min(full, share) * dp_ > best[1]):
+            best = (tp, min(full, share) * dp_, full)
+    if chosen is None and best is not None:
+        chosen, held, full_fit = best
+        reasons.append(f"KV for {conc} requests of {ctx} tokens does not fit any TP size; TP {chosen} holds the "
+                       f"most: {held} at full length at once (paged KV packs more when requests are shorter; "
+                       "vLLM queues the rest; more GPUs or a shorter context serve more)")
     if chosen is None:
         raise _refuse_gpu_model(name, info, hw, "vLLM", usable, ctx, tps)
     tp = chosen
     dp = max(1, min(n // tp, conc))
     per_replica = max(1, math.ceil(conc / dp))
-    seqs = min(seqs, per_replica) if seqs < conc else per_replica
+    seqs = per_replica  # vLLM batches up to this many; its paged KV decides how many fit at once
     w = info.file_size / tp
     kv_tok = kv_per_gpu_per_token(info, tp)
-    est = w + kv_tok * seqs * ctx + VLLM_OVERHEAD
+    est = w + kv_tok * min(seqs, full_fit) * ctx + VLLM_OVERHEAD
     smaller = [t for t in tps if t < tp]
-    reasons.insert(0, f"vLLM: safetensors on {n} GPU(s) with compute capability "
-                      f"{hw.gpus[0].compute_capability}; tensor parallel {tp} is the smallest size whose share of "
-                      f"weights ({_gib(w)}) and KV for {per_replica} requests × {ctx} tokens fits "
-                      f"{_gib(usable)} per GPU" + (f" (TP {', '.join(map(str, smaller))} does not)" if smaller else ""))
+    head = (f"vLLM: safetensors on {n} GPU(s) with compute capability {hw.gpus[0].compute_capability}; "
+            f"tensor parallel {tp}")
+    if full_fit >= per_replica:
+        head += (f" is the smallest size whose share of weights ({_gib(w)}) and KV for {per_replica} requests × "
+                 f"{ctx} tokens per replica fits {_gib(usable)} per GPU"
+                 + (f" (TP {', '.join(map(str, smaller))} does not)" if smaller else ""))
+    else:
+        head += f": weights {_gib(w)} per GPU, {_gib(usable)} usable"
+    reasons.insert(0, head)
     if dp > 1:
         reasons.append(f"data parallel {dp}: {n - tp} GPU(s) left over hold {dp - 1} more replica(s), each "
                        f"serving ~{per_replica} of the {conc} concurrent requests; replicas need no traffic between "

@@ -6,6 +6,13 @@
 #                                              then the -np 4 default-like baseline
 #   sh tools/device_accept.sh vllm             install the HF model with vLLM as planned and bench it
 #   sh tools/device_accept.sh vllm_tp2         the alternative: tensor parallel 2 (no data parallel)
+# Issue #6, 4 GPUs (the vLLM-only bundle of docs/device/gpu-box-vllm.toml):
+#   sh tools/device_accept.sh start4           probe the box; write the 8B and 70B models in the background
+#   sh tools/device_accept.sh serve4 LABEL MODEL [install.sh options]
+#                                              install (upgrade) the service for MODEL (8b or 70b) with those
+#                                              options, bench it at 1/50/200, keep plan, log and figures
+#   sh tools/device_accept.sh alt70            the 70B alternative to the planner's choice (TP 4 ↔ TP 2 × DP 2)
+#   sh tools/device_accept.sh pack             everything measured so far → $OUT/res.tgz
 # Results land in $OUT. The box has no network; nothing here needs one.
 set -eu
 
@@ -75,6 +82,62 @@ vllm_tp2() {
     cp /tmp/pfx-tp2/current/plan.json "$OUT/plan-vllm-tp2.json"
     bench vllm-tp2 8082 /tmp/pfx-tp2/etc/gpu-box.env llama-8b-hf
     /tmp/pfx-tp2/current/bin/ctl stop
+}
+
+RES=/tmp/res
+P4=/tmp/pfx4
+
+start4() {
+    mkdir -p "$RES"
+    nvidia-smi > "$RES/nvidia-smi.txt" 2>&1 || true
+    nvidia-smi topo -m > "$RES/nvidia-smi-topo.txt" 2>&1 || true
+    python3 -m bundler.cli probe --prefix /tmp > "$RES/probe.json"
+    df -h /dev/shm /tmp > "$RES/df.txt" 2>&1 || true
+    shm_gib=$(df -k --output=avail /dev/shm 2>/dev/null | tail -n 1 | awk '{print int($1 / 1048576)}')
+    if [ "${shm_gib:-0}" -ge 170 ]; then mkdir -p /dev/shm/models && ln -sfn /dev/shm/models "$MODELS"; else mkdir -p "$MODELS"; fi
+    info "models go to $(readlink -f "$MODELS") (/dev/shm has ${shm_gib:-0} GiB free)"
+    rm -rf /tmp/gen && mkdir -p /tmp/gen && cp -a tools bundler /tmp/gen/  # the tree here is replaced by each call
+    setsid sh -c "cd /tmp/gen && python3 tools/random_hf_llama.py $MODELS/llama-8b-hf 8b && \
+        python3 tools/random_hf_llama.py $MODELS/llama-70b-hf 70b --jobs 32" > "$RES/models.log" 2>&1 < /dev/null &
+    info "models being written in the background ($RES/models.log)"
+}
+
+serve4() {  # serve4 LABEL 8b|70b [install.sh options]
+    label=$1 size=$2
+    shift 2
+    dir="$MODELS/llama-$size-hf"
+    while [ ! -f "$dir/tokenizer_config.json" ]; do sleep 2; done
+    for c in 50 200; do
+        [ -f "$RES/plan-$size-c$c.json" ] || python3 -m bundler.cli plan --model "$dir" --box "$RES/probe.json" \
+            --concurrency "$c" --json > "$RES/plan-$size-c$c.json" || true
+    done
+    log=$P4/log/gpu-box.log
+    from=$( [ -f "$log" ] && wc -c < "$log" || echo 0)
+    t0=$(date +%s)
+    rc=0
+    sh "$B/install.sh" --prefix "$P4" --trust /tmp/b/signing-key.pub --model "$dir" --model-name "llama-$size" \
+        --concurrency 200 --json "$@" > "$RES/$label-install.json" 2> "$RES/$label-install.err" || rc=$?
+    echo "{\"label\": \"$label\", \"install_rc\": $rc, \"install_s\": $(( $(date +%s) - t0 ))}" > "$RES/$label-time.json"
+    tail -c +$((from + 1)) "$log" > "$RES/$label.log" 2>/dev/null || true
+    tail -n 6 "$RES/$label-install.err" >&2
+    [ "$rc" = 0 ] || { grep -E "Error|error|failed" "$RES/$label.log" | tail -n 15 >&2; return 1; }
+    cp "$P4/current/plan.json" "$RES/$label-plan.json"
+    PYTHONUNBUFFERED=1 python3 -m bundler.cli bench --url http://127.0.0.1:8080/v1 --model "llama-$size" \
+        --api-key-file "$P4/etc/gpu-box.env" --concurrency 1,50,200 --min-requests 2 --prompt-tokens 400 \
+        --max-tokens 512 --label "$label" --json "$RES/$label.json" 2>&1 | tail -n 6
+    grep -iE "KV cache|Maximum concurrency|loading took|weights took|torch.compile|graph capturing|autotun|warm" \
+        "$RES/$label.log" | head -40 > "$RES/$label-kv.txt" || true
+}
+
+alt70() {  # the 70B alternative to what the planner chose: TP 4 ↔ TP 2 × DP 2
+    tp=$(python3 -c "import json; print(json.load(open('$RES/70b-planned-plan.json'))['tensor_parallel'])")
+    if [ "$tp" = 4 ]; then serve4 70b-tp2-dp2 70b --tensor-parallel 2 --data-parallel 2
+    else serve4 70b-tp4 70b --tensor-parallel 4 --data-parallel 1; fi
+}
+
+pack() {
+    tar czf "$OUT/res.tgz" -C "$RES" .
+    ls "$RES" | tr '\n' ' ' >&2
 }
 
 "$@"

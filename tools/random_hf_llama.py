@@ -3,24 +3,35 @@
 safetensors), a word-level tokenizer and a chat template: for throughput tests
 of a real shape where no real model can be carried. Its answers are noise.
 
-usage: random_hf_llama.py OUT_DIR {tiny,1b,8b} [--device cuda]
-Needs torch, transformers and tokenizers (the GPU box has them).
+usage: random_hf_llama.py OUT_DIR {tiny,1b,8b,70b} [--vocab N] [--jobs N]
+
+The safetensors files are written directly (no model is built in memory, so a
+70B shape needs no GPU and no 140 GB of RAM): each shard process fills its
+tensors from one random block of normal(0, 0.02) values at shifting offsets.
+Needs numpy, and transformers + tokenizers for the tokenizer (the GPU box has them).
 """
 
 import argparse
 import json
+import os
+import struct
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-SHAPES = {  # layers, hidden, heads, kv heads, ffn (Llama 3.2 1B and Llama 3.1 8B)
+SHAPES = {  # layers, hidden, heads, kv heads, ffn (Llama 3.2 1B, Llama 3.1 8B and 70B)
     "tiny": (2, 256, 4, 2, 512),
     "1b": (16, 2048, 32, 8, 8192),
     "8b": (32, 4096, 32, 8, 14336),
+    "70b": (80, 8192, 64, 8, 28672),
 }
-VOCAB = 32000
+SHARD_BYTES = 5 << 30
+BLOCK = 1 << 26  # random bf16 values per writer process (128 MiB)
+ONE_BF16 = 0x3F80
 
 
-def tokenizer(out: Path) -> None:
+def tokenizer(out: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
@@ -31,7 +42,7 @@ def tokenizer(out: Path) -> None:
     for w in WORDS + ["Continue", "this", "list", "of", "words:", "Say", "hello", "in", "one", "short", "sentence."]:
         vocab.setdefault(w, len(vocab))
     i = 0
-    while len(vocab) < VOCAB:  # filler words so random ids decode to something
+    while len(vocab) < vocab_size:  # filler words so random ids decode to something
         vocab.setdefault(f"w{i}", len(vocab))
         i += 1
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -43,26 +54,108 @@ def tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
+def tensors(shape: str, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    layers, d, heads, kv, ffn = SHAPES[shape]
+    hd = d // heads
+    out = [("model.embed_tokens.weight", (vocab, d))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (d,)),
+                (p + "self_attn.q_proj.weight", (heads * hd, d)),
+                (p + "self_attn.k_proj.weight", (kv * hd, d)),
+                (p + "self_attn.v_proj.weight", (kv * hd, d)),
+                (p + "self_attn.o_proj.weight", (d, heads * hd)),
+                (p + "post_attention_layernorm.weight", (d,)),
+                (p + "mlp.gate_proj.weight", (ffn, d)),
+                (p + "mlp.up_proj.weight", (ffn, d)),
+                (p + "mlp.down_proj.weight", (d, ffn))]
+    out += [("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def shards(items: list[tuple[str, tuple[int, ...]]]) -> list[list[tuple[str, tuple[int, ...]]]]:
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in items:
+        b = _numel(shape) * 2
+        if groups[-1] and size + b > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += b
+    return groups
+
+
+def write_shard(path: str, items: list[tuple[str, tuple[int, ...]]], seed: int) -> int:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    block = (rng.standard_normal(BLOCK, dtype=np.float32) * 0.02).view(np.uint32)
+    block = (block >> 16).astype(np.uint16)  # bf16: the top half of a float32
+    twice = np.concatenate([block, block])  # any window of BLOCK values is one slice
+    header, offset = {}, 0
+    for name, shape in items:
+        n = _numel(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for name, shape in items:
+            left = _numel(shape)
+            if len(shape) == 1:  # RMSNorm weights: ones
+                f.write(np.full(left, ONE_BF16, dtype=np.uint16).tobytes())
+                continue
+            start = int(rng.integers(0, BLOCK))
+            while left:
+                take = min(left, BLOCK)
+                f.write(memoryview(twice[start:start + take]))
+                left -= take
+                start = (start + 7919) % BLOCK
+    os.replace(tmp, path)
+    return offset
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("shape", choices=SHAPES)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--vocab", type=int, default=128256, help="vocabulary size (Llama 3's 128,256 by default)")
+    ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="shards written at once")
     a = ap.parse_args()
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     layers, d, heads, kv, ffn = SHAPES[a.shape]
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
-                      rope_theta=500000.0, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    with torch.device(a.device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     out = Path(a.out)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer(out)
-    print(json.dumps({"wrote": str(out), "shape": a.shape, "params": sum(p.numel() for p in model.parameters())}))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    groups = shards(tensors(a.shape, a.vocab))
+    names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    with ProcessPoolExecutor(max_workers=a.jobs) as ex:
+        sizes = list(ex.map(write_shard, [str(out / n) for n in names], groups, range(len(groups))))
+    weight_map = {name: names[i] for i, g in enumerate(groups) for name, _ in g}
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=1))
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": a.vocab, "hidden_size": d,
+           "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": kv, "head_dim": d // heads, "hidden_act": "silu", "max_position_embeddings": 8192,
+           "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+           "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+    tokenizer(out, a.vocab)
+    params = sum(_numel(s) for g in groups for _, s in g)
+    print(json.dumps({"wrote": str(out), "shape": a.shape, "params": params, "bytes": sum(sizes),
+                      "shards": len(groups), "seconds": round(time.monotonic() - t0, 1)}))
 
 
 if __name__ == "__main__":

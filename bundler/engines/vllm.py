@@ -43,6 +43,28 @@ def safe_tp_flags(version: str) -> list[str]:
 # hang on after the engine died, so the process alone does not tell).
 FATAL_LOG = ("Engine core initialization failed", "an illegal memory access was encountered",
              "CUBLAS_STATUS_INTERNAL_ERROR", "Worker failed with error", "CUDA out of memory")
+# Where these say NVLink multicast is off (shared GPU hosts, VMs), TP > 1 starts with the safe flags at
+# once instead of after a crash, and the launch script keeps them for the service (a systemd unit
+# does not inherit the installer's environment).
+MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multicast_env(environ: dict[str, str]) -> dict[str, str]:
+    """The multicast switches set in `environ`, to pass on to the engine."""
+    return {k: environ[k] for k in MULTICAST_ENV if k in environ}
+
+
+def multicast_off(environ: dict[str, str]) -> bool:
+    return any(environ.get(k, "").strip() == off for k, off in MULTICAST_ENV.items())
+
+
+# Compiled kernels go under one cache directory, not the HOME of whoever started the engine: vLLM's
+# first start JIT-compiles for minutes (FlashInfer, Triton, torch.compile) and every later release on
+# the box reuses them. Variable → subdirectory of that cache.
+CACHE_VARS = {"VLLM_CACHE_ROOT": "vllm", "FLASHINFER_WORKSPACE_BASE": "", "TRITON_CACHE_DIR": "triton",
+              "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+
+
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                "VLLM_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 

@@ -60,7 +60,7 @@ def test_bench_reports_throughput_latency_and_exact_output_counts(server, tmp_pa
 
 def test_bench_counts_errors_when_the_key_is_wrong(server):
     r = subprocess.run([sys.executable, "-m", "bundler.cli", "bench", "--url", server, "--model", "gemma",
-                        "--api-key", "wrong", "--concurrency", "1", "--requests", "2", "--max-tokens", "4"],
+                        "--api-key", "wrong", "--concurrency", "1", "--min-requests", "2", "--max-tokens", "4"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "2 request(s) failed" in r.stderr

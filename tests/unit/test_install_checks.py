@@ -80,6 +80,16 @@ def test_safe_tensor_parallel_flags_follow_the_vllm_version():
     assert json.loads(vllm.safe_tp_flags("0.33.0")[2]) == {"pass_config": {"enable_fi_allreduce_fusion": False}}
 
 
+def test_multicast_switched_off_in_the_environment_means_safe_flags_and_travels_to_the_engine():
+    from bundler.engines import vllm
+
+    box_env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PATH": "/usr/bin"}
+    assert vllm.multicast_off(box_env)
+    assert vllm.multicast_env(box_env) == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    assert not vllm.multicast_off({"NCCL_NVLS_ENABLE": "1", "PATH": "/usr/bin"})
+    assert not vllm.multicast_off({})
+
+
 def test_wheels_newer_than_the_box_glibc_are_refused_by_name(tmp_path):
     d = doc(None)
     d["files"] = [{"path": "wheels/fast-1.0-cp312-cp312-manylinux_2_39_x86_64.whl", "size": 1, "sha256": "0" * 64},
@@ -92,3 +102,89 @@ def test_wheels_newer_than_the_box_glibc_are_refused_by_name(tmp_path):
         install.preflight(d, hw, layout(tmp_path))
     assert "fast-1.0-cp312-cp312-manylinux_2_39_x86_64.whl needs glibc >= 2.39, this box has 2.35" in e.value.message
     install.preflight(d, replace(device_box(), glibc="2.39"), layout(tmp_path))
+
+
+def _wheel(dest: Path, name: str, version: str, body: str) -> Path:
+    """A minimal pure-Python wheel, written by hand (pip installs it offline)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}.py": body,
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n"}
+    record = "".join(f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()}"
+                     f",{len(t.encode())}\n" for p, t in files.items())
+    files[f"{name}-{version}.dist-info/RECORD"] = record + f"{name}-{version}.dist-info/RECORD,,\n"
+    path = dest / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, t in files.items():
+            z.writestr(p, t)
+    return path
+
+
+def _pip_wheel(dest: Path) -> Path:
+    """The running pip as a runnable zip, the way a bundle carries it (python pip-X.whl/pip ...)."""
+    import shutil
+
+    import pip
+
+    base = shutil.make_archive(str(dest / "pip-0-py3-none-any"), "zip", Path(pip.__file__).parents[1], "pip")
+    return Path(base).rename(dest / "pip-0-py3-none-any.whl")
+
+
+def test_vllm_wheels_install_once_per_lock_and_a_failed_install_leaves_nothing(tmp_path):
+    import hashlib
+
+    bundle = tmp_path / "bundle"
+    wheels = bundle / "engines" / "vllm" / "wheels"
+    wheels.mkdir(parents=True)
+    whl = _wheel(wheels, "tinyengine", "1.0", "SERVES = True\n")
+    digest = hashlib.sha256(whl.read_bytes()).hexdigest()
+    (bundle / "engines" / "vllm" / "requirements.lock").write_text(f"tinyengine==1.0 --hash=sha256:{digest}\n")
+    pip_whl = _pip_wheel(tmp_path)
+    engine = {"dir": "engines/vllm", "version": "0.0", "lock": {"carried": 1, "reused": 0}}
+    lay = layout(tmp_path)
+    env = dict(install.os.environ, PIP_NO_INDEX="1", PIP_CONFIG_FILE="/dev/null")
+
+    site = install.engine_site(bundle, engine, lay, pip_whl, env)
+    assert (site / "tinyengine.py").read_text() == "SERVES = True\n"
+    whl.unlink()  # a second release with the same lock must not need the wheels again
+    assert install.engine_site(bundle, engine, lay, pip_whl, env) == site
+
+    # another lock whose wheel does not match its hash: refused, and no half-installed engine is left
+    bad = _wheel(wheels, "tinyengine", "1.1", "SERVES = False\n")
+    (bundle / "engines" / "vllm" / "requirements.lock").write_text(f"tinyengine==1.1 --hash=sha256:{'0' * 64}\n")
+    with pytest.raises(BundlerError) as e:
+        install.engine_site(bundle, engine, lay, pip_whl, env)
+    assert "installing vLLM's wheels" in e.value.message
+    assert bad.exists()
+    assert sorted(p.name for p in lay.engines.iterdir()) == [site.parent.name]
+
+
+def test_vllm_launch_keeps_compiled_kernels_in_the_prefix_or_systemds_cache_directory(tmp_path):
+    import subprocess
+
+    from bundler.engines import vllm
+    from bundler.render import render
+
+    env_file = tmp_path / "b.env"
+    env_file.write_text("LLAMA_API_KEY=k\n")
+    launch = tmp_path / "launch"
+    launch.write_text(render("launch.sh.j2", {"engine": "vllm", "name": "b", "release": "r", "env_file": str(env_file),
+                                              "argv": ["/usr/bin/env"], "lib_dir": "", "extra_env": {},
+                                              "cache_dir": str(tmp_path / "cache"), "cache_vars": vllm.CACHE_VARS}))
+
+    def seen(**extra):
+        env = {"PATH": "/usr/bin:/bin", **extra}
+        out = subprocess.run(["sh", str(launch)], capture_output=True, text=True, env=env, check=True).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    as_process = seen()
+    assert as_process["VLLM_CACHE_ROOT"] == str(tmp_path / "cache" / "vllm")
+    assert as_process["FLASHINFER_WORKSPACE_BASE"] == str(tmp_path / "cache")
+    assert as_process["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
+    as_unit = seen(CACHE_DIRECTORY="/var/cache/airgap-llm-b")
+    assert as_unit["VLLM_CACHE_ROOT"] == "/var/cache/airgap-llm-b/vllm"
+    assert as_unit["LLAMA_API_KEY"] == "k"

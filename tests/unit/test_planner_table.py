@@ -72,7 +72,7 @@ CASES = [
     Case("st-70b-8x80-tp4-dp2", ("70b", "bf16"), "8x80GiB@8.0,nvlink", 64, 4096, "vllm", 4, 2, slots=64),
     Case("st-70b-2xH200-tp2", ("70b", "bf16"), "2x141GiB@9.0,nvlink", 50, 4096, "vllm", 2, 1, slots=50),
     Case("st-72b-4x80-tp4", ("72b-qwen", "bf16"), "4x80GiB@9.0,nvlink", 16, 8192, "vllm", 4, 1, slots=16),
-    Case("st-qwen7b-8x24-no-tp8", ("7b-qwen", "bf16"), "8x24GiB@8.9", 64, 4096, "vllm", 2, 4, slots=64,
+    Case("st-qwen7b-8x24-no-tp8", ("7b-qwen", "bf16"), "8x24GiB@8.9", 64, 4096, "vllm", 1, 8, slots=64,
          says="TP 8: attention heads (28) are not divisible by 8"),
     Case("st-mixtral-2x80", ("mixtral-8x7b", "bf16"), "2x80GiB@9.0,nvlink", 16, 4096, "vllm", 2, 1, slots=16),
     Case("st-mixtral-4x48", ("mixtral-8x7b", "bf16"), "4x48GiB@8.9", 32, 4096, "vllm", 4, 1, slots=32),
@@ -83,6 +83,12 @@ CASES = [
     Case("st-70b-3x80-one-idle", ("70b", "bf16"), "3x80GiB@9.0,nvlink", 16, 4096, "vllm", 2, 1, says="idle"),
     Case("st-70b-4xH200-200", ("70b", "bf16"), "4x141GiB@9.0,nvlink", 200, 4096, "vllm", 4, 1, slots=200),
     Case("st-8b-4xH200-200", ("8b", "bf16"), "4x141GiB@9.0,nvlink", 200, 4096, "vllm", 1, 4, slots=200),
+    # a replica needs KV for its share only: 50 × 4096 tokens per H100 fits beside 8B's weights
+    Case("st-8b-4x80-200-dp4", ("8b", "bf16"), "4x80GiB@9.0,nvlink", 200, 4096, "vllm", 1, 4, slots=200),
+    # nothing holds 200 × 4096 tokens: the TP size that holds the most wins, not the smallest that holds one
+    Case("st-70b-4x80-200-most", ("70b", "bf16"), "4x80GiB@9.0,nvlink", 200, 4096, "vllm", 4, 1, slots=200,
+         says="holds the most"),
+    Case("st-70b-4xH200-50-tp2-dp2", ("70b", "bf16"), "4x141GiB@9.0,nvlink", 50, 4096, "vllm", 2, 2, slots=50),
     Case("gguf-8b-q4-1x3090", ("8b", "Q4_K_M"), "1x24GiB@8.6", 8, 8192, "llama.cpp", ngl="all", slots=8,
          backend="cuda"),
     Case("gguf-70b-q4-1x24-partial", ("70b", "Q4_K_M"), "1x24GiB@8.9", 4, 4096, "llama.cpp", ngl="partial", slots=4,
