@@ -107,6 +107,7 @@ serve4() {  # serve4 LABEL 8b|70b [install.sh options]
     shift 2
     dir="$MODELS/llama-$size-hf"
     while [ ! -f "$dir/tokenizer_config.json" ]; do sleep 2; done
+    while pgrep -f random_hf_llama > /dev/null; do sleep 2; done  # no model writing beside a bench
     for c in 50 200; do
         [ -f "$RES/plan-$size-c$c.json" ] || python3 -m bundler.cli plan --model "$dir" --box "$RES/probe.json" \
             --concurrency "$c" --json > "$RES/plan-$size-c$c.json" || true
