@@ -165,7 +165,7 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(reports: list[tuple[str, dict[str, Any]]], path: Path) -> bool:
+def plot(reports: list[tuple[str, dict[str, Any]]], path: Path, title: str = "throughput under load") -> bool:
     """PNG of output tok/s against concurrency, one line per report. False without matplotlib."""
     try:
         import matplotlib
@@ -184,7 +184,7 @@ def plot(reports: list[tuple[str, dict[str, Any]]], path: Path) -> bool:
     ax.set_xscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title("throughput under load")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -215,6 +215,24 @@ def _explain(p, explain: bool) -> None:
     print()
 
 
+def cmd_plot(a: argparse.Namespace) -> int:
+    from . import bench
+
+    reports = []
+    for f in a.reports:
+        try:
+            rep = json.loads(Path(f).read_text())
+            rep["levels"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BundlerError(f"{f} is not a report from `bundler bench --json` ({e})",
+                               hint="bench with --json FILE, then plot those files")
+        reports.append((rep.get("label") or rep.get("model") or Path(f).stem, rep))
+    if not bench.plot(reports, Path(a.out), a.title):
+        raise BundlerError("matplotlib is not installed here: no plot written", hint="pip install matplotlib")
+    print(f"wrote {a.out}")
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from . import bench
 
@@ -237,7 +255,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {a.json}")
     if a.plot:
-        if bench.plot([(report["label"], report)], Path(a.plot)):
+        if bench.plot([(report["label"], report)], Path(a.plot), f"{report['label']} under load"):
             print(f"wrote {a.plot}")
         else:
             log("warning: matplotlib is not installed here: no plot written (the JSON has every figure)")
@@ -311,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--json", help="write the report here")
     be.add_argument("--plot", help="write a PNG of tok/s against concurrency here")
     be.set_defaults(func=cmd_bench)
+    pl = sub.add_parser("plot", help="plot saved bench reports together (tok/s against concurrency)",
+                        description="One line per report from `bundler bench --json`, labelled with its --label.")
+    pl.add_argument("reports", nargs="+", help="JSON reports")
+    pl.add_argument("--out", required=True, help="PNG to write")
+    pl.add_argument("--title", default="throughput under load", help="the plot's title")
+    pl.set_defaults(func=cmd_plot)
     i = sub.add_parser("inspect", help="print a model's facts as JSON (GGUF file or HF/EXL2 directory)")
     i.add_argument("model")
     i.set_defaults(func=cmd_inspect)

@@ -50,6 +50,9 @@ LLAMA_GPU_FRACTION = 0.95
 LLAMA_GPU_OVERHEAD = 600 * MiB
 VLLM_UTILIZATION = 0.90
 VLLM_OVERHEAD = 2 * GiB
+# The widest tensor parallel the planner picks over NVLink when a smaller one would fit: TP 4 was
+# measured faster than data parallel on 4×H200; wider TP is untested, so 8 GPUs get TP 4 × DP 2.
+NVLINK_TP_MAX = 4
 EXL2_OVERHEAD = 1 * GiB
 KV_BYTES = {"f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
 MIN_CC = {"llama.cpp": 5.0, "vllm": 7.0, "exllamav2": 7.0}
@@ -378,52 +381,53 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
     usable = gpu_bytes * VLLM_UTILIZATION - VLLM_OVERHEAD
     tps, not_ok = tp_candidates(info, n)
     conc = intent.concurrency
-    # Each TP size leaves n // tp GPU groups for data-parallel replicas; a replica needs the KV of its
-    # share of the load only. Take the smallest TP whose replica holds its share at full context
-    # (fewer hops per token, more replicas); if none does, the one that holds the most requests.
-    chosen, best, full_fit = None, None, 0
-    for tp in tps:
-        w = info.file_size / tp
-        if w >= usable:
-            continue
+
+    def replicas(tp: int) -> tuple[int, int, int]:
+        """(replicas, requests each, requests of ctx tokens one replica's KV holds) for this TP size."""
         dp_ = max(1, min(n // tp, conc))
-        share = math.ceil(conc / dp_)
-        full = int((usable - w) // (kv_per_gpu_per_token(info, tp) * ctx))
-        if full >= share:
-            chosen, full_fit = tp, full
-            break
-        if full >= 1 and (best is None or min(full, share) * dp_ > best[1]):
-            best = (tp, min(full, share) * dp_, full)
-    if chosen is None and best is not None:
-        chosen, held, full_fit = best
-        reasons.append(f"KV for {conc} requests of {ctx} tokens does not fit any TP size; TP {chosen} holds the "
-                       f"most: {held} at full length at once (paged KV packs more when requests are shorter; "
-                       "vLLM queues the rest; more GPUs or a shorter context serve more)")
-    if chosen is None:
+        w_ = info.file_size / tp
+        full_ = int((usable - w_) // (kv_per_gpu_per_token(info, tp) * ctx)) if usable > w_ else 0
+        return dp_, math.ceil(conc / dp_), full_
+
+    # The smallest TP whose replica holds its share of the load at full context; if none does, the
+    # TP that holds the most requests at once.
+    fitting = next((tp for tp in tps if replicas(tp)[2] >= replicas(tp)[1]), None)
+    held = {tp: min(replicas(tp)[2], replicas(tp)[1]) * replicas(tp)[0] for tp in tps if replicas(tp)[2] >= 1}
+    if fitting is None and not held:
         raise _refuse_gpu_model(name, info, hw, "vLLM", usable, ctx, tps)
-    tp = chosen
-    dp = max(1, min(n // tp, conc))
-    per_replica = max(1, math.ceil(conc / dp))
-    seqs = per_replica  # vLLM batches up to this many; its paged KV decides how many fit at once
-    w = info.file_size / tp
-    kv_tok = kv_per_gpu_per_token(info, tp)
-    est = w + kv_tok * min(seqs, full_fit) * ctx + VLLM_OVERHEAD
-    smaller = [t for t in tps if t < tp]
+    tp = fitting if fitting is not None else max(held, key=lambda t: (held[t], -t))
     head = (f"vLLM: safetensors on {n} GPU(s) with compute capability {hw.gpus[0].compute_capability}; "
             f"tensor parallel {tp}")
-    if full_fit >= per_replica:
-        head += (f" is the smallest size whose share of weights ({_gib(w)}) and KV for {per_replica} requests × "
-                 f"{ctx} tokens per replica fits {_gib(usable)} per GPU"
-                 + (f" (TP {', '.join(map(str, smaller))} does not)" if smaller else ""))
+    if fitting is None:
+        head += f": weights {_gib(info.file_size / tp)} per GPU, {_gib(usable)} usable"
+        reasons.append(f"KV for {conc} requests of {ctx} tokens does not fit any TP size; TP {tp} holds the "
+                       f"most: {held[tp]} at full length at once (paged KV packs more when requests are shorter; "
+                       "vLLM queues the rest; more GPUs or a shorter context serve more)")
     else:
-        head += f": weights {_gib(w)} per GPU, {_gib(usable)} usable"
+        smaller = [t for t in tps if t < tp]
+        head += (f" is the smallest size whose share of weights ({_gib(info.file_size / tp)}) and KV for "
+                 f"{replicas(tp)[1]} requests × {ctx} tokens per replica fits {_gib(usable)} per GPU"
+                 + (f" (TP {', '.join(map(str, smaller))} does not)" if smaller else ""))
+        # Over NVLink a wider TP splits each token's weight reads over more GPUs for little all-reduce
+        # cost, and beat data-parallel replicas at every load measured (docs/BENCHMARKS.md, 4×H200).
+        wider = [t for t in tps if tp < t <= min(n, NVLINK_TP_MAX)]
+        if hw.gpu_links == "nvlink" and wider:
+            head += (f"; widened to TP {max(wider)} over NVLink: on 4×H200, TP 4 served Llama-8B at 11,001 tok/s "
+                     f"with 50 concurrent requests against 8,618 for 4 data-parallel replicas, and 70B at 2,659 "
+                     f"against 1,918 for TP 2 × DP 2")
+            tp = max(wider)
     reasons.insert(0, head)
+    dp, per_replica, full_fit = replicas(tp)
+    seqs = per_replica  # vLLM batches up to this many; its paged KV decides how many fit at once
+    w = info.file_size / tp
+    est = w + kv_per_gpu_per_token(info, tp) * min(seqs, full_fit) * ctx + VLLM_OVERHEAD
     if dp > 1:
         reasons.append(f"data parallel {dp}: {n - tp} GPU(s) left over hold {dp - 1} more replica(s), each "
                        f"serving ~{per_replica} of the {conc} concurrent requests; replicas need no traffic between "
-                       "them, so throughput grows with them (DP 4 gave 14,254 tok/s on 4×H200)")
+                       "them")
     elif n > tp:
-        reasons.append(f"{n - tp} GPU(s) left idle: the target concurrency ({conc}) needs no second replica")
+        reasons.append(f"{n - tp} GPU(s) left idle: the target concurrency ({conc}) needs no second replica"
+                       if conc < n // tp else f"{n - tp} GPU(s) left idle: no TP size uses exactly {n} GPUs")
     if tp > 1:
         reasons.append("tensor parallel over NVLink" if hw.gpu_links == "nvlink" else
                        f"tensor parallel over {hw.gpu_links or 'unknown links'}: slower than NVLink; more "

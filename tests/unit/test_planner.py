@@ -86,3 +86,30 @@ def test_gemma_without_template_gets_the_builtin_gemma_template_in_argv():
     assert not any("key" in a.lower() for a in argv)  # the API key never appears on the command line
     p8 = planner.plan("llama", LLAMA8B_Q4, box(), planner.Intent(1, 1024))
     assert "--chat-template" not in llama_cpp.launch_argv("/x", "/m", "l", "127.0.0.1", 1, p8)
+
+
+def _device_box(name: str) -> Hardware:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "data" / "boxes" / name
+    return Hardware.from_dict(json.loads(path.read_text()))
+
+
+def _llama(layers: int, heads: int, size: int) -> ModelInfo:
+    return ModelInfo(format="safetensors", architecture="LlamaForCausalLM", file_size=size, layers=layers, heads=heads,
+                     kv_heads=8, head_dim_k=128, head_dim_v=128, context_length=8192, experts=0,
+                     has_chat_template=True, bits=0.0)
+
+
+@pytest.mark.parametrize("conc", [50, 200])
+def test_the_measured_4xh200_box_gets_tensor_parallel_4_for_8b_and_70b(conc):
+    """docs/BENCHMARKS.md (issue #6): on this box TP 4 beat TP 1 × DP 4 and TP 2 × DP 2 for the 8B shape,
+    and TP 2 × DP 2 for the 70B shape, at 1, 50 and 200 concurrent requests."""
+    hw = _device_box("device-h200x4-probe.json")
+    assert len(hw.gpus) == 4 and hw.gpu_links == "nvlink"
+    for info in (_llama(32, 32, 16_060_522_496), _llama(80, 64, 141_107_412_992)):
+        p = planner.plan("m", info, hw, planner.Intent(concurrency=conc, context=4096),
+                         engines_available=planner.ALL_ENGINES)
+        assert (p.engine, p.tensor_parallel, p.data_parallel, p.max_num_seqs) == ("vllm", 4, 1, conc)
+        assert all(used <= usable for used, usable in zip(p.memory_per_gpu_gib, p.usable_per_gpu_gib))

@@ -63,7 +63,10 @@ class Case:
 
 CASES = [
     Case("st-8b-1xH100", ("8b", "bf16"), "1x80GiB@9.0", 16, 4096, "vllm", 1, 1, slots=16),
-    Case("st-8b-8xA100-dp8", ("8b", "bf16"), "8x80GiB@8.0,nvlink", 64, 4096, "vllm", 1, 8, slots=64,
+    # over NVLink a fitting model still gets TP up to 4 (measured faster than DP on 4×H200), DP beyond
+    Case("st-8b-8xA100-tp4-dp2", ("8b", "bf16"), "8x80GiB@8.0,nvlink", 64, 4096, "vllm", 4, 2, slots=64,
+         says="data parallel 2"),
+    Case("st-8b-8x80-pcie-dp8", ("8b", "bf16"), "8x80GiB@8.9", 64, 4096, "vllm", 1, 8, slots=64,
          says="data parallel 8"),
     Case("st-70b-1x80-refused", ("70b", "bf16"), "1x80GiB@9.0", 16, 4096, None, says="2 GPUs like these"),
     Case("st-70b-2x80-fewer-seqs", ("70b", "bf16"), "2x80GiB@9.0,nvlink", 16, 4096, "vllm", 2, 1,
@@ -82,13 +85,16 @@ CASES = [
     Case("st-8b-3x48-dp3", ("8b", "bf16"), "3x48GiB@8.9", 16, 4096, "vllm", 1, 3, slots=18),
     Case("st-70b-3x80-one-idle", ("70b", "bf16"), "3x80GiB@9.0,nvlink", 16, 4096, "vllm", 2, 1, says="idle"),
     Case("st-70b-4xH200-200", ("70b", "bf16"), "4x141GiB@9.0,nvlink", 200, 4096, "vllm", 4, 1, slots=200),
-    Case("st-8b-4xH200-200", ("8b", "bf16"), "4x141GiB@9.0,nvlink", 200, 4096, "vllm", 1, 4, slots=200),
+    Case("st-8b-4xH200-200", ("8b", "bf16"), "4x141GiB@9.0,nvlink", 200, 4096, "vllm", 4, 1, slots=200,
+         says="widened to TP 4 over NVLink"),
     # a replica needs KV for its share only: 50 × 4096 tokens per H100 fits beside 8B's weights
-    Case("st-8b-4x80-200-dp4", ("8b", "bf16"), "4x80GiB@9.0,nvlink", 200, 4096, "vllm", 1, 4, slots=200),
+    Case("st-8b-4x80-pcie-200-dp4", ("8b", "bf16"), "4x80GiB@9.0", 200, 4096, "vllm", 1, 4, slots=200),
     # nothing holds 200 × 4096 tokens: the TP size that holds the most wins, not the smallest that holds one
     Case("st-70b-4x80-200-most", ("70b", "bf16"), "4x80GiB@9.0,nvlink", 200, 4096, "vllm", 4, 1, slots=200,
          says="holds the most"),
-    Case("st-70b-4xH200-50-tp2-dp2", ("70b", "bf16"), "4x141GiB@9.0,nvlink", 50, 4096, "vllm", 2, 2, slots=50),
+    Case("st-70b-4xH200-50-tp4", ("70b", "bf16"), "4x141GiB@9.0,nvlink", 50, 4096, "vllm", 4, 1, slots=50,
+         says="widened"),
+    Case("st-70b-4x141-pcie-50-tp2-dp2", ("70b", "bf16"), "4x141GiB@9.0", 50, 4096, "vllm", 2, 2, slots=50),
     Case("gguf-8b-q4-1x3090", ("8b", "Q4_K_M"), "1x24GiB@8.6", 8, 8192, "llama.cpp", ngl="all", slots=8,
          backend="cuda"),
     Case("gguf-70b-q4-1x24-partial", ("70b", "Q4_K_M"), "1x24GiB@8.9", 4, 4096, "llama.cpp", ngl="partial", slots=4,
