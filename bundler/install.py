@@ -892,6 +892,76 @@ def print_plan(plan: planner.Plan, hw: probe.Hardware) -> None:
         info(f"  not {r['engine']}: {r['why']}")
 
 
+@dataclass(frozen=True)
+class Service:
+    host: str
+    port: int
+    mode: str  # "systemd" or "process"
+    timeout: float  # seconds to wait for health
+    base: str  # http://ADDRESS:PORT
+
+
+def _same_release(previous: Path, layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan,
+                  svc: Service, args: argparse.Namespace) -> dict[str, Any]:
+    """The release this bundle and plan make is the current one: leave it, or start it if it is down."""
+    if is_running(previous):
+        code, _ = http_json(svc.base + "/health")
+        if code == 200:
+            info(f"release {previous.name} is installed and healthy; nothing changed")
+            return summary(layout, doc, m, plan, svc.host, svc.port, svc.mode, None, changed=False)
+    info(f"release {previous.name} is installed but not running; starting it")
+    start(previous, svc.mode, layout)
+    wait_healthy(svc.base, svc.timeout, str(layout.logfile), lambda: engine_alive(previous, layout, svc.mode))
+    answer = None if args.no_smoke else smoke(svc.base, m["name"], read_key(layout))
+    return summary(layout, doc, m, plan, svc.host, svc.port, svc.mode, answer, changed=True)
+
+
+def _prepare_prefix(layout: Layout) -> str:
+    """The prefix's folders, no half-built release left by a killed installer, and the API key."""
+    layout.prefix.mkdir(parents=True, exist_ok=True)
+    for d in (layout.releases, layout.models, layout.etc):
+        d.mkdir(parents=True, exist_ok=True)
+    for stale in layout.releases.glob(".*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    os.chmod(layout.etc, 0o700)  # holds the API key
+    return ensure_env_file(layout)
+
+
+def _start_new_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
+                       rid: str, svc: Service, key: str, args: argparse.Namespace) -> tuple[Path, str | None, float]:
+    """Build the release, start it and wait until it answers: (release, smoke answer, start time).
+    A release that fails is stopped and removed before the error goes up."""
+    # vLLM with tensor parallel can crash in its all-reduce paths where NVLink multicast is
+    # off (VMs, PCIe cards): a crashed start is retried once with the safe flags, and said so.
+    tries = [False, True] if plan.engine == "vllm" and plan.tensor_parallel > 1 else [False]
+    if len(tries) > 1 and (args.safe_all_reduce or vllm.multicast_off(dict(os.environ))):
+        tries = [True]
+        info("tensor parallel with the safe all-reduce flags from the start (" +
+             ("--safe-all-reduce" if args.safe_all_reduce else "NVLink multicast is off in this environment") + ")")
+    for safe in tries:
+        release = build_release(bundle, doc, m, plan, layout, rid + ("-safe" if safe else ""), svc.host, svc.port,
+                                svc.mode, safe=safe)
+        info(f"release {release.name} built at {release}")
+        t0 = time.monotonic()
+        watch = LogWatch(layout.logfile, vllm.FATAL_LOG if plan.engine == "vllm" else ())
+        try:
+            start(release, svc.mode, layout)
+            secs = wait_healthy(svc.base, svc.timeout, str(layout.logfile),
+                                lambda r=release: engine_alive(r, layout, svc.mode), watch)
+            info(f"healthy after {secs:.1f}s")
+            return release, (None if args.no_smoke else smoke(svc.base, m["name"], key)), t0
+        except BaseException as e:
+            ctl(release, "stop")
+            shutil.rmtree(release, ignore_errors=True)
+            if not safe and len(tries) > 1 and isinstance(e, BundlerError):
+                warn(f"vLLM with tensor parallel {plan.tensor_parallel} failed to start ({e.message}); retrying "
+                     "with the safe flags: --disable-custom-all-reduce and the all-reduce fusion off")
+                continue
+            warn(f"release {release.name} failed; removed it")
+            raise
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     bundle = Path(args.bundle).absolute()
     doc0 = mf.load(bundle)
@@ -926,32 +996,17 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
 
     rid = release_id(mf.sha256_file(bundle / mf.MANIFEST) + m["file"], plan, host, port)
-    base = f"http://{local_address(host)}:{port}"
+    svc = Service(host, port, mode, timeout, f"http://{local_address(host)}:{port}")
     previous = layout.current.resolve() if layout.current.is_symlink() else None
     if previous is not None and previous.name.split("-safe")[0] == rid and previous.is_dir():
-        if is_running(previous):
-            code, _ = http_json(base + "/health")
-            if code == 200:
-                info(f"release {previous.name} is installed and healthy; nothing changed")
-                return summary(layout, doc, m, plan, host, port, mode, None, changed=False)
-        info(f"release {previous.name} is installed but not running; starting it")
-        start(previous, mode, layout)
-        wait_healthy(base, timeout, str(layout.logfile), lambda: engine_alive(previous, layout, mode))
-        answer = None if args.no_smoke else smoke(base, m["name"], read_key(layout))
-        return summary(layout, doc, m, plan, host, port, mode, answer, changed=True)
+        return _same_release(previous, layout, doc, m, plan, svc, args)
 
     check_port(host, port, layout)
-    layout.prefix.mkdir(parents=True, exist_ok=True)
-    for d in (layout.releases, layout.models, layout.etc):
-        d.mkdir(parents=True, exist_ok=True)
-    for stale in layout.releases.glob(".*.partial"):  # left by an installer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    os.chmod(layout.etc, 0o700)  # holds the API key
-    key = ensure_env_file(layout)
+    key = _prepare_prefix(layout)
     done = layout.prefix / f".upgrade-{os.getpid()}.done"  # read (and removed) by the guard only
-    guarded = False
-    if previous is not None and previous.is_dir() and is_running(previous):
-        guarded = True
+    guarded = previous is not None and previous.is_dir() and is_running(previous)
+    if guarded:
+        assert previous is not None
         # if this process dies from here on, the guard brings the previous release back
         subprocess.Popen([sys.executable, "-m", "bundler.guard", "--pid", str(os.getpid()), "--done", str(done),
                           "--ctl", str(previous / "bin" / "ctl"), "--remove", str(layout.releases / rid)],
@@ -959,41 +1014,15 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                          stderr=subprocess.DEVNULL, close_fds=True)
         info(f"stopping the previous release {previous.name}")
         ctl(previous, "stop")
-    # vLLM with tensor parallel can crash in its all-reduce paths where NVLink multicast is
-    # off (VMs, PCIe cards): a crashed start is retried once with the safe flags, and said so.
-    tries = [False, True] if plan.engine == "vllm" and plan.tensor_parallel > 1 else [False]
-    if len(tries) > 1 and (args.safe_all_reduce or vllm.multicast_off(dict(os.environ))):
-        tries = [True]
-        info("tensor parallel with the safe all-reduce flags from the start (" +
-             ("--safe-all-reduce" if args.safe_all_reduce else "NVLink multicast is off in this environment") + ")")
-    release = None
-    for safe in tries:
-        release = build_release(bundle, doc, m, plan, layout, rid + ("-safe" if safe else ""), host, port, mode,
-                                safe=safe)
-        info(f"release {release.name} built at {release}")
-        t0 = time.monotonic()
-        watch = LogWatch(layout.logfile, vllm.FATAL_LOG if plan.engine == "vllm" else ())
-        try:
-            start(release, mode, layout)
-            secs = wait_healthy(base, timeout, str(layout.logfile), lambda r=release: engine_alive(r, layout, mode),
-                                watch)
-            info(f"healthy after {secs:.1f}s")
-            answer = None if args.no_smoke else smoke(base, m["name"], key)
-            break
-        except BaseException as e:
-            ctl(release, "stop")
-            shutil.rmtree(release, ignore_errors=True)
-            if not safe and len(tries) > 1 and isinstance(e, BundlerError):
-                warn(f"vLLM with tensor parallel {plan.tensor_parallel} failed to start ({e.message}); retrying "
-                     "with the safe flags: --disable-custom-all-reduce and the all-reduce fusion off")
-                continue
-            warn(f"release {release.name} failed; removed it" + (f"; restarting {previous.name}" if previous else ""))
-            if previous is not None and previous.is_dir():
-                start(previous, mode, layout)
-            if guarded:
-                done.touch()
-            raise
-    assert release is not None
+    try:
+        release, answer, t0 = _start_new_release(bundle, doc, m, plan, layout, rid, svc, key, args)
+    except BaseException:
+        if guarded:  # the box as it was: the previous release serving again
+            assert previous is not None
+            warn(f"restarting the previous release {previous.name}")
+            start(previous, mode, layout)
+            done.touch()
+        raise
     if guarded:
         done.touch()  # healthy and answering: from here on the guard must not undo it
     switch_current(layout, release)
@@ -1003,7 +1032,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.bench:
         from . import bench
 
-        report = bench.sweep(base + "/v1", key, m["name"], sorted({1, plan.slots}), None, 400,
+        report = bench.sweep(svc.base + "/v1", key, m["name"], sorted({1, plan.slots}), None, 400,
                              args.bench_max_tokens)
         info(bench.table(report))
         result["bench"] = report
