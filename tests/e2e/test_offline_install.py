@@ -24,6 +24,24 @@ def test_sha256sum_checks_the_bundle_with_coreutils_alone(bundle_dir):
     assert (bundle_dir.parent / "gemma3-270m-cpu.tar").stat().st_size > 250_000_000
 
 
+def test_the_cpu_llama_server_needs_no_newer_glibc_than_rhel8_and_no_carried_runtime(bundle_dir):
+    """Banks and hospitals run RHEL 8/9 and Ubuntu 20.04/22.04 (glibc 2.28-2.35): the CPU engine is
+    built against glibc 2.28's symbols and links its C++ runtime in."""
+    import re
+
+    doc = json.loads((bundle_dir / "manifest.json").read_text())
+    cpu = next(e for e in doc["engines"] if e.get("backend") == "cpu")
+    binary = bundle_dir / cpu["binary"]
+    symbols = subprocess.run(["objdump", "-T", str(binary)], capture_output=True, text=True, check=True).stdout
+    needed = max(tuple(int(x) for x in v.split(".")) for v in re.findall(r"GLIBC_([0-9]+(?:\.[0-9]+)+)", symbols))
+    assert needed <= (2, 28), needed
+    assert tuple(int(x) for x in cpu["glibc"].split(".")) == needed  # what the box's preflight compares
+    assert "GLIBCXX" not in symbols and "GOMP" not in symbols and cpu["libs"] == []
+    assert "zig" in json.loads((bundle_dir / cpu["dir"] / "build.json").read_text())["compiler"]
+    r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "version" in (r.stdout + r.stderr).lower()
+
+
 def test_the_tar_unpacks_safely_with_the_script_beside_it(bundle_dir, tmp_path):
     dist = bundle_dir.parent
     r = subprocess.run([sys.executable, "-I", str(dist / "gemma3-270m-cpu.unpack.py"),
