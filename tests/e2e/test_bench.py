@@ -56,6 +56,14 @@ def test_bench_reports_throughput_latency_and_exact_output_counts(server, tmp_pa
         assert lv["tok_s"] > 0
         assert 0 < lv["ttft_p50"] <= lv["latency_p50"] <= lv["latency_p95"]
     assert "tok/s" in r.stdout
+    png = tmp_path / "both.png"
+    p = subprocess.run([sys.executable, "-m", "bundler.cli", "plot", str(out), str(out), "--out", str(png)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, "-m", "bundler.cli", "plot", str(tmp_path / "nope.json"), "--out",
+                          str(png)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "nope.json" in bad.stderr
 
 
 def test_bench_counts_errors_when_the_key_is_wrong(server):
