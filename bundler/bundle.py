@@ -28,6 +28,7 @@ from .errors import BundlerError
 from .modelinfo import inspect_gguf
 from .render import render
 from .spec import Spec
+from .staging import staged_dir
 
 # Wheels the installer imports straight from the bundle before anything is installed.
 BOOTSTRAP = ("airgap_llm-*.whl", "jinja2-*.whl", "markupsafe-*.whl", "tqdm-*.whl", "nvidia_ml_py-*.whl")
@@ -111,11 +112,8 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / spec.name
-    stage = out_dir / f".{spec.name}.partial"
-    if stage.exists():
-        shutil.rmtree(stage)
-    (stage / "wheels").mkdir(parents=True)
-    try:
+    with staged_dir(final, out_dir / f".{spec.name}.partial") as stage:
+        (stage / "wheels").mkdir()
         meta = _fill(spec, stage, log, target, reuse_installed)
         if sign:
             from . import signing
@@ -130,12 +128,6 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
         manifest.write(stage, meta, entries)
         if sign:
             signing.sign(stage, log)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(stage, final)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     tar_path = out_dir / f"{spec.name}.tar"
     if part_size:  # the directory of small files is what travels; a tar would be one big file again
         tar_path.unlink(missing_ok=True)

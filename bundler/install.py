@@ -31,6 +31,7 @@ from . import planner, probe
 from .engines import llama_cpp, vllm
 from .errors import BundlerError, VerifyError, report
 from .modelinfo import ModelInfo
+from .staging import staged_dir
 from .planner import version_tuple
 from .render import render
 
@@ -629,34 +630,23 @@ def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout, pip_whl: P
     if (home / "complete").is_file():
         info(f"vLLM {engine['version']}: reusing {home} (same lock)")
         return home / "site"
-    partial = home.with_name(home.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     info(f"installing vLLM {engine['version']} into {home} ({engine['lock']['carried']} wheels; "
          f"{engine['lock']['reused']} packages reused from this box's python; compiling to bytecode once, so "
          "that every engine process does not: each start imports vLLM in 3 to 6 processes)")
-    try:
+    with staged_dir(home, home.with_name(home.name + ".partial")) as partial:
         _run_logged([sys.executable, "-s", str(pip_whl / "pip"), "install", "--quiet", "--no-index", "--no-deps",
                      "--find-links", str(bundle / engine["dir"] / "wheels"), "--require-hashes",
                      "--no-cache-dir", "--target", str(partial / "site"),
                      "-r", str(lockfile)], "installing vLLM's wheels", env)
         shutil.copy2(lockfile, partial / "requirements.lock")
         (partial / "complete").write_text(engine["version"] + "\n")
-        shutil.rmtree(home, ignore_errors=True)
-        os.replace(partial, home)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return home / "site"
 
 
 def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
                   rid: str, host: str, port: int, mode: str, safe: bool = False) -> Path:
     final = layout.releases / rid
-    stage = layout.releases / f".{rid}.partial"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    try:
+    with staged_dir(final, layout.releases / f".{rid}.partial") as stage:
         for name in ("manifest.json", "README.txt", "requirements.lock"):
             shutil.copy2(bundle / name, stage / name)
         info("creating the release's Python environment (venv --without-pip + bundled wheels)")
@@ -703,13 +693,7 @@ def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: pl
             "name": layout.name, "engine": plan.engine, "model": m["name"], "prefix": str(layout.prefix),
             "env_file": str(layout.env_file), "gpus": plan.backend == "cuda"}))
         (stage / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(stage, final)
-        return final
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    return final
 
 
 def ensure_env_file(layout: Layout) -> str:

@@ -391,8 +391,9 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
 
     # The smallest TP whose replica holds its share of the load at full context; if none does, the
     # TP that holds the most requests at once.
-    fitting = next((tp for tp in tps if replicas(tp)[2] >= replicas(tp)[1]), None)
-    held = {tp: min(replicas(tp)[2], replicas(tp)[1]) * replicas(tp)[0] for tp in tps if replicas(tp)[2] >= 1}
+    layouts = {tp: replicas(tp) for tp in tps}
+    fitting = next((tp for tp, (_, share, full) in layouts.items() if full >= share), None)
+    held = {tp: min(full, share) * dp_ for tp, (dp_, share, full) in layouts.items() if full >= 1}
     if fitting is None and not held:
         raise _refuse_gpu_model(name, info, hw, "vLLM", usable, ctx, tps)
     tp = fitting if fitting is not None else max(held, key=lambda t: (held[t], -t))
@@ -406,7 +407,7 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
     else:
         smaller = [t for t in tps if t < tp]
         head += (f" is the smallest size whose share of weights ({_gib(info.file_size / tp)}) and KV for "
-                 f"{replicas(tp)[1]} requests × {ctx} tokens per replica fits {_gib(usable)} per GPU"
+                 f"{layouts[tp][1]} requests × {ctx} tokens per replica fits {_gib(usable)} per GPU"
                  + (f" (TP {', '.join(map(str, smaller))} does not)" if smaller else ""))
         # Over NVLink a wider TP splits each token's weight reads over more GPUs for little all-reduce
         # cost, and beat data-parallel replicas at every load measured (docs/BENCHMARKS.md, 4×H200).

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BundlerError
+from ..staging import staged_dir
 
 BUILD_SCRIPT = Path(__file__).with_name("build_llama_server.sh")
 FORMATS = ("gguf",)
@@ -57,7 +58,6 @@ def zig_toolchain(log=print) -> tuple[Path, str]:
     """Zig unpacked once from its hash-checked wheel, with cc/c++ wrappers that target glibc
     CPU_GLIBC_TARGET. Returns (directory holding cc and c++, a key over the wheel and target)."""
     import platform
-    import zipfile
 
     from .. import lock
     from ..manifest import sha256_file
@@ -81,29 +81,29 @@ def zig_toolchain(log=print) -> tuple[Path, str]:
                        "--only-binary=:all:", "--dest", str(wheels), "-r", str(req)],
                       "pip download of the Zig wheel", "the index must be reachable for the first CPU build")
         found = [w for w in wheels.glob(f"ziglang-{ZIG_VERSION}-*.whl") if sha256_file(w) == sha]
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".zig-{key}.", dir=root.parent))
-    try:
-        with zipfile.ZipFile(found[0]) as z:
-            for name in z.namelist():
-                if name.startswith("ziglang/") and not name.endswith("/"):
-                    dest = tmp / name[len("ziglang/"):]
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with z.open(name) as src, open(dest, "wb") as out:
-                        shutil.copyfileobj(src, out)
+    with staged_dir(root) as tmp:
+        _unzip(found[0], tmp, lambda parts: parts[1:] if parts[0] == "ziglang" else None)
         (tmp / "zig").chmod(0o755)
         target = f"{arch}-linux-gnu.{CPU_GLIBC_TARGET}"
-        for tool, sub in (("cc", "cc"), ("c++", "c++")):
-            (tmp / tool).write_text(f'#!/bin/sh\nexec "{root}/zig" {sub} -target {target} "$@"\n')
+        for tool in ("cc", "c++"):
+            (tmp / tool).write_text(f'#!/bin/sh\nexec "{root}/zig" {tool} -target {target} "$@"\n')
             (tmp / tool).chmod(0o755)
         (tmp / ".done").write_text(f"zig {ZIG_VERSION} {target}\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root, key
+
+
+def _unzip(wheel: Path, dest: Path, place) -> None:
+    """Extract the members of `wheel` that place(path parts) maps to a list of parts under dest."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            rel = None if name.endswith("/") else place(name.split("/"))
+            if rel:
+                out_path = dest.joinpath(*rel)
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(name) as src, open(out_path, "wb") as out:
+                    shutil.copyfileobj(src, out)
 
 
 def _compiler_id(backend: str) -> str:
@@ -152,9 +152,6 @@ class Build:
 def cuda_wheel_root(requirements: list[str], log=print) -> tuple[Path, str]:
     """Unpack NVIDIA's CUDA library wheels into one cached tree (include/, lib/ with .so links).
     Returns (root, a key over the wheels' sha256)."""
-    import tempfile
-    import zipfile
-
     from .. import lock
     from ..manifest import sha256_file
 
@@ -166,26 +163,16 @@ def cuda_wheel_root(requirements: list[str], log=print) -> tuple[Path, str]:
     root = cache_root() / "cuda-libs" / key
     if (root / ".done").is_file():
         return root, key
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root.parent if root.parent.exists() else None))
-    for w in wheels:
-        log(f"unpacking {w.name}")
-        with zipfile.ZipFile(w) as z:
-            for name in z.namelist():
-                parts = name.split("/")
-                if len(parts) >= 4 and parts[0] == "nvidia" and parts[2] in ("include", "lib"):
-                    dest = tmp / parts[2] / "/".join(parts[3:])
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with z.open(name) as src, open(dest, "wb") as out:
-                        shutil.copyfileobj(src, out)
-    for so in (tmp / "lib").glob("*.so.*"):
-        link = so.with_name(so.name.split(".so")[0] + ".so")
-        if not link.exists():
-            link.symlink_to(so.name)
-    (tmp / ".done").write_text("\n".join(w.name for w in wheels) + "\n")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    with staged_dir(root) as tmp:
+        for w in wheels:  # nvidia/<lib>/{include,lib}/... → include/..., lib/...
+            log(f"unpacking {w.name}")
+            _unzip(w, tmp, lambda p: p[2:] if len(p) >= 4 and p[0] == "nvidia" and p[2] in ("include", "lib")
+                   else None)
+        for so in (tmp / "lib").glob("*.so.*"):
+            link = so.with_name(so.name.split(".so")[0] + ".so")
+            if not link.exists():
+                link.symlink_to(so.name)
+        (tmp / ".done").write_text("\n".join(w.name for w in wheels) + "\n")
     return root, key
 
 
@@ -221,37 +208,33 @@ def build(sdist: Path, sdist_sha256: str, backend: str = "cpu", cuda_archs: str 
 
 def _build_locked(sdist: Path, sdist_sha256: str, backend: str, cuda_archs: str, cublas: str, more: str, key: str,
                   dest: Path, log, env: dict[str, str] | None = None) -> Build:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{backend}-{key}.", dir=dest.parent))
-    log_path = dest.parent / f"{backend}-{key}.log"
-    log(f"building llama-server ({backend}) from {sdist.name}; this takes ~{20 if backend == 'cuda' else 5} min on "
-        f"2 cores and is cached; log: {log_path}")
-    t0 = time.monotonic()
-    cmd = ["sh", str(BUILD_SCRIPT), str(sdist), str(tmp), backend, cuda_archs, str(os.cpu_count() or 2), cublas,
-           more]
-    with open(log_path, "w") as lf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lf.write(line)
-            if line.startswith("[") and "/" in line.split("]")[0]:
-                # ninja/make progress "[12/345] ..." — show the counter only
-                sys.stderr.write("\r  llama-server build " + line.split("]")[0] + "]")
-                sys.stderr.flush()
-        rc = proc.wait()
-    sys.stderr.write("\n")
-    if rc != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tail = "".join(log_path.read_text().splitlines(True)[-15:])
-        raise BundlerError(f"building llama-server failed (exit {rc}):\n{tail}",
-                           hint=f"full log: {log_path}; cmake, a C++ compiler and (for cuda) nvcc are needed")
-    seconds = time.monotonic() - t0
-    info = {"backend": backend, "cuda_archs": cuda_archs, "sdist": sdist.name, "sdist_sha256": sdist_sha256,
-            "compiler": _compiler_id(backend), "seconds": round(seconds, 1), "key": key, "cuda_libs": cublas}
-    (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return Build(dest, key, False, seconds)
+    with staged_dir(dest) as tmp:  # the build appears as dest only when it succeeded
+        log_path = dest.parent / f"{backend}-{key}.log"
+        log(f"building llama-server ({backend}) from {sdist.name}; this takes ~{20 if backend == 'cuda' else 5} min on "
+            f"2 cores and is cached; log: {log_path}")
+        t0 = time.monotonic()
+        cmd = ["sh", str(BUILD_SCRIPT), str(sdist), str(tmp), backend, cuda_archs, str(os.cpu_count() or 2), cublas,
+               more]
+        with open(log_path, "w") as lf:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lf.write(line)
+                if line.startswith("[") and "/" in line.split("]")[0]:
+                    # ninja/make progress "[12/345] ..." — show the counter only
+                    sys.stderr.write("\r  llama-server build " + line.split("]")[0] + "]")
+                    sys.stderr.flush()
+            rc = proc.wait()
+        sys.stderr.write("\n")
+        if rc != 0:
+            tail = "".join(log_path.read_text().splitlines(True)[-15:])
+            raise BundlerError(f"building llama-server failed (exit {rc}):\n{tail}",
+                               hint=f"full log: {log_path}; cmake, a C++ compiler and (for cuda) nvcc are needed")
+        seconds = time.monotonic() - t0
+        info = {"backend": backend, "cuda_archs": cuda_archs, "sdist": sdist.name, "sdist_sha256": sdist_sha256,
+                "compiler": _compiler_id(backend), "seconds": round(seconds, 1), "key": key, "cuda_libs": cublas}
+        (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+        return Build(dest, key, False, seconds)
 
 
 def launch_argv(binary: str, model_path: str, alias: str, host: str, port: int, plan) -> list[str]:
