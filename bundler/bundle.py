@@ -26,14 +26,15 @@ from . import __version__, lock, manifest, sources
 from .engines import llama_cpp
 from .errors import BundlerError
 from .modelinfo import inspect_gguf
+from .planner import version_tuple
 from .render import render
 from .spec import Spec
 from .staging import staged_dir
 
 # Wheels the installer imports straight from the bundle before anything is installed.
-BOOTSTRAP = ("airgap_llm-*.whl", "jinja2-*.whl", "markupsafe-*.whl", "tqdm-*.whl", "nvidia_ml_py-*.whl")
+BOOTSTRAP = ("airgap_llm-*.whl", "jinja2-*.whl", "markupsafe-*.whl", "tqdm-*.whl", "nvidia_ml_py-*.whl",
+             "installer-*.whl")
 # x86-64 instructions a GGML_NATIVE=OFF build uses (INS_ENB defaults in ggml/CMakeLists.txt).
-X86_FLAGS = ("avx", "avx2", "fma", "f16c")
 GLIBC_LIBS = ("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "ld-linux", "linux-vdso")
 # CUDA's own libraries are not copied from this machine: _cuda_runtime() carries them from
 # NVIDIA's hash-locked wheels, or points at the box's copies.
@@ -59,6 +60,14 @@ def _glibc_needed(binary: Path) -> str:
         raise BundlerError(f"cannot read the symbols of {binary}: {e}", hint="install binutils (objdump)")
     versions = {tuple(int(x) for x in v.split(".")) for v in re.findall(r"GLIBC_([0-9]+(?:\.[0-9]+)+)", out)}
     return ".".join(map(str, max(versions))) if versions else "0"
+
+
+def _soname(lib: Path) -> str:
+    if ".so" not in lib.name:
+        return ""
+    out = subprocess.run(["objdump", "-p", str(lib)], capture_output=True, text=True).stdout
+    m = re.search(r"^\s*SONAME\s+(\S+)", out, re.M)
+    return m.group(1) if m else ""
 
 
 def _shared_libs(binary: Path) -> list[Path]:
@@ -166,7 +175,7 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
     _step(log, "locking the installer's dependencies (pip-compile --generate-hashes)")
     with tempfile.TemporaryDirectory(prefix="airgap-lock-") as td:
         box_lock = Path(td) / "box.lock"
-        pins = lock.compile_lock(lock.runtime_requirements() + [lock.PIP_PIN], box_lock)
+        pins = lock.compile_lock(lock.runtime_requirements(), box_lock)
         for py in pythons:
             log(f"fetching wheels for Python {py}")
             for whl in lock.download(box_lock, cache, python=py):
@@ -188,9 +197,13 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
         log(f"llama-server ({backend}): {'cached build' if b.cached else f'built in {b.seconds:.0f}s'} ({b.path})")
         edir = stage / "engines" / f"llama.cpp-{backend}"
         binary = b.path / "bin" / "llama-server"
-        _link_or_copy(binary, edir / "bin" / "llama-server")
-        libs = _shared_libs(binary)
-        for lib in libs:  # e.g. libgomp: carried so the box needs no compiler runtime
+        # the binary and its own libraries ($ORIGIN), one CPU backend per instruction-set level among them;
+        # each library under its SONAME (what the loader asks for), so the bundle holds no symlinks
+        own = [f for f in sorted((b.path / "bin").iterdir()) if f.is_file() and not f.is_symlink()]
+        for f in own:
+            _link_or_copy(f, edir / "bin" / (_soname(f) or f.name))
+        libs = [lib for lib in _shared_libs(binary) if b.path not in lib.resolve().parents]
+        for lib in libs:  # from the build machine, outside the build: carried so the box needs no runtime
             (edir / "lib").mkdir(parents=True, exist_ok=True)
             shutil.copy2(lib.resolve(), edir / "lib" / lib.name)
         shutil.copy2(b.path / "build.json", edir / "build.json")
@@ -201,9 +214,12 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
             "box_lib_dirs": box_lib_dirs, "cuda_archs": archs, "cuda": "13" if backend == "cuda" else "",
             "name": llama_cpp.NAME, "backend": backend, "dir": f"engines/llama.cpp-{backend}",
             "binary": f"engines/llama.cpp-{backend}/bin/llama-server",
-            "libs": [lib.name for lib in libs], "glibc": _glibc_needed(binary),
+            "libs": [lib.name for lib in libs], "glibc": max((_glibc_needed(f) for f in own), key=version_tuple),
             "arch": platform.machine(),
-            "cpu_flags": list(X86_FLAGS) if platform.machine() == "x86_64" else [],
+            # ggml picks the best CPU backend at start; the baseline one runs on any x86-64
+            "cpu_variants": sorted(f.name[len("libggml-cpu-"):-3] for f in own
+                                   if f.name.startswith("libggml-cpu-") and f.name.endswith(".so")),
+            "cpu_flags": [],
             "source": spec.llama_cpp.sdist, "source_sha256": spec.llama_cpp.sha256,
         })
 

@@ -18,19 +18,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cache import cache_root
 from .errors import BundlerError
 
 LOCK_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<ver>[^-]+)(-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
-# pip 26 needs Python >= 3.10; the box may have 3.9.
-PIP_PIN = "pip>=24,<26"
 
 
 def wheel_cache() -> Path:
     env = os.environ.get("AIRGAP_LLM_WHEELS")
     if env:
         return Path(env)
-    from .engines.llama_cpp import cache_root
 
     return cache_root() / "wheels"
 
@@ -39,8 +37,8 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _run(cmd: list[str], what: str, hint: str) -> str:
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+def _run(cmd: list[str], what: str, hint: str, extra_env: dict[str, str] | None = None) -> str:
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", **(extra_env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         out = (proc.stdout + proc.stderr).strip().splitlines()
@@ -138,10 +136,12 @@ def build_own_wheel(dest: Path) -> Path:
         old.unlink()
     with tempfile.TemporaryDirectory(prefix="airgap-wheel-") as td:
         # SOURCE_DATE_EPOCH: the same source gives the same wheel bytes, so re-bundling
-        # unchanged code gives the same manifest and the box sees "nothing changed".
-        os.environ.setdefault("SOURCE_DATE_EPOCH", "315532800")
+        # unchanged code gives the same manifest and the box sees "nothing changed". Only for
+        # this command: set in our own environment it reached the llama-server build, where
+        # ggml reads it as "reproducible build" and silently turned AVX2/FMA off.
         _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-cache-dir", "--wheel-dir", td,
-              str(root)], "building the airgap-llm wheel", "check pyproject.toml")
+              str(root)], "building the airgap-llm wheel", "check pyproject.toml",
+             {"SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", "315532800")})
         built = list(Path(td).glob("airgap_llm-*.whl"))
         target = dest / built[0].name
         os.replace(built[0], target)

@@ -83,6 +83,14 @@ class Problem:
             return f"{self.path}: missing (the manifest lists it)"
         if self.kind == "extra":
             return f"{self.path}: not in the manifest"
+        if self.kind == "symlink":
+            return f"{self.path}: a symbolic link (a bundle holds only regular files and folders)"
+        if self.kind == "special":
+            return f"{self.path}: not a regular file or folder"
+        if self.kind == "unsafe":
+            return f"{self.path}: the manifest names a path that is not plain and relative inside the bundle"
+        if self.kind == "mode":
+            return f"{self.path}: the manifest asks for mode {self.actual}; only 644 and 755 are allowed"
         if self.kind == "chunk":
             exp, got = self.actual.split(" / ")
             return f"{self.path}: sha256 mismatch in {self.expected}: expected {exp}, got {got}"
@@ -245,9 +253,51 @@ def _sums_manifest_hash(root: Path) -> str | None:
     return None
 
 
+ALLOWED_MODES = (0o644, 0o755)
+
+
+def safe_relpath(rel: str) -> bool:
+    """A plain relative path that stays inside its root: no '..', '.', empty parts, absolute or
+    backslash paths, no control characters."""
+    if not rel or rel.startswith("/") or "\\" in rel or any(ord(c) < 32 for c in rel):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def _entry_problems(entries: list[ManifestEntry]) -> list[Problem]:
+    out = []
+    for e in entries:
+        for rel in (e.path, *(p.path for p in e.parts)):
+            if not safe_relpath(rel) or rel in (MANIFEST, SUMS, SIGNATURE):
+                out.append(Problem(rel, "unsafe"))
+        if e.mode not in ALLOWED_MODES:
+            out.append(Problem(e.path, "mode", actual=f"{e.mode:o}"))
+    return out
+
+
+def _odd_files(root: Path) -> list[Problem]:
+    """Symbolic links (to files or folders, at any depth) and anything not a regular file."""
+    import stat
+
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath, name)
+            rel = p.relative_to(root).as_posix()
+            mode = p.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                out.append(Problem(rel, "symlink"))
+            elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                out.append(Problem(rel, "special"))
+    return out
+
+
 def verify(root: Path, workers: int | None = None, show_progress: bool = True) -> tuple[dict[str, Any], list[Problem]]:
-    """Check every file the manifest names; report all problems, not only the first."""
-    problems: list[Problem] = []
+    """Check every file the manifest names; report all problems, not only the first. Nothing
+    outside the bundle is read: unsafe manifest paths and links are problems, not followed."""
+    problems: list[Problem] = _odd_files(root)
+    if any(p.path in (MANIFEST, SUMS, SIGNATURE) for p in problems):
+        return {}, problems
     expected_m = _sums_manifest_hash(root)
     if expected_m is None:
         problems.append(Problem(SUMS, "missing"))
@@ -257,6 +307,9 @@ def verify(root: Path, workers: int | None = None, show_progress: bool = True) -
             problems.append(Problem(MANIFEST, "changed", expected_m, actual_m))
     doc = load(root)
     entries = entries_of(doc)
+    unsafe = _entry_problems(entries)
+    if unsafe or problems:  # read nothing a crafted manifest points at, through links or '..'
+        return doc, problems + unsafe
     total = sum(e.size for e in entries)
     bar = _progress(total, "verify", show_progress)
 

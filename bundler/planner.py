@@ -33,7 +33,7 @@ Memory model (estimates, each constant with where it comes from):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import PlanRefused
@@ -90,6 +90,7 @@ class Plan:
     max_num_seqs: int = 0  # vLLM, per replica
     gpu_memory_utilization: float = 0.0  # vLLM
     gpu_split_gib: tuple[float, ...] = ()  # ExLlamaV2 gpu_split
+    cpu_variant: str = ""  # llama.cpp on the CPU: the ggml CPU backend that will load (e.g. haswell)
     reasons: tuple[str, ...] = ()
     rejected: tuple[dict[str, str], ...] = field(default_factory=tuple)
 
@@ -138,10 +139,12 @@ def _gpu_problem(gpus: tuple[Gpu, ...], engine: str, cuda: str, driver_min: str 
 
 def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
          engines_available: tuple[str, ...] = ("cpu",), cpu_flags_needed: tuple[str, ...] = (),
-         cuda: str = "13") -> Plan:
-    """Choose the engine and its parameters for serving `info` on `hw` at `intent`."""
+         cuda: str = "13", cpu_variants: tuple[str, ...] = ()) -> Plan:
+    """Choose the engine and its parameters for serving `info` on `hw` at `intent`. `cpu_variants`:
+    the CPU backends the bundled llama-server carries (ggml loads the best this CPU runs)."""
     if info.format == "gguf":
-        return _plan_gguf(model_name, info, hw, intent, engines_available, cpu_flags_needed, cuda)
+        p = _plan_gguf(model_name, info, hw, intent, engines_available, cpu_flags_needed, cuda)
+        return _with_cpu_variant(p, hw, cpu_variants) if p.backend == "cpu" else p
     if info.format == "safetensors":
         return _plan_vllm(model_name, info, hw, intent, engines_available, cuda)
     if info.format == "exl2":
@@ -150,6 +153,23 @@ def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
 
 
 # ---- GGUF: llama.cpp ----------------------------------------------------------
+
+def _with_cpu_variant(p: Plan, hw: Hardware, variants: tuple[str, ...]) -> Plan:
+    from .engines.llama_cpp import CPU_VARIANTS, best_cpu_variant
+
+    if not variants or not hw.cpu_flags:
+        return p
+    v = best_cpu_variant(hw.cpu_flags, variants)
+    if not v:
+        raise PlanRefused(f"none of the bundled CPU backends ({', '.join(variants)}) runs on this CPU "
+                          f"(flags: {' '.join(hw.cpu_flags) or 'none seen'})",
+                          hint="bundle a llama-server built with GGML_CPU_ALL_VARIANTS for this architecture")
+    need = CPU_VARIANTS.get(v, ())
+    sets = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8") if f in need]
+    why = (f"CPU backend {v} ({'/'.join(x.upper() for x in sets) or 'baseline x86-64'}), the best of the "
+           f"{len(variants)} bundled instruction-set variants for this CPU; ggml loads it at start")
+    return replace(p, cpu_variant=v, reasons=(*p.reasons, why))
+
 
 def _template_reason(info: ModelInfo) -> tuple[str, str]:
     template = fallback_template(info)

@@ -3,7 +3,11 @@ GPU test machines): runs one command, restarts it when it dies (with backoff,
 like systemd's Restart=on-failure), forwards SIGTERM/SIGINT and removes its pid
 file on the way out.
 
-    python -m bundler.supervise [--daemon] --pidfile P --log L -- COMMAND…
+    python -m bundler.supervise [--daemon] --pidfile P --log L [--env-file F] [--user U] -- COMMAND…
+
+--env-file: KEY=VALUE lines added to the command's environment (parsed, never executed).
+--user: run the command as that account (the supervisor itself stays with the caller, so that
+it can keep its pid file and log where the engine cannot write); root never runs the engine.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def _die_with_parent() -> None:
@@ -33,8 +38,33 @@ def _log(log, msg: str) -> None:
     log.flush()
 
 
-def run(cmd: list[str], pidfile: str, logpath: str) -> int:
-    log = open(logpath, "a", buffering=1)
+def _engine_env(env_file: str, user: str) -> tuple[dict[str, str], dict]:
+    """The command's environment and the Popen arguments that drop to `user`."""
+    from . import envfile
+
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the supervisor's own; an engine that needs one sets it in its launch script
+    if env_file:
+        env.update(envfile.read(Path(env_file)))
+    drop: dict = {}
+    if user:
+        import pwd
+
+        pw = pwd.getpwnam(user)
+        drop = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        env.update(HOME=pw.pw_dir if os.path.isdir(pw.pw_dir) else "/", USER=user, LOGNAME=user)
+    return env, drop
+
+
+def _open_log(logpath: str):
+    fd = os.open(logpath, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+    os.fchmod(fd, 0o640)
+    return os.fdopen(fd, "a", buffering=1)
+
+
+def run(cmd: list[str], pidfile: str, logpath: str, env_file: str = "", user: str = "") -> int:
+    log = _open_log(logpath)
+    env, drop = _engine_env(env_file, user)
     stopping = False
     child: subprocess.Popen | None = None
 
@@ -61,7 +91,7 @@ def run(cmd: list[str], pidfile: str, logpath: str) -> int:
             started = time.monotonic()
             _log(log, "starting: " + " ".join(cmd))
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=_die_with_parent, env=env, cwd="/", **drop)
             rc = child.wait()
             if stopping:
                 break
@@ -100,14 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pidfile", required=True)
     p.add_argument("--log", required=True)
     p.add_argument("--daemon", action="store_true", help="detach (new session) and return at once")
+    p.add_argument("--env-file", default="", help="KEY=VALUE lines for the command's environment")
+    p.add_argument("--user", default="", help="run the command as this account")
     p.add_argument("command", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
     if not cmd:
         p.error("no command given after --")
     if a.daemon:
-        args = [sys.executable, "-m", "bundler.supervise", "--pidfile", a.pidfile, "--log", a.log, "--", *cmd]
-        with open(os.devnull, "rb") as dn, open(a.log, "a") as lg:
+        args = [sys.executable, "-s", "-m", "bundler.supervise", "--pidfile", a.pidfile, "--log", a.log,
+                "--env-file", a.env_file, "--user", a.user, "--", *cmd]
+        with open(os.devnull, "rb") as dn, _open_log(a.log) as lg:
             proc = subprocess.Popen(args, stdin=dn, stdout=lg, stderr=lg, start_new_session=True,
                                     close_fds=True)
         # wait until the pid file names the supervisor, so callers can rely on it
@@ -123,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(0.05)
         return 0
-    return run(cmd, a.pidfile, a.log)
+    return run(cmd, a.pidfile, a.log, a.env_file, a.user)
 
 
 if __name__ == "__main__":

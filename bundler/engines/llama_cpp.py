@@ -27,19 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import lock
+from ..cache import cache_root
 from ..errors import BundlerError
 from ..staging import staged_dir
 
 BUILD_SCRIPT = Path(__file__).with_name("build_llama_server.sh")
 FORMATS = ("gguf",)
 NAME = "llama.cpp"
-
-
-def cache_root() -> Path:
-    base = os.environ.get("AIRGAP_LLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "airgap-llm"
-    )
-    return Path(base)
 
 
 # Zig 0.17.1 from its PyPI wheel, one hash per build architecture.
@@ -50,7 +45,7 @@ ZIG_WHEEL_SHA256 = {
 }
 CPU_GLIBC_TARGET = "2.28"
 # No OpenMP runtime with Zig (ggml's own thread pool serves instead: as fast on a CPU box,
-# benchmarks/llama_build_speed.py); libc++ is linked in statically by Zig itself.
+# measured with the gcc build); libc++ is linked in statically by Zig itself.
 CPU_CMAKE_ARGS = "-DGGML_OPENMP=OFF -DCMAKE_EXE_LINKER_FLAGS="
 
 
@@ -59,7 +54,6 @@ def zig_toolchain(log=print) -> tuple[Path, str]:
     CPU_GLIBC_TARGET. Returns (directory holding cc and c++, a key over the wheel and target)."""
     import platform
 
-    from .. import lock
     from ..manifest import sha256_file
 
     arch = platform.machine()
@@ -152,7 +146,6 @@ class Build:
 def cuda_wheel_root(requirements: list[str], log=print) -> tuple[Path, str]:
     """Unpack NVIDIA's CUDA library wheels into one cached tree (include/, lib/ with .so links).
     Returns (root, a key over the wheels' sha256)."""
-    from .. import lock
     from ..manifest import sha256_file
 
     with tempfile.TemporaryDirectory(prefix="airgap-cuda-") as td:
@@ -265,3 +258,44 @@ def launch_argv(binary: str, model_path: str, alias: str, host: str, port: int, 
     if plan.chat_template:
         argv += ["--chat-template", plan.chat_template]
     return argv
+
+
+# ---- which CPU backend ggml loads on a box -----------------------------------------------
+# The x86 variants GGML_CPU_ALL_VARIANTS builds, with the /proc/cpuinfo flags each needs, and
+# ggml's own score for each flag (ggml-cpu/arch/x86/cpu-feats.cpp): at start ggml loads the
+# variant with the highest score whose every flag the CPU has. The probe records the flags,
+# so the plan can say which one will run before anything is installed.
+_AVX512 = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
+_HASWELL = ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2")
+CPU_VARIANTS: dict[str, tuple[str, ...]] = {
+    "x64": (),
+    "sse42": ("sse4_2",),
+    "sandybridge": ("sse4_2", "avx"),
+    "ivybridge": ("sse4_2", "avx", "f16c"),
+    "piledriver": ("sse4_2", "avx", "f16c", "fma"),
+    "haswell": _HASWELL,
+    "skylakex": _HASWELL + _AVX512,
+    "cannonlake": _HASWELL + _AVX512 + ("avx512vbmi",),
+    "cascadelake": _HASWELL + _AVX512 + ("avx512_vnni",),
+    "icelake": _HASWELL + _AVX512 + ("avx512vbmi", "avx512_vnni"),
+    "cooperlake": _HASWELL + _AVX512 + ("avx512_vnni", "avx512_bf16"),
+    "zen4": _HASWELL + _AVX512 + ("avx512vbmi", "avx512_vnni", "avx512_bf16"),
+    "alderlake": _HASWELL + ("avx_vnni",),
+    "sapphirerapids": _HASWELL + _AVX512 + ("avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"),
+}
+_SCORE = {"fma": 1, "f16c": 2, "sse4_2": 4, "bmi2": 8, "avx": 16, "avx2": 32, "avx_vnni": 64, "avx512f": 128,
+          "avx512vbmi": 256, "avx512_bf16": 512, "avx512_vnni": 1024, "amx_int8": 2048}
+
+
+def best_cpu_variant(cpu_flags: tuple[str, ...], variants: tuple[str, ...]) -> str:
+    """The CPU backend ggml will load on a CPU with these flags, of the variants bundled ("" if none runs)."""
+    have = set(cpu_flags)
+    best, best_score = "", 0
+    for v in variants:
+        need = CPU_VARIANTS.get(v)
+        if need is None or not set(need) <= have:
+            continue
+        score = 1 + sum(_SCORE.get(f, 0) for f in need)
+        if score > best_score:
+            best, best_score = v, score
+    return best

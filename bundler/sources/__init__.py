@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..engines.llama_cpp import cache_root
+from ..cache import cache_root
 from ..errors import BundlerError
 from ..manifest import sha256_file
 from ..spec import ModelSpec

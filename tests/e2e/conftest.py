@@ -15,6 +15,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_account(tmp_path_factory):
+    """Installs run as root here, so the engine drops to an unprivileged account: `nobody` (the
+    default, a system user the installer makes, is exercised in the Debian roots, not on this
+    machine). It must reach the prefixes under the test's temporary folder: search, not list."""
+    os.environ["AIRGAP_LLM_USER"] = "nobody"
+    base = tmp_path_factory.getbasetemp()
+    for d in (base, *base.parents):
+        if d == Path("/tmp") or d == d.parent:
+            break
+        d.chmod(d.stat().st_mode | 0o011)
+
+
 @pytest.fixture(scope="session")
 def signing_home(tmp_path_factory) -> Path:
     """A signing key made for this test run (bundler keygen on first bundle), and the box's

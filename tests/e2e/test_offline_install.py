@@ -15,6 +15,7 @@ pytestmark = pytest.mark.e2e
 MODEL = "models/gemma-3-270m-q4_k_m.gguf"
 MODEL_SHA = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 HERE = Path(__file__).parent
+B = "gemma3-270m-cpu"  # the default bundle's name: its folder in a prefix
 
 
 def test_sha256sum_checks_the_bundle_with_coreutils_alone(bundle_dir):
@@ -26,20 +27,46 @@ def test_sha256sum_checks_the_bundle_with_coreutils_alone(bundle_dir):
 
 def test_the_cpu_llama_server_needs_no_newer_glibc_than_rhel8_and_no_carried_runtime(bundle_dir):
     """Banks and hospitals run RHEL 8/9 and Ubuntu 20.04/22.04 (glibc 2.28-2.35): the CPU engine is
-    built against glibc 2.28's symbols and links its C++ runtime in."""
+    built against glibc 2.28's symbols and links its C++ runtime in, its libraries beside it."""
     import re
 
     doc = json.loads((bundle_dir / "manifest.json").read_text())
     cpu = next(e for e in doc["engines"] if e.get("backend") == "cpu")
     binary = bundle_dir / cpu["binary"]
-    symbols = subprocess.run(["objdump", "-T", str(binary)], capture_output=True, text=True, check=True).stdout
-    needed = max(tuple(int(x) for x in v.split(".")) for v in re.findall(r"GLIBC_([0-9]+(?:\.[0-9]+)+)", symbols))
+    files = [binary, *sorted(binary.parent.glob("*.so*"))]
+    assert len(files) > 10, files  # libllama, libggml, libggml-base and one CPU backend per level
+    needed = (0,)
+    for f in files:
+        symbols = subprocess.run(["objdump", "-T", str(f)], capture_output=True, text=True, check=True).stdout
+        versions = re.findall(r"GLIBC_([0-9]+(?:\.[0-9]+)+)", symbols)
+        needed = max([needed, *(tuple(int(x) for x in v.split(".")) for v in versions)])
+        assert "GLIBCXX" not in symbols and "GOMP" not in symbols, f
     assert needed <= (2, 28), needed
+    dynamic = subprocess.run(["objdump", "-p", str(binary)], capture_output=True, text=True).stdout
+    assert "$ORIGIN" in dynamic  # finds its libraries beside it, from any directory
     assert tuple(int(x) for x in cpu["glibc"].split(".")) == needed  # what the box's preflight compares
-    assert "GLIBCXX" not in symbols and "GOMP" not in symbols and cpu["libs"] == []
+    assert cpu["libs"] == [] and not any(p.is_symlink() for p in binary.parent.iterdir())
     assert "zig" in json.loads((bundle_dir / cpu["dir"] / "build.json").read_text())["compiler"]
-    r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60, cwd="/")
     assert r.returncode == 0 and "version" in (r.stdout + r.stderr).lower()
+
+
+def test_the_cpu_backends_cover_every_x86_level_and_use_its_instructions(bundle_dir):
+    """One backend per instruction-set level, as llama.cpp's releases ship: the AVX2 one really
+    has fused multiply-adds on 256-bit registers, the AVX-512 one on 512-bit ones."""
+    doc = json.loads((bundle_dir / "manifest.json").read_text())
+    cpu = next(e for e in doc["engines"] if e.get("backend") == "cpu")
+    assert {"x64", "sse42", "haswell", "skylakex", "icelake", "alderlake", "sapphirerapids"} <= set(cpu["cpu_variants"])
+    libdir = (bundle_dir / cpu["binary"]).parent
+
+    def fma_on(variant: str, register: str) -> int:
+        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(libdir / f"libggml-cpu-{variant}.so")],
+                             capture_output=True, text=True, check=True).stdout
+        return sum(1 for line in asm.splitlines() if "vfmadd" in line and f"%{register}" in line)
+
+    assert fma_on("haswell", "ymm") > 100
+    assert fma_on("skylakex", "zmm") > 100
+    assert fma_on("x64", "ymm") == 0  # the baseline one runs anywhere
 
 
 def test_the_tar_unpacks_safely_with_the_script_beside_it(bundle_dir, tmp_path):
@@ -76,21 +103,37 @@ def test_offline_install_serves_chat_with_its_key_and_stops(bundle_dir, netns, t
     assert seen["text"].strip()
     assert seen["wrong_key_status"] == 401
 
-    # The key never shows on a command line.
+    # The key never shows on a command line, and the engine does not run as root.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert key not in ps
+    engines = subprocess.run(["ps", "-C", "llama-server", "-o", "user=,args="], capture_output=True,
+                             text=True).stdout.splitlines()
+    mine = [line for line in engines if str(prefix) in line]
+    assert mine and all(line.split()[0] == "nobody" for line in mine), engines
+    assert out["user"] == "nobody" and out["mode"] == "process"
+
+    # The CPU backend ggml loaded is the one the plan named, and it uses this CPU's AVX2/FMA
+    # (a shipped binary without them served at a quarter of the speed).
+    from bundler.engines.llama_cpp import CPU_VARIANTS
+
+    variant = json.loads((prefix / B / "current" / "plan.json").read_text())["cpu_variant"]
+    log = (prefix / B / "log" / f"{B}.log").read_text()
+    assert f"libggml-cpu-{variant}.so" in log and "loaded CPU backend" in log, log[-3000:]
+    flags = Path("/proc/cpuinfo").read_text()
+    if " avx2" in flags and " fma" in flags:
+        assert {"avx2", "fma"} <= set(CPU_VARIANTS[variant]), variant
 
     # Re-running with the same bundle changes nothing and says so.
-    release = sorted((prefix / "releases").iterdir())
+    release = sorted((prefix / B / "releases").iterdir())
     r2 = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--json", "--port", "18080"])
     assert r2.returncode == 0, r2.stderr
     assert json.loads(r2.stdout)["changed"] is False
     assert "nothing changed" in r2.stderr
-    assert sorted((prefix / "releases").iterdir()) == release
+    assert sorted((prefix / B / "releases").iterdir()) == release
     assert f"LLAMA_API_KEY={key}\n" in key_file.read_text()  # the key survives a re-run
 
     # systemd accepts the unit rendered for this release.
-    unit = next((prefix / "current" / "systemd").glob("*.service"))
+    unit = next((prefix / B / "current" / "systemd").glob("*.service"))
     v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert v.returncode == 0, v.stdout + v.stderr
 
@@ -100,7 +143,7 @@ def test_offline_install_serves_chat_with_its_key_and_stops(bundle_dir, netns, t
     gone = netns.run([sys.executable, "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:18080/health', "
                       "timeout=3)"])
     assert gone.returncode != 0
-    assert not (prefix / "run" / "gemma3-270m-cpu.pid").exists()
+    assert not (prefix / B / "run" / "gemma3-270m-cpu.pid").exists()
 
 
 def _copy_bundle(src: Path, dst: Path) -> Path:
@@ -161,18 +204,18 @@ def test_installs_with_the_oldest_and_newest_supported_python(bundle_dir, netns,
         pytest.skip(f"no python{version} on this machine")
     prefix = tmp_path / "prefix"
     r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--json", "--port", "18081"],
-                  env={"PATH": "/usr/bin:/bin", "AIRGAP_LLM_PYTHON": py,
+                  env={"PATH": "/usr/bin:/bin", "AIRGAP_LLM_PYTHON": py, "AIRGAP_LLM_USER": "nobody",
                        "AIRGAP_LLM_TRUST": os.environ["AIRGAP_LLM_TRUST"]})
     try:
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
         assert out["answer"]
-        venv_py = prefix / "current" / "venv" / "bin" / "python"
+        venv_py = prefix / B / "current" / "venv" / "bin" / "python"
         v = subprocess.run([str(venv_py), "-c", "import sys, jinja2, tqdm, bundler; print(sys.version[:4])"],
                            capture_output=True, text=True)
         assert v.stdout.strip().startswith(version), v.stderr
     finally:
-        netns.run(["sh", "-c", f"{prefix}/current/bin/ctl stop"])
+        netns.run(["sh", "-c", f"{prefix}/{B}/current/bin/ctl stop"])
 
 
 def test_old_python_is_refused_clearly(bundle_dir, tmp_path):
@@ -207,8 +250,14 @@ def test_a_bundle_in_parts_names_a_missing_part_and_installs_once_whole(parts_bu
     missing.write_bytes(saved)
     r = netns.run([str(bad / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"])
     assert r.returncode == 0, r.stderr
-    assert f"joining {MODEL} from 5 verified parts" in r.stderr
-    assert sha256_file(bad / MODEL) == MODEL_SHA
+    assert not (bad / MODEL).exists()  # a dry run writes nothing, in the bundle either
+    r = netns.run([str(bad / "install.sh"), "--prefix", str(tmp_path / "p"), "--port", "18089", "--no-smoke"])
+    try:
+        assert r.returncode == 0, r.stderr
+        assert f"joining {MODEL} from 5 verified parts" in r.stderr
+        assert sha256_file(bad / MODEL) == MODEL_SHA
+    finally:
+        netns.run([str(tmp_path / "p" / B / "current" / "bin" / "ctl"), "stop"])
 
 
 def test_upgrade_then_rollback_then_uninstall(bundle_dir, netns, tmp_path):
@@ -220,20 +269,20 @@ def test_upgrade_then_rollback_then_uninstall(bundle_dir, netns, tmp_path):
     second = netns.run([*inst, "--concurrency", "2"])  # another plan: a new release replaces the first
     assert second.returncode == 0, second.stderr
     rel2 = Path(json.loads(second.stdout)["release"]).name
-    assert rel2 != rel1 and (prefix / "releases" / rel1).is_dir()
-    assert json.loads((prefix / "current" / "plan.json").read_text())["slots"] == 2
+    assert rel2 != rel1 and (prefix / B / "releases" / rel1).is_dir()
+    assert json.loads((prefix / B / "current" / "plan.json").read_text())["slots"] == 2
 
     back = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--rollback", "--json"])
     assert back.returncode == 0, back.stderr
-    assert (prefix / "current").resolve().name == rel1
-    assert json.loads((prefix / "current" / "plan.json").read_text())["slots"] == 4
+    assert (prefix / B / "current").resolve().name == rel1
+    assert json.loads((prefix / B / "current" / "plan.json").read_text())["slots"] == 4
     ok = netns.run([sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
                     "'http://127.0.0.1:18082/health', timeout=5).status)"])
     assert ok.stdout.strip() == "200", ok.stderr
 
     gone = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--uninstall"])
     assert gone.returncode == 0, gone.stderr
-    assert sorted(p.name for p in prefix.iterdir()) == ["etc", "models"]
+    assert sorted(p.name for p in prefix.iterdir() if not p.name.startswith(".")) == ["etc", "models"]
     # the key pinned and the version accepted stay (an uninstall must not open the door to a downgrade)
     assert sorted(p.name for p in (prefix / "etc").iterdir()) == ["accepted.json", "trusted.d"]
     assert (prefix / "models" / MODEL_SHA / "gemma-3-270m-q4_k_m.gguf").is_file()
@@ -256,9 +305,9 @@ def test_an_engine_that_dies_at_start_fails_the_install_fast_and_leaves_nothing(
     assert r.returncode == 1
     assert "the engine stopped while starting" in r.stderr and "gemma3-270m-cpu.log" in r.stderr
     assert took < 60, f"a crash must be seen at once, not after the health timeout ({took:.0f}s)"
-    assert not [p for p in (prefix / "releases").iterdir() if p.is_dir()]
-    assert not (prefix / "current").exists()
-    assert not (prefix / "run" / "gemma3-270m-cpu.pid").exists()
+    assert not [p for p in (prefix / B / "releases").iterdir() if p.is_dir()]
+    assert not (prefix / B / "current").exists()
+    assert not (prefix / B / "run" / "gemma3-270m-cpu.pid").exists()
 
 
 def test_200_random_byte_flips_are_each_detected_and_named(bundle_dir, netns, tmp_path):
@@ -348,8 +397,64 @@ def test_an_upgrade_killed_at_ten_points_leaves_a_release_answering(bundle_dir, 
                 break
             time.sleep(0.5)
         assert answered, f"nothing answered after the installer was killed at {delay}s (point {i + 1})"
-        live = (prefix / "current").resolve()
+        live = (prefix / B / "current").resolve()
         assert (live / "plan.json").is_file(), f"current points at an incomplete release after point {i + 1}"
-        status = netns.run([str(prefix / "current" / "bin" / "ctl"), "status"])
+        status = netns.run([str(prefix / B / "current" / "bin" / "ctl"), "status"])
         assert status.returncode == 0, f"the answering service is not the one ctl controls (point {i + 1})"
-    netns.run([str(prefix / "current" / "bin" / "ctl"), "stop"])
+    netns.run([str(prefix / B / "current" / "bin" / "ctl"), "stop"])
+
+
+def test_a_planted_env_file_in_a_prefix_others_can_write_is_refused(bundle_dir, netns, tmp_path):
+    """Root installing into a folder another user could write would run what they planted."""
+    prefix = tmp_path / "shared"
+    (prefix / "etc").mkdir(parents=True)
+    prefix.chmod(0o777)
+    planted = prefix / "etc" / f"{B}.env"
+    planted.write_text(f"LLAMA_API_KEY=attacker\ntouch {tmp_path}/pwned\n")
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18086"])
+    assert r.returncode == 1
+    assert f"{prefix} (the install prefix) can be written by everyone" in r.stderr and "chmod go-w" in r.stderr
+    assert not (tmp_path / "pwned").exists() and not (prefix / B).exists()
+
+    # the same folder owned by another user, not writable by others: refused too
+    prefix.chmod(0o755)
+    os.chown(prefix, 65534, 65534)
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18086"])
+    assert r.returncode == 1 and "belongs to uid 65534" in r.stderr
+    assert not (prefix / B).exists()
+
+
+def test_two_installs_at_once_one_refuses_naming_the_other(bundle_dir, netns, tmp_path):
+    prefix = tmp_path / "prefix"
+    cmd = [str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18087", "--no-smoke", "--json"]
+    a = netns.popen([*cmd, "--concurrency", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = netns.popen([*cmd, "--concurrency", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = [(p.wait(timeout=300), *p.communicate()) for p in (a, b)]
+    try:
+        codes = sorted(rc for rc, _, _ in results)
+        assert codes == [0, 1], results
+        loser = next(err for rc, _, err in results if rc == 1)
+        assert "another install is running in" in loser and "pid" in loser
+        winner = json.loads(next(out for rc, out, _ in results if rc == 0))
+        releases = [p for p in (prefix / B / "releases").iterdir()]
+        assert [p.name for p in releases] == [Path(winner["release"]).name]
+        assert (prefix / B / "current").resolve() == Path(winner["release"])
+        ok = netns.run([sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
+                        "'http://127.0.0.1:18087/health', timeout=5).status)"])
+        assert ok.stdout.strip() == "200"
+    finally:
+        netns.run([str(prefix / B / "current" / "bin" / "ctl"), "stop"])
+
+
+def test_uninstall_removes_what_it_made_and_leaves_what_was_there(bundle_dir, netns, tmp_path):
+    """--prefix /var on a real box: /var/log and /var/cache were there before and must stay."""
+    prefix = tmp_path / "var"
+    for d in ("log", "cache", "lib"):
+        (prefix / d).mkdir(parents=True)
+        (prefix / d / "keep.txt").write_text("the box's own\n")
+    before = sorted(str(p.relative_to(prefix)) for p in prefix.rglob("*"))
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18088", "--no-smoke"])
+    assert r.returncode == 0, r.stderr
+    gone = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--uninstall", "--purge"])
+    assert gone.returncode == 0, gone.stderr
+    assert sorted(str(p.relative_to(prefix)) for p in prefix.rglob("*")) == before

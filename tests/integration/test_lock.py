@@ -13,16 +13,16 @@ pytestmark = pytest.mark.network
 def box_lock(tmp_path_factory):
     d = tmp_path_factory.mktemp("lock")
     out = d / "box.lock"
-    pins = lock.compile_lock(lock.runtime_requirements() + [lock.PIP_PIN], out)
+    pins = lock.compile_lock(lock.runtime_requirements(), out)
     return out, dict(pins)
 
 
 def test_lock_pins_every_runtime_dependency_with_hashes(box_lock):
     out, pins = box_lock
-    assert {"jinja2", "markupsafe", "tqdm", "pip"} <= set(pins)
-    assert pins["pip"].split(".")[0] in ("24", "25")  # pip 26 dropped Python 3.9
+    assert {"jinja2", "markupsafe", "tqdm", "installer"} <= set(pins)
+    assert pins["installer"].startswith("0.7")  # installer 1.x dropped Python 3.9
     text = out.read_text()
-    for name in ("jinja2", "markupsafe", "tqdm", "pip"):
+    for name in ("jinja2", "markupsafe", "tqdm", "installer"):
         block = text.split(f"{name}==", 1)[1].split("\n\n", 1)[0]
         assert "--hash=sha256:" in block
 

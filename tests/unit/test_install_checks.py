@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from bundler import install
+from bundler.box import layout as box_layout
+from bundler.box import preflight as box_preflight
+from bundler.box import release as box_release
+from bundler.box.health import LogWatch
 from bundler.errors import BundlerError
 from bundler.probe import Hardware
 
@@ -23,7 +26,7 @@ def doc(target):
 
 
 def layout(tmp_path):
-    return install.Layout(tmp_path / "prefix", tmp_path / "etc", "b")
+    return box_layout.Layout(tmp_path / "prefix", tmp_path / "etc", "b")
 
 
 TARGET = {"python": "3.12", "arch": "x86_64", "glibc_min": "2.39", "driver_min": "580",
@@ -31,7 +34,7 @@ TARGET = {"python": "3.12", "arch": "x86_64", "glibc_min": "2.39", "driver_min":
 
 
 def test_the_box_the_bundle_was_made_for_passes(tmp_path):
-    install.preflight(doc(TARGET), device_box(), layout(tmp_path))
+    box_preflight.preflight(doc(TARGET), device_box(), layout(tmp_path))
 
 
 def test_another_python_missing_torch_and_an_old_driver_are_each_named(tmp_path):
@@ -39,7 +42,7 @@ def test_another_python_missing_torch_and_an_old_driver_are_each_named(tmp_path)
     old = tuple(replace(g, driver="535.104.05") for g in hw.gpus)
     hw = replace(hw, python="3.11.7", installed={k: v for k, v in hw.installed.items() if k != "torch"}, gpus=old)
     with pytest.raises(BundlerError) as e:
-        install.preflight(doc(TARGET), hw, layout(tmp_path))
+        box_preflight.preflight(doc(TARGET), hw, layout(tmp_path))
     msg = e.value.message
     assert "made for Python 3.12, this installer runs on 3.11" in msg and "AIRGAP_LLM_PYTHON=/opt/torch" in msg
     assert "reuses torch 2.11.0" in msg and "has none" in msg
@@ -53,7 +56,7 @@ def test_too_little_disk_names_both_figures(tmp_path):
     d = doc(None)
     d["files"][0]["size"] = 10 << 30
     with pytest.raises(BundlerError) as e:
-        install.preflight(d, hw, layout(tmp_path))
+        box_preflight.preflight(d, hw, layout(tmp_path))
     assert "GiB free, the install needs" in e.value.message and "--prefix" in e.value.message
 
 
@@ -62,7 +65,7 @@ def test_a_fatal_engine_line_in_the_log_is_seen_only_after_the_start(tmp_path):
 
     log = tmp_path / "svc.log"
     log.write_text("old run: CUDA error: an illegal memory access was encountered\n")
-    watch = install.LogWatch(log, vllm.FATAL_LOG)
+    watch = LogWatch(vllm.FATAL_LOG, log)
     assert watch.fatal() == ""  # what an earlier run wrote does not count
     with open(log, "a") as f:
         f.write("(Worker_TP0 pid=2171) INFO loading\n"
@@ -96,12 +99,12 @@ def test_wheels_newer_than_the_box_glibc_are_refused_by_name(tmp_path):
                   {"path": "wheels/old-1.0-cp39-cp39-manylinux_2_40_x86_64.whl", "size": 1, "sha256": "0" * 64},
                   {"path": "wheels/multi-1.0-py3-none-manylinux2014_x86_64.manylinux_2_34_x86_64.whl", "size": 1,
                    "sha256": "0" * 64}]
-    assert install.wheels_glibc(d, "3.12.3") == ("2.39", "fast-1.0-cp312-cp312-manylinux_2_39_x86_64.whl")
+    assert box_preflight.wheels_glibc(d, "3.12.3") == ("2.39", "fast-1.0-cp312-cp312-manylinux_2_39_x86_64.whl")
     hw = replace(device_box(), glibc="2.35")
     with pytest.raises(BundlerError) as e:
-        install.preflight(d, hw, layout(tmp_path))
+        box_preflight.preflight(d, hw, layout(tmp_path))
     assert "fast-1.0-cp312-cp312-manylinux_2_39_x86_64.whl needs glibc >= 2.39, this box has 2.35" in e.value.message
-    install.preflight(d, replace(device_box(), glibc="2.39"), layout(tmp_path))
+    box_preflight.preflight(d, replace(device_box(), glibc="2.39"), layout(tmp_path))
 
 
 def _wheel(dest: Path, name: str, version: str, body: str) -> Path:
@@ -124,16 +127,6 @@ def _wheel(dest: Path, name: str, version: str, body: str) -> Path:
     return path
 
 
-def _pip_wheel(dest: Path) -> Path:
-    """The running pip as a runnable zip, the way a bundle carries it (python pip-X.whl/pip ...)."""
-    import shutil
-
-    import pip
-
-    base = shutil.make_archive(str(dest / "pip-0-py3-none-any"), "zip", Path(pip.__file__).parents[1], "pip")
-    return Path(base).rename(dest / "pip-0-py3-none-any.whl")
-
-
 def test_vllm_wheels_install_once_per_lock_and_a_failed_install_leaves_nothing(tmp_path):
     import hashlib
 
@@ -143,22 +136,20 @@ def test_vllm_wheels_install_once_per_lock_and_a_failed_install_leaves_nothing(t
     whl = _wheel(wheels, "tinyengine", "1.0", "SERVES = True\n")
     digest = hashlib.sha256(whl.read_bytes()).hexdigest()
     (bundle / "engines" / "vllm" / "requirements.lock").write_text(f"tinyengine==1.0 --hash=sha256:{digest}\n")
-    pip_whl = _pip_wheel(tmp_path)
     engine = {"dir": "engines/vllm", "version": "0.0", "lock": {"carried": 1, "reused": 0}}
     lay = layout(tmp_path)
-    env = dict(install.os.environ, PIP_NO_INDEX="1", PIP_CONFIG_FILE="/dev/null")
 
-    site = install.engine_site(bundle, engine, lay, pip_whl, env)
+    site = box_release.engine_site(bundle, engine, lay)
     assert (site / "tinyengine.py").read_text() == "SERVES = True\n"
     whl.unlink()  # a second release with the same lock must not need the wheels again
-    assert install.engine_site(bundle, engine, lay, pip_whl, env) == site
+    assert box_release.engine_site(bundle, engine, lay) == site
 
     # another lock whose wheel does not match its hash: refused, and no half-installed engine is left
     bad = _wheel(wheels, "tinyengine", "1.1", "SERVES = False\n")
     (bundle / "engines" / "vllm" / "requirements.lock").write_text(f"tinyengine==1.1 --hash=sha256:{'0' * 64}\n")
     with pytest.raises(BundlerError) as e:
-        install.engine_site(bundle, engine, lay, pip_whl, env)
-    assert "installing vLLM's wheels" in e.value.message
+        box_release.engine_site(bundle, engine, lay)
+    assert "is not one" in e.value.message and bad.name in e.value.message
     assert bad.exists()
     assert sorted(p.name for p in lay.engines.iterdir()) == [site.parent.name]
 
@@ -187,4 +178,4 @@ def test_vllm_launch_keeps_compiled_kernels_in_the_prefix_or_systemds_cache_dire
     assert as_process["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
     as_unit = seen(CACHE_DIRECTORY="/var/cache/airgap-llm-b")
     assert as_unit["VLLM_CACHE_ROOT"] == "/var/cache/airgap-llm-b/vllm"
-    assert as_unit["LLAMA_API_KEY"] == "k"
+    assert "LLAMA_API_KEY" not in as_unit  # the key comes from systemd or the supervisor, never the script

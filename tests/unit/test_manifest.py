@@ -107,3 +107,40 @@ def test_huge_files_are_verified_by_chunks_and_the_bad_chunk_is_named(tmp_path, 
     _, problems = manifest.verify(root, show_progress=False)
     assert [p.describe().split(": expected")[0] for p in problems] == [
         "models/m.gguf: sha256 mismatch in bytes 16384-24575"]
+
+
+def test_a_symlinked_folder_with_an_extra_library_is_refused(tmp_path):
+    """os.walk does not enter a symlinked folder: a folder swapped for a link to one holding an
+    extra lib/libm.so.6 passed unseen, then was copied into the release."""
+    from tests.conftest import small_bundle
+
+    root = small_bundle(tmp_path)
+    evil = tmp_path / "evil"
+    (evil / "lib").mkdir(parents=True)
+    (evil / "lib" / "libm.so.6").write_bytes(b"\x7fELF planted")
+    (root / "engines").symlink_to(evil, target_is_directory=True)
+    _, problems = manifest.verify(root, show_progress=False)
+    assert [(p.path, p.kind) for p in problems] == [("engines", "symlink")]
+    assert "a symbolic link" in problems[0].describe()
+
+
+def test_a_manifest_naming_a_path_outside_or_a_setuid_mode_is_refused_before_anything_is_read(tmp_path):
+    import json
+
+    from tests.conftest import small_bundle
+
+    root = small_bundle(tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root-only")
+    doc = json.loads((root / "manifest.json").read_text())
+    doc["files"].append({"path": "../secret", "size": 9, "sha256": "0" * 64, "mode": 0o644})
+    doc["files"].append({"path": "models/x.sh", "size": 9, "sha256": "0" * 64, "mode": 0o4755,
+                         "parts": [{"path": "../outside.sh.part000", "size": 9, "sha256": "0" * 64}]})
+    (root / "manifest.json").write_text(json.dumps(doc))
+    _, problems = manifest.verify(root, show_progress=False)
+    kinds = {(p.path, p.kind) for p in problems}
+    assert {("../secret", "unsafe"), ("../outside.sh.part000", "unsafe"), ("models/x.sh", "mode")} <= kinds
+    assert not any(p.kind in ("changed", "size") and p.path == "../secret" for p in problems)  # never hashed
+    assert not (tmp_path / "outside.sh").exists()
+    assert not manifest.safe_relpath("a/./b") and not manifest.safe_relpath("/etc/passwd")
+    assert manifest.safe_relpath("engines/llama.cpp-cpu/bin/llama-server")

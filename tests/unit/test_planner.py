@@ -113,3 +113,15 @@ def test_the_measured_4xh200_box_gets_tensor_parallel_4_for_8b_and_70b(conc):
                          engines_available=planner.ALL_ENGINES)
         assert (p.engine, p.tensor_parallel, p.data_parallel, p.max_num_seqs) == ("vllm", 4, 1, conc)
         assert all(used <= usable for used, usable in zip(p.memory_per_gpu_gib, p.usable_per_gpu_gib))
+
+
+def test_cpu_plan_names_the_instruction_set_variant_ggml_will_load():
+    variants = tuple(llama_cpp.CPU_VARIANTS)
+    haswell = box(flags=("avx", "avx2", "bmi2", "f16c", "fma", "sse4_2"))
+    p = planner.plan("gemma", GEMMA, haswell, planner.Intent(concurrency=4, context=4096), cpu_variants=variants)
+    assert p.cpu_variant == "haswell"
+    assert any("CPU backend haswell (AVX2/FMA)" in r for r in p.reasons)
+    old = box(flags=("sse4_2",))
+    assert planner.plan("gemma", GEMMA, old, planner.Intent(4, 4096), cpu_variants=variants).cpu_variant == "sse42"
+    with pytest.raises(PlanRefused, match="none of the bundled CPU backends"):
+        planner.plan("gemma", GEMMA, old, planner.Intent(4, 4096), cpu_variants=("haswell", "skylakex"))

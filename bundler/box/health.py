@@ -1,0 +1,122 @@
+"""Step 7: wait until the engine is healthy (seeing a crashed start at once), then prove it
+answers a chat request with the key and refuses one without it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import BundlerError
+
+# a connect that fails with these will fail the same way until someone fixes the network setup
+UNREACHABLE = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)
+
+
+def http_json(url: str, body: Any = None, key: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    # The box has no network and must never try: no proxy, loopback or the given host only.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"null")
+        except ValueError:
+            return e.code, None
+
+
+class LogWatch:
+    """New lines of the service's log since the start (the file, or journald for a unit),
+    searched for lines after which the engine will never become healthy."""
+
+    def __init__(self, patterns: tuple[str, ...], path: Path | None = None, unit: str = ""):
+        self.patterns, self.path, self.unit = patterns, path, unit
+        self.since = time.time()
+        try:
+            self.offset = path.stat().st_size if path else 0
+        except FileNotFoundError:
+            self.offset = 0
+
+    def _new_text(self) -> str:
+        if self.unit:
+            return subprocess.run(["journalctl", "-u", self.unit, "-o", "cat", "--no-pager",
+                                   f"--since=@{int(self.since)}"], capture_output=True, text=True).stdout
+        try:
+            with open(self.path, "rb") as f:  # type: ignore[arg-type]
+                f.seek(self.offset)
+                return f.read(8 << 20).decode("utf-8", "replace")
+        except (FileNotFoundError, TypeError):
+            return ""
+
+    def fatal(self) -> str:
+        if not self.patterns:
+            return ""
+        for line in self._new_text().splitlines():
+            if any(p in line for p in self.patterns):
+                return line.strip()[:300]
+        return ""
+
+
+def _reason(e: BaseException) -> int:
+    r = getattr(e, "reason", e)
+    return getattr(r, "errno", 0) or 0
+
+
+def wait_healthy(base: str, timeout: float, log_hint: str, alive: Callable[[], bool],
+                 watch: LogWatch | None = None) -> float:
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    unreachable = 0
+    with tqdm(total=None, desc="waiting for the engine to load", unit="s", bar_format="{desc}: {elapsed}",
+              file=sys.stderr, mininterval=0.5) as bar:
+        while True:
+            try:
+                code, _ = http_json(base + "/health", timeout=2)
+                if code == 200:
+                    return time.monotonic() - t0
+                unreachable = 0
+            except (OSError, ValueError) as e:
+                unreachable = unreachable + 1 if _reason(e) in UNREACHABLE else 0
+            if unreachable >= 6:  # three seconds of "network unreachable": no engine will fix that
+                raise BundlerError(f"{base} cannot be reached from this box (network unreachable: no route to the "
+                                   "address the service listens on)",
+                                   hint="bring loopback up (`ip link set lo up`) or pass a --host this box has")
+            if not alive():
+                raise BundlerError("the engine stopped while starting", hint=f"see its log: {log_hint}")
+            line = watch.fatal() if watch else ""
+            if line:
+                raise BundlerError(f"the engine failed while starting: {line}", hint=f"see its log: {log_hint}")
+            if time.monotonic() - t0 > timeout:
+                raise BundlerError(f"the engine was not healthy after {timeout:.0f}s",
+                                   hint=f"see its log: {log_hint}; a slow box may need --timeout")
+            bar.update(0)
+            time.sleep(0.5)
+
+
+def smoke(base: str, model: str, key: str) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
+            "max_tokens": 48, "temperature": 0}
+    code, resp = http_json(base + "/v1/chat/completions", body, key=key, timeout=120)
+    if code != 200:
+        raise BundlerError(f"the chat smoke test got HTTP {code}: {resp}", hint="see the engine's log")
+    text = (resp or {}).get("choices", [{}])[0].get("message", {}).get("content") or ""
+    if not text.strip():
+        raise BundlerError("the chat smoke test got an empty answer", hint="see the engine's log")
+    code_nokey, _ = http_json(base + "/v1/models", timeout=10)
+    if code_nokey != 401:
+        raise BundlerError(f"a request without the API key got HTTP {code_nokey}, not 401",
+                           hint="the service is not protected by its key; see the env file")
+    return text.strip()

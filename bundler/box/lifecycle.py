@@ -1,0 +1,352 @@
+"""The flows: install (first install or upgrade), rollback, uninstall. Each reads as its steps,
+like the last lines of an install script; the steps live in their own modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import manifest as mf
+from .. import planner, probe
+from ..engines import vllm
+from ..errors import BundlerError
+from . import layout as lay
+from .health import LogWatch, http_json, smoke, wait_healthy
+from .layout import Layout, PrefixLock, check_layout_owned, layout_for, make_dirs, record_made
+from .options import Options
+from .planning import make_plan, print_plan, release_id, resolve_model
+from .preflight import check_port, preflight
+from .release import Target, build_release, read_target
+from .report import info, warn
+from .service import (check_reachable, ctl, engine_alive, engine_user, ensure_env_file, ensure_user, give_to_user,
+                      is_running, read_key, remove_unit, remove_user, service_mode, start, stop_command)
+from .trust import check_trust, remember
+from .verify import join_split_files, verify_bundle
+
+
+@dataclass(frozen=True)
+class Service:
+    target: Target
+    timeout: float  # seconds to wait for health
+
+    @property
+    def base(self) -> str:
+        return f"http://{local_address(self.target.host)}:{self.target.port}"
+
+
+def local_address(host: str) -> str:
+    """Where this box reaches a service listening on host (a wildcard means loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+# ---- install -------------------------------------------------------------------------
+
+def install(opts: Options) -> dict[str, Any] | None:
+    dry = opts.action == "dry-run"
+    doc = verify_bundle(opts.bundle)
+    layout = layout_for(opts, doc["name"])
+    check_layout_owned(layout)
+    trust = check_trust(opts.bundle, doc, layout, opts)
+    hw = probe.probe(layout.prefix)
+    preflight(doc, hw, layout)
+    m = resolve_model(doc, opts)
+    plan = make_plan(doc, m, hw, opts)
+    print_plan(plan, hw)
+    mode = service_mode(opts, hw)
+    target = Target(opts.host or doc["service"]["host"], opts.port or doc["service"]["port"], mode,
+                    engine_user(opts, mode))
+    svc = Service(target, opts.timeout or (900.0 if plan.engine == "vllm" else 300.0))
+    if target.user:
+        check_reachable(layout.prefix, target.user)
+    if dry:
+        info(f"dry run: would install release under {layout.releases}, env file {layout.env_file}, service as "
+             f"{mode}{' (engine as user ' + target.user + ')' if target.user else ''}, listening on "
+             f"{target.host}:{target.port}; nothing was changed")
+        if opts.json:
+            print(json.dumps({"dry_run": True, "plan": plan.to_dict(), "box": hw.to_dict(),
+                              "prefix": str(layout.prefix), "service": mode, "user": target.user}, indent=2))
+        return None
+    join_split_files(opts.bundle, doc)
+    made_prefix = make_dirs(layout.prefix)
+    with PrefixLock(layout.prefix):
+        record_made(layout, made_prefix)
+        return _install_locked(opts, doc, layout, trust, m, plan, svc)
+
+
+def _install_locked(opts: Options, doc: dict[str, Any], layout: Layout, trust: dict[str, Any], m: dict[str, Any],
+                    plan: planner.Plan, svc: Service) -> dict[str, Any]:
+    t = svc.target
+    rid = release_id(mf.sha256_file(opts.bundle / mf.MANIFEST), m["file"], plan, t.host, t.port, t.mode, t.user)
+    previous = layout.current.resolve() if layout.current.is_symlink() else None
+    if previous is not None and not previous.is_dir():
+        previous = None
+    if previous is not None and previous.name.split("-safe")[0] == rid:
+        return _same_release(previous, layout, doc, m, plan, svc, opts)
+    running = previous is not None and is_running(previous)
+    check_port(t.host, t.port, running)
+    key = _prepare(layout, t)
+    done = layout.home / f".upgrade-{os.getpid()}.done"  # read (and removed) by the guard only
+    if running:
+        assert previous is not None
+        # if this process dies from here on, the guard brings the previous release back
+        subprocess.Popen([sys.executable, "-s", "-m", "bundler.guard", "--pid", str(os.getpid()), "--done",
+                          str(done), "--ctl", str(previous / "bin" / "ctl"), "--remove", str(layout.releases / rid)],
+                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True)
+        info(f"stopping the previous release {previous.name} (one set of GPUs or RAM cannot hold both)")
+        ctl(previous, "stop")
+    try:
+        release, answer, t0 = _start_new_release(opts, doc, m, plan, layout, rid, svc, key)
+    except BaseException:
+        if running:  # the box as it was: the previous release serving again
+            assert previous is not None
+            warn(f"restarting the previous release {previous.name}")
+            start(previous, read_target(previous).mode, layout)
+            done.touch()
+        elif t.mode == "systemd":
+            remove_unit(layout)  # a first install that failed leaves no unit behind
+        raise
+    if running:
+        done.touch()  # healthy and answering: from here on the guard must not undo it
+    switch_current(layout, release)
+    remember(layout, doc["name"], trust)
+    info(f"first answer {time.monotonic() - t0:.1f}s after start")
+    result = summary(layout, doc, m, plan, t, answer, changed=True)
+    if opts.bench:
+        from .. import bench
+
+        report = bench.sweep(svc.base + "/v1", key, m["name"], sorted({1, plan.slots}), None, 400,
+                             opts.bench_max_tokens)
+        info(bench.table(report))
+        result["bench"] = report
+    return result
+
+
+def _prepare(layout: Layout, t: Target) -> str:
+    """This bundle's folders, no half-built release left by a killed installer, the engine's
+    account (process mode as root) and the API key."""
+    made = make_dirs(layout.models) + make_dirs(layout.engines)  # shared by the bundles in this prefix
+    made_etc = make_dirs(layout.etc, 0o700)
+    make_dirs(layout.releases)  # inside PREFIX/NAME, which uninstall removes whole
+    users = [t.user] if t.user and ensure_user(t.user) else []
+    record_made(layout, made + made_etc, users)
+    for stale in layout.releases.glob(".*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if t.user:
+        give_to_user(layout, t.user)
+    return ensure_env_file(layout)
+
+
+def _same_release(previous: Path, layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan,
+                  svc: Service, opts: Options) -> dict[str, Any]:
+    """The release this bundle and plan make is the current one: leave it, or start it if it is down."""
+    t = svc.target
+    if is_running(previous):
+        code, _ = http_json(svc.base + "/health")
+        if code == 200:
+            info(f"release {previous.name} is installed and healthy; nothing changed")
+            return summary(layout, doc, m, plan, t, None, changed=False)
+    info(f"release {previous.name} is installed but not running; starting it")
+    start(previous, t.mode, layout)
+    wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode), lambda: engine_alive(previous, layout, t.mode))
+    answer = smoke(svc.base, m["name"], read_key(layout)) if opts.smoke else None
+    return summary(layout, doc, m, plan, t, answer, changed=True)
+
+
+def _start_new_release(opts: Options, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
+                       rid: str, svc: Service, key: str) -> tuple[Path, str | None, float]:
+    """Build the release, start it and wait until it answers: (release, smoke answer, start time).
+    A release that fails is stopped and removed before the error goes up."""
+    # vLLM with tensor parallel can crash in its all-reduce paths where NVLink multicast is
+    # off (VMs, PCIe cards): a crashed start is retried once with the safe flags, and said so.
+    t = svc.target
+    tries = [False, True] if plan.engine == "vllm" and plan.tensor_parallel > 1 else [False]
+    if len(tries) > 1 and (opts.safe_all_reduce or vllm.multicast_off(opts.environ)):
+        tries = [True]
+        info("tensor parallel with the safe all-reduce flags from the start (" +
+             ("--safe-all-reduce" if opts.safe_all_reduce else "NVLink multicast is off in this environment") + ")")
+    for safe in tries:
+        release = build_release(opts.bundle, doc, m, plan, layout, rid + ("-safe" if safe else ""), t, safe=safe)
+        info(f"release {release.name} built at {release}")
+        t0 = time.monotonic()
+        patterns = vllm.FATAL_LOG if plan.engine == "vllm" else ()
+        watch = LogWatch(patterns, unit=layout.unit) if t.mode == "systemd" else LogWatch(patterns, layout.logfile)
+        try:
+            start(release, t.mode, layout)
+            secs = wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode),
+                                lambda r=release: engine_alive(r, layout, t.mode), watch)
+            info(f"healthy after {secs:.1f}s")
+            return release, (smoke(svc.base, m["name"], key) if opts.smoke else None), t0
+        except BaseException as e:
+            ctl(release, "stop")
+            shutil.rmtree(release, ignore_errors=True)
+            if not safe and len(tries) > 1 and isinstance(e, BundlerError):
+                warn(f"vLLM with tensor parallel {plan.tensor_parallel} failed to start ({e.message}); retrying "
+                     "with the safe flags: --disable-custom-all-reduce and the all-reduce fusion off")
+                continue
+            warn(f"release {release.name} failed; removed it")
+            raise
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+def switch_current(layout: Layout, release: Path) -> None:
+    tmp = layout.home / ".current.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(Path("releases") / release.name, tmp)
+    os.replace(tmp, layout.current)
+    with open(layout.history_file, "a") as f:  # the order releases went live, for --rollback
+        f.write(release.name + "\n")
+
+
+def history(layout: Layout) -> list[str]:
+    try:
+        names = layout.history_file.read_text().split()
+    except FileNotFoundError:
+        return []
+    return [n for n in names if (layout.releases / n).is_dir()]
+
+
+# ---- rollback ------------------------------------------------------------------------
+
+def _layout_of_bundle(opts: Options) -> Layout:
+    layout = layout_for(opts, mf.load(opts.bundle)["name"])
+    check_layout_owned(layout)
+    return layout
+
+
+def rollback(opts: Options) -> dict[str, Any]:
+    layout = _layout_of_bundle(opts)
+    if not layout.current.is_symlink():
+        raise BundlerError(f"{layout.name} is not installed under {layout.prefix}", hint="check --prefix")
+    with PrefixLock(layout.prefix):
+        current = layout.current.resolve()
+        older = [n for n in history(layout) if n != current.name]
+        if not older:
+            raise BundlerError(f"{current.name} is the only release under {layout.releases}; nothing to roll back "
+                               "to", hint="install the bundle you want instead")
+        back = layout.releases / older[-1]
+        t = read_target(back)
+        info(f"rolling back from {current.name} to {back.name}")
+        if is_running(current):
+            ctl(current, "stop")
+        svc = Service(t, opts.timeout or 900.0)
+        start(back, t.mode, layout)
+        try:
+            wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode), lambda: engine_alive(back, layout, t.mode))
+        except BundlerError:
+            ctl(back, "stop")
+            start(current, read_target(current).mode, layout)
+            raise
+        switch_current(layout, back)
+        info(f"{back.name} is serving again; {current.name} is kept (run --rollback again to return to it)")
+        plan = json.loads((back / "plan.json").read_text())
+        doc = json.loads((back / "manifest.json").read_text())
+        return summary(layout, doc, {"name": plan["model"]},
+                       planner.Plan(**{k: v for k, v in plan.items() if k in planner.Plan.__dataclass_fields__}),
+                       t, None, changed=True)
+
+
+# ---- uninstall -----------------------------------------------------------------------
+
+def uninstall(opts: Options) -> None:
+    """Remove what the installer made for this bundle, and the shared folders it made once no
+    other bundle uses them; folders that were there before stay."""
+    layout = _layout_of_bundle(opts)
+    if not layout.prefix.is_dir():
+        info(f"nothing is installed under {layout.prefix}")
+        return
+    removed: list[str] = []
+    with PrefixLock(layout.prefix):
+        if layout.current.is_symlink():
+            cur = layout.current.resolve()
+            if cur.is_dir() and is_running(cur):
+                ctl(cur, "stop")
+        if layout.unit_file.exists():
+            subprocess.run(["systemctl", "stop", layout.unit], capture_output=True)
+            subprocess.run(["systemctl", "clean", "--what=cache", layout.unit], capture_output=True)
+            remove_unit(layout)
+            removed.append(str(layout.unit_file))
+        for p in (layout.home, layout.env_file):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+                removed.append(str(p))
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+                removed.append(str(p))
+        mk = lay.made(layout)
+        others = [n for n in lay.installed_bundles(layout.prefix) if n != layout.name]
+        gone: list[Path] = []
+        if not others:
+            gone.append(layout.engines)
+            if opts.purge:
+                gone += [layout.models, layout.trusted]
+        for p in gone:
+            if str(p) in mk["dirs"]:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                    removed.append(str(p))
+        if opts.purge:
+            _forget_accepted(layout)
+            if not others:
+                for u in mk["users"]:
+                    remove_user(u)
+                    removed.append(f"user {u}")
+        if not others and (opts.purge or not layout.models.exists()):
+            for p in (layout.made_file, layout.prefix / ".install.lock"):
+                if p.exists():
+                    p.unlink()
+            for d in sorted((Path(x) for x in mk["dirs"]), key=lambda p: len(p.parts), reverse=True):
+                try:
+                    d.rmdir()  # only if empty: what others put there stays
+                    removed.append(str(d))
+                except OSError:
+                    pass
+    info("removed: " + (", ".join(removed) if removed else "nothing (not installed here)"))
+    if not opts.purge and layout.models.is_dir():
+        info(f"kept the models in {layout.models} (--purge removes them)")
+
+
+def _forget_accepted(layout: Layout) -> None:
+    try:
+        acc = json.loads(layout.accepted.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    acc.pop(layout.name, None)
+    if acc:
+        layout.accepted.write_text(json.dumps(acc, indent=2) + "\n")
+    else:
+        layout.accepted.unlink()
+
+
+# ---- what the operator sees ---------------------------------------------------------
+
+def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, t: Target,
+            answer: str | None, changed: bool) -> dict[str, Any]:
+    endpoint = f"http://{local_address(t.host)}:{t.port}/v1"
+    return {
+        "endpoint": endpoint,
+        "api_key_file": str(layout.env_file),
+        "model": m["name"],
+        "engine": plan.engine,
+        "service": (f"{layout.unit} (systemd; logs: journalctl -u {layout.unit})" if t.mode == "systemd"
+                    else f"process (pid file {layout.pidfile}, log {layout.logfile})"),
+        "mode": t.mode,
+        "user": t.user or None,
+        "stop_command": stop_command(layout, t.mode),
+        "ctl": str(layout.current / "bin" / "ctl"),
+        "release": str(layout.current.resolve()),
+        "changed": changed,
+        "answer": answer,
+        "curl": (f"curl -s {endpoint}/chat/completions -H \"Authorization: Bearer "
+                 f"$(sed -n 's/^LLAMA_API_KEY=//p' {layout.env_file})\" -H 'Content-Type: application/json' "
+                 f"-d '{{\"model\": \"{m['name']}\", \"messages\": "
+                 "[{\"role\": \"user\", \"content\": \"Hello\"}]}'"),
+    }

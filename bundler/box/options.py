@@ -1,0 +1,147 @@
+"""install.sh's command line, parsed once into a frozen Options that every step reads."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_PREFIX = "/opt/airgap-llm"
+DEFAULT_USER = "airgap-llm"
+
+
+@dataclass(frozen=True)
+class Options:
+    bundle: Path
+    action: str  # install | dry-run | probe | rollback | uninstall
+    prefix: Optional[Path] = None
+    config_dir: Optional[Path] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+    concurrency: Optional[int] = None
+    context: Optional[int] = None
+    timeout: Optional[float] = None
+    model_path: Optional[Path] = None
+    model_facts: Optional[Path] = None
+    model_name: Optional[str] = None
+    tensor_parallel: Optional[int] = None
+    data_parallel: Optional[int] = None
+    safe_all_reduce: bool = False
+    bench: bool = False
+    bench_max_tokens: int = 512
+    json: bool = False
+    smoke: bool = True
+    trust: tuple[Path, ...] = ()
+    allow_unsigned: bool = False
+    allow_downgrade: bool = False
+    yes: bool = False
+    purge: bool = False
+    service: str = "auto"  # auto | systemd | process
+    user: Optional[str] = None  # process mode as root: the account the engine runs as
+    environ: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+def parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="install.sh",
+        description="Verify this bundle, plan the engine for this box, install it and start an "
+                    "OpenAI-compatible service, then prove it answers. Never uses the network.",
+        epilog="Environment: AIRGAP_LLM_PYTHON (python3 to use), AIRGAP_LLM_PREFIX (--prefix), "
+               "AIRGAP_LLM_PORT (--port), AIRGAP_LLM_HOST (--host), AIRGAP_LLM_HEALTH_TIMEOUT (--timeout), "
+               "AIRGAP_LLM_TRUST (--trust), AIRGAP_LLM_USER (--user). "
+               "Exit status: 0 done, 1 error, 2 usage, 3 the model cannot be served on this box.")
+    p.add_argument("--bundle", required=True, help=argparse.SUPPRESS)
+    p.add_argument("--prefix", default=env("AIRGAP_LLM_PREFIX"),
+                   help=f"install under this directory (default {DEFAULT_PREFIX}, which needs root); several "
+                        "bundles can live in one prefix, each under PREFIX/NAME")
+    p.add_argument("--config-dir", default=None,
+                   help="where the env file with the API key and the pinned keys go (default /etc/airgap-llm as "
+                        "root, PREFIX/etc otherwise)")
+    p.add_argument("--host", default=env("AIRGAP_LLM_HOST"), help="address to listen on (default: the bundle's, "
+                   "usually 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(env("AIRGAP_LLM_PORT", "0")) or None,
+                   help="port to listen on (default: the bundle's)")
+    p.add_argument("--concurrency", type=int, default=None, help="requests served at once (default: the bundle's)")
+    p.add_argument("--context", type=int, default=None, help="tokens per request (default: the bundle's)")
+    p.add_argument("--timeout", type=float, default=float(env("AIRGAP_LLM_HEALTH_TIMEOUT", "0")) or None,
+                   help="seconds to wait for the engine to become healthy (default 300; 900 for vLLM)")
+    p.add_argument("--model", dest="model_path", default=None,
+                   help="serve this model already on the box (a GGUF file or an HF model directory) instead of "
+                        "the bundle's; it is not covered by the bundle's manifest")
+    p.add_argument("--model-facts", default=None,
+                   help="JSON from `bundler inspect` for a --model GGUF when the gguf package is not on the box")
+    p.add_argument("--model-name", default=None, help="name clients use for --model (default: its file name)")
+    p.add_argument("--tensor-parallel", type=int, default=None,
+                   help="vLLM: override the planned tensor-parallel size (checked against the model's heads)")
+    p.add_argument("--data-parallel", type=int, default=None, help="vLLM: override the planned data-parallel size")
+    p.add_argument("--safe-all-reduce", action="store_true",
+                   help="vLLM with tensor parallel: start with the custom all-reduce and its fusion off (the default "
+                        "where NCCL_NVLS_ENABLE=0 or TORCH_SYMM_MEM_DISABLE_MULTICAST=1 says NVLink multicast is "
+                        "off; elsewhere a crashed start is retried with them)")
+    p.add_argument("--bench", action="store_true",
+                   help="after the install, load-test the service at concurrency 1 and the planned slots")
+    p.add_argument("--bench-max-tokens", type=int, default=512, help="output tokens per bench request (512)")
+    p.add_argument("--dry-run", action="store_true", help="verify, probe and print the plan; change nothing")
+    p.add_argument("--probe", action="store_true", help="print this box's facts as JSON and exit")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    p.add_argument("--no-smoke", action="store_true", help="skip the chat request after start")
+    p.add_argument("--trust", action="append", default=[e for e in [env("AIRGAP_LLM_TRUST")] if e],
+                   help="a signer's public key (minisign .pub) to trust; pinned under CONFIG/trusted.d once a bundle "
+                        "it signed verifies (AIRGAP_LLM_TRUST)")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="install a bundle without a valid signature from a pinned key (shouted, and recorded)")
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="install an older version than the last one accepted for this bundle name")
+    p.add_argument("--yes", action="store_true", help="answer yes to pinning the signer's key on a first install")
+    p.add_argument("--rollback", action="store_true",
+                   help="switch back to the release installed before the current one and start it")
+    p.add_argument("--uninstall", action="store_true",
+                   help="stop the service and remove what the installer made for this bundle: its releases, unit, "
+                        "env file and logs (models are kept; directories that were there before are left)")
+    p.add_argument("--purge", action="store_true",
+                   help="with --uninstall: remove the stored models, pinned keys, accepted versions and the service "
+                        "user the installer made too")
+    p.add_argument("--service", choices=("auto", "systemd", "process"), default="auto",
+                   help="systemd unit (where systemd is PID 1 and we are root) or a supervised background "
+                        "process (default auto)")
+    p.add_argument("--user", default=env("AIRGAP_LLM_USER"),
+                   help=f"process mode as root: run the engine as this existing account (default: the system user "
+                        f"{DEFAULT_USER!r}, made if missing). The engine never runs as root")
+    return p
+
+
+def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Options:
+    p = parser()
+    a = p.parse_args(argv)
+    if a.port is not None and not 1 <= a.port <= 65535:
+        p.error(f"--port {a.port} is outside 1..65535")
+    for opt in ("concurrency", "context", "tensor_parallel", "data_parallel"):
+        v = getattr(a, opt)
+        if v is not None and v < 1:
+            p.error(f"--{opt.replace('_', '-')} must be at least 1, got {v}")
+    actions = [n for n in ("dry_run", "probe", "rollback", "uninstall") if getattr(a, n)]
+    if len(actions) > 1:
+        p.error("choose one of " + ", ".join("--" + n.replace("_", "-") for n in actions))
+    if a.purge and not a.uninstall:
+        p.error("--purge goes with --uninstall")
+    if a.user == "root":
+        p.error("--user root: the engine never runs as root; name an unprivileged account")
+
+    def path(v: str | None) -> Path | None:
+        return Path(v).expanduser().absolute() if v else None
+
+    return Options(
+        bundle=Path(a.bundle).absolute(),
+        action=actions[0].replace("_", "-") if actions else "install",
+        prefix=path(a.prefix), config_dir=path(a.config_dir), host=a.host, port=a.port,
+        concurrency=a.concurrency, context=a.context, timeout=a.timeout, model_path=path(a.model_path),
+        model_facts=path(a.model_facts), model_name=a.model_name, tensor_parallel=a.tensor_parallel,
+        data_parallel=a.data_parallel, safe_all_reduce=a.safe_all_reduce, bench=a.bench,
+        bench_max_tokens=a.bench_max_tokens, json=a.json, smoke=not a.no_smoke,
+        trust=tuple(Path(t).expanduser().absolute() for t in a.trust), allow_unsigned=a.allow_unsigned,
+        allow_downgrade=a.allow_downgrade, yes=a.yes, purge=a.purge, service=a.service, user=a.user,
+        environ=dict(os.environ if environ is None else environ),
+    )

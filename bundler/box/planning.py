@@ -1,0 +1,115 @@
+"""Step 4: which model, which engine and parameters for this box (the pure planner), the
+operator's overrides, and the release id those decisions make."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .. import manifest as mf
+from .. import planner, probe
+from ..engines import llama_cpp
+from ..errors import BundlerError, VerifyError
+from ..modelinfo import ModelInfo
+from .options import Options
+from .report import info
+
+
+def resolve_model(doc: dict[str, Any], opts: Options) -> dict[str, Any]:
+    """The model to serve: the bundle's, or one already on the box (--model or a box: source)."""
+    m = dict(doc["models"][0])
+    if opts.model_path:
+        path = opts.model_path
+        m = {"name": opts.model_name or (path.name.rsplit(".", 1)[0] if path.is_file() else path.name),
+             "file": str(path), "on_box": True, "sha256": "", "facts": None,
+             "format": "safetensors" if path.is_dir() else "gguf", "source": f"box:{path}"}
+    if not m.get("on_box"):
+        return m
+    path = Path(m["file"])
+    if not path.exists():
+        raise BundlerError(f"model {path} is not on this box", hint="copy it there, or pass --model PATH")
+    if m["sha256"] and path.is_file():
+        actual = mf.sha256_file(path)  # a box model can be many GB: hash it once
+        if actual != m["sha256"]:
+            raise VerifyError(f"{path}: sha256 mismatch: expected {m['sha256']}, got {actual}",
+                              hint="copy the model again")
+    from .. import modelinfo
+
+    if opts.model_facts:
+        m["facts"] = json.loads(opts.model_facts.read_text())
+    elif path.is_dir():
+        m["facts"] = modelinfo.inspect_hf(path).to_dict()
+        m["format"] = m["facts"]["format"]
+    else:
+        try:
+            m["facts"] = modelinfo.inspect_gguf(path).to_dict()
+        except BundlerError as e:
+            raise BundlerError(f"cannot read {path}'s GGUF header here ({e.message})",
+                               hint="run `bundler inspect MODEL > facts.json` where the gguf package is, then pass "
+                                    "--model-facts facts.json")
+    info(f"model {m['name']}: {path} (on the box" + (", sha256 checked)" if m["sha256"] else ", not pinned)"))
+    return m
+
+
+def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: Options) -> planner.Plan:
+    service = doc["service"]
+    intent = planner.Intent(concurrency=opts.concurrency or service["concurrency"],
+                            context=opts.context or service["context"])
+    flags: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()
+    available = []
+    for e in doc["engines"]:
+        if e["name"] == llama_cpp.NAME:
+            available.append(e["backend"])
+            if e["backend"] == "cpu":
+                flags = tuple(e.get("cpu_flags", ()))
+                variants = tuple(e.get("cpu_variants", ()))
+        else:
+            available.append(e["name"])
+    plan = planner.plan(m["name"], ModelInfo.from_dict(m["facts"]), hw, intent,
+                        engines_available=tuple(available), cpu_flags_needed=flags, cpu_variants=variants)
+    return override_parallel(plan, m, hw, opts)
+
+
+def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware, opts: Options) -> planner.Plan:
+    """--tensor-parallel / --data-parallel replace the planner's choice (vLLM), within what fits."""
+    if opts.tensor_parallel is None and opts.data_parallel is None:
+        return plan
+    if plan.engine != "vllm":
+        raise BundlerError(f"--tensor-parallel/--data-parallel apply to vLLM; this plan uses {plan.engine}",
+                           hint="drop the option")
+    facts = ModelInfo.from_dict(m["facts"])
+    tp = opts.tensor_parallel or plan.tensor_parallel
+    dp = opts.data_parallel or max(1, len(hw.gpus) // tp)
+    ok, _ = planner.tp_candidates(facts, len(hw.gpus))
+    if tp not in ok or tp * dp > len(hw.gpus):
+        raise BundlerError(f"tensor parallel {tp} × data parallel {dp} does not fit this model on {len(hw.gpus)} "
+                           "GPU(s)", hint=f"tensor-parallel sizes that work here: {', '.join(map(str, ok))}")
+    seqs = max(1, -(-plan.slots // dp))
+    return replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs,
+                   reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp} × data parallel "
+                                           f"{dp}, {seqs} sequences per replica"))
+
+
+def print_plan(plan: planner.Plan, hw: probe.Hardware) -> None:
+    info(f"box: {hw.cpus} CPUs, {hw.ram_available / 2**30:.1f} GiB RAM available, "
+         f"{len(hw.gpus)} GPU(s), glibc {hw.glibc}, Python {hw.python}, {hw.os}")
+    info(f"plan: {plan.engine} ({plan.backend}), {plan.threads} threads, {plan.slots} slots × "
+         f"{plan.context_per_slot} tokens")
+    for r in plan.reasons:
+        info(f"  because: {r}")
+    for r in plan.rejected:
+        info(f"  not {r['engine']}: {r['why']}")
+
+
+def release_id(manifest_sha: str, model_file: str, plan: planner.Plan, host: str, port: int, mode: str,
+               user: str) -> str:
+    """The same bundle, model, decisions, address and service mode make the same release."""
+    h = hashlib.sha256((manifest_sha + model_file).encode())
+    # only the decisions: the reasons quote free RAM, which moves between runs
+    decided = {k: v for k, v in plan.to_dict().items() if k not in ("reasons", "rejected", "ram_bytes")}
+    h.update(json.dumps([decided, host, port, mode, user], sort_keys=True).encode())
+    return h.hexdigest()[:12]

@@ -1,0 +1,95 @@
+"""Step 3: refuse a box that breaks what the bundle assumed (CPU, glibc, disk, Python, the
+packages it reuses, the driver, the port), before anything changes."""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Any
+
+from .. import planner, probe
+from ..errors import BundlerError
+from ..planner import version_tuple
+from .layout import Layout
+
+
+def preflight(doc: dict[str, Any], hw: probe.Hardware, layout: Layout) -> None:
+    problems = []
+    for e in doc["engines"]:
+        if e["arch"] != hw.arch:
+            problems.append(f"the bundled {e['name']} is built for {e['arch']}, this box is {hw.arch}")
+        if version_tuple(hw.glibc) < version_tuple(e["glibc"]):
+            problems.append(f"the bundled {e['name']} needs glibc >= {e['glibc']}, this box has {hw.glibc}; "
+                            "bundle on a machine with an older glibc than the box's")
+    need, wheel = wheels_glibc(doc, hw.python)
+    if need and version_tuple(hw.glibc) < version_tuple(need):
+        problems.append(f"the bundled wheel {wheel} needs glibc >= {need}, this box has {hw.glibc}; bundle against "
+                        "this box's probe file (make bundle TARGET=box.json)")
+    model_bytes = sum(f["size"] for f in doc["files"] if f["path"].startswith("models/"))
+    other = sum(f["size"] for f in doc["files"]) - model_bytes
+    existing = sum((layout.models / m["sha256"]).exists() for m in doc["models"])
+    need_bytes = other * 2 + (0 if existing else model_bytes) + 64 * planner.MiB
+    if hw.disk_free < need_bytes:
+        problems.append(f"{hw.disk_path} has {hw.disk_free / 2**30:.2f} GiB free, the install needs "
+                        f"{need_bytes / 2**30:.2f} GiB; free space there or pass --prefix on a larger disk")
+    t = doc.get("target")
+    if t:
+        py = ".".join(hw.python.split(".")[:2])
+        if t["python"] != py:
+            problems.append(f"the bundle was made for Python {t['python']}, this installer runs on {py}; run it "
+                            f"with AIRGAP_LLM_PYTHON={t.get('python_path') or 'python' + t['python']}")
+        for name, version in sorted(t.get("installed", {}).items()):
+            have = hw.installed.get(name)
+            if have != version:
+                problems.append(f"the bundle reuses {name} {version} from the box's python, which has "
+                                f"{have or 'none'}; bundle again with this box's probe (./install.sh --probe)")
+        if t.get("driver_min") and hw.gpus and version_tuple(hw.gpus[0].driver) < version_tuple(t["driver_min"]):
+            problems.append(f"the bundled CUDA 13 engines need NVIDIA driver >= {t['driver_min']}, this box has "
+                            f"{hw.gpus[0].driver}; update the driver")
+    if problems:
+        raise BundlerError("this box does not meet the bundle's needs:\n  " + "\n  ".join(problems),
+                           hint="nothing was changed")
+
+
+def wheels_glibc(doc: dict[str, Any], python: str) -> tuple[str, str]:
+    """The newest glibc any bundled wheel for this Python needs (a wheel with several tags
+    needs the oldest of them), and that wheel's name."""
+    from ..lock import WHEEL_RE
+
+    tag = "cp" + "".join(python.split(".")[:2])
+    worst, name = (0, 0), ""
+    for f in doc["files"]:
+        base = f["path"].rsplit("/", 1)[-1]
+        w = WHEEL_RE.match(base)
+        if not w:
+            continue
+        if not (w["py"].startswith("py") or w["py"] == tag or w["abi"] == "abi3"):
+            continue  # a wheel for another Python (markupsafe is carried for each)
+        needs = []
+        for t in w["plat"].split("."):
+            m = re.match(r"manylinux_(\d+)_(\d+)_", t)
+            if m:
+                needs.append((int(m.group(1)), int(m.group(2))))
+            elif t.startswith("manylinux2014"):
+                needs.append((2, 17))
+            elif t.startswith("manylinux2010"):
+                needs.append((2, 12))
+            elif t.startswith("manylinux1"):
+                needs.append((2, 5))
+        if needs and min(needs) > worst:
+            worst, name = min(needs), base
+    return (f"{worst[0]}.{worst[1]}" if name else ""), name
+
+
+def check_port(host: str, port: int, ours_running: bool) -> None:
+    """Refuse a port another program holds (ours is stopped and restarted by the upgrade)."""
+    if ours_running:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise BundlerError(f"port {port} on {host} is taken by another program ({e.strerror}); nothing was "
+                               "changed", hint=f"free it, or pick another with --port (e.g. --port {port + 1})")

@@ -1,0 +1,151 @@
+"""Step 5: a release under PREFIX/NAME/releases/ID, built whole or not at all: the installer's
+own code (hash-locked wheels, no venv, no pip), the engine, the model stored once by content,
+the launch and ctl scripts and the systemd unit, all rendered from one plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import manifest as mf
+from .. import planner
+from ..engines import llama_cpp, vllm
+from ..errors import BundlerError
+from ..render import render
+from ..staging import staged_dir
+from . import wheels
+from .layout import Layout, make_dirs
+from .report import info
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how the release will run."""
+
+    host: str
+    port: int
+    mode: str  # systemd | process
+    user: str  # process mode as root: the engine's account ("" = the installer's own user)
+
+
+def _copy_hashing(src: Path, dst: Path, sha256: str, label: str) -> None:
+    """Copy src to dst through a .incomplete file, hashing what is written; refuse on mismatch."""
+    import hashlib
+
+    from tqdm import tqdm
+
+    tmp = dst.with_name(dst.name + ".incomplete")
+    size = src.stat().st_size
+    h = hashlib.sha256()
+    with open(src, "rb") as fi, open(tmp, "wb") as fo, tqdm(total=size, unit="B", unit_scale=True,
+                                                            unit_divisor=1024, desc=label, file=sys.stderr,
+                                                            mininterval=0.3) as bar:
+        while True:
+            block = fi.read(8 << 20)
+            if not block:
+                break
+            h.update(block)
+            fo.write(block)
+            bar.update(len(block))
+    if h.hexdigest() != sha256:
+        tmp.unlink()
+        raise BundlerError(f"{src} changed while it was copied (sha256 {h.hexdigest()}, expected {sha256}); "
+                           "nothing was installed", hint="copy the bundle again, to a folder only root can write")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dst)
+
+
+def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
+    """Models are stored once by content: PREFIX/models/SHA256/FILE, hashed as they are copied."""
+    dest = layout.models / m["sha256"] / Path(m["file"]).name
+    if dest.is_file() and dest.stat().st_size == (bundle / m["file"]).stat().st_size:
+        if mf.sha256_file(dest) == m["sha256"]:
+            return dest
+    make_dirs(dest.parent)
+    _copy_hashing(bundle / m["file"], dest, m["sha256"], f"model {Path(m['file']).name}")
+    return dest
+
+
+def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:
+    """vLLM's wheels installed once per lock under PREFIX/engines and shared by the releases that use
+    that lock: a re-plan (other TP/DP, context, port) or a rollback does not reinstall a GB of wheels."""
+    lockfile = bundle / engine["dir"] / "requirements.lock"
+    home = layout.engines / f"vllm-{engine['version']}-{mf.sha256_file(lockfile)[:16]}"
+    if (home / "complete").is_file():
+        info(f"vLLM {engine['version']}: reusing {home} (same lock)")
+        return home / "site"
+    info(f"installing vLLM {engine['version']} into {home} ({engine['lock']['carried']} wheels; "
+         f"{engine['lock']['reused']} packages reused from this box's python; compiling to bytecode once, so "
+         "that every engine process does not: each start imports vLLM in 3 to 6 processes)")
+    make_dirs(layout.engines)
+    with staged_dir(home, home.with_name(home.name + ".partial")) as partial:
+        chosen = wheels.select(lockfile, bundle / engine["dir"] / "wheels")
+        secs = wheels.install(chosen, partial / "site")
+        info(f"unpacked {len(chosen)} wheels in {secs:.1f}s")
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(partial / "site")],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.copy2(lockfile, partial / "requirements.lock")
+        (partial / "complete").write_text(engine["version"] + "\n")
+    return home / "site"
+
+
+def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
+                  rid: str, target: Target, safe: bool = False) -> Path:
+    final = layout.releases / rid
+    make_dirs(layout.releases)
+    with staged_dir(final, layout.releases / f".{rid}.partial") as stage:
+        os.chmod(stage, 0o755)
+        for name in ("manifest.json", "README.txt", "requirements.lock"):
+            shutil.copy2(bundle / name, stage / name)
+        info("unpacking the installer's wheels into the release (hash-checked; no pip, no venv)")
+        wheels.install(wheels.select(bundle / "requirements.lock", bundle / "wheels"), stage / "site")
+        model_path = Path(m["file"]) if m.get("on_box") else store_model(bundle, m, layout)
+        final_engine = final / "engine"
+        lib_dirs: list[str] = []
+        extra_env: dict[str, str] = {}
+        cache_vars: dict[str, str] = {}
+        if plan.engine == "vllm":
+            engine = next(e for e in doc["engines"] if e["name"] == vllm.NAME)
+            site = engine_site(bundle, engine, layout)
+            argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], target.host, target.port, plan, safe,
+                                    engine["version"])
+            extra_env = {"PYTHONPATH": str(site), **vllm.OFFLINE_ENV, **vllm.multicast_env(dict(os.environ))}
+            cache_vars = vllm.CACHE_VARS
+        else:
+            engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
+            shutil.copytree(bundle / engine["dir"], stage / "engine", symlinks=True)
+            argv = llama_cpp.launch_argv(str(final_engine / "bin" / "llama-server"), str(model_path), m["name"],
+                                         target.host, target.port, plan)
+            lib_dirs = [str(final_engine / "lib"), *engine.get("box_lib_dirs", [])]
+        bindir = stage / "bin"
+        bindir.mkdir()
+        (bindir / "launch").write_text(render("launch.sh.j2", {
+            "engine": plan.engine, "name": layout.name, "release": rid, "env_file": str(layout.env_file),
+            "argv": argv, "lib_dir": ":".join(lib_dirs), "extra_env": extra_env, "cache_dir": str(layout.cache),
+            "cache_vars": cache_vars}))
+        unit_src = final / "systemd" / layout.unit
+        (bindir / "ctl").write_text(render("ctl.sh.j2", {
+            "name": layout.name, "release": rid, "mode": target.mode, "unit": layout.unit,
+            "unit_src": str(unit_src), "unit_file": str(layout.unit_file), "pidfile": str(layout.pidfile),
+            "logfile": str(layout.logfile), "python": sys.executable, "site": str(final / "site"),
+            "launch": str(final / "bin" / "launch"), "env_file": str(layout.env_file), "user": target.user}))
+        for f in ("launch", "ctl"):
+            (bindir / f).chmod(0o755)
+        (stage / "systemd").mkdir()
+        (stage / "systemd" / layout.unit).write_text(render("unit.service.j2", {
+            "name": layout.name, "engine": plan.engine, "model": m["name"], "prefix": str(layout.prefix),
+            "release": rid, "release_dir": str(final), "env_file": str(layout.env_file),
+            "gpus": plan.backend == "cuda"}))
+        (stage / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        (stage / "target.json").write_text(json.dumps(target.__dict__, indent=2) + "\n")
+    return final
+
+
+def read_target(release: Path) -> Target:
+    return Target(**json.loads((release / "target.json").read_text()))

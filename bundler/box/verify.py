@@ -1,0 +1,32 @@
+"""Step 1: every file of the bundle against its manifest, before anything changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import manifest as mf
+from ..errors import VerifyError
+from .report import info
+
+
+def verify_bundle(bundle: Path) -> dict[str, Any]:
+    """Sizes and sha256 of every file (all problems reported at once), nothing written."""
+    info(f"verifying {bundle} against its manifest")
+    doc, problems = mf.verify(bundle, show_progress=True)
+    if problems:
+        lines = "\n".join("  " + p.describe() for p in problems)
+        raise VerifyError(f"the bundle failed verification ({len(problems)} problem(s)); nothing was changed:\n"
+                          f"{lines}", hint="copy the bundle again from its source; check it with: "
+                          "sha256sum -c SHA256SUMS")
+    info(f"verified {len(doc['files'])} files")
+    return doc
+
+
+def join_split_files(bundle: Path, doc: dict[str, Any]) -> None:
+    """Files carried in parts, joined from their verified parts (once the signature holds, and
+    not on a dry run: the first write into the bundle)."""
+    for e in mf.entries_of(doc):
+        if e.parts and not mf._whole_ok(bundle, e):
+            info(f"joining {e.path} from {len(e.parts)} verified parts")
+            mf.join_parts(bundle, e)

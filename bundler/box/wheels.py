@@ -1,0 +1,125 @@
+"""Wheels from the bundle into a folder, with nothing but the standard library and PyPA's
+`installer` (pure Python, imported from its wheel): no pip, no distutils, no venv module, so a
+box with only `python3` (Debian 11's 3.9 lacks distutils, minimal images lack ensurepip) works.
+
+Each wheel is taken from the bundle only if its sha256 is one the lock names; wheels are
+unpacked on every core (zlib and file writes release the GIL)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import BundlerError
+
+WHEEL_RE = re.compile(r"^(?P<name>.+?)-(?P<ver>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
+
+
+def read_lock(lock: Path) -> dict[str, tuple[str, set[str]]]:
+    """{normalized name: (version, {sha256, …})} from `name==version --hash=sha256:…` lines."""
+    out: dict[str, tuple[str, set[str]]] = {}
+    for raw in lock.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.match(r"^([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)\s*$", line)
+        if not m:
+            raise BundlerError(f"{lock}: cannot read the line {raw!r}", hint="copy the bundle again")
+        out[_norm(m.group(1))] = (m.group(2), set(re.findall(r"sha256:([0-9a-f]{64})", m.group(3))))
+    return out
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def compatible(filename: str, python: tuple[int, int] = sys.version_info[:2], machine: str = "") -> bool:
+    """Whether this interpreter can use the wheel (its glibc was checked in preflight)."""
+    m = WHEEL_RE.match(filename)
+    if not m:
+        return False
+    major, minor = python
+    pys, abis, plats = m["py"].split("."), m["abi"].split("."), m["plat"].split(".")
+    machine = machine or os.uname().machine
+    if not any(p == "any" or p.endswith("_" + machine) for p in plats):
+        return False
+    cp = f"cp{major}{minor}"
+    if cp in pys and (cp in abis or "none" in abis or "abi3" in abis):
+        return True
+    if "abi3" in abis:
+        return any(p.startswith("cp3") and int(p[3:] or 0) <= minor for p in pys)
+    return "none" in abis and any(p in (f"py{major}", f"py{major}{minor}") for p in pys)
+
+
+def select(lock: Path, folder: Path) -> list[Path]:
+    """The wheel file for each pin of the lock that this interpreter can use, checked by sha256."""
+    pins = read_lock(lock)
+    by_name: dict[str, list[Path]] = {}
+    for p in sorted(folder.glob("*.whl")):
+        m = WHEEL_RE.match(p.name)
+        if m:
+            by_name.setdefault(_norm(m["name"]), []).append(p)
+    chosen = []
+    for name, (version, hashes) in sorted(pins.items()):
+        cands = [p for p in by_name.get(name, []) if WHEEL_RE.match(p.name)["ver"] == version
+                 and compatible(p.name)]
+        if not cands:
+            raise BundlerError(f"{folder} has no wheel of {name} {version} for Python "
+                               f"{sys.version_info[0]}.{sys.version_info[1]} on {os.uname().machine}",
+                               hint="bundle for this box's Python (bundle.toml [target] pythons, or TARGET=box.json)")
+        # the most specific tag first (cp311 before abi3 before py3)
+        cands.sort(key=lambda p: (f"cp{sys.version_info[0]}{sys.version_info[1]}" not in p.name, "abi3" in p.name))
+        path = cands[0]
+        digest = _sha256(path)
+        if digest not in hashes:
+            raise BundlerError(f"{path}: sha256 {digest} is not one {lock} pins for {name} {version}",
+                               hint="copy the bundle again")
+        chosen.append(path)
+    return chosen
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(8 << 20)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def install(wheels: list[Path], site: Path, scripts: Path | None = None, workers: int | None = None) -> float:
+    """Unpack wheels into `site` (purelib and platlib), their scripts into `scripts`. Returns seconds."""
+    from installer import install as _install
+    from installer.destinations import SchemeDictionaryDestination
+    from installer.sources import WheelFile
+
+    class Overwriting(SchemeDictionaryDestination):
+        # several wheels may ship the same namespace file (nvidia/__init__.py); like pip --target, last wins
+        def write_to_fs(self, scheme, path, stream, is_executable):
+            target = os.path.join(self.scheme_dict[scheme], path)
+            os.makedirs(os.path.dirname(target), exist_ok=True)  # other threads make folders too
+            if os.path.lexists(target):
+                os.unlink(target)
+            return super().write_to_fs(scheme, path, stream, is_executable)
+
+    scripts = scripts or site.parent / "bin"
+    schemes = {"purelib": str(site), "platlib": str(site), "scripts": str(scripts),
+               "data": str(site.parent / "data"), "headers": str(site.parent / "include")}
+    site.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+
+    def one(path: Path) -> None:
+        dest = Overwriting(schemes, interpreter=sys.executable, script_kind="posix")
+        with WheelFile.open(path) as source:
+            _install(source, dest, {"INSTALLER": b"airgap-llm"})
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 2)) as pool:
+        for f in [pool.submit(one, w) for w in wheels]:
+            f.result()
+    return time.monotonic() - t0

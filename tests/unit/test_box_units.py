@@ -1,0 +1,89 @@
+"""The box side's small decisions: env files as data, ownership, the prefix lock, wheel tags,
+and which CPU backend ggml will load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bundler import envfile
+from bundler.box import layout as lay
+from bundler.box import wheels
+from bundler.engines.llama_cpp import best_cpu_variant
+from bundler.errors import BundlerError
+
+
+def test_env_file_is_read_as_data_never_run():
+    env = envfile.parse("# key\nLLAMA_API_KEY=sk-$(reboot)\n\nHF_HUB_OFFLINE=1\n")
+    assert env == {"LLAMA_API_KEY": "sk-$(reboot)", "HF_HUB_OFFLINE": "1"}
+    with pytest.raises(ValueError, match="f.env:2: not KEY=VALUE"):
+        envfile.parse("A=1\ntouch /tmp/pwned\n", "f.env")
+
+
+def test_a_folder_others_can_write_or_another_user_owns_is_not_trusted(tmp_path):
+    d = tmp_path / "prefix"
+    d.mkdir()
+    lay.check_not_writable_by_others(d, "the install prefix")  # ours, 0755
+    d.chmod(0o777)
+    with pytest.raises(BundlerError, match="can be written by everyone"):
+        lay.check_not_writable_by_others(d / "etc" / "x.env", "the env file")  # the folder above counts too
+    d.chmod(0o755)
+    if os.geteuid() == 0:
+        os.chown(d, 65534, 65534)
+        with pytest.raises(BundlerError, match="belongs to uid 65534"):
+            lay.check_not_writable_by_others(d, "the install prefix")
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # like /tmp: a folder of ours inside it is fine
+    (sticky / "mine").mkdir()
+    lay.check_not_writable_by_others(sticky / "mine", "the install prefix")
+
+
+def test_a_second_locker_of_the_prefix_is_refused_and_told_who_holds_it(tmp_path):
+    with lay.PrefixLock(tmp_path):
+        code = ("import sys; from pathlib import Path; from bundler.box.layout import PrefixLock\n"
+                "from bundler.errors import BundlerError\n"
+                f"try:\n    PrefixLock(Path({str(tmp_path)!r})).__enter__()\n"
+                "except BundlerError as e:\n    print(e.message); sys.exit(1)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 1 and f"pid {os.getpid()}" in r.stdout and "another install" in r.stdout
+    with lay.PrefixLock(tmp_path):  # released: taken again
+        pass
+
+
+def test_make_dirs_returns_only_what_it_made(tmp_path):
+    (tmp_path / "a").mkdir()
+    made = lay.make_dirs(tmp_path / "a" / "b" / "c", 0o700)
+    assert made == [tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"]
+    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700
+    assert lay.make_dirs(tmp_path / "a" / "b") == []
+
+
+@pytest.mark.parametrize("name,py,ok", [
+    ("markupsafe-3.0.2-cp39-cp39-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", (3, 9), True),
+    ("markupsafe-3.0.2-cp39-cp39-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", (3, 11), False),
+    ("cryptography-44.0.0-cp39-abi3-manylinux_2_28_x86_64.whl", (3, 12), True),
+    ("cryptography-44.0.0-cp39-abi3-manylinux_2_28_aarch64.whl", (3, 12), False),
+    ("jinja2-3.1.6-py3-none-any.whl", (3, 13), True),
+    ("torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl", (3, 11), False),
+])
+def test_wheel_tags_this_interpreter_can_use(name, py, ok):
+    assert wheels.compatible(name, py, "x86_64") is ok
+
+
+def test_ggml_loads_the_best_cpu_backend_the_cpu_runs():
+    variants = ("x64", "sse42", "sandybridge", "haswell", "skylakex", "icelake", "zen4", "alderlake",
+                "sapphirerapids")
+    haswell = ("avx", "avx2", "bmi2", "f16c", "fma", "sse4_2")
+    assert best_cpu_variant(haswell, variants) == "haswell"
+    assert best_cpu_variant(haswell + ("avx_vnni",), variants) == "alderlake"
+    avx512 = haswell + ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni")
+    assert best_cpu_variant(avx512, variants) == "icelake"
+    assert best_cpu_variant(avx512 + ("avx512_bf16",), variants) == "zen4"
+    assert best_cpu_variant(avx512 + ("avx512_bf16", "amx_tile", "amx_int8"), variants) == "sapphirerapids"
+    assert best_cpu_variant((), variants) == "x64"  # any x86-64
+    assert best_cpu_variant(haswell, ("haswell",)) == "haswell"
+    assert best_cpu_variant(("sse4_2",), ("haswell",)) == ""
