@@ -62,14 +62,6 @@ def _glibc_needed(binary: Path) -> str:
     return ".".join(map(str, max(versions))) if versions else "0"
 
 
-def _soname(lib: Path) -> str:
-    if ".so" not in lib.name:
-        return ""
-    out = subprocess.run(["objdump", "-p", str(lib)], capture_output=True, text=True).stdout
-    m = re.search(r"^\s*SONAME\s+(\S+)", out, re.M)
-    return m.group(1) if m else ""
-
-
 def _shared_libs(binary: Path) -> list[Path]:
     """Non-glibc shared libraries the binary loads (carried beside it)."""
     out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
@@ -196,14 +188,14 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
         b = llama_cpp.build(sdist, spec.llama_cpp.sha256, backend, archs, log=log)
         log(f"llama-server ({backend}): {'cached build' if b.cached else f'built in {b.seconds:.0f}s'} ({b.path})")
         edir = stage / "engines" / f"llama.cpp-{backend}"
-        binary = b.path / "bin" / "llama-server"
-        # the binary and its own libraries ($ORIGIN), one CPU backend per instruction-set level among them;
-        # each library under its SONAME (what the loader asks for), so the bundle holds no symlinks
-        own = [f for f in sorted((b.path / "bin").iterdir()) if f.is_file() and not f.is_symlink()]
+        # cpu: one static binary per x86 instruction-set level (bin/llama-server-LEVEL); cuda: bin/llama-server
+        own = sorted(f for f in (b.path / "bin").iterdir() if f.is_file() and f.name.startswith("llama-server"))
         for f in own:
-            _link_or_copy(f, edir / "bin" / (_soname(f) or f.name))
-        libs = [lib for lib in _shared_libs(binary) if b.path not in lib.resolve().parents]
-        for lib in libs:  # from the build machine, outside the build: carried so the box needs no runtime
+            _link_or_copy(f, edir / "bin" / f.name)
+        variants = sorted(f.name[len("llama-server-"):] for f in own if f.name.startswith("llama-server-"))
+        binary = b.path / "bin" / ("llama-server-x64" if "x64" in variants else "llama-server")
+        libs = _shared_libs(binary)
+        for lib in libs:  # e.g. libgomp: carried so the box needs no compiler runtime
             (edir / "lib").mkdir(parents=True, exist_ok=True)
             shutil.copy2(lib.resolve(), edir / "lib" / lib.name)
         shutil.copy2(b.path / "build.json", edir / "build.json")
@@ -213,12 +205,11 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
         engines.append({
             "box_lib_dirs": box_lib_dirs, "cuda_archs": archs, "cuda": "13" if backend == "cuda" else "",
             "name": llama_cpp.NAME, "backend": backend, "dir": f"engines/llama.cpp-{backend}",
-            "binary": f"engines/llama.cpp-{backend}/bin/llama-server",
+            "binary": f"engines/llama.cpp-{backend}/bin/{binary.name}",
             "libs": [lib.name for lib in libs], "glibc": max((_glibc_needed(f) for f in own), key=version_tuple),
             "arch": platform.machine(),
-            # ggml picks the best CPU backend at start; the baseline one runs on any x86-64
-            "cpu_variants": sorted(f.name[len("libggml-cpu-"):-3] for f in own
-                                   if f.name.startswith("libggml-cpu-") and f.name.endswith(".so")),
+            # the installer runs the best level the box's CPU has; the baseline one runs on any x86-64
+            "cpu_variants": variants,
             "cpu_flags": [],
             "source": spec.llama_cpp.sdist, "source_sha256": spec.llama_cpp.sha256,
         })

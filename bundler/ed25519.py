@@ -48,7 +48,7 @@ def _equal(p: tuple, q: tuple) -> bool:
 def _recover_x(y: int, sign: int) -> int | None:
     if y >= P:
         return None
-    x2 = (y * y - 1) * _inv(D * y * y + 1)
+    x2 = (y * y - 1) * _inv(D * y * y + 1) % P  # reduced, or x2 == 0 is missed for y = p - 1
     if x2 == 0:
         return None if sign else 0
     x = pow(x2, (P + 3) // 8, P)

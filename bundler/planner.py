@@ -157,8 +157,12 @@ def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
 def _with_cpu_variant(p: Plan, hw: Hardware, variants: tuple[str, ...]) -> Plan:
     from .engines.llama_cpp import CPU_VARIANTS, best_cpu_variant
 
-    if not variants or not hw.cpu_flags:
+    if not variants:
         return p
+    if not hw.cpu_flags:  # not seen (no /proc/cpuinfo): the level that runs on any x86-64
+        v = "x64" if "x64" in variants else variants[0]
+        return replace(p, cpu_variant=v, reasons=(*p.reasons, f"CPU backend {v}: this CPU's instruction sets "
+                                                  "were not seen, so the baseline build"))
     v = best_cpu_variant(hw.cpu_flags, variants)
     if not v:
         raise PlanRefused(f"none of the bundled CPU backends ({', '.join(variants)}) runs on this CPU "
@@ -166,8 +170,8 @@ def _with_cpu_variant(p: Plan, hw: Hardware, variants: tuple[str, ...]) -> Plan:
                           hint="bundle a llama-server built with GGML_CPU_ALL_VARIANTS for this architecture")
     need = CPU_VARIANTS.get(v, ())
     sets = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8") if f in need]
-    why = (f"CPU backend {v} ({'/'.join(x.upper() for x in sets) or 'baseline x86-64'}), the best of the "
-           f"{len(variants)} bundled instruction-set variants for this CPU; ggml loads it at start")
+    why = (f"CPU backend {v} ({'/'.join(x.upper() for x in sets) or 'baseline x86-64'}): the best of the "
+           f"{len(variants)} instruction-set levels bundled (llama-server-{v}) for this CPU")
     return replace(p, cpu_variant=v, reasons=(*p.reasons, why))
 
 

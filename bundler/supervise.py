@@ -21,16 +21,25 @@ import time
 from pathlib import Path
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the supervisor dies, even by SIGKILL (Linux prctl), so an
-    engine is never left holding the port without a supervisor."""
+def _prctl():
+    """libc's prctl, looked up in the supervisor: the child, already the engine's account, may not
+    be able to read the Python installation to import ctypes."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the supervisor dies, even by SIGKILL (Linux prctl), so an
+    engine is never left holding the port without a supervisor."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _log(log, msg: str) -> None:
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--env-file", a.env_file, "--user", a.user, "--", *cmd]
         with open(os.devnull, "rb") as dn, _open_log(a.log) as lg:
             proc = subprocess.Popen(args, stdin=dn, stdout=lg, stderr=lg, start_new_session=True,
-                                    close_fds=True)
+                                    close_fds=True, cwd="/")
         # wait until the pid file names the supervisor, so callers can rely on it
         for _ in range(100):
             try:

@@ -99,7 +99,7 @@ def _install_locked(opts: Options, doc: dict[str, Any], layout: Layout, trust: d
         subprocess.Popen([sys.executable, "-s", "-m", "bundler.guard", "--pid", str(os.getpid()), "--done",
                           str(done), "--ctl", str(previous / "bin" / "ctl"), "--remove", str(layout.releases / rid)],
                          start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, close_fds=True)
+                         stderr=subprocess.DEVNULL, close_fds=True, cwd="/")
         info(f"stopping the previous release {previous.name} (one set of GPUs or RAM cannot hold both)")
         ctl(previous, "stop")
     try:

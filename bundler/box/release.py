@@ -104,10 +104,12 @@ def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: pl
         for name in ("manifest.json", "README.txt", "requirements.lock"):
             shutil.copy2(bundle / name, stage / name)
         info("unpacking the installer's wheels into the release (hash-checked; no pip, no venv)")
-        wheels.install(wheels.select(bundle / "requirements.lock", bundle / "wheels"), stage / "site")
+        wheels.install(wheels.select(bundle / "requirements.lock", bundle / "wheels"), stage / "site",
+                       scripts=stage / "site-bin")
         model_path = Path(m["file"]) if m.get("on_box") else store_model(bundle, m, layout)
         final_engine = final / "engine"
         lib_dirs: list[str] = []
+        banner = ""
         extra_env: dict[str, str] = {}
         cache_vars: dict[str, str] = {}
         if plan.engine == "vllm":
@@ -120,15 +122,21 @@ def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: pl
         else:
             engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
             shutil.copytree(bundle / engine["dir"], stage / "engine", symlinks=True)
-            argv = llama_cpp.launch_argv(str(final_engine / "bin" / "llama-server"), str(model_path), m["name"],
+            # a CPU build carries one binary per instruction-set level: the one the plan chose for this CPU
+            exe = f"llama-server-{plan.cpu_variant}" if plan.cpu_variant else "llama-server"
+            if not (stage / "engine" / "bin" / exe).is_file():
+                raise BundlerError(f"the bundle has no {exe} for the plan's CPU level", hint="bundle again")
+            argv = llama_cpp.launch_argv(str(final_engine / "bin" / exe), str(model_path), m["name"],
                                          target.host, target.port, plan)
+            level = next((r for r in plan.reasons if r.startswith("CPU backend")), "")
+            banner = f"airgap-llm: starting {exe}" + (f"; {level}" if level else "")
             lib_dirs = [str(final_engine / "lib"), *engine.get("box_lib_dirs", [])]
         bindir = stage / "bin"
         bindir.mkdir()
         (bindir / "launch").write_text(render("launch.sh.j2", {
             "engine": plan.engine, "name": layout.name, "release": rid, "env_file": str(layout.env_file),
             "argv": argv, "lib_dir": ":".join(lib_dirs), "extra_env": extra_env, "cache_dir": str(layout.cache),
-            "cache_vars": cache_vars}))
+            "cache_vars": cache_vars, "banner": banner}))
         unit_src = final / "systemd" / layout.unit
         (bindir / "ctl").write_text(render("ctl.sh.j2", {
             "name": layout.name, "release": rid, "mode": target.mode, "unit": layout.unit,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundlerError
-from ..planner import version_tuple
 from .layout import Layout, make_dirs, record_made
 from .options import Options
 from .report import ask, info, shout
@@ -76,9 +76,36 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
     return _check_downgrade(doc, layout, opts, record)
 
 
+_PEP440 = re.compile(r"^v?(\d+(?:\.\d+)*)(?:[-_.]?(a|alpha|b|beta|c|rc|pre|preview)[-_.]?(\d*))?"
+                     r"(?:[-_.]?(post|rev|r)[-_.]?(\d*))?(?:[-_.]?dev[-_.]?(\d*))?$", re.I)
+_PRE = {"a": 0, "alpha": 0, "b": 1, "beta": 1, "c": 2, "rc": 2, "pre": 2, "preview": 2}
+
+
+def version_key(v: str) -> tuple:
+    """PEP 440 order: 1.0.dev1 < 1.0a1 < 1.0rc1 < 1.0 < 1.0.post1 (a bundle version is a release
+    version; dropping the letters made 1.0.0rc1 count as newer than 1.0.0)."""
+    m = _PEP440.match(str(v).strip())
+    if not m:
+        raise BundlerError(f"bundle version {v!r} is not a PEP 440 version", hint="rebuild the bundle with a version "
+                           "like 1.2.0 or 1.2.0rc1 in [bundle] version")
+    rel = tuple(int(x) for x in m.group(1).split("."))
+    while len(rel) > 1 and rel[-1] == 0:
+        rel = rel[:-1]
+    pre, post, dev = m.group(2), m.group(4), m.group(6)
+    if pre:
+        pre_k = (_PRE[pre.lower()], int(m.group(3) or 0))
+    elif dev is not None and post is None:
+        pre_k = (-1, 0)  # 1.0.dev1 comes before 1.0a1
+    else:
+        pre_k = (3, 0)
+    post_k = int(m.group(5) or 0) if post else -1
+    dev_k = int(dev or 0) if dev is not None else float("inf")
+    return rel, pre_k, post_k, dev_k
+
+
 def _check_downgrade(doc: dict[str, Any], layout: Layout, opts: Options, record: dict[str, Any]) -> dict[str, Any]:
     accepted = _accepted(layout).get(doc["name"])
-    if accepted and version_tuple(record["version"]) < version_tuple(accepted["version"]) and not opts.allow_downgrade:
+    if accepted and version_key(record["version"]) < version_key(accepted["version"]) and not opts.allow_downgrade:
         raise BundlerError(f"{doc['name']} {record['version']} is older than {accepted['version']}, the version this "
                            "box accepted last; nothing was changed",
                            hint="install the newer bundle, or pass --allow-downgrade if you mean to go back")

@@ -4,13 +4,37 @@
 #   CUBLAS_ROOT: a directory with include/cublas_v2.h and lib/libcublas.so* (from the
 #   nvidia-cublas wheel) when the CUDA toolkit here has no cuBLAS.
 #   CMAKE_ARGS: more -D options (space-separated), e.g. -DGGML_CUDA_NO_VMM=ON.
-# Writes OUTDIR/bin/llama-server with its shared libraries beside it ($ORIGIN run path: runs from
-# any directory). The CPU side is built once per x86 instruction-set level (GGML_CPU_ALL_VARIANTS:
-# SSE4.2, AVX, AVX2+FMA, AVX-512, AVX-VNNI, AMX, ...) as libggml-cpu-VARIANT.so, and ggml loads the
-# best one this CPU runs at start, as llama.cpp's own release builds do. Called by
-# bundler/engines/llama_cpp.py, which caches OUTDIR by a key over every input,
-# this script included. Never run on the offline box.
+# cuda: writes OUTDIR/bin/llama-server. cpu: one static binary per x86 instruction-set level,
+# OUTDIR/bin/llama-server-LEVEL (below), the same build tree reconfigured so that only ggml's
+# CPU backend is compiled again; the installer runs the best the box's CPU has. (ggml's own
+# GGML_CPU_ALL_VARIANTS loads them as shared libraries, but built by Zig each library carries
+# its own static libc++ and the binary aborts at start: "free(): invalid pointer".)
+# Every binary is static: it runs from any directory. Called by bundler/engines/llama_cpp.py,
+# which caches OUTDIR by a key over every input, this script included. Never run on the box.
 set -eu
+
+# level name: the ggml instruction-set options it turns on (ggml's own variant names and sets)
+CPU_LEVELS="x64:
+sandybridge:SSE42,AVX
+haswell:SSE42,AVX,F16C,FMA,AVX2,BMI2
+skylakex:SSE42,AVX,F16C,FMA,AVX2,BMI2,AVX512
+icelake:SSE42,AVX,F16C,FMA,AVX2,BMI2,AVX512,AVX512_VBMI,AVX512_VNNI
+zen4:SSE42,AVX,F16C,FMA,AVX2,BMI2,AVX512,AVX512_VBMI,AVX512_VNNI,AVX512_BF16
+sapphirerapids:SSE42,AVX,F16C,FMA,AVX2,BMI2,AVX512,AVX512_VBMI,AVX512_VNNI,AVX512_BF16,AMX_TILE,AMX_INT8"
+ALL_FEATURES="SSE42 AVX AVX2 BMI2 AVX_VNNI FMA F16C AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 AMX_TILE AMX_INT8 AMX_BF16"
+
+features() {  # -DGGML_X=ON for the level's options, OFF for every other
+    on=",$1,"
+    for f in $ALL_FEATURES; do
+        case "$on" in *",$f,"*) printf ' -DGGML_%s=ON' "$f" ;; *) printf ' -DGGML_%s=OFF' "$f" ;; esac
+    done
+}
+
+install_binary() {
+    cp "$work/build/bin/llama-server" "$out/bin/$1.tmp"
+    strip "$out/bin/$1.tmp" 2>/dev/null || true
+    mv "$out/bin/$1.tmp" "$out/bin/$1"
+}
 
 main() {
     sdist=$1 out=$2 backend=$3 archs=${4:-} jobs=${5:-$(nproc)} cublas=${6:-} more=${7:-}
@@ -28,40 +52,34 @@ main() {
             extra="$extra -DCMAKE_CUDA_FLAGS=-I$cublas/include -DCMAKE_CXX_FLAGS=-I$cublas/include"
         fi
     fi
-    # shellcheck disable=SC2086
-    cmake -S "$src" -B "$work/build" $gen \
-        -DCMAKE_BUILD_TYPE=Release \
-        -DBUILD_SHARED_LIBS=ON \
-        -DGGML_NATIVE=OFF \
-        -DGGML_BACKEND_DL=ON \
-        -DGGML_CPU_ALL_VARIANTS=ON \
-        -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON \
-        -DCMAKE_INSTALL_RPATH='$ORIGIN' \
-        -DLLAMA_BUILD_SERVER=ON \
-        -DLLAMA_BUILD_TOOLS=ON \
-        -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_APP=OFF \
-        -DLLAMA_BUILD_UI=OFF \
-        -DLLAMA_USE_PREBUILT_UI=OFF \
-        -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_CURL=OFF \
-        -DCMAKE_EXE_LINKER_FLAGS="-static-libstdc++ -static-libgcc" \
-        $extra $more
-    # the CPU variants are loaded at run time, not linked: name them as targets too
-    backends=$(cmake --build "$work/build" --target help | sed -n 's/^\([a-z0-9_.-]*ggml-cpu[a-z0-9_.-]*\):.*/\1/p; s/^\.\.\. \([a-z0-9_.-]*ggml-cpu[a-z0-9_.-]*\).*/\1/p' | sort -u)
-    # shellcheck disable=SC2086
-    cmake --build "$work/build" --target llama-server $backends -j "$jobs"
     mkdir -p "$out/bin"
-    for lib in "$work"/build/bin/lib*.so*; do
-        cp -P "$lib" "$out/bin/"
+    levels="default:"
+    [ "$backend" = cpu ] && levels=$CPU_LEVELS
+    for level in $levels; do
+        name=${level%%:*}
+        isa=""
+        [ "$backend" = cpu ] && isa=$(features "${level#*:}")
+        echo "== llama-server ($backend${isa:+, $name})"
+        # shellcheck disable=SC2086
+        cmake -S "$src" -B "$work/build" $gen \
+            -DCMAKE_BUILD_TYPE=Release \
+            -DBUILD_SHARED_LIBS=OFF \
+            -DGGML_NATIVE=OFF \
+            -DGGML_BACKEND_DL=OFF \
+            -DLLAMA_BUILD_SERVER=ON \
+            -DLLAMA_BUILD_TOOLS=ON \
+            -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_EXAMPLES=OFF \
+            -DLLAMA_BUILD_APP=OFF \
+            -DLLAMA_BUILD_UI=OFF \
+            -DLLAMA_USE_PREBUILT_UI=OFF \
+            -DLLAMA_OPENSSL=OFF \
+            -DLLAMA_CURL=OFF \
+            -DCMAKE_EXE_LINKER_FLAGS="-static-libstdc++ -static-libgcc" \
+            $extra $more $isa
+        cmake --build "$work/build" --target llama-server -j "$jobs"
+        if [ "$backend" = cpu ]; then install_binary "llama-server-$name"; else install_binary llama-server; fi
     done
-    for f in "$out"/bin/*.so*; do
-        [ -L "$f" ] || strip --strip-unneeded "$f" 2>/dev/null || true
-    done
-    cp "$work/build/bin/llama-server" "$out/bin/llama-server.tmp"
-    strip "$out/bin/llama-server.tmp" 2>/dev/null || true
-    mv "$out/bin/llama-server.tmp" "$out/bin/llama-server"
 }
 
 main "$@"

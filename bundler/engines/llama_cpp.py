@@ -183,7 +183,7 @@ def build(sdist: Path, sdist_sha256: str, backend: str = "cpu", cuda_archs: str 
                    ZIG_GLOBAL_CACHE_DIR=str(cache_root() / "toolchains" / "zig-cache"))
     key = build_key(sdist_sha256, backend, cuda_archs, extra_key + more)
     dest = cache_root() / "llama-server" / f"{backend}-{key}"
-    if (dest / "build.json").is_file() and (dest / "bin" / "llama-server").is_file():
+    if (dest / "build.json").is_file():  # written last, once every binary is in place
         return Build(dest, key, True, 0.0)
     dest.parent.mkdir(parents=True, exist_ok=True)
     import fcntl
@@ -194,7 +194,7 @@ def build(sdist: Path, sdist_sha256: str, backend: str = "cpu", cuda_archs: str 
         except BlockingIOError:
             log(f"another process is building llama-server ({backend}) {key}; waiting for it")
             fcntl.flock(lockf, fcntl.LOCK_EX)
-        if (dest / "build.json").is_file() and (dest / "bin" / "llama-server").is_file():
+        if (dest / "build.json").is_file():  # written last, once every binary is in place
             return Build(dest, key, True, 0.0)
         return _build_locked(sdist, sdist_sha256, backend, cuda_archs, cublas, more, key, dest, log, env)
 

@@ -35,7 +35,7 @@ def engines():
             status = open(f"/proc/{pid}/status").read()
         except OSError:
             continue
-        if not args or not args[0].endswith("llama-server"):
+        if not args or not os.path.basename(args[0]).startswith("llama-server"):
             continue
         uid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:")))
         parallel = int(args[args.index("--parallel") + 1]) if "--parallel" in args else None

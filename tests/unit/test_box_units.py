@@ -87,3 +87,14 @@ def test_ggml_loads_the_best_cpu_backend_the_cpu_runs():
     assert best_cpu_variant((), variants) == "x64"  # any x86-64
     assert best_cpu_variant(haswell, ("haswell",)) == "haswell"
     assert best_cpu_variant(("sse4_2",), ("haswell",)) == ""
+
+
+def test_bundle_versions_follow_pep_440_so_a_release_candidate_is_older():
+    from bundler.box.trust import version_key
+
+    order = ["1.0.0.dev1", "1.0.0a1", "1.0.0b2", "1.0.0rc1", "1.0.0", "1.0.0.post1", "1.0.1", "1.1", "2.0"]
+    assert sorted(order, key=version_key) == order
+    assert version_key("1.0") == version_key("1.0.0")
+    assert version_key("1.0.0rc1") < version_key("1.0.0")  # the letters were dropped: rc1 counted as newer
+    with pytest.raises(BundlerError, match="not a PEP 440 version"):
+        version_key("banana")

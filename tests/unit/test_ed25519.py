@@ -28,3 +28,16 @@ def test_agrees_with_cryptography_on_random_keys_messages_and_tampering():
         assert not ed25519.verify(pub, msg + b"!", sig)
         other = ed.Ed25519PrivateKey.generate().public_key().public_bytes_raw()
         assert not ed25519.verify(other, msg, sig)
+
+
+def test_the_non_canonical_encodings_rfc_8032_rejects_are_rejected():
+    """RFC 8032 5.1.3: x = 0 with the sign bit set is invalid; y = p - 1 gives x = 0 (it was let
+    through because x^2 was compared with 0 before being reduced mod p), so does y = 1."""
+    P = ed25519.P
+    for y in (P - 1, 1):
+        assert ed25519._decompress((y | 1 << 255).to_bytes(32, "little")) is None
+        assert ed25519._decompress(y.to_bytes(32, "little")) is not None  # the canonical x = 0 point
+    for y in (P, P + 1):  # y not reduced
+        assert ed25519._decompress(y.to_bytes(32, "little")) is None
+    bad_key = ((P - 1) | 1 << 255).to_bytes(32, "little")
+    assert ed25519.verify(bad_key, b"m", bytes(64)) is False

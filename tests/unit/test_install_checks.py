@@ -165,7 +165,8 @@ def test_vllm_launch_keeps_compiled_kernels_in_the_prefix_or_systemds_cache_dire
     launch = tmp_path / "launch"
     launch.write_text(render("launch.sh.j2", {"engine": "vllm", "name": "b", "release": "r", "env_file": str(env_file),
                                               "argv": ["/usr/bin/env"], "lib_dir": "", "extra_env": {},
-                                              "cache_dir": str(tmp_path / "cache"), "cache_vars": vllm.CACHE_VARS}))
+                                              "cache_dir": str(tmp_path / "cache"), "cache_vars": vllm.CACHE_VARS,
+                                              "banner": ""}))
 
     def seen(**extra):
         env = {"PATH": "/usr/bin:/bin", **extra}
