@@ -73,6 +73,8 @@ def install(opts: Options) -> dict[str, Any] | None:
             print(json.dumps({"dry_run": True, "plan": plan.to_dict(), "box": hw.to_dict(),
                               "prefix": str(layout.prefix), "service": mode, "user": target.user}, indent=2))
         return None
+    previous = _current_release(layout)
+    check_port(target.host, target.port, previous is not None and is_running(previous))
     join_split_files(opts.bundle, doc)
     made_prefix = make_dirs(layout.prefix)
     with PrefixLock(layout.prefix):
@@ -84,13 +86,10 @@ def _install_locked(opts: Options, doc: dict[str, Any], layout: Layout, trust: d
                     plan: planner.Plan, svc: Service) -> dict[str, Any]:
     t = svc.target
     rid = release_id(mf.sha256_file(opts.bundle / mf.MANIFEST), m["file"], plan, t.host, t.port, t.mode, t.user)
-    previous = layout.current.resolve() if layout.current.is_symlink() else None
-    if previous is not None and not previous.is_dir():
-        previous = None
+    previous = _current_release(layout)
     if previous is not None and previous.name.split("-safe")[0] == rid:
         return _same_release(previous, layout, doc, m, plan, svc, opts)
     running = previous is not None and is_running(previous)
-    check_port(t.host, t.port, running)
     key = _prepare(layout, t)
     done = layout.home / f".upgrade-{os.getpid()}.done"  # read (and removed) by the guard only
     if running:
@@ -127,6 +126,11 @@ def _install_locked(opts: Options, doc: dict[str, Any], layout: Layout, trust: d
         info(bench.table(report))
         result["bench"] = report
     return result
+
+
+def _current_release(layout: Layout) -> Path | None:
+    cur = layout.current.resolve() if layout.current.is_symlink() else None
+    return cur if cur is not None and cur.is_dir() else None
 
 
 def _prepare(layout: Layout, t: Target) -> str:

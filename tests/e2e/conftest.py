@@ -28,6 +28,12 @@ def engine_account(tmp_path_factory):
         d.chmod(d.stat().st_mode | 0o011)
 
 
+@pytest.fixture(autouse=True)
+def searchable_tmp(tmp_path):
+    """Each test's folder (0700 from pytest) searchable, so `nobody` reaches a prefix inside it."""
+    tmp_path.chmod(tmp_path.stat().st_mode | 0o011)
+
+
 @pytest.fixture(scope="session")
 def signing_home(tmp_path_factory) -> Path:
     """A signing key made for this test run (bundler keygen on first bundle), and the box's

@@ -26,7 +26,8 @@ def server(bundle_dir, tmp_path):
     env = dict(os.environ, LD_LIBRARY_PATH=str(eng / "lib"), LLAMA_API_KEY="bench-key")
     log = open(tmp_path / "server.log", "w")
     model = bundle_dir / "models/gemma-3-270m-q4_k_m.gguf"
-    proc = subprocess.Popen([str(eng / "bin" / "llama-server"), "-m", str(model),
+    proc = subprocess.Popen([str(bundle_dir / json.loads((bundle_dir / "manifest.json").read_text())["engines"][0]
+                                 ["binary"]), "-m", str(model),
                              "--host", "127.0.0.1", "--port", str(port), "-np", "2", "-c", "4096", "--alias", "gemma",
                              "--offline", "--no-webui"], env=env, stdout=log, stderr=log)
     try:

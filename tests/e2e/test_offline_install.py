@@ -103,9 +103,9 @@ def test_offline_install_serves_chat_with_its_key_and_stops(bundle_dir, netns, t
     assert seen["wrong_key_status"] == 401
 
     # The key never shows on a command line, and the engine does not run as root.
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert key not in ps
-    engines = subprocess.run(["ps", "-eo", "user=,args="], capture_output=True, text=True).stdout.splitlines()
+    engines = subprocess.run(["ps", "-ww", "-eo", "user=,args="], capture_output=True, text=True).stdout.splitlines()
     mine = [line for line in engines if f"{prefix}/{B}/releases/" in line and "/engine/bin/llama-server" in line]
     assert mine and all(line.split()[0] == "nobody" for line in mine), engines
     assert out["user"] == "nobody" and out["mode"] == "process"
@@ -209,9 +209,9 @@ def test_installs_with_the_oldest_and_newest_supported_python(bundle_dir, netns,
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
         assert out["answer"]
-        venv_py = prefix / B / "current" / "venv" / "bin" / "python"
-        v = subprocess.run([str(venv_py), "-c", "import sys, jinja2, tqdm, bundler; print(sys.version[:4])"],
-                           capture_output=True, text=True)
+        site = prefix / B / "current" / "site"
+        v = subprocess.run([py, "-s", "-c", "import sys, jinja2, tqdm, bundler; print(sys.version[:4])"],
+                           capture_output=True, text=True, env={"PYTHONPATH": str(site)})
         assert v.stdout.strip().startswith(version), v.stderr
     finally:
         netns.run(["sh", "-c", f"{prefix}/{B}/current/bin/ctl stop"])
