@@ -5,12 +5,15 @@ and the shipped binary started with llama-server's own defaults (what a user doe
 
 usage: python benchmarks/llama_cpu_speed.py BUNDLE_DIR [--levels 1,4,16] [--out REPORT.json]
 
-The shipped binary runs with the plan's flags (--parallel 4 --ctx-size 16384 --threads N
---cont-batching), as an installed release does; the native build with the same flags. Each is
-benched with `bundler bench` (400-token prompts, 128 output tokens, one wave per level), one
-after the other, and the ratios shipped / native are printed. The native build (a few minutes on
-2 cores) is cached under ~/.cache/airgap-llm/llama-server/native-KEY. A shipped binary without
-the CPU's instruction sets shows here as a ratio far below 1 (it was 0.25 before the variants).
+(A -march=native gcc build segfaults on this machine right after loading the model, so the
+gcc reference is built for the shipped level's instruction sets instead.) Rows: the shipped
+level, gcc, the shipped baseline x64 level (what every bundle shipped before), the shipped
+level with llama-server's own defaults. The shipped binary runs with the plan's flags
+(--parallel 4 --ctx-size 16384 --threads N --cont-batching), as an installed release does; the
+gcc build with the same flags. Each is benched with `bundler bench` (400-token prompts, 128
+output tokens, one wave per level), one after the other, and the ratios are printed. The gcc
+build (a few minutes on 2 cores) is cached under ~/.cache/airgap-llm/llama-server/gcc-ref-KEY.
+A shipped binary without the CPU's instruction sets shows as a ratio far below 1 (it was 0.25).
 """
 
 from __future__ import annotations
@@ -34,21 +37,22 @@ from bundler import bench  # noqa: E402
 from bundler.cache import cache_root  # noqa: E402
 
 
-def native_build(sdist: Path) -> Path:
-    """llama-server built by this machine's gcc for this CPU (a reference, never shipped)."""
-    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    key = hashlib.sha256(f"{sdist.read_bytes()[:1 << 20]!r}{cpu.group(1) if cpu else ''}"
-                         f"{platform.machine()}".encode()).hexdigest()[:16]
-    out = cache_root() / "llama-server" / f"native-{key}"
+def gcc_build(sdist: Path, isa: list[str]) -> Path:
+    """llama-server built by this machine's gcc 12 with the instruction sets of the shipped level
+    (a reference, never shipped). -march=native would be the obvious one, but that build crashes
+    on this machine before it serves (SIGSEGV right after loading the model)."""
+    key = hashlib.sha256(f"{sdist.read_bytes()[:1 << 20]!r}{isa}{platform.machine()}".encode()).hexdigest()[:16]
+    out = cache_root() / "llama-server" / f"gcc-ref-{key}"
     binary = out / "bin" / "llama-server"
     if binary.is_file():
         return binary
     with tempfile.TemporaryDirectory(prefix="llama-native-") as work:
         subprocess.run(["tar", "-xzf", str(sdist), "-C", work, "--wildcards", "*/vendor/llama.cpp/*"], check=True)
         src = next(Path(work).glob("*/vendor/llama.cpp"))
-        print(f"building the native reference in {work} (a few minutes)", file=sys.stderr)
+        print(f"building the gcc reference ({', '.join(isa)}) in {work} (a few minutes)", file=sys.stderr)
         subprocess.run(["cmake", "-S", str(src), "-B", f"{work}/build", "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                        "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DGGML_NATIVE=OFF", *(f"-DGGML_{f}=ON" for f in isa), "-DBUILD_SHARED_LIBS=OFF", "-DGGML_OPENMP=OFF",
+                        "-DLLAMA_BUILD_TESTS=OFF",
                         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
                         "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"],
                        check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, CC="gcc", CXX="g++"))
@@ -57,6 +61,13 @@ def native_build(sdist: Path) -> Path:
         (out / "bin").mkdir(parents=True, exist_ok=True)
         os.replace(f"{work}/build/bin/llama-server", binary)
     return binary
+
+
+def _level_isa(level: str) -> list[str]:
+    """The ggml options of a level, read from the build script (one source of truth)."""
+    script = (Path(__file__).resolve().parents[1] / "bundler" / "engines" / "build_llama_server.sh").read_text()
+    m = re.search(rf"^{re.escape(level)}:(.*)$", script, re.M)
+    return [f for f in (m.group(1).strip("\"").split(",") if m else []) if f]
 
 
 def free_port() -> int:
@@ -87,8 +98,7 @@ def serve_and_bench(label: str, argv: list[str], levels: list[int]) -> dict:
         proc.terminate()
         proc.wait(timeout=30)
     text = Path(log.name).read_text(errors="replace")
-    loaded = re.findall(r"loaded CPU backend from (\S+)", text)
-    rep.update(label=label, argv=argv, cpu_backend=Path(loaded[-1]).name if loaded else "built in")
+    rep.update(label=label, argv=argv, log_head=text[:400])
     print(bench.table(rep), file=sys.stderr)
     return rep
 
@@ -103,20 +113,31 @@ def main() -> None:
     doc = json.loads((a.bundle / "manifest.json").read_text())
     cpu = next(e for e in doc["engines"] if e.get("backend") == "cpu")
     model = str(a.bundle / doc["models"][0]["file"])
-    shipped = str(a.bundle / cpu["binary"])
+    from bundler import probe
+    from bundler.engines.llama_cpp import best_cpu_variant
+
+    # the level an install on this machine runs (what the plan picks from the probe)
+    level = best_cpu_variant(probe.probe(Path("/tmp")).cpu_flags, tuple(cpu.get("cpu_variants", ())))
+    shipped = str(a.bundle / cpu["dir"] / "bin" / f"llama-server-{level}") if level else str(a.bundle / cpu["binary"])
     sdist = next((cache_root() / "wheels" / "sdists").glob("llama_cpp_python-*.tar.gz"))
-    native = str(native_build(sdist))
+    isa = _level_isa(level)
+    native = str(gcc_build(sdist, isa))
     threads = str(os.cpu_count() or 2)
     plan_flags = ["--parallel", "4", "--ctx-size", "16384", "--threads", threads, "--cont-batching"]
-    runs = [serve_and_bench("shipped, plan flags", [shipped, "-m", model, *plan_flags], levels),
-            serve_and_bench("native gcc -march=native, plan flags", [native, "-m", model, *plan_flags], levels),
-            serve_and_bench("shipped, llama-server defaults", [shipped, "-m", model], levels)]
+    runs = [serve_and_bench(f"shipped ({Path(shipped).name}), plan flags", [shipped, "-m", model, *plan_flags],
+                            levels),
+            serve_and_bench("gcc 12, same instruction sets, plan flags", [native, "-m", model, *plan_flags], levels),
+            serve_and_bench("shipped llama-server-x64 (no AVX: the old build), plan flags",
+                            [str(a.bundle / cpu["dir"] / "bin" / "llama-server-x64"), "-m", model, *plan_flags],
+                            levels),
+            serve_and_bench("shipped, llama-server's defaults", [shipped, "-m", model], levels)]
     tok = [{lv["concurrency"]: lv["tok_s"] for lv in r["levels"]} for r in runs]
-    print(f"\n{'configuration':<40} {'CPU backend':<26}" + "".join(f" {'c=' + str(c):>9}" for c in levels))
+    print(f"\n{'configuration (output tok/s)':<58}" + "".join(f" {'c=' + str(c):>9}" for c in levels))
     for r, t in zip(runs, tok):
-        print(f"{r['label']:<40} {r['cpu_backend']:<26}" + "".join(f" {t[c]:>9.1f}" for c in levels))
-    print("shipped / native:  " + ", ".join(f"{tok[0][c] / tok[1][c]:.2f}x at c={c}" for c in levels))
-    print("plan / defaults:   " + ", ".join(f"{tok[0][c] / tok[2][c]:.2f}x at c={c}" for c in levels))
+        print(f"{r['label']:<58}" + "".join(f" {t[c]:>9.1f}" for c in levels))
+    print("shipped / gcc:      " + ", ".join(f"{tok[0][c] / tok[1][c]:.2f}x at c={c}" for c in levels))
+    print("shipped / x64:      " + ", ".join(f"{tok[0][c] / tok[2][c]:.2f}x at c={c}" for c in levels))
+    print("plan / defaults:    " + ", ".join(f"{tok[0][c] / tok[3][c]:.2f}x at c={c}" for c in levels))
     if a.out:
         a.out.write_text(json.dumps({"cpu": platform.processor() or platform.machine(), "runs": runs}, indent=2)
                          + "\n")

@@ -65,6 +65,18 @@ def parts_bundle_dir(tmp_path_factory, signing_home) -> Path:
     return out / "gemma3-270m-cpu"
 
 
+@pytest.fixture(scope="session")
+def second_bundle_dir(tmp_path_factory, signing_home) -> Path:
+    """The default bundle under another name: a second service for the same prefix."""
+    d = tmp_path_factory.mktemp("second")
+    spec = d / "second.toml"
+    spec.write_text((ROOT / "bundle.toml").read_text().replace('name = "gemma3-270m-cpu"', 'name = "second-cpu"'))
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(spec), "--out", str(d / "dist")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return d / "dist" / "second-cpu"
+
+
 class Netns:
     """A named network namespace with only `lo` (up); commands run inside it."""
 

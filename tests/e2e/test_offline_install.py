@@ -471,3 +471,29 @@ def test_with_loopback_down_the_install_says_so_at_once(bundle_dir, tmp_path):
     assert "network unreachable" in r.stderr and "ip link set lo up" in r.stderr, r.stderr[-2000:]
     assert took < 90, f"took {took:.0f}s"
     assert not (prefix / B / "current").exists()
+
+
+def test_two_bundles_share_a_prefix_each_with_its_own_service(bundle_dir, second_bundle_dir, netns, tmp_path):
+    prefix = tmp_path / "prefix"
+    health = ("import sys, urllib.request as u\n"
+              "for port in sys.argv[1:]:\n"
+              "    try: print(port, u.urlopen(f'http://127.0.0.1:{port}/health', timeout=3).status)\n"
+              "    except OSError: print(port, 'down')")
+    a = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18092", "--no-smoke"])
+    b = netns.run([str(second_bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18093", "--no-smoke"])
+    try:
+        assert a.returncode == 0, a.stderr
+        assert b.returncode == 0, b.stderr
+        assert netns.run([sys.executable, "-c", health, "18092", "18093"]).stdout.split() == ["18092", "200",
+                                                                                              "18093", "200"]
+        assert (prefix / B / "current").is_symlink() and (prefix / "second-cpu" / "current").is_symlink()
+        assert len(list((prefix / "models").iterdir())) == 1  # the same model, stored once
+
+        gone = netns.run([str(second_bundle_dir / "install.sh"), "--prefix", str(prefix), "--uninstall", "--purge"])
+        assert gone.returncode == 0, gone.stderr
+        assert netns.run([sys.executable, "-c", health, "18092", "18093"]).stdout.split() == ["18092", "200",
+                                                                                              "18093", "down"]
+        assert not (prefix / "second-cpu").exists()
+        assert (prefix / "models").is_dir() and (prefix / "etc" / "trusted.d").is_dir()  # still A's
+    finally:
+        netns.run([str(prefix / B / "current" / "bin" / "ctl"), "stop"])
