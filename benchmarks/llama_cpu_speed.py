@@ -51,7 +51,8 @@ def gcc_build(sdist: Path, isa: list[str]) -> Path:
         src = next(Path(work).glob("*/vendor/llama.cpp"))
         print(f"building the gcc reference ({', '.join(isa)}) in {work} (a few minutes)", file=sys.stderr)
         subprocess.run(["cmake", "-S", str(src), "-B", f"{work}/build", "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                        "-DGGML_NATIVE=OFF", *(f"-DGGML_{f}=ON" for f in isa), "-DBUILD_SHARED_LIBS=OFF", "-DGGML_OPENMP=OFF",
+                        "-DGGML_NATIVE=OFF", *(f"-DGGML_{f}=ON" for f in isa), "-DBUILD_SHARED_LIBS=OFF",
+                        "-DGGML_OPENMP=OFF",
                         "-DLLAMA_BUILD_TESTS=OFF",
                         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
                         "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"],
