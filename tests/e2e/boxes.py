@@ -66,15 +66,23 @@ class SystemdBox:
                "--keep-unit", "--console=passive", "-M", self.name,
                *[f"--bind-ro={h}:{c}" for h, c in self.binds.items()]]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not self.pid1:
-            self.pid1 = next((int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == self.proc.pid), 0)
-            self._check_alive(deadline)
+        try:
+            self._wait_booted(time.monotonic() + 180)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_booted(self, deadline: float) -> None:
         state = ""
         while state not in ("running", "degraded"):
-            state = self.run(["systemctl", "is-system-running"], timeout=30).stdout.strip()
+            # the container's init is nspawn's child named systemd; nspawn forks a short-lived helper
+            # first, which must not be taken for it
+            self.pid1 = next((int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == self.proc.pid
+                              and _comm(int(p)) == "systemd"), 0)
+            if self.pid1:
+                state = self.run(["systemctl", "is-system-running"], timeout=30).stdout.strip()
             self._check_alive(deadline)
-        return self
 
     def _check_alive(self, deadline: float) -> None:
         assert self.proc is not None
@@ -93,8 +101,11 @@ class SystemdBox:
 
     def __exit__(self, *exc) -> None:
         assert self.proc is not None
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and self.pid1:
             self.run(["systemctl", "poweroff"], timeout=30)
+        elif self.proc.poll() is None:
+            self.proc.terminate()  # nspawn powers the container off
+        if self.proc.poll() is None:
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -106,7 +117,17 @@ class SystemdBox:
                     os.rmdir(f"{base}/{d}")
                 except OSError:
                     pass
+        for left in self.root.parent.glob(f".#machine.{self.root.name}*"):  # a killed nspawn's copy or lock
+            shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink()
         os.unlink(self.log.name)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _ppid(pid: int) -> int:
