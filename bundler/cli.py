@@ -72,16 +72,41 @@ def cmd_verify(a: argparse.Namespace) -> int:
             raise BundlerError(f"{a.path}: {len(problems)} problem(s) found", hint="copy the tar again from its source")
         print(f"{a.path}: every member matches the manifest ({time.monotonic() - t0:.1f}s)")
         return 0
-    doc, problems = manifest.verify(Path(a.path))
-    total = sum(f["size"] for f in doc["files"])
+    root = Path(a.path)
+    data = manifest.read_bytes(root)
+    doc, problems = manifest.verify(root, data=data)
+    total = sum(f["size"] for f in doc.get("files", []))
     secs = time.monotonic() - t0
-    for p in problems:
-        print(p.describe(), file=sys.stderr)
-    if problems:
-        raise BundlerError(f"{a.path}: {len(problems)} problem(s) found", hint="copy the bundle again from its source")
+    lines = [p.describe() for p in problems]
+    if a.trust:
+        lines += _signature_problems(root, data, [Path(t) for t in a.trust])
+    for line in lines:
+        print(line, file=sys.stderr)
+    if lines:
+        raise BundlerError(f"{a.path}: {len(lines)} problem(s) found", hint="copy the bundle again from its source")
+    if a.trust:
+        print(f"{a.path}: manifest.json signed by a key given with --trust")
     print(f"{a.path}: {len(doc['files'])} files, {_size(total)} verified in {secs:.1f}s "
           f"({total / max(secs, 1e-9) / 1e9:.2f} GB/s)")
     return 0
+
+
+def _signature_problems(root: Path, data: bytes, keys: list[Path]) -> list[str]:
+    """Why the manifest's signature does not verify with any of `keys` (none when one verifies)."""
+    from . import signing
+
+    try:
+        sig = signing.read_signature(root)
+    except BundlerError as e:
+        return [f"{signing.SIG_NAME}: {e.message}"]
+    if sig is None:
+        return [f"{signing.SIG_NAME}: missing (the bundle is not signed)"]
+    pubs = [signing.read_public_key(k) for k in keys]
+    if not any(signing.check(root, sig, pub, data) for pub in pubs):
+        known = ", ".join(p.fingerprint for p in pubs)
+        return [f"{signing.SIG_NAME}: does not verify manifest.json with the key(s) given ({known}); "
+                f"it names key {sig.fingerprint}"]
+    return []
 
 
 def cmd_keygen(a: argparse.Namespace) -> int:
@@ -288,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     u.set_defaults(func=cmd_unpack)
     v = sub.add_parser("verify", help="check a bundle (directory or tar) against its manifest")
     v.add_argument("path")
+    v.add_argument("--trust", action="append", default=[], metavar="KEY.pub",
+                   help="also check manifest.json's signature with this public key (a directory)")
     v.set_defaults(func=cmd_verify)
     pr = sub.add_parser("probe", help="print this machine's facts as JSON")
     pr.add_argument("--prefix", default="/", help="where free disk is measured")

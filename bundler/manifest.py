@@ -175,6 +175,31 @@ def write(root: Path, meta: dict[str, Any], entries: list[ManifestEntry]) -> Pat
     return mpath
 
 
+def parse(data: bytes, root: Path) -> dict[str, Any]:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        from .errors import VerifyError
+
+        raise VerifyError(f"{root / MANIFEST}: damaged manifest ({e})", hint="copy the bundle again from its source")
+
+
+def read_bytes(root: Path) -> bytes:
+    """manifest.json's bytes, read once (not through a link)."""
+    try:
+        fd = os.open(root / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        from .errors import VerifyError
+
+        raise VerifyError(f"{root / MANIFEST}: no manifest here", hint="run this from an unpacked bundle directory")
+    except OSError as e:
+        from .errors import VerifyError
+
+        raise VerifyError(f"{root / MANIFEST}: cannot be read ({e.strerror})", hint="copy the bundle again")
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def load(root: Path) -> dict[str, Any]:
     mpath = root / MANIFEST
     try:
@@ -292,9 +317,11 @@ def _odd_files(root: Path) -> list[Problem]:
     return out
 
 
-def verify(root: Path, workers: int | None = None, show_progress: bool = True) -> tuple[dict[str, Any], list[Problem]]:
+def verify(root: Path, workers: int | None = None, show_progress: bool = True,
+           data: bytes | None = None) -> tuple[dict[str, Any], list[Problem]]:
     """Check every file the manifest names; report all problems, not only the first. Nothing
-    outside the bundle is read: unsafe manifest paths and links are problems, not followed."""
+    outside the bundle is read: unsafe manifest paths and links are problems, not followed.
+    `data`: the manifest's bytes as the caller read them (once), else read here."""
     problems: list[Problem] = _odd_files(root)
     if any(p.path in (MANIFEST, SUMS, SIGNATURE) for p in problems):
         return {}, problems
@@ -302,10 +329,13 @@ def verify(root: Path, workers: int | None = None, show_progress: bool = True) -
     if expected_m is None:
         problems.append(Problem(SUMS, "missing"))
     else:
-        actual_m = sha256_file(root / MANIFEST) if (root / MANIFEST).exists() else ""
+        if data is not None:
+            actual_m = hashlib.sha256(data).hexdigest()
+        else:
+            actual_m = sha256_file(root / MANIFEST) if (root / MANIFEST).exists() else ""
         if actual_m and actual_m != expected_m:
             problems.append(Problem(MANIFEST, "changed", expected_m, actual_m))
-    doc = load(root)
+    doc = load(root) if data is None else parse(data, root)
     entries = entries_of(doc)
     unsafe = _entry_problems(entries)
     if unsafe or problems:  # read nothing a crafted manifest points at, through links or '..'

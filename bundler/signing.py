@@ -147,11 +147,23 @@ def read_signature(root: Path) -> Signature | None:
         raise BundlerError(f"{path}: not a minisign signature", hint="copy the bundle again from its source")
     if len(raw) != 74 or raw[:2] not in (b"ED", b"Ed") or len(global_sig) != 64:
         raise BundlerError(f"{path}: not a minisign signature", hint="copy the bundle again from its source")
-    return Signature(raw[2:10], raw[10:], trusted, global_sig, raw[:2] == b"ED")
+    found = Signature(raw[2:10], raw[10:], trusted, global_sig, raw[:2] == b"ED")
+    # byte for byte what sign() writes: the untrusted comment and the layout are covered by nothing
+    # else, so a changed byte there would otherwise pass unseen
+    canonical = (f"untrusted comment: signature from airgap-llm key {found.fingerprint}\n"
+                 f"{base64.b64encode(raw).decode()}\ntrusted comment: {trusted}\n"
+                 f"{base64.b64encode(global_sig).decode()}\n")
+    if path.read_bytes() != canonical.encode():
+        raise BundlerError(f"{path}: not byte for byte the signature airgap-llm writes (changed outside the "
+                           "signed parts)", hint="copy the bundle again from its source")
+    return found
 
 
-def check(root: Path, sig: Signature, pub: PublicKey) -> bool:
-    data = (root / "manifest.json").read_bytes()
+def check(root: Path, sig: Signature, pub: PublicKey, data: bytes | None = None) -> bool:
+    """Whether `sig` by `pub` signs the manifest: `data`, the bytes the caller parsed (read once, so
+    what was checked is what is used), or else root/manifest.json as it is now."""
+    if data is None:
+        data = (root / "manifest.json").read_bytes()
     msg = hashlib.blake2b(data, digest_size=64).digest() if sig.prehashed else data
     return (sig.key_id == pub.key_id and ed25519.verify(pub.key, msg, sig.sig)
             and ed25519.verify(pub.key, sig.sig + sig.trusted.encode(), sig.global_sig))

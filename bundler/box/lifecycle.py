@@ -3,6 +3,7 @@ like the last lines of an install script; the steps live in their own modules.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -50,10 +51,10 @@ def local_address(host: str) -> str:
 
 def install(opts: Options) -> dict[str, Any] | None:
     dry = opts.action == "dry-run"
-    doc = verify_bundle(opts.bundle)
+    doc, data = verify_bundle(opts.bundle)
     layout = layout_for(opts, doc["name"])
     check_layout_owned(layout)
-    trust = check_trust(opts.bundle, doc, layout, opts)
+    trust = check_trust(opts.bundle, doc, layout, opts, data)
     hw = probe.probe(layout.prefix)
     preflight(doc, hw, layout)
     m = resolve_model(doc, opts)
@@ -79,13 +80,13 @@ def install(opts: Options) -> dict[str, Any] | None:
     made_prefix = make_dirs(layout.prefix)
     with PrefixLock(layout.prefix):
         record_made(layout, made_prefix)
-        return _install_locked(opts, doc, layout, trust, m, plan, svc)
+        return _install_locked(opts, doc, data, layout, trust, m, plan, svc)
 
 
-def _install_locked(opts: Options, doc: dict[str, Any], layout: Layout, trust: dict[str, Any], m: dict[str, Any],
-                    plan: planner.Plan, svc: Service) -> dict[str, Any]:
+def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, trust: dict[str, Any],
+                    m: dict[str, Any], plan: planner.Plan, svc: Service) -> dict[str, Any]:
     t = svc.target
-    rid = release_id(mf.sha256_file(opts.bundle / mf.MANIFEST), m["file"], plan, t.host, t.port, t.mode, t.user)
+    rid = release_id(hashlib.sha256(data).hexdigest(), m["file"], plan, t.host, t.port, t.mode, t.user)
     previous = _current_release(layout)
     if previous is not None and previous.name.split("-safe")[0] == rid:
         return _same_release(previous, layout, doc, m, plan, svc, opts)
@@ -102,7 +103,7 @@ def _install_locked(opts: Options, doc: dict[str, Any], layout: Layout, trust: d
         info(f"stopping the previous release {previous.name} (one set of GPUs or RAM cannot hold both)")
         ctl(previous, "stop")
     try:
-        release, answer, t0 = _start_new_release(opts, doc, m, plan, layout, rid, svc, key)
+        release, answer, t0 = _start_new_release(opts, doc, data, m, plan, layout, rid, svc, key)
     except BaseException:
         if running:  # the box as it was: the previous release serving again
             assert previous is not None
@@ -164,8 +165,8 @@ def _same_release(previous: Path, layout: Layout, doc: dict[str, Any], m: dict[s
     return summary(layout, doc, m, plan, t, answer, changed=True)
 
 
-def _start_new_release(opts: Options, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
-                       rid: str, svc: Service, key: str) -> tuple[Path, str | None, float]:
+def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[str, Any], plan: planner.Plan,
+                       layout: Layout, rid: str, svc: Service, key: str) -> tuple[Path, str | None, float]:
     """Build the release, start it and wait until it answers: (release, smoke answer, start time).
     A release that fails is stopped and removed before the error goes up."""
     # vLLM with tensor parallel can crash in its all-reduce paths where NVLink multicast is
@@ -177,7 +178,8 @@ def _start_new_release(opts: Options, doc: dict[str, Any], m: dict[str, Any], pl
         info("tensor parallel with the safe all-reduce flags from the start (" +
              ("--safe-all-reduce" if opts.safe_all_reduce else "NVLink multicast is off in this environment") + ")")
     for safe in tries:
-        release = build_release(opts.bundle, doc, m, plan, layout, rid + ("-safe" if safe else ""), t, safe=safe)
+        release = build_release(opts.bundle, doc, data, m, plan, layout, rid + ("-safe" if safe else ""), t,
+                                safe=safe)
         info(f"release {release.name} built at {release}")
         t0 = time.monotonic()
         patterns = vllm.FATAL_LOG if plan.engine == "vllm" else ()

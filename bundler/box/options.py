@@ -37,6 +37,7 @@ class Options:
     allow_unsigned: bool = False
     allow_downgrade: bool = False
     yes: bool = False
+    trust_fingerprint: Optional[str] = None
     purge: bool = False
     service: str = "auto"  # auto | systemd | process
     user: Optional[str] = None  # process mode as root: the account the engine runs as
@@ -95,7 +96,12 @@ def parser() -> argparse.ArgumentParser:
                    help="install a bundle without a valid signature from a pinned key (shouted, and recorded)")
     p.add_argument("--allow-downgrade", action="store_true",
                    help="install an older version than the last one accepted for this bundle name")
-    p.add_argument("--yes", action="store_true", help="answer yes to pinning the signer's key on a first install")
+    p.add_argument("--yes", action="store_true",
+                   help="answer yes to the questions install.sh asks; pinning a signer's key still needs "
+                        "--trust KEY.pub or --trust-fingerprint (never the key the bundle carries on its own word)")
+    p.add_argument("--trust-fingerprint", default=env("AIRGAP_LLM_TRUST_FINGERPRINT"), metavar="FP",
+                   help="pin the key the bundle carries if its fingerprint is FP, as its maker told you out of band "
+                        "(what `make bundle` printed, e.g. 756D2CF875D02C67)")
     p.add_argument("--rollback", action="store_true",
                    help="switch back to the release installed before the current one and start it")
     p.add_argument("--uninstall", action="store_true",
@@ -142,6 +148,8 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         data_parallel=a.data_parallel, safe_all_reduce=a.safe_all_reduce, bench=a.bench,
         bench_max_tokens=a.bench_max_tokens, json=a.json, smoke=not a.no_smoke,
         trust=tuple(Path(t).expanduser().absolute() for t in a.trust), allow_unsigned=a.allow_unsigned,
-        allow_downgrade=a.allow_downgrade, yes=a.yes, purge=a.purge, service=a.service, user=a.user,
+        allow_downgrade=a.allow_downgrade, yes=a.yes, purge=a.purge,
+        trust_fingerprint=a.trust_fingerprint.strip().upper() if a.trust_fingerprint else None,
+        service=a.service, user=a.user,
         environ=dict(os.environ if environ is None else environ),
     )

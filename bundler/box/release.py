@@ -34,7 +34,7 @@ class Target:
     user: str  # process mode as root: the engine's account ("" = the installer's own user)
 
 
-def _copy_hashing(src: Path, dst: Path, sha256: str, label: str) -> None:
+def _copy_hashing(src: Path, dst: Path, sha256: str, label: str | None) -> None:
     """Copy src to dst through a .incomplete file, hashing what is written; refuse on mismatch."""
     import hashlib
 
@@ -45,7 +45,7 @@ def _copy_hashing(src: Path, dst: Path, sha256: str, label: str) -> None:
     h = hashlib.sha256()
     with open(src, "rb") as fi, open(tmp, "wb") as fo, tqdm(total=size, unit="B", unit_scale=True,
                                                             unit_divisor=1024, desc=label, file=sys.stderr,
-                                                            mininterval=0.3) as bar:
+                                                            mininterval=0.3, disable=label is None) as bar:
         while True:
             block = fi.read(8 << 20)
             if not block:
@@ -95,14 +95,27 @@ def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:
     return home / "site"
 
 
-def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
-                  rid: str, target: Target, safe: bool = False) -> Path:
+def copy_verified(bundle: Path, doc: dict[str, Any], folder: str, dest: Path) -> None:
+    """The files the manifest lists under `folder`, copied into dest and hashed as they are written
+    (a file swapped in the bundle after the check is refused, not run)."""
+    for f in doc["files"]:
+        if f["path"].startswith(folder + "/") or f["path"] == folder:
+            rel = f["path"][len(folder) + 1:] if f["path"] != folder else Path(folder).name
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _copy_hashing(bundle / f["path"], out, f["sha256"], None)
+            os.chmod(out, f.get("mode", 0o644))
+
+
+def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, Any], plan: planner.Plan,
+                  layout: Layout, rid: str, target: Target, safe: bool = False) -> Path:
     final = layout.releases / rid
     make_dirs(layout.releases)
     with staged_dir(final, layout.releases / f".{rid}.partial") as stage:
         os.chmod(stage, 0o755)
-        for name in ("manifest.json", "README.txt", "requirements.lock"):
-            shutil.copy2(bundle / name, stage / name)
+        (stage / "manifest.json").write_bytes(data)  # the bytes whose signature was checked
+        copy_verified(bundle, doc, "README.txt", stage)
+        copy_verified(bundle, doc, "requirements.lock", stage)
         info("unpacking the installer's wheels into the release (hash-checked; no pip, no venv)")
         wheels.install(wheels.select(bundle / "requirements.lock", bundle / "wheels"), stage / "site",
                        scripts=stage / "site-bin")
@@ -121,7 +134,7 @@ def build_release(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: pl
             cache_vars = vllm.CACHE_VARS
         else:
             engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
-            shutil.copytree(bundle / engine["dir"], stage / "engine", symlinks=True)
+            copy_verified(bundle, doc, engine["dir"], stage / "engine")
             # a CPU build carries one binary per instruction-set level: the one the plan chose for this CPU
             exe = f"llama-server-{plan.cpu_variant}" if plan.cpu_variant else "llama-server"
             if not (stage / "engine" / "bin" / exe).is_file():

@@ -18,8 +18,9 @@ from .options import Options
 from .report import ask, info, shout
 
 
-def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options) -> dict[str, Any]:
-    """Returns what to record once the install succeeded (key to pin, version accepted)."""
+def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options, data: bytes) -> dict[str, Any]:
+    """`data`: the manifest bytes `doc` was parsed from. Returns what to record once the install
+    succeeded (key to pin, version accepted)."""
     from .. import signing
 
     given = [(p, signing.read_public_key(p)) for p in opts.trust]
@@ -40,7 +41,7 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
         return _check_downgrade(doc, layout, opts, record)
     matching = [(p, k) for p, k in given + pinned if k.key_id == sig.key_id]
     if matching:
-        good = [(p, k) for p, k in matching if signing.check(bundle, sig, k)]
+        good = [(p, k) for p, k in matching if signing.check(bundle, sig, k, data)]
         if good:
             record["key"] = sig.fingerprint
             if good[0][0].parent != layout.trusted:  # pin the key that verified, not the first with that id
@@ -59,19 +60,26 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
     else:
         offered = bundle / signing.SIGNER_PUB
         pub = signing.read_public_key(offered) if offered.exists() else None
-        if pub is None or pub.key_id != sig.key_id or not signing.check(bundle, sig, pub):
+        if pub is None or pub.key_id != sig.key_id or not signing.check(bundle, sig, pub, data):
             raise BundlerError(f"{bundle}: its signature does not verify with the key it names",
                                hint="copy the bundle again from its source")
         interactive = sys.stdin.isatty() and not opts.json
-        if opts.yes or (interactive and ask(f"This box trusts no signing key yet. The bundle is signed by key "
-                                            f"{sig.fingerprint}. Compare it with what its maker told you. "
-                                            "Trust this key from now on? [y/N] ")):
+        if opts.trust_fingerprint:
+            if opts.trust_fingerprint != sig.fingerprint:
+                raise BundlerError(f"the bundle is signed by key {sig.fingerprint}, not {opts.trust_fingerprint} as "
+                                   "--trust-fingerprint says; nothing was changed",
+                                   hint="check with the bundle's maker which key signed it; do not install it")
+            record["key"], record["pin"] = sig.fingerprint, str(offered)
+        elif interactive and ask(f"This box trusts no signing key yet. The bundle is signed by key "
+                                 f"{sig.fingerprint}. Compare it with what its maker told you. "
+                                 "Trust this key from now on? [y/N] "):
             record["key"], record["pin"] = sig.fingerprint, str(offered)
         else:
             refuse_unless_allowed(f"no signing key is pinned on this box, and the bundle is signed by "
                                   f"{sig.fingerprint}",
                                   "pass --trust KEY.pub (the public key you got from the bundle's maker out of "
-                                  "band), or run interactively to confirm the fingerprint",
+                                  f"band) or --trust-fingerprint {sig.fingerprint} once you have compared it with "
+                                  "what its maker told you" + (" (--yes alone pins nothing)" if opts.yes else ""),
                                   f"KEY {sig.fingerprint} IS NOT PINNED")
     return _check_downgrade(doc, layout, opts, record)
 

@@ -10,17 +10,20 @@ from ..errors import VerifyError
 from .report import info
 
 
-def verify_bundle(bundle: Path) -> dict[str, Any]:
-    """Sizes and sha256 of every file (all problems reported at once), nothing written."""
+def verify_bundle(bundle: Path) -> tuple[dict[str, Any], bytes]:
+    """Sizes and sha256 of every file (all problems reported at once), nothing written. Returns the
+    manifest and its bytes, read once: the signature is checked over those bytes, and every later
+    step uses what they parsed to (a manifest swapped after the check is never read)."""
     info(f"verifying {bundle} against its manifest")
-    doc, problems = mf.verify(bundle, show_progress=True)
+    data = mf.read_bytes(bundle)
+    doc, problems = mf.verify(bundle, show_progress=True, data=data)
     if problems:
         lines = "\n".join("  " + p.describe() for p in problems)
         raise VerifyError(f"the bundle failed verification ({len(problems)} problem(s)); nothing was changed:\n"
                           f"{lines}", hint="copy the bundle again from its source; check it with: "
                           "sha256sum -c SHA256SUMS")
     info(f"verified {len(doc['files'])} files")
-    return doc
+    return doc, data
 
 
 def join_split_files(bundle: Path, doc: dict[str, Any]) -> None:

@@ -30,8 +30,12 @@ def engine_account(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def searchable_tmp(tmp_path):
-    """Each test's folder (0700 from pytest) searchable, so `nobody` reaches a prefix inside it."""
-    tmp_path.chmod(tmp_path.stat().st_mode | 0o011)
+    """Each test's folder and those above it (0700 from pytest, which resets them whenever another
+    pytest starts) searchable, so `nobody` reaches a prefix inside it."""
+    for d in (tmp_path, *tmp_path.parents):
+        if d == Path("/tmp") or d == d.parent:
+            break
+        d.chmod(d.stat().st_mode | 0o011)
 
 
 @pytest.fixture(scope="session")

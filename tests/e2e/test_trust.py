@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,46 @@ def test_an_older_signed_bundle_is_refused_after_a_newer_one(bundle_dir, netns, 
     assert r.returncode == 1 and "older than 2.0.0" in r.stderr and "--allow-downgrade" in r.stderr
     r = dry(netns, bundle_dir, prefix, "--allow-downgrade")
     assert r.returncode == 0, r.stderr
+
+
+def test_yes_alone_pins_nothing_and_a_fingerprint_pins_only_its_key(bundle_dir, netns, tmp_path):
+    """--yes pinned whatever key the bundle carried: whoever made the bundle chose the key."""
+    prefix = tmp_path / "p"
+    r = dry(netns, bundle_dir, prefix, "--yes", trust=False)
+    assert r.returncode == 1 and "--yes alone pins nothing" in r.stderr and "--trust-fingerprint" in r.stderr
+    assert not prefix.exists()
+    r = dry(netns, bundle_dir, prefix, "--trust-fingerprint", "0000000000000000", trust=False)
+    assert r.returncode == 1 and "not 0000000000000000" in r.stderr and not prefix.exists()
+    r = dry(netns, bundle_dir, prefix, "--trust-fingerprint", fingerprint(bundle_dir).lower(), trust=False)
+    assert r.returncode == 0, r.stderr
+
+
+def test_bundler_verify_with_trust_checks_the_signature_too(bundle_dir, tmp_path):
+    """A flipped byte in manifest.json.minisig passed `bundler verify`, which checked no signature."""
+    import random
+
+    from bundler.cli import _signature_problems
+
+    b = copy(bundle_dir, tmp_path / "b")
+    key = os.environ["AIRGAP_LLM_TRUST"]
+
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "bundler.cli", "verify", str(b), *extra], capture_output=True,
+                              text=True)
+
+    ok = cli("--trust", key)
+    assert ok.returncode == 0 and "signed by a key given with --trust" in ok.stdout, ok.stderr
+    sig = b / "manifest.json.minisig"
+    good = sig.read_bytes()
+    rng = random.Random(11)
+    for trial in range(40):  # every byte of the signature file counts, the comments too
+        flipped = bytearray(good)
+        i = rng.randrange(len(flipped))
+        flipped[i] ^= 1 << rng.randrange(8)
+        sig.write_bytes(bytes(flipped))
+        data = (b / "manifest.json").read_bytes()
+        assert any("manifest.json.minisig" in p for p in _signature_problems(b, data, [Path(key)])), (trial, i)
+    r = cli("--trust", key)
+    assert r.returncode == 1 and "manifest.json.minisig" in r.stderr
+    sig.write_bytes(good)
+    assert cli("--trust", key).returncode == 0

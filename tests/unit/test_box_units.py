@@ -98,3 +98,25 @@ def test_bundle_versions_follow_pep_440_so_a_release_candidate_is_older():
     assert version_key("1.0.0rc1") < version_key("1.0.0")  # the letters were dropped: rc1 counted as newer
     with pytest.raises(BundlerError, match="not a PEP 440 version"):
         version_key("banana")
+
+
+def test_a_file_swapped_after_the_check_is_refused_when_copied_into_the_release(tmp_path):
+    """The engine folder was copied without a hash: a binary swapped between the check and the
+    copy (a bundle unpacked by a user, installed with sudo) would have run as the engine."""
+    import hashlib
+
+    from bundler.box.release import copy_verified
+
+    bundle = tmp_path / "b"
+    exe = bundle / "engines" / "e" / "bin" / "llama-server"
+    exe.parent.mkdir(parents=True)
+    exe.write_bytes(b"the checked binary")
+    doc = {"files": [{"path": "engines/e/bin/llama-server", "size": 18, "mode": 0o755,
+                      "sha256": hashlib.sha256(b"the checked binary").hexdigest()}]}
+    copy_verified(bundle, doc, "engines/e", tmp_path / "ok")
+    assert (tmp_path / "ok" / "bin" / "llama-server").read_bytes() == b"the checked binary"
+    assert (tmp_path / "ok" / "bin" / "llama-server").stat().st_mode & 0o777 == 0o755
+    exe.write_bytes(b"a swapped binary!!")
+    with pytest.raises(BundlerError, match="changed while it was copied"):
+        copy_verified(bundle, doc, "engines/e", tmp_path / "bad")
+    assert [p.name for p in (tmp_path / "bad").rglob("*") if p.is_file()] == []
