@@ -138,12 +138,12 @@ def read_signature(root: Path) -> Signature | None:
     path = root / SIG_NAME
     if not path.exists():
         return None
-    lines = path.read_text().splitlines()
     try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
         raw = base64.b64decode(lines[1], validate=True)
         trusted = lines[2].split("trusted comment: ", 1)[1]
         global_sig = base64.b64decode(lines[3], validate=True)
-    except (IndexError, ValueError):
+    except (IndexError, ValueError):  # UnicodeDecodeError is a ValueError
         raise BundlerError(f"{path}: not a minisign signature", hint="copy the bundle again from its source")
     if len(raw) != 74 or raw[:2] not in (b"ED", b"Ed") or len(global_sig) != 64:
         raise BundlerError(f"{path}: not a minisign signature", hint="copy the bundle again from its source")
