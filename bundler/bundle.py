@@ -254,6 +254,9 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
            "host": spec.service.host, "pythons": pythons, "bootstrap": BOOTSTRAP}
     (stage / "install.sh").write_text(render("install.sh.j2", ctx))
     (stage / "install.sh").chmod(0o755)
+    ed25519_src = (Path(__file__).with_name("ed25519.py")).read_text()
+    (stage / "bootstrap.py").write_text(render("bootstrap.py.j2", dict(ctx, ed25519=ed25519_src,
+                                                                     bootstrap=repr(list(BOOTSTRAP)))))
     (stage / "README.txt").write_text(render("README.txt.j2", dict(ctx, engines=engines, models=models)))
     return meta
 

@@ -56,8 +56,20 @@ def cmd_bundle(a: argparse.Namespace) -> int:
              if r.tar.exists() else
              f"next: copy the directory {s.name}/ to the offline box, then:\n"
              f"  cd {s.name} && sudo ./install.sh {trust}   (it joins the parts)")
-          + ("" if a.unsigned else f"\n  (signed: give the box {pub} by another way, once)"))
+          + ("" if a.unsigned else f"\n  (signed: give the box {pub} by another way, once)")
+          + _out_of_band(r.directory))
     return 0
+
+
+def _out_of_band(d: Path) -> str:
+    """What an operator checks by another way, beside the key: the code that runs first."""
+    from .manifest import sha256_file
+
+    doc = json.loads((d / "manifest.json").read_text())
+    lines = [f"\n  give with the key, to check before the first run: key {doc.get('signed_by', '(unsigned)')}"]
+    for name in ("install.sh", "bootstrap.py"):
+        lines.append(f"    sha256 {sha256_file(d / name)}  {name}")
+    return "\n".join(lines)
 
 
 def cmd_verify(a: argparse.Namespace) -> int:

@@ -42,7 +42,21 @@ def run(opts: options.Options) -> dict[str, Any] | None:
     return lifecycle.install(opts)
 
 
+def _forget_boot_copies() -> None:
+    """bootstrap.py started us from checked copies of our wheels in a temporary folder: remove it
+    when we end."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    d = os.environ.pop("AIRGAP_LLM_BOOT_DIR", "")
+    if d and os.path.basename(d).startswith("airgap-llm-boot-") and os.path.dirname(d) == tempfile.gettempdir():
+        atexit.register(shutil.rmtree, d, True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _forget_boot_copies()
     opts = options.parse(argv)
     try:
         result = run(opts)

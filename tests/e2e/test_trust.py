@@ -136,3 +136,39 @@ def test_bundler_verify_with_trust_checks_the_signature_too(bundle_dir, tmp_path
     assert r.returncode == 1 and "manifest.json.minisig" in r.stderr
     sig.write_bytes(good)
     assert cli("--trust", key).returncode == 0
+
+
+def test_no_code_from_a_changed_bundle_runs_before_the_signature_holds(bundle_dir, netns, tmp_path):
+    """install.sh ran the installer from the bundle's own wheels before anything was checked: whoever
+    could change the bundle could change the check. Now bootstrap.py (standard library only) checks the
+    signature and the installer's wheels first; a planted wheel never runs, even with a manifest
+    rewritten to match it."""
+    import zipfile
+
+    b = copy(bundle_dir, tmp_path / "b")
+    wheel = next((b / "wheels").glob("airgap_llm-*.whl"))
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "planted.whl"
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(planted, "w") as dst:
+        for item in src.infolist():
+            body = src.read(item)
+            if item.filename == "bundler/__init__.py":
+                body += f"\nopen({str(marker)!r}, 'w').write('ran')\n".encode()
+            dst.writestr(item, body)
+    wheel.unlink()
+    shutil.copy(planted, wheel)
+    r = dry(netns, b, tmp_path / "p")
+    assert r.returncode == 1 and f"wheels/{wheel.name}: sha256 mismatch" in r.stderr, r.stderr
+    assert "none of the bundle's code was run" in r.stderr
+    assert not marker.exists() and not (tmp_path / "p").exists()
+
+    # the manifest and SHA256SUMS rewritten to match the planted wheel: the signature no longer holds
+    doc = json.loads((b / "manifest.json").read_text())
+    for f in doc["files"]:
+        if f["path"] == f"wheels/{wheel.name}":
+            f["size"], f["sha256"] = wheel.stat().st_size, manifest.sha256_file(wheel)
+    (b / "manifest.json").unlink()
+    (b / "manifest.json").write_text(json.dumps(doc))
+    r = dry(netns, b, tmp_path / "p")
+    assert r.returncode == 1 and "does not verify with key" in r.stderr, r.stderr
+    assert not marker.exists() and not (tmp_path / "p").exists()
