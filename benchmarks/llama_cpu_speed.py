@@ -40,7 +40,8 @@ from bundler.cache import cache_root  # noqa: E402
 def gcc_build(sdist: Path, isa: list[str]) -> Path:
     """llama-server built by this machine's gcc 12 with the instruction sets of the shipped level
     (a reference, never shipped). -march=native would be the obvious one, but that build crashes
-    on this machine before it serves (SIGSEGV right after loading the model)."""
+    on this machine before it serves (SIGSEGV right after loading the model), as do gcc builds
+    with AMX; the shipped Zig build with AMX runs."""
     key = hashlib.sha256(f"{sdist.read_bytes()[:1 << 20]!r}{isa}{platform.machine()}".encode()).hexdigest()[:16]
     out = cache_root() / "llama-server" / f"gcc-ref-{key}"
     binary = out / "bin" / "llama-server"
@@ -121,7 +122,9 @@ def main() -> None:
     level = best_cpu_variant(probe.probe(Path("/tmp")).cpu_flags, tuple(cpu.get("cpu_variants", ())))
     shipped = str(a.bundle / cpu["dir"] / "bin" / f"llama-server-{level}") if level else str(a.bundle / cpu["binary"])
     sdist = next((cache_root() / "wheels" / "sdists").glob("llama_cpp_python-*.tar.gz"))
-    isa = _level_isa(level)
+    # without AMX: gcc builds with AMX (and -march=native) crash here right after loading the model;
+    # Q4_K weights take no AMX path in ggml anyway (its AMX kernels serve Q4_0/Q4_1/Q8_0)
+    isa = [f for f in _level_isa(level) if not f.startswith("AMX")]
     native = str(gcc_build(sdist, isa))
     threads = str(os.cpu_count() or 2)
     plan_flags = ["--parallel", "4", "--ctx-size", "16384", "--threads", threads, "--cont-batching"]

@@ -47,7 +47,7 @@ def _log(log, msg: str) -> None:
     log.flush()
 
 
-def _engine_env(env_file: str, user: str) -> tuple[dict[str, str], dict]:
+def _engine_env(env_file: str, user: str, home: str = "") -> tuple[dict[str, str], dict]:
     """The command's environment and the Popen arguments that drop to `user`."""
     from . import envfile
 
@@ -61,7 +61,8 @@ def _engine_env(env_file: str, user: str) -> tuple[dict[str, str], dict]:
 
         pw = pwd.getpwnam(user)
         drop = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-        env.update(HOME=pw.pw_dir if os.path.isdir(pw.pw_dir) else "/", USER=user, LOGNAME=user)
+        # a home it can write (engines keep caches under ~/.cache, ~/.triton, ...): its cache folder
+        env.update(HOME=home or (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"), USER=user, LOGNAME=user)
     return env, drop
 
 
@@ -71,9 +72,9 @@ def _open_log(logpath: str):
     return os.fdopen(fd, "a", buffering=1)
 
 
-def run(cmd: list[str], pidfile: str, logpath: str, env_file: str = "", user: str = "") -> int:
+def run(cmd: list[str], pidfile: str, logpath: str, env_file: str = "", user: str = "", home: str = "") -> int:
     log = _open_log(logpath)
-    env, drop = _engine_env(env_file, user)
+    env, drop = _engine_env(env_file, user, home)
     stopping = False
     child: subprocess.Popen | None = None
 
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--daemon", action="store_true", help="detach (new session) and return at once")
     p.add_argument("--env-file", default="", help="KEY=VALUE lines for the command's environment")
     p.add_argument("--user", default="", help="run the command as this account")
+    p.add_argument("--home", default="", help="with --user: its HOME (a folder it can write)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no command given after --")
     if a.daemon:
         args = [sys.executable, "-s", "-m", "bundler.supervise", "--pidfile", a.pidfile, "--log", a.log,
-                "--env-file", a.env_file, "--user", a.user, "--", *cmd]
+                "--env-file", a.env_file, "--user", a.user, "--home", a.home, "--", *cmd]
         with open(os.devnull, "rb") as dn, _open_log(a.log) as lg:
             proc = subprocess.Popen(args, stdin=dn, stdout=lg, stderr=lg, start_new_session=True,
                                     close_fds=True, cwd="/")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(0.05)
         return 0
-    return run(cmd, a.pidfile, a.log, a.env_file, a.user)
+    return run(cmd, a.pidfile, a.log, a.env_file, a.user, a.home)
 
 
 if __name__ == "__main__":

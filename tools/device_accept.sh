@@ -50,23 +50,23 @@ bench() {  # bench NAME PORT KEYFILE MODEL
 
 gguf() {
     sh "$B/install.sh" --prefix /tmp/pfx --model-facts "$MODELS/llama-8b-f16.json" --json > "$OUT/install-gguf.json"
-    cp /tmp/pfx/current/plan.json "$OUT/plan-gguf.json"
+    cp /tmp/pfx/gpu-box/current/plan.json "$OUT/plan-gguf.json"
     bench llama-planned 8080 /tmp/pfx/etc/gpu-box.env llama-8b-synthetic
-    grep -E "offloaded|CUDA0 (model|KV|compute) buffer|n_ctx_seq|n_slots" /tmp/pfx/log/gpu-box.log | head -20 > "$OUT/llama-buffers.txt" || true
+    grep -E "offloaded|CUDA0 (model|KV|compute) buffer|n_ctx_seq|n_slots" /tmp/pfx/gpu-box/log/gpu-box.log | head -20 > "$OUT/llama-buffers.txt" || true
     sh "$B/install.sh" --prefix /tmp/pfx --model-facts "$MODELS/llama-8b-f16.json" --concurrency 4 --no-smoke \
         --json > "$OUT/install-gguf-np4.json"
     bench llama-np4 8080 /tmp/pfx/etc/gpu-box.env llama-8b-synthetic
-    /tmp/pfx/current/bin/ctl stop
+    /tmp/pfx/gpu-box/current/bin/ctl stop
 }
 
 vllm() {
     while [ ! -f "$MODELS/llama-8b-hf/tokenizer_config.json" ]; do sleep 2; done
     sh "$B/install.sh" --prefix /tmp/pfx-vllm --port 8081 --model "$MODELS/llama-8b-hf" \
-        --model-name llama-8b-hf --json > "$OUT/install-vllm.json" || { tail -n 60 /tmp/pfx-vllm/log/gpu-box.log; exit 1; }
-    cp /tmp/pfx-vllm/current/plan.json "$OUT/plan-vllm.json"
-    grep -iE "KV cache|Maximum concurrency|loading took|weights took" /tmp/pfx-vllm/log/gpu-box.log | head -12 > "$OUT/vllm-kv.txt" || true
+        --model-name llama-8b-hf --json > "$OUT/install-vllm.json" || { tail -n 60 /tmp/pfx-vllm/gpu-box/log/gpu-box.log; exit 1; }
+    cp /tmp/pfx-vllm/gpu-box/current/plan.json "$OUT/plan-vllm.json"
+    grep -iE "KV cache|Maximum concurrency|loading took|weights took" /tmp/pfx-vllm/gpu-box/log/gpu-box.log | head -12 > "$OUT/vllm-kv.txt" || true
     bench vllm-planned 8081 /tmp/pfx-vllm/etc/gpu-box.env llama-8b-hf
-    /tmp/pfx-vllm/current/bin/ctl stop
+    /tmp/pfx-vllm/gpu-box/current/bin/ctl stop
 }
 
 hfmodel() {
@@ -78,10 +78,10 @@ vllm_tp2() {
     hfmodel
     sh "$B/install.sh" --prefix /tmp/pfx-tp2 --port 8082 --model "$MODELS/llama-8b-hf" --model-name llama-8b-hf \
         --tensor-parallel 2 --data-parallel 1 --json > "$OUT/install-vllm-tp2.json" \
-        || { tail -n 80 /tmp/pfx-tp2/log/gpu-box.log; exit 1; }
-    cp /tmp/pfx-tp2/current/plan.json "$OUT/plan-vllm-tp2.json"
+        || { tail -n 80 /tmp/pfx-tp2/gpu-box/log/gpu-box.log; exit 1; }
+    cp /tmp/pfx-tp2/gpu-box/current/plan.json "$OUT/plan-vllm-tp2.json"
     bench vllm-tp2 8082 /tmp/pfx-tp2/etc/gpu-box.env llama-8b-hf
-    /tmp/pfx-tp2/current/bin/ctl stop
+    /tmp/pfx-tp2/gpu-box/current/bin/ctl stop
 }
 
 RES=/tmp/res
@@ -112,7 +112,7 @@ serve4() {  # serve4 LABEL 8b|70b [install.sh options]
         [ -f "$RES/plan-$size-c$c.json" ] || python3 -m bundler.cli plan --model "$dir" --box "$RES/probe.json" \
             --concurrency "$c" --json > "$RES/plan-$size-c$c.json" || true
     done
-    log=$P4/log/gpu-box.log
+    log=$P4/gpu-box/log/gpu-box.log
     from=$( [ -f "$log" ] && wc -c < "$log" || echo 0)
     t0=$(date +%s)
     rc=0
@@ -122,7 +122,7 @@ serve4() {  # serve4 LABEL 8b|70b [install.sh options]
     tail -c +$((from + 1)) "$log" > "$RES/$label.log" 2>/dev/null || true
     tail -n 6 "$RES/$label-install.err" >&2
     [ "$rc" = 0 ] || { grep -E "Error|error|failed" "$RES/$label.log" | tail -n 15 >&2; return 1; }
-    cp "$P4/current/plan.json" "$RES/$label-plan.json"
+    cp "$P4/gpu-box/current/plan.json" "$RES/$label-plan.json"
     PYTHONUNBUFFERED=1 python3 -m bundler.cli bench --url http://127.0.0.1:8080/v1 --model "llama-$size" \
         --api-key-file "$P4/etc/gpu-box.env" --concurrency 1,50,200 --min-requests 2 --prompt-tokens 400 \
         --max-tokens 512 --label "$label" --json "$RES/$label.json" 2>&1 | tail -n 6
@@ -134,6 +134,37 @@ alt70() {  # the 70B alternative to what the planner chose: TP 4 ↔ TP 2 × DP 
     tp=$(python3 -c "import json; print(json.load(open('$RES/70b-planned-plan.json'))['tensor_parallel'])")
     if [ "$tp" = 4 ]; then serve4 70b-tp2-dp2 70b --tensor-parallel 2 --data-parallel 2
     else serve4 70b-tp4 70b --tensor-parallel 4 --data-parallel 1; fi
+}
+
+routes() {  # vLLM from the bundle, a tiny random model: every route without the key → 401 (issue #11)
+    mkdir -p "$MODELS" "$OUT"
+    [ -f "$MODELS/tiny-hf/config.json" ] || python3 tools/random_hf_llama.py "$MODELS/tiny-hf" tiny > /dev/null
+    t0=$(date +%s)
+    sh "$B/install.sh" --prefix /tmp/pfx-r --trust /tmp/b/signing-key.pub --model "$MODELS/tiny-hf" \
+        --model-name tiny --concurrency 8 --context 1024 --json > "$OUT/install-routes.json" 2> "$OUT/install-routes.log" \
+        || { tail -n 40 "$OUT/install-routes.log"; tail -n 60 /tmp/pfx-r/gpu-box/log/gpu-box.log; exit 1; }
+    info "installed and answering after $(( $(date +%s) - t0 ))s"
+    grep -E "unpacked|wheels in|healthy after|first answer" "$OUT/install-routes.log" >&2 || true
+    PYTHONPATH=. python3 - "$OUT/routes.json" <<'PY'
+import json, sys, urllib.error, urllib.request as u
+env = dict(l.split("=", 1) for l in open("/tmp/pfx-r/etc/gpu-box.env").read().splitlines() if "=" in l)
+base = "http://127.0.0.1:8080"
+def call(method, path, key=None):
+    r = u.Request(base + path, data=b"{}" if method == "POST" else None, method=method,
+                  headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with u.urlopen(r, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+code, spec = call("GET", "/openapi.json", env["VLLM_API_KEY"])
+routes = sorted((m.upper(), p) for p, ms in json.loads(spec)["paths"].items() for m in ms if "{" not in p)
+seen = {f"{m} {p}": call(m, p)[0] for m, p in routes}
+print(json.dumps(seen, indent=1)); json.dump(seen, open(sys.argv[1], "w"), indent=1)
+bad = [r for r, c in seen.items() if c != 401 and not r.endswith(" /health")]
+print(f"{len(seen)} routes, open without the key: {bad or 'none'}")
+PY
+    /tmp/pfx-r/gpu-box/current/bin/ctl stop
 }
 
 pack() {

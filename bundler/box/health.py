@@ -106,7 +106,34 @@ def wait_healthy(base: str, timeout: float, log_hint: str, alive: Callable[[], b
             time.sleep(0.5)
 
 
-def smoke(base: str, model: str, key: str) -> str:
+# Routes each engine serves that must refuse a request without the key (every one but /health);
+# vLLM's own key guarded /v1 only, so its are the ones that were open before vllm_auth.py.
+GUARDED = {
+    "llama.cpp": (("GET", "/v1/models"), ("GET", "/props"), ("GET", "/slots"), ("GET", "/metrics"),
+                  ("POST", "/completion"), ("POST", "/tokenize")),
+    "vllm": (("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"), ("POST", "/pooling"),
+             ("GET", "/metrics"), ("GET", "/openapi.json")),
+}
+
+
+def open_routes(base: str, engine: str) -> list[str]:
+    """The guarded routes that answered without the key with anything but 401."""
+    found = []
+    for method, path in GUARDED.get(engine, GUARDED["llama.cpp"]):
+        req = urllib.request.Request(base + path, data=b"{}" if method == "POST" else None, method=method,
+                                     headers={"Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=30) as resp:
+                code = resp.status
+        except urllib.error.HTTPError as e:
+            code = e.code
+        if code != 401:
+            found.append(f"{method} {path} → {code}")
+    return found
+
+
+def smoke(base: str, model: str, key: str, engine: str = "llama.cpp") -> str:
     body = {"model": model, "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
             "max_tokens": 48, "temperature": 0}
     code, resp = http_json(base + "/v1/chat/completions", body, key=key, timeout=120)
@@ -115,8 +142,8 @@ def smoke(base: str, model: str, key: str) -> str:
     text = (resp or {}).get("choices", [{}])[0].get("message", {}).get("content") or ""
     if not text.strip():
         raise BundlerError("the chat smoke test got an empty answer", hint="see the engine's log")
-    code_nokey, _ = http_json(base + "/v1/models", timeout=10)
-    if code_nokey != 401:
-        raise BundlerError(f"a request without the API key got HTTP {code_nokey}, not 401",
+    unguarded = open_routes(base, engine)
+    if unguarded:
+        raise BundlerError(f"requests without the API key were answered: {', '.join(unguarded)}",
                            hint="the service is not protected by its key; see the env file")
     return text.strip()

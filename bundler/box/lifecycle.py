@@ -161,7 +161,7 @@ def _same_release(previous: Path, layout: Layout, doc: dict[str, Any], m: dict[s
     info(f"release {previous.name} is installed but not running; starting it")
     start(previous, t.mode, layout)
     wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode), lambda: engine_alive(previous, layout, t.mode))
-    answer = smoke(svc.base, m["name"], read_key(layout)) if opts.smoke else None
+    answer = smoke(svc.base, m["name"], read_key(layout), plan.engine) if opts.smoke else None
     return summary(layout, doc, m, plan, t, answer, changed=True)
 
 
@@ -189,7 +189,7 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
             secs = wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode),
                                 lambda r=release: engine_alive(r, layout, t.mode), watch)
             info(f"healthy after {secs:.1f}s")
-            return release, (smoke(svc.base, m["name"], key) if opts.smoke else None), t0
+            return release, (smoke(svc.base, m["name"], key, plan.engine) if opts.smoke else None), t0
         except BaseException as e:
             ctl(release, "stop")
             shutil.rmtree(release, ignore_errors=True)

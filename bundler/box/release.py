@@ -130,7 +130,9 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
             site = engine_site(bundle, engine, layout)
             argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], target.host, target.port, plan, safe,
                                     engine["version"])
-            extra_env = {"PYTHONPATH": str(site), **vllm.OFFLINE_ENV, **vllm.multicast_env(dict(os.environ))}
+            # the engine's wheels, then the release's own site (the middleware that guards every route)
+            extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV,
+                         **vllm.multicast_env(dict(os.environ))}
             cache_vars = vllm.CACHE_VARS
         else:
             engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
@@ -155,7 +157,8 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
             "name": layout.name, "release": rid, "mode": target.mode, "unit": layout.unit,
             "unit_src": str(unit_src), "unit_file": str(layout.unit_file), "pidfile": str(layout.pidfile),
             "logfile": str(layout.logfile), "python": sys.executable, "site": str(final / "site"),
-            "launch": str(final / "bin" / "launch"), "env_file": str(layout.env_file), "user": target.user}))
+            "launch": str(final / "bin" / "launch"), "env_file": str(layout.env_file), "user": target.user,
+            "home": str(layout.cache)}))
         for f in ("launch", "ctl"):
             (bindir / f).chmod(0o755)
         (stage / "systemd").mkdir()

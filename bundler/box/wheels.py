@@ -49,11 +49,16 @@ def compatible(filename: str, python: tuple[int, int] = sys.version_info[:2], ma
     if not any(p == "any" or p.endswith("_" + machine) for p in plats):
         return False
     cp = f"cp{major}{minor}"
+
+    def older(tag: str, kind: str) -> bool:  # py37 / cp39: made for this minor or an older one
+        rest = tag[len(kind) + 1:] if tag.startswith(f"{kind}{major}") else ""
+        return tag == f"{kind}{major}" or (rest.isdigit() and int(rest) <= minor)
+
     if cp in pys and (cp in abis or "none" in abis or "abi3" in abis):
         return True
     if "abi3" in abis:
-        return any(p.startswith("cp3") and int(p[3:] or 0) <= minor for p in pys)
-    return "none" in abis and any(p in (f"py{major}", f"py{major}{minor}") for p in pys)
+        return any(older(p, "cp") for p in pys)
+    return "none" in abis and any(older(p, "py") or older(p, "cp") for p in pys)
 
 
 def select(lock: Path, folder: Path) -> list[Path]:

@@ -178,7 +178,9 @@ def launch_argv(python: str, model_path: str, name: str, host: str, port: int, p
             "--host", host, "--port", str(port), "--tensor-parallel-size", str(plan.tensor_parallel),
             "--data-parallel-size", str(plan.data_parallel), "--max-model-len", str(plan.max_model_len),
             "--max-num-seqs", str(plan.max_num_seqs), "--gpu-memory-utilization", str(plan.gpu_memory_utilization),
-            "--uvicorn-log-level", "warning"]
+            "--uvicorn-log-level", "warning",
+            # vLLM's own key guards /v1 only: every route but /health behind it (vllm_auth.py)
+            "--middleware", "bundler.engines.vllm_auth.KeyOnEveryRoute"]
     if safe and plan.tensor_parallel > 1:
         argv += safe_tp_flags(version)
     return argv

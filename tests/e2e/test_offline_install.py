@@ -102,6 +102,22 @@ def test_offline_install_serves_chat_with_its_key_and_stops(bundle_dir, netns, t
     assert seen["text"].strip()
     assert seen["wrong_key_status"] == 401
 
+    # Every route but /health needs the key (the installer's smoke test checks a few; here all).
+    walk = ("import sys, urllib.request as u, urllib.error\n"
+            "for m, p in [a.split(' ') for a in sys.argv[1:]]:\n"
+            "    r = u.Request('http://127.0.0.1:18080' + p, data=b'{}' if m == 'POST' else None, method=m)\n"
+            "    try: code = u.urlopen(r, timeout=10).status\n"
+            "    except urllib.error.HTTPError as e: code = e.code\n"
+            "    print(m, p, code)")
+    routes = ["GET /health", "GET /v1/health", "GET /models", "GET /v1/models", "GET /props", "GET /slots",
+              "GET /metrics", "POST /completion", "POST /completions", "POST /v1/completions",
+              "POST /v1/chat/completions", "POST /chat/completions", "POST /tokenize", "POST /detokenize",
+              "POST /apply-template", "POST /embedding", "POST /v1/embeddings", "POST /infill", "POST /rerank",
+              "GET /lora-adapters", "POST /v1/messages", "GET /api/tags", "POST /api/show", "POST /slots/0?action=save"]
+    codes = {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1])
+             for line in netns.run([sys.executable, "-c", walk, *routes]).stdout.splitlines()}
+    assert codes == {r: (200 if r.endswith("health") else 401) for r in routes}, codes
+
     # The key never shows on a command line, and the engine does not run as root.
     ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert key not in ps

@@ -69,6 +69,9 @@ def test_make_dirs_returns_only_what_it_made(tmp_path):
     ("cryptography-44.0.0-cp39-abi3-manylinux_2_28_aarch64.whl", (3, 12), False),
     ("jinja2-3.1.6-py3-none-any.whl", (3, 13), True),
     ("torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl", (3, 11), False),
+    ("interegular-0.3.3-py37-none-any.whl", (3, 12), True),  # vLLM needs it: a py3X tag counts up to 3.X
+    ("six-1.17.0-py2.py3-none-any.whl", (3, 9), True),
+    ("future-9.9-py314-none-any.whl", (3, 12), False),
 ])
 def test_wheel_tags_this_interpreter_can_use(name, py, ok):
     assert wheels.compatible(name, py, "x86_64") is ok
@@ -120,3 +123,39 @@ def test_a_file_swapped_after_the_check_is_refused_when_copied_into_the_release(
     with pytest.raises(BundlerError, match="changed while it was copied"):
         copy_verified(bundle, doc, "engines/e", tmp_path / "bad")
     assert [p.name for p in (tmp_path / "bad").rglob("*") if p.is_file()] == []
+
+
+def test_every_vllm_route_but_health_needs_the_key():
+    """vLLM's --api-key guards /v1 only: POST /invocations answered completions without it."""
+    import asyncio
+
+    from bundler.engines.vllm_auth import KeyOnEveryRoute
+
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = KeyOnEveryRoute(app, key="sk-right")
+
+    def call(path, headers=()):
+        sent = []
+
+        async def send(msg):
+            sent.append(msg)
+
+        asyncio.run(guard({"type": "http", "path": path, "headers": list(headers)}, None, send))
+        return sent[0]["status"]
+
+    for path in ("/invocations", "/tokenize", "/detokenize", "/pooling", "/score", "/metrics", "/openapi.json",
+                 "/docs", "/v1/models", "/v1/chat/completions", "/load", "/version"):
+        assert call(path) == 401, path
+        assert call(path, [(b"authorization", b"Bearer sk-wrong")]) == 401, path
+        assert call(path, [(b"authorization", b"Bearer sk-right")]) == 200, path
+    assert call("/invocations", [(b"x-api-key", b"sk-right")]) == 200
+    assert call("/health") == 200
+    assert reached.count("/invocations") == 2 and "/health" in reached
+    with pytest.raises(RuntimeError, match="VLLM_API_KEY is empty"):
+        KeyOnEveryRoute(app, key="")
