@@ -83,6 +83,8 @@ class Problem:
             return f"{self.path}: missing (the manifest lists it)"
         if self.kind == "extra":
             return f"{self.path}: not in the manifest"
+        if self.kind == "sums":
+            return f"{self.path}: not the lines the manifest implies (changed after it was written)"
         if self.kind == "symlink":
             return f"{self.path}: a symbolic link (a bundle holds only regular files and folders)"
         if self.kind == "special":
@@ -167,12 +169,17 @@ def write(root: Path, meta: dict[str, Any], entries: list[ManifestEntry]) -> Pat
     tmp = mpath.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, mpath)
-    lines = []
-    for e in entries:  # what is on disk: the parts of a split file, not the file
-        lines += [f"{p.sha256}  {p.path}\n" for p in e.parts] if e.parts else [f"{e.sha256}  {e.path}\n"]
-    lines.append(f"{sha256_file(mpath)}  {MANIFEST}\n")
-    (root / SUMS).write_text("".join(lines))
+    (root / SUMS).write_text(_sums_text(entries, sha256_file(mpath)))
     return mpath
+
+
+def _sums_text(entries: list[ManifestEntry], manifest_sha256: str) -> str:
+    """SHA256SUMS as write() makes it: what is on disk (the parts of a split file, not the file)."""
+    lines = []
+    for e in entries:
+        lines += [f"{p.sha256}  {p.path}\n" for p in e.parts] if e.parts else [f"{e.sha256}  {e.path}\n"]
+    lines.append(f"{manifest_sha256}  {MANIFEST}\n")
+    return "".join(lines)
 
 
 def parse(data: bytes, root: Path) -> dict[str, Any]:
@@ -215,7 +222,13 @@ def load(root: Path) -> dict[str, Any]:
 
 
 def entries_of(doc: dict[str, Any]) -> list[ManifestEntry]:
-    return [ManifestEntry.from_dict(f) for f in doc["files"]]
+    try:
+        return [ManifestEntry.from_dict(f) for f in doc["files"]]
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        from .errors import VerifyError
+
+        raise VerifyError(f"{MANIFEST}: damaged manifest (an entry does not read: {e})",
+                          hint="copy the bundle again from its source")
 
 
 def split_large(root: Path, entries: list[ManifestEntry], part_size: int, log=print) -> list[ManifestEntry]:
@@ -396,6 +409,8 @@ def verify(root: Path, workers: int | None = None, show_progress: bool = True,
             seen_chunk.add(p.path)
             problems.append(p)
     bar(None)
+    if expected_m is not None and (root / SUMS).read_bytes() != _sums_text(entries, expected_m).encode():
+        problems.append(Problem(SUMS, "sums"))
     named = {e.path for e in entries} | {p.path for e in entries for p in e.parts}
     problems += [Problem(rel, "extra") for rel in _walk(root) if rel not in named]
     return doc, problems

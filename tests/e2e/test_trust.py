@@ -69,7 +69,7 @@ def test_valid_sums_but_a_changed_manifest_fail_the_signature(bundle_dir, netns,
     (b / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=b).returncode == 0
     r = dry(netns, b, tmp_path / "p")
-    assert r.returncode == 1 and "does not verify with key" in r.stderr
+    assert r.returncode == 1 and "does not verify manifest.json with key" in r.stderr
     assert not (tmp_path / "p").exists()
 
 
@@ -170,5 +170,5 @@ def test_no_code_from_a_changed_bundle_runs_before_the_signature_holds(bundle_di
     (b / "manifest.json").unlink()
     (b / "manifest.json").write_text(json.dumps(doc))
     r = dry(netns, b, tmp_path / "p")
-    assert r.returncode == 1 and "does not verify with key" in r.stderr, r.stderr
+    assert r.returncode == 1 and "does not verify manifest.json with key" in r.stderr, r.stderr
     assert not marker.exists() and not (tmp_path / "p").exists()
