@@ -159,3 +159,25 @@ def test_every_vllm_route_but_health_needs_the_key():
     assert reached.count("/invocations") == 2 and "/health" in reached
     with pytest.raises(RuntimeError, match="VLLM_API_KEY is empty"):
         KeyOnEveryRoute(app, key="")
+
+
+def test_the_key_pinned_is_the_one_that_verified_not_the_first_with_its_id(tmp_path, monkeypatch):
+    """Two keys with one key id (the id is 8 bytes any key file can claim): the first given did not
+    verify, the second did; the first was pinned."""
+    from bundler import manifest, signing
+    from bundler.box.layout import Layout
+    from bundler.box.options import Options
+    from bundler.box.trust import check_trust
+    from tests.conftest import small_bundle
+
+    monkeypatch.setenv("AIRGAP_LLM_SIGNING_KEY", str(tmp_path / "k" / "signing-key.pem"))
+    root = small_bundle(tmp_path)
+    real = signing.sign(root, log=lambda *_: None)
+    impostor = signing.PublicKey(real.key_id, bytes(32))
+    (tmp_path / "impostor.pub").write_text(impostor.to_text())
+    (tmp_path / "real.pub").write_text(real.to_text())
+    opts = Options(bundle=root, action="install", trust=(tmp_path / "impostor.pub", tmp_path / "real.pub"))
+    layout = Layout(tmp_path / "prefix", tmp_path / "etc", "b")
+    data = (root / "manifest.json").read_bytes()
+    record = check_trust(root, manifest.parse(data, root), layout, opts, data)
+    assert record["pin"] == str(tmp_path / "real.pub") and record["key"] == real.fingerprint
