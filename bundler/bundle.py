@@ -142,7 +142,11 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
     finally:
         tmp_tar.unlink(missing_ok=True)
     # a stdlib-only checker/extractor to carry beside the tar (python3 NAME.unpack.py NAME.tar)
-    shutil.copy2(Path(__file__).with_name("safetar.py"), out_dir / f"{spec.name}.unpack.py")
+    here = Path(__file__).parent
+    safetar_src = "".join(line for line in (here / "safetar.py").read_text().splitlines(True)
+                          if not line.startswith("from __future__"))  # one such line, at the top, from ed25519.py
+    (out_dir / f"{spec.name}.unpack.py").write_text(render("unpack.py.j2", {
+        "name": spec.name, "ed25519": (here / "ed25519.py").read_text(), "safetar": safetar_src}))
     size = sum(e.size for e in entries)
     return Result(final, tar_path, size, time.monotonic() - t0)
 

@@ -37,9 +37,11 @@ def _bad_name(name: str) -> str:
     return ""
 
 
-def check(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str] | None = None) -> list[str]:
+def check(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str] | None = None,
+          signed_by=None) -> list[str]:
     """Problems found (empty: the tar is the bundle its manifest describes). With dest,
-    and only when there are none, the bundle is written under dest/TOP/."""
+    and only when there are none, the bundle is written under dest/TOP/. signed_by(manifest
+    bytes, signature bytes or None) returns why the signature does not hold ("" when it does)."""
     problems: list[str] = []
     with tarfile.open(tar_path, "r:") as tf:
         members = tf.getmembers()
@@ -60,6 +62,12 @@ def check(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str] | None 
         if man is None or not man.isreg():
             return problems + [f"{top}/manifest.json: missing from the tar"]
         raw = tf.extractfile(man).read()  # type: ignore[union-attr]
+        if signed_by is not None:
+            sig = by_name.get(f"{top}/manifest.json.minisig")
+            sig_bytes = tf.extractfile(sig).read() if sig is not None and sig.isreg() else None  # type: ignore
+            why = signed_by(raw, sig_bytes)
+            if why:
+                problems.append(f"{top}/manifest.json.minisig: {why}")
         try:
             doc = json.loads(raw)
         except ValueError as e:
@@ -151,19 +159,51 @@ def _write(tf: tarfile.TarFile, members: list[tarfile.TarInfo], top: str, dest: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    keys = []
+    while "--trust" in args:
+        i = args.index("--trust")
+        if i + 1 >= len(args):
+            args = []
+            break
+        keys.append(args[i + 1])
+        del args[i:i + 2]
     if not args or args[0] in ("-h", "--help") or len(args) > 2:
-        print("usage: python3 unpack.py BUNDLE.tar [DEST]\n\nChecks every member of the tar against the manifest "
-              "inside it, then (only if all is well) writes the bundle under DEST (default: here).")
+        print("usage: python3 unpack.py [--trust KEY.pub] BUNDLE.tar [DEST]\n\nChecks every member of the tar "
+              "against the manifest inside it and, with --trust, the manifest's signature with that key; then (only "
+              "if all is well) writes the bundle under DEST (default: here).")
         return 0 if args and args[0] in ("-h", "--help") else 2
-    problems = check(args[0], args[1] if len(args) > 1 else ".")
+    signed_by = None
+    if keys:
+        verifier = globals().get("signs")  # inlined into NAME.unpack.py by make bundle
+        if verifier is None:
+            print("error: this copy has no signature checker; use NAME.unpack.py from the bundle's maker, or "
+                  "bundler verify DIR --trust KEY after unpacking", file=sys.stderr)
+            return 2
+        pubs = []
+        for k in keys:
+            pub = public_key(open(k).read())  # noqa: F821 - inlined beside signs()
+            if pub is None:
+                print(f"error: {k}: not a minisign public key", file=sys.stderr)
+                return 2
+            pubs.append(pub)
+
+        def signed_by(data, sig_bytes):
+            sig = signature_bytes(sig_bytes) if sig_bytes is not None else None  # noqa: F821
+            if sig is None:
+                return "missing or damaged (the bundle is not signed)"
+            if any(verifier(data, sig, pub) for pub in pubs):
+                return ""
+            return f"does not verify manifest.json with the key(s) given (it names key {fingerprint(sig[1])})"  # noqa: F821
+    problems = check(args[0], args[1] if len(args) > 1 else ".", signed_by)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
         print(f"error: {args[0]}: {len(problems)} problem(s); nothing was written", file=sys.stderr)
         print("hint: copy the tar again from its source", file=sys.stderr)
         return 1
-    print("unpacked and verified; next: cd into the bundle and run ./install.sh")
+    print("unpacked and verified" + (", signature checked" if keys else "") +
+          "; next: cd into the bundle and run ./install.sh")
     return 0
 
 

@@ -70,9 +70,18 @@ def test_the_cpu_levels_use_their_instructions(bundle_dir):
 
 def test_the_tar_unpacks_safely_with_the_script_beside_it(bundle_dir, tmp_path):
     dist = bundle_dir.parent
-    r = subprocess.run([sys.executable, "-I", str(dist / "gemma3-270m-cpu.unpack.py"),
-                        str(dist / "gemma3-270m-cpu.tar"), str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    unpack = [sys.executable, "-I", str(dist / "gemma3-270m-cpu.unpack.py")]
+    # with --trust, a key that did not sign it is refused and nothing is written
+    other = tmp_path / "other.pub"
+    real = Path(os.environ["AIRGAP_LLM_TRUST"]).read_text()
+    other.write_text(real.replace(real.splitlines()[1][8:20], "AAAAAAAAAAAA"))
+    bad = subprocess.run([*unpack, "--trust", str(other), str(dist / "gemma3-270m-cpu.tar"), str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "manifest.json.minisig: does not verify manifest.json" in bad.stderr, bad.stderr
+    assert not (tmp_path / "x").exists()
+    r = subprocess.run([*unpack, "--trust", os.environ["AIRGAP_LLM_TRUST"], str(dist / "gemma3-270m-cpu.tar"),
+                        str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0 and "signature checked" in r.stdout, r.stderr
     v = subprocess.run([sys.executable, "-m", "bundler.cli", "verify", str(tmp_path / "gemma3-270m-cpu")],
                        capture_output=True, text=True)
     assert v.returncode == 0 and "verified" in v.stdout, v.stderr
