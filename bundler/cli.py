@@ -52,7 +52,8 @@ def cmd_bundle(a: argparse.Namespace) -> int:
     print(f"\nbundle ready in {r.seconds:.0f}s: {r.directory} ({_size(r.size)})\n{carry}"
           f"  the box needs: Linux on this CPU architecture, python3 {pythons}\n"
           + (f"next: copy {r.tar.name} and {r.tar.name.replace('.tar', '.unpack.py')} to the offline box, then:\n"
-             f"  python3 {s.name}.unpack.py {r.tar.name} && cd {s.name} && sudo ./install.sh {trust}"
+             f"  python3 {s.name}.unpack.py {'' if a.unsigned else trust + ' '}{r.tar.name} && cd {s.name} && "
+             f"sudo ./install.sh {trust}"
              if r.tar.exists() else
              f"next: copy the directory {s.name}/ to the offline box, then:\n"
              f"  cd {s.name} && sudo ./install.sh {trust}   (it joins the parts)")
