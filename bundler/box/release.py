@@ -117,7 +117,8 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
         copy_verified(bundle, doc, "README.txt", stage)
         copy_verified(bundle, doc, "requirements.lock", stage)
         info("unpacking the installer's wheels into the release (hash-checked; no pip, no venv)")
-        wheels.install(wheels.select(bundle / "requirements.lock", bundle / "wheels"), stage / "site",
+        # the lock as copied (and hashed) into the release, not the bundle's, which could change meanwhile
+        wheels.install(wheels.select(stage / "requirements.lock", bundle / "wheels"), stage / "site",
                        scripts=stage / "site-bin")
         model_path = Path(m["file"]) if m.get("on_box") else store_model(bundle, m, layout)
         final_engine = final / "engine"
