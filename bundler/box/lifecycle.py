@@ -271,10 +271,9 @@ def uninstall(opts: Options) -> None:
         return
     removed: list[str] = []
     with PrefixLock(layout.prefix):
-        if layout.current.is_symlink():
-            cur = layout.current.resolve()
-            if cur.is_dir() and is_running(cur):
-                ctl(cur, "stop")
+        cur = _current_release(layout)
+        if cur is not None and is_running(cur):
+            ctl(cur, "stop")
         if layout.unit_file.exists():
             subprocess.run(["systemctl", "stop", layout.unit], capture_output=True)
             subprocess.run(["systemctl", "clean", "--what=cache", layout.unit], capture_output=True)

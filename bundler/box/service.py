@@ -148,26 +148,6 @@ def is_running(release: Path) -> bool:
     return subprocess.run([str(release / "bin" / "ctl"), "status"], capture_output=True).returncode == 0
 
 
-def serving_release(layout: Layout, mode: str) -> str:
-    """The release the running service belongs to ("" if none): systemd's ExecStart, or the
-    launch script under the supervisor."""
-    if mode == "systemd":
-        out = subprocess.run(["systemctl", "show", "-p", "ExecStart", "--value", layout.unit], capture_output=True,
-                             text=True).stdout
-        active = subprocess.run(["systemctl", "is-active", "--quiet", layout.unit]).returncode == 0
-    else:
-        try:
-            pid = layout.pidfile.read_text().strip()
-            out = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
-            active = True
-        except (OSError, ValueError):
-            return ""
-    if not active:
-        return ""
-    marker = str(layout.releases) + "/"
-    return out.split(marker, 1)[1].split("/", 1)[0] if marker in out else ""
-
-
 def start(release: Path, mode: str, layout: Layout) -> None:
     if mode == "process":
         make_dirs(layout.pidfile.parent, 0o755)

@@ -7,7 +7,6 @@ unpacked on every core (zlib and file writes release the GIL)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
@@ -16,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import BundlerError
-
-WHEEL_RE = re.compile(r"^(?P<name>.+?)-(?P<ver>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
+from ..lock import WHEEL_RE
+from ..lock import normalize as _norm
+from ..manifest import sha256_file
 
 
 def read_lock(lock: Path) -> dict[str, tuple[str, set[str]]]:
@@ -32,10 +32,6 @@ def read_lock(lock: Path) -> dict[str, tuple[str, set[str]]]:
             raise BundlerError(f"{lock}: cannot read the line {raw!r}", hint="copy the bundle again")
         out[_norm(m.group(1))] = (m.group(2), set(re.findall(r"sha256:([0-9a-f]{64})", m.group(3))))
     return out
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def compatible(filename: str, python: tuple[int, int] = sys.version_info[:2], machine: str = "") -> bool:
@@ -80,22 +76,12 @@ def select(lock: Path, folder: Path) -> list[Path]:
         # the most specific tag first (cp311 before abi3 before py3)
         cands.sort(key=lambda p: (f"cp{sys.version_info[0]}{sys.version_info[1]}" not in p.name, "abi3" in p.name))
         path = cands[0]
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest not in hashes:
             raise BundlerError(f"{path}: sha256 {digest} is not one {lock} pins for {name} {version}",
                                hint="copy the bundle again")
         chosen.append(path)
     return chosen
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(8 << 20)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 def install(wheels: list[Path], site: Path, scripts: Path | None = None, workers: int | None = None) -> float:
