@@ -46,6 +46,12 @@ RAM_FRACTION = 0.85
 BASE_OVERHEAD = 256 * MiB
 SLOT_OVERHEAD = 64 * MiB
 MIN_CONTEXT = 512
+# llama.cpp on the CPU batches only until the cores are busy: on 2 cores, 4 slots served 50
+# concurrent requests at 74.2 tok/s and 50 slots at 67.3 (gemma 3 270M, docs/BENCHMARKS.md), so
+# the slots stop at 2 per core (4 at least, llama-server's own default) and further requests
+# wait in llama-server's queue. Beyond 2 cores this is untested; --tune tries twice the slots.
+CPU_SLOTS_PER_CORE = 2
+CPU_MIN_SLOTS = 4
 LLAMA_GPU_FRACTION = 0.95
 LLAMA_GPU_OVERHEAD = 600 * MiB
 VLLM_UTILIZATION = 0.90
@@ -53,6 +59,13 @@ VLLM_OVERHEAD = 2 * GiB
 # The widest tensor parallel the planner picks over NVLink when a smaller one would fit: TP 4 was
 # measured faster than data parallel on 4×H200; wider TP is untested, so 8 GPUs get TP 4 × DP 2.
 NVLINK_TP_MAX = 4
+# Over NVLink, TP is widened only while the target load is at most this many requests per GPU;
+# above it, data-parallel replicas of the smallest fitting TP serve more. Every vLLM measurement
+# so far agrees (docs/BENCHMARKS.md, 400-token prompts, 512 output tokens): 4×H200, 8B and 70B at
+# 50 and 200 (12.5 and 50 per GPU): TP 4 won; 2×H200, a 7B with 4 KV heads at 50 (25 per GPU):
+# TP 2 11,147 tok/s against DP 2 9,360; at 200 (100 per GPU): DP 2 20,520 against TP 2 11,819.
+# The crossover lies between 50 and 100 requests per GPU for 7-8B models on H200.
+TP_WIDEN_MAX_PER_GPU = 50
 EXL2_OVERHEAD = 1 * GiB
 KV_BYTES = {"f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
 MIN_CC = {"llama.cpp": 5.0, "vllm": 7.0, "exllamav2": 7.0}
@@ -91,6 +104,8 @@ class Plan:
     gpu_memory_utilization: float = 0.0  # vLLM
     gpu_split_gib: tuple[float, ...] = ()  # ExLlamaV2 gpu_split
     cpu_variant: str = ""  # llama.cpp on the CPU: the ggml CPU backend that will load (e.g. haswell)
+    extra_args: tuple[str, ...] = ()  # engine flags added by --tune (e.g. --kv-unified, --api-server-count 2)
+    engine_defaults: bool = False  # the engine as a user starts it by hand (--tune's and --baseline's reference)
     reasons: tuple[str, ...] = ()
     rejected: tuple[dict[str, str], ...] = field(default_factory=tuple)
 
@@ -113,6 +128,30 @@ def _r(n: float) -> float:
 def version_tuple(v: str) -> tuple[int, ...]:
     """'580.159.04' → (580, 159, 4); '2.39' → (2, 39): for comparing driver, glibc and release versions."""
     return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in str(v).split("."))
+
+
+def vllm_default_max_num_seqs(gpu: Gpu) -> int:
+    """vLLM's own --max-num-seqs for its OpenAI server on this GPU (vllm/engine/arg_utils.py,
+    get_batch_defaults, 0.26): 1024 where the GPU has >= 70 GiB and is not an A100, else 256."""
+    return 1024 if gpu.memory_total_mib * MiB >= 70 * GiB and "a100" not in gpu.name.lower() else 256
+
+
+def vllm_max_num_seqs(gpu: Gpu, per_replica: int) -> tuple[int, str]:
+    """--max-num-seqs for a replica that should serve `per_replica` requests at once, and why.
+    Never below vLLM's own default: the target load sizes the plan, it is not a throttle. vLLM
+    captures CUDA graphs for batches up to min(2 × max-num-seqs, 512), so a cap at the target
+    (it was once) leaves the target batch itself outside the graphs (4,849 against 8,798 tok/s for
+    50 requests on one H200) and queues every request past it while KV memory sits unused."""
+    default = vllm_default_max_num_seqs(gpu)
+    seqs = max(default, per_replica)
+    why = (f"--max-num-seqs {seqs}: vLLM's own default for a {gpu.memory_total_mib // 1024} GiB "
+           f"{gpu.name or 'GPU'} is {default}" + (", kept: the target load" if seqs == default else
+                                                   f", raised to the target load") +
+           f" ({per_replica} per replica) is planned for, not capped at; CUDA graphs cover batches up to "
+           f"{min(2 * seqs, 512)}")
+    if per_replica > 512:
+        why += f" (batches above 512 run without graphs: more replicas or GPUs keep them inside)"
+    return seqs, why
 
 
 def ram_needed(info: ModelInfo, slots: int, ctx: int) -> int:
@@ -139,11 +178,11 @@ def _gpu_problem(gpus: tuple[Gpu, ...], engine: str, cuda: str, driver_min: str 
 
 def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
          engines_available: tuple[str, ...] = ("cpu",), cpu_flags_needed: tuple[str, ...] = (),
-         cuda: str = "13", cpu_variants: tuple[str, ...] = ()) -> Plan:
+         cuda: str = "13", cpu_variants: tuple[str, ...] = (), cuda_cpu_flags: tuple[str, ...] = ()) -> Plan:
     """Choose the engine and its parameters for serving `info` on `hw` at `intent`. `cpu_variants`:
     the CPU backends the bundled llama-server carries (ggml loads the best this CPU runs)."""
     if info.format == "gguf":
-        p = _plan_gguf(model_name, info, hw, intent, engines_available, cpu_flags_needed, cuda)
+        p = _plan_gguf(model_name, info, hw, intent, engines_available, cpu_flags_needed, cuda, cuda_cpu_flags)
         return _with_cpu_variant(p, hw, cpu_variants) if p.backend == "cpu" else p
     if info.format == "safetensors":
         return _plan_vllm(model_name, info, hw, intent, engines_available, cuda)
@@ -186,7 +225,7 @@ def _template_reason(info: ModelInfo) -> tuple[str, str]:
 
 
 def _plan_gguf(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
-               cpu_flags_needed: tuple[str, ...], cuda: str) -> Plan:
+               cpu_flags_needed: tuple[str, ...], cuda: str, cuda_cpu_flags: tuple[str, ...] = ()) -> Plan:
     rejected: list[dict[str, str]] = [
         {"engine": "vllm", "why": "vLLM serves no GGUF (removed in 0.33); this model is GGUF"},
         {"engine": "exllamav2", "why": "ExLlamaV2 serves EXL2 only"},
@@ -200,8 +239,15 @@ def _plan_gguf(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
     if "cuda" not in engines and hw.gpus:
         gpu_why = (f"the box has {len(hw.gpus)} GPU(s) but this bundle carries only a CPU llama-server; "
                    "bundle with backends = [\"cpu\", \"cuda\"] to use them")
+    lacking = [f for f in cuda_cpu_flags if hw.cpu_flags and f not in hw.cpu_flags]
+    if not gpu_why and lacking:
+        gpu_why = (f"the CUDA llama-server's CPU side is built for AVX2/FMA (x86-64-v3); this CPU lacks "
+                   f"{', '.join(lacking)}")
     if not gpu_why:
         p = _plan_llama_gpu(name, info, hw, intent.concurrency, ctx, notes, rejected)
+        if p is not None and cuda_cpu_flags:
+            p = replace(p, reasons=(*p.reasons, "the CUDA build's CPU side (sampling, and any layers left on the CPU) "
+                                                "runs AVX2/FMA code (x86-64-v3), which this CPU has"))
         if p is not None:
             return p
     else:
@@ -218,6 +264,12 @@ def _plan_llama_cpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: i
     threads = max(1, hw.cpus)
     reasons = [f"llama.cpp on the CPU: GGUF model, no usable GPU engine; {threads} threads = CPU cores "
                "available to this process", *notes]
+    cap = max(CPU_MIN_SLOTS, CPU_SLOTS_PER_CORE * threads)
+    if slots > cap:
+        reasons.append(f"{cap} slots for a target of {slots} concurrent requests: a CPU batches only until its "
+                       f"cores are busy (on 2 cores 4 slots served 50 requests 1.10x faster than 50 slots); the "
+                       f"other requests wait in llama-server's queue")
+        slots = cap
     budget = int(hw.ram_available * RAM_FRACTION)
     kv_tok = info.kv_bytes_per_token()
     need = ram_needed(info, slots, ctx)
@@ -245,7 +297,7 @@ def _plan_llama_cpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: i
                            f"usable RAM {_gib(budget)}")
             slots, ctx = fit_slots, MIN_CONTEXT
     else:
-        reasons.append(f"{slots} slots (target concurrency) × {ctx} tokens each")
+        reasons.append(f"{slots} slots × {ctx} tokens each")
     need = ram_needed(info, slots, ctx)
     reasons.append(f"memory estimate {_gib(need)} = weights {_gib(info.file_size)} + KV cache "
                    f"{_gib(kv_tok * slots * ctx)} ({kv_tok / 1024:.1f} KiB/token) + buffers; "
@@ -435,17 +487,26 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                  + (f" (TP {', '.join(map(str, smaller))} does not)" if smaller else ""))
         # Over NVLink a wider TP splits each token's weight reads over more GPUs for little all-reduce
         # cost, and beat data-parallel replicas at every load measured (docs/BENCHMARKS.md, 4×H200).
+        # At high load per GPU, replicas win instead (TP_WIDEN_MAX_PER_GPU).
         wider = [t for t in tps if tp < t <= min(n, NVLINK_TP_MAX)]
-        if hw.gpu_links == "nvlink" and wider:
-            head += (f"; widened to TP {max(wider)} over NVLink: on 4×H200, TP 4 served Llama-8B at 11,001 tok/s "
-                     f"with 50 concurrent requests against 8,618 for 4 data-parallel replicas, and 70B at 2,659 "
-                     f"against 1,918 for TP 2 × DP 2")
+        per_gpu = conc / n
+        if hw.gpu_links == "nvlink" and wider and per_gpu <= TP_WIDEN_MAX_PER_GPU:
+            head += (f"; widened to TP {max(wider)} over NVLink: the target load is {per_gpu:g} requests per GPU "
+                     f"(<= {TP_WIDEN_MAX_PER_GPU}), where wider TP measured faster: on 4×H200, TP 4 served "
+                     f"Llama-8B at 11,001 tok/s with 50 concurrent requests against 8,618 for 4 data-parallel "
+                     f"replicas, and 70B at 2,659 against 1,918 for TP 2 × DP 2; on 2×H200 a 7B with 4 KV heads "
+                     f"at 50 requests, TP 2 11,147 against DP 2 9,360")
             tp = max(wider)
+        elif hw.gpu_links == "nvlink" and wider:
+            head += (f"; not widened over NVLink: the target load is {per_gpu:g} requests per GPU (> "
+                     f"{TP_WIDEN_MAX_PER_GPU}), where data-parallel replicas measured faster: on 2×H200 a 7B with "
+                     f"4 KV heads at 200 requests, DP 2 served 20,520 tok/s against 11,819 for TP 2")
     reasons.insert(0, head)
     dp, per_replica, full_fit = replicas(tp)
-    seqs = per_replica  # vLLM batches up to this many; its paged KV decides how many fit at once
+    # vLLM batches up to seqs; its paged KV decides how many fit at once
+    seqs, seqs_why = vllm_max_num_seqs(min(hw.gpus, key=lambda g: g.memory_total_mib), per_replica)
     w = info.file_size / tp
-    est = w + kv_per_gpu_per_token(info, tp) * min(seqs, full_fit) * ctx + VLLM_OVERHEAD
+    est = w + kv_per_gpu_per_token(info, tp) * min(per_replica, full_fit) * ctx + VLLM_OVERHEAD
     if dp > 1:
         reasons.append(f"data parallel {dp}: {n - tp} GPU(s) left over hold {dp - 1} more replica(s), each "
                        f"serving ~{per_replica} of the {conc} concurrent requests; replicas need no traffic between "
@@ -458,10 +519,12 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                        f"tensor parallel over {hw.gpu_links or 'unknown links'}: slower than NVLink; more "
                        "replicas (data parallel) may serve better")
     reasons += [f"not TP {w_}" for w_ in not_ok]
-    reasons.append(f"--max-model-len {ctx}, --max-num-seqs {seqs}, --gpu-memory-utilization {VLLM_UTILIZATION}; "
-                   f"estimate {_gib(est)} per GPU of {_gib(gpu_bytes * VLLM_UTILIZATION)} allowed")
+    reasons.append(seqs_why)
+    reasons.append(f"--max-model-len {ctx} (tokens per request), --gpu-memory-utilization {VLLM_UTILIZATION} "
+                   f"(vLLM's default); estimate {_gib(est)} per GPU for the target load of {conc}, of "
+                   f"{_gib(gpu_bytes * VLLM_UTILIZATION)} allowed (the rest is KV cache for more)")
     used = tp * dp
-    return Plan(engine="vllm", backend="cuda", model=name, threads=max(1, hw.cpus), slots=seqs * dp,
+    return Plan(engine="vllm", backend="cuda", model=name, threads=max(1, hw.cpus), slots=conc,
                 context_per_slot=ctx, gpu_layers=info.layers, total_layers=info.layers, tensor_parallel=tp,
                 data_parallel=dp, memory_per_gpu_gib=tuple(_r(est) for _ in range(used)),
                 usable_per_gpu_gib=tuple(_r(gpu_bytes * VLLM_UTILIZATION) for _ in range(used)),

@@ -59,6 +59,7 @@ def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: 
     intent = planner.Intent(concurrency=opts.concurrency or service["concurrency"],
                             context=opts.context or service["context"])
     flags: tuple[str, ...] = ()
+    cuda_flags: tuple[str, ...] = ()
     variants: tuple[str, ...] = ()
     available = []
     for e in doc["engines"]:
@@ -67,10 +68,13 @@ def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: 
             if e["backend"] == "cpu":
                 flags = tuple(e.get("cpu_flags", ()))
                 variants = tuple(e.get("cpu_variants", ()))
+            else:
+                cuda_flags = tuple(e.get("cpu_flags", ()))
         else:
             available.append(e["name"])
     plan = planner.plan(m["name"], ModelInfo.from_dict(m["facts"]), hw, intent,
-                        engines_available=tuple(available), cpu_flags_needed=flags, cpu_variants=variants)
+                        engines_available=tuple(available), cpu_flags_needed=flags, cpu_variants=variants,
+                        cuda_cpu_flags=cuda_flags)
     return override_parallel(plan, m, hw, opts)
 
 
@@ -88,10 +92,12 @@ def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware,
     if tp not in ok or tp * dp > len(hw.gpus):
         raise BundlerError(f"tensor parallel {tp} × data parallel {dp} does not fit this model on {len(hw.gpus)} "
                            "GPU(s)", hint=f"tensor-parallel sizes that work here: {', '.join(map(str, ok))}")
-    seqs = max(1, -(-plan.slots // dp))
+    share = max(1, -(-plan.slots // dp))
+    seqs, _ = planner.vllm_max_num_seqs(min(hw.gpus, key=lambda g: g.memory_total_mib), share)
     return replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs,
                    reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp} × data parallel "
-                                           f"{dp}, {seqs} sequences per replica"))
+                                           f"{dp}, ~{share} of the {plan.slots} requests per replica, --max-num-seqs "
+                                           f"{seqs}"))
 
 
 def print_plan(plan: planner.Plan, hw: probe.Hardware) -> None:

@@ -174,13 +174,19 @@ def download(carry: dict[str, tuple[str, list[str]]], box: Any, dest: Path, log=
 
 def launch_argv(python: str, model_path: str, name: str, host: str, port: int, plan, safe: bool,
                 version: str = DEFAULT_VERSION) -> list[str]:
-    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name", name,
-            "--host", host, "--port", str(port), "--tensor-parallel-size", str(plan.tensor_parallel),
-            "--data-parallel-size", str(plan.data_parallel), "--max-model-len", str(plan.max_model_len),
-            "--max-num-seqs", str(plan.max_num_seqs), "--gpu-memory-utilization", str(plan.gpu_memory_utilization),
-            "--uvicorn-log-level", "warning",
-            # vLLM's own key guards /v1 only: every route but /health behind it (vllm_auth.py)
-            "--middleware", "bundler.engines.vllm_auth.KeyOnEveryRoute"]
+    # `vllm serve` itself (its CLI module): what a user runs by hand, so the plan starts from the same
+    # defaults, e.g. one API server process per data-parallel replica (the bare api_server module
+    # runs one for all of them)
+    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", model_path, "--served-model-name", name,
+            "--host", host, "--port", str(port)]
+    if plan.engine_defaults:  # `vllm serve MODEL` (the key from VLLM_API_KEY, as vLLM reads it): a reference
+        return argv
+    argv += ["--tensor-parallel-size", str(plan.tensor_parallel),
+             "--data-parallel-size", str(plan.data_parallel), "--max-model-len", str(plan.max_model_len),
+             "--max-num-seqs", str(plan.max_num_seqs), "--gpu-memory-utilization", str(plan.gpu_memory_utilization),
+             "--uvicorn-log-level", "warning",
+             # vLLM's own key guards /v1 only: every route but /health behind it (vllm_auth.py)
+             "--middleware", "bundler.engines.vllm_auth.KeyOnEveryRoute", *plan.extra_args]
     if safe and plan.tensor_parallel > 1:
         argv += safe_tp_flags(version)
     return argv

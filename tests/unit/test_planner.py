@@ -35,8 +35,8 @@ def test_kv_estimate_per_token_matches_the_layer_formula():
 
 
 def test_context_is_lowered_to_fit_ram_and_the_plan_says_why():
-    # 8B Q4 on a 12 GiB box: 16 slots × 8192 tokens of KV (16 GiB) cannot fit
-    p = planner.plan("llama", LLAMA8B_Q4, box(ram_gib=12), planner.Intent(concurrency=16, context=8192))
+    # 8B Q4 on an 8-core 12 GiB box: 16 slots × 8192 tokens of KV (16 GiB) cannot fit
+    p = planner.plan("llama", LLAMA8B_Q4, box(cpus=8, ram_gib=12), planner.Intent(concurrency=16, context=8192))
     assert p.slots == 16
     assert p.context_per_slot < 8192
     assert p.ram_bytes <= 0.85 * 12 * GiB
@@ -44,7 +44,7 @@ def test_context_is_lowered_to_fit_ram_and_the_plan_says_why():
 
 
 def test_slots_are_lowered_when_even_short_contexts_do_not_fit():
-    p = planner.plan("llama", LLAMA8B_Q4, box(ram_gib=7), planner.Intent(concurrency=64, context=4096))
+    p = planner.plan("llama", LLAMA8B_Q4, box(cpus=32, ram_gib=7), planner.Intent(concurrency=64, context=4096))
     assert p.context_per_slot == planner.MIN_CONTEXT
     assert 1 <= p.slots < 64
     assert p.ram_bytes <= 0.85 * 7 * GiB
@@ -55,6 +55,15 @@ def test_refusal_names_the_shortfall_in_gib():
         planner.plan("llama", LLAMA8B_Q4, box(ram_gib=4), planner.Intent(concurrency=1, context=2048))
     assert "does not fit in RAM" in e.value.message and "short by" in e.value.message
     assert e.value.exit_code == 3
+
+
+@pytest.mark.parametrize("cpus,conc,slots", [(2, 50, 4), (2, 4, 4), (2, 1, 1), (16, 50, 32), (64, 50, 50)])
+def test_cpu_slots_stop_where_the_cores_are_busy(cpus, conc, slots):
+    """On 2 cores, 4 slots served 50 concurrent requests faster than 50 slots (issue #12): past 2 per
+    core (4 at least) the rest wait in llama-server's queue, and the plan says so."""
+    p = planner.plan("g", GEMMA, box(cpus=cpus), planner.Intent(concurrency=conc, context=4096))
+    assert p.slots == slots
+    assert any("wait in llama-server's queue" in r for r in p.reasons) == (slots < conc)
 
 
 def test_context_is_capped_at_the_trained_context():
@@ -111,8 +120,55 @@ def test_the_measured_4xh200_box_gets_tensor_parallel_4_for_8b_and_70b(conc):
     for info in (_llama(32, 32, 16_060_522_496), _llama(80, 64, 141_107_412_992)):
         p = planner.plan("m", info, hw, planner.Intent(concurrency=conc, context=4096),
                          engines_available=planner.ALL_ENGINES)
-        assert (p.engine, p.tensor_parallel, p.data_parallel, p.max_num_seqs) == ("vllm", 4, 1, conc)
+        assert (p.engine, p.tensor_parallel, p.data_parallel, p.slots) == ("vllm", 4, 1, conc)
         assert all(used <= usable for used, usable in zip(p.memory_per_gpu_gib, p.usable_per_gpu_gib))
+
+
+def _qwen7b() -> ModelInfo:
+    """The few-KV-head shape of issue #12: 28 layers, 28 heads, 4 KV heads, 15.2 GB in bf16."""
+    return ModelInfo(format="safetensors", architecture="Qwen2ForCausalLM", file_size=15_231_233_024, layers=28,
+                     heads=28, kv_heads=4, head_dim_k=128, head_dim_v=128, context_length=32768, experts=0,
+                     has_chat_template=True, bits=0.0)
+
+
+@pytest.mark.parametrize("conc,tp,dp", [(50, 2, 1), (200, 1, 2)])
+def test_tensor_or_data_parallel_follows_the_load_measured_on_2xh200(conc, tp, dp):
+    """Issue #12: for the 7B with 4 KV heads on 2×H200, TP 2 was faster at 50 requests (25 per GPU) and
+    two data-parallel replicas at 200 (100 per GPU)."""
+    hw = _device_box("device-h200x2-probe.json")
+    p = planner.plan("m", _qwen7b(), hw, planner.Intent(concurrency=conc, context=4096),
+                     engines_available=planner.ALL_ENGINES)
+    assert (p.tensor_parallel, p.data_parallel) == (tp, dp)
+    said = " ".join(p.reasons)
+    assert ("widened to TP 2" in said) == (tp == 2) and ("not widened" in said) == (dp == 2)
+
+
+@pytest.mark.parametrize("conc", [1, 50, 200, 1024])
+def test_max_num_seqs_is_never_below_vllms_own_default_nor_the_load(conc):
+    """The target load sizes the plan; it must not cap vLLM's batch below vLLM's own default (a cap
+    of 50 left a batch of 50 outside the CUDA graphs: 0.55x of the defaults on one H200)."""
+    hw = _device_box("device-h200x2-probe.json")
+    p = planner.plan("m", _qwen7b(), hw, planner.Intent(concurrency=conc, context=4096),
+                     engines_available=planner.ALL_ENGINES)
+    per_replica = -(-conc // p.data_parallel)
+    assert p.max_num_seqs == max(1024, per_replica)  # vLLM's default on a GPU of >= 70 GiB
+    assert p.slots == conc
+    graphs = min(2 * p.max_num_seqs, 512)
+    assert per_replica > 512 or per_replica <= graphs, "the target batch runs inside the captured graphs"
+    assert any(r.startswith(f"--max-num-seqs {p.max_num_seqs}: vLLM's own default") for r in p.reasons)
+
+
+@pytest.mark.parametrize("name,mib,default", [("NVIDIA H100 80GB HBM3", 81559, 1024),
+                                              ("NVIDIA A100-SXM4-80GB", 81920, 256),
+                                              ("NVIDIA L40S", 46068, 256), ("NVIDIA H200", 143771, 1024)])
+def test_vllm_default_max_num_seqs_follows_vllms_rule(name, mib, default):
+    from bundler.probe import Gpu
+
+    g = Gpu(index=0, name=name, memory_total_mib=mib, memory_free_mib=mib, compute_capability="9.0",
+            driver="580.1")
+    assert planner.vllm_default_max_num_seqs(g) == default
+    assert planner.vllm_max_num_seqs(g, 8)[0] == default
+    assert planner.vllm_max_num_seqs(g, 2000)[0] == 2000
 
 
 def test_cpu_plan_names_the_instruction_set_variant_ggml_will_load():
@@ -125,3 +181,22 @@ def test_cpu_plan_names_the_instruction_set_variant_ggml_will_load():
     assert planner.plan("gemma", GEMMA, old, planner.Intent(4, 4096), cpu_variants=variants).cpu_variant == "sse42"
     with pytest.raises(PlanRefused, match="none of the bundled CPU backends"):
         planner.plan("gemma", GEMMA, old, planner.Intent(4, 4096), cpu_variants=("haswell", "skylakex"))
+
+
+def test_the_cuda_build_is_refused_on_a_cpu_without_what_its_cpu_side_needs():
+    """Issue #16: the CUDA llama-server's CPU side is built for AVX2/FMA; on an older CPU it would die
+    of an illegal instruction, so the plan falls back to the CPU build's levels and says why."""
+    from bundler.probe import Gpu
+
+    gpu = Gpu(index=0, name="NVIDIA L4", memory_total_mib=23034, memory_free_mib=22000, compute_capability="8.9",
+              driver="580.65")
+    need = llama_cpp.CPU_VARIANTS[llama_cpp.CUDA_CPU_LEVEL]
+    old = box(gpus=(gpu,), flags=("sse4_2", "avx"))
+    p = planner.plan("gemma", GEMMA, old, planner.Intent(4, 4096), engines_available=("cpu", "cuda"),
+                     cpu_variants=tuple(llama_cpp.CPU_VARIANTS), cuda_cpu_flags=need)
+    assert (p.backend, p.cpu_variant) == ("cpu", "sandybridge")
+    assert any("CPU side is built for AVX2/FMA" in r["why"] and "avx2" in r["why"] for r in p.rejected)
+    new = box(gpus=(gpu,), flags=need)
+    p = planner.plan("gemma", GEMMA, new, planner.Intent(4, 4096), engines_available=("cpu", "cuda"),
+                     cpu_variants=tuple(llama_cpp.CPU_VARIANTS), cuda_cpu_flags=need)
+    assert p.backend == "cuda" and any("AVX2/FMA code" in r for r in p.reasons)

@@ -82,7 +82,7 @@ CASES = [
     Case("st-8b-no-gpu", ("8b", "bf16"), "none", 4, 4096, None, says="GGUF"),
     Case("st-8b-old-driver", ("8b", "bf16"), "1x80GiB@9.0", 4, 4096, None, driver="535.104", says="580"),
     Case("st-8b-pascal", ("8b", "bf16"), "2x24GiB@6.1", 4, 4096, None, says="compute capability >= 7.0"),
-    Case("st-8b-3x48-dp3", ("8b", "bf16"), "3x48GiB@8.9", 16, 4096, "vllm", 1, 3, slots=18),
+    Case("st-8b-3x48-dp3", ("8b", "bf16"), "3x48GiB@8.9", 16, 4096, "vllm", 1, 3, slots=16),
     Case("st-70b-3x80-one-idle", ("70b", "bf16"), "3x80GiB@9.0,nvlink", 16, 4096, "vllm", 2, 1, says="idle"),
     Case("st-70b-4xH200-200", ("70b", "bf16"), "4x141GiB@9.0,nvlink", 200, 4096, "vllm", 4, 1, slots=200),
     Case("st-8b-4xH200-200", ("8b", "bf16"), "4x141GiB@9.0,nvlink", 200, 4096, "vllm", 4, 1, slots=200,
@@ -92,6 +92,10 @@ CASES = [
     # nothing holds 200 × 4096 tokens: the TP size that holds the most wins, not the smallest that holds one
     Case("st-70b-4x80-200-most", ("70b", "bf16"), "4x80GiB@9.0,nvlink", 200, 4096, "vllm", 4, 1, slots=200,
          says="holds the most"),
+    # above 50 requests per GPU, replicas of the smallest fitting TP instead of a wider TP
+    Case("st-8b-2xH200-200-dp2", ("8b", "bf16"), "2x141GiB@9.0,nvlink", 200, 4096, "vllm", 1, 2, slots=200,
+         says="not widened over NVLink"),
+    Case("st-8b-8xH200-512-tp1-dp8", ("8b", "bf16"), "8x141GiB@9.0,nvlink", 512, 4096, "vllm", 1, 8, slots=512),
     Case("st-70b-4xH200-50-tp4", ("70b", "bf16"), "4x141GiB@9.0,nvlink", 50, 4096, "vllm", 4, 1, slots=50,
          says="widened"),
     Case("st-70b-4x141-pcie-50-tp2-dp2", ("70b", "bf16"), "4x141GiB@9.0", 50, 4096, "vllm", 2, 2, slots=50),
