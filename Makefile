@@ -20,7 +20,8 @@ venv: $(VENV)/.installed
 # what its python lacks; PART_SIZE=60M splits large files for size-limited transfers.
 bundle: $(VENV)/.installed
 	$(VENV)/bin/bundler bundle $(SPEC) --out $(OUT) $(if $(TARGET),--target $(TARGET)) \
-		$(if $(REUSE),--reuse-installed) $(if $(PART_SIZE),--part-size $(PART_SIZE))
+		$(if $(REUSE),--reuse-installed) $(if $(PART_SIZE),--part-size $(PART_SIZE)) \
+		$(if $(UPGRADE_MODELS),--upgrade-models)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -v -rs $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ whole, so a failed or interrupted run never leaves a half bundle under dist/NAME
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import re
@@ -28,7 +29,7 @@ from .errors import BundlerError
 from .modelinfo import inspect_gguf
 from .planner import version_tuple
 from .render import render
-from .spec import Spec
+from .spec import SPLIT_RE, Spec, split_names
 from .staging import staged_dir
 
 # Wheels the installer imports straight from the bundle before anything is installed.
@@ -105,7 +106,7 @@ def _fetch_sdist(spec: Spec, log) -> Path:
 
 
 def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_installed: bool = False,
-         part_size: int = 0, sign: bool = True) -> Result:
+         part_size: int = 0, sign: bool = True, upgrade_models: bool = False) -> Result:
     """Build the bundle. `target` (a probe.Hardware) bundles for that box: its Python,
     glibc and GPU architectures; with reuse_installed, what its python already has is
     not carried. part_size splits every larger file into parts of at most that size."""
@@ -115,7 +116,7 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
     final = out_dir / spec.name
     with staged_dir(final, out_dir / f".{spec.name}.partial") as stage:
         (stage / "wheels").mkdir()
-        meta = _fill(spec, stage, log, target, reuse_installed)
+        meta = _fill(spec, stage, log, target, reuse_installed, upgrade_models)
         if sign:
             from . import signing
 
@@ -159,7 +160,66 @@ def _cuda_archs(spec: Spec, target: Any) -> str:
     return "80;86;89;90"
 
 
-def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: bool = False) -> dict[str, Any]:
+def _repo_model(spec: Spec, m: Any, stage: Path, upgrade: bool, log) -> dict[str, Any]:
+    """A whole hub repository: resolved once into the lock beside the spec (reused until its source
+    changes or --upgrade-models), every file fetched and checked against the lock, staged under
+    models/NAME/ as the repository lays it out."""
+    from .modelinfo import inspect_hf
+    from .sources import repo
+
+    spec_path = Path(spec.path)
+    lockdoc = repo.read_lock(spec_path)
+    r = None if upgrade else repo.locked(lockdoc, m.name, m.source, m.include, m.exclude)
+    if r is None:
+        log(f"resolving {m.source} (include {list(m.include) or 'all'}, exclude {list(m.exclude) or 'none'})")
+        r = repo.resolve(m.source, m.include, m.exclude)
+        log(f"{m.source}: commit {r.commit}, {len(r.files)} files, {sum(f.size for f in r.files) / 2**20:.1f} MiB")
+    else:
+        log(f"{m.source}: locked at commit {r.commit} ({repo.lock_path(spec_path).name}; --upgrade-models "
+            "resolves it again)")
+    r, blobs = repo.fetch_files(r, log=log)
+    repo.record(lockdoc, m.name, r, m.include, m.exclude)
+    repo.write_lock(spec_path, lockdoc)
+    folder = stage / "models" / m.file
+    for f in r.files:
+        _link_or_copy(blobs[f.path], folder / f.path)
+    files = [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in r.files]
+    entry: dict[str, Any] = {"name": m.name, "format": m.format, "source": m.source, "commit": r.commit,
+                             "files": files}
+    if m.format == "gguf":
+        ggufs = sorted(f.path for f in r.files if f.path.endswith(".gguf"))
+        later = [g for g in ggufs if (sm := SPLIT_RE.match(Path(g).name)) and int(sm["no"]) != 1]
+        first = [g for g in ggufs if g not in later]
+        if len(first) != 1:
+            raise BundlerError(f"{m.source}: include {list(m.include)} takes {len(first)} GGUF models ({first})",
+                               hint="narrow models.include to one quantization")
+        sha = {f.path: f.sha256 for f in r.files}
+        others = [str(Path(first[0]).with_name(o)) for o in split_names(Path(first[0]).name)]
+        missing = [o for o in others if o not in sha]
+        if missing:
+            raise BundlerError(f"{m.source}: {first[0]} is split, and include {list(m.include)} leaves out "
+                               f"{', '.join(missing)}", hint="widen models.include to take every part")
+        entry.update(file=f"models/{m.file}/{first[0]}", sha256=sha[first[0]],
+                     parts=[{"file": f"models/{m.file}/{o}", "sha256": sha[o]} for o in others],
+                     facts=inspect_gguf(folder / first[0]).to_dict())
+    else:
+        info = inspect_hf(folder)
+        entry.update(file=f"models/{m.file}", sha256=_tree_id(files), facts=info.to_dict(), dir=True)
+        log(f"model {m.name}: {info.architecture}, {info.layers} layers, {info.file_size / 2**30:.2f} GiB of weights"
+            + (f", {info.quantization}" if getattr(info, "quantization", "") else ""))
+    return entry
+
+
+def _tree_id(files: list[dict[str, Any]]) -> str:
+    """One sha256 for a directory model: over its files' paths and sha256, sorted."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f["path"]):
+        h.update(f"{f['path']}\0{f['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: bool = False,
+          upgrade_models: bool = False) -> dict[str, Any]:
     wheels_dir = stage / "wheels"
     cache = lock.wheel_cache()
     pythons = spec.target.pythons
@@ -214,7 +274,8 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
             "arch": platform.machine(),
             # the installer runs the best level the box's CPU has; the baseline one runs on any x86-64
             "cpu_variants": variants,
-            "cpu_flags": [],
+            # the one level a CUDA build's CPU side is compiled for: the box's CPU must have these
+            "cpu_flags": list(llama_cpp.CPU_VARIANTS[llama_cpp.CUDA_CPU_LEVEL]) if backend == "cuda" else [],
             "source": spec.llama_cpp.sdist, "source_sha256": spec.llama_cpp.sha256,
         })
 
@@ -230,11 +291,16 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
                 + (f", pinned by sha256 {m.sha256})" if m.sha256 else "; no sha256 pinned)"))
             continue
         _step(log, f"model {m.name} ({m.source})")
-        path = sources.fetch(m, log=log)
-        info = inspect_gguf(path)
-        _link_or_copy(path, stage / "models" / m.file)
+        if m.is_repo:
+            models.append(_repo_model(spec, m, stage, upgrade_models, log))
+            continue
+        _link_or_copy(sources.fetch(m, log=log), stage / "models" / m.file)
+        for file, sha in m.parts:  # a split GGUF: every part beside the first, as llama-server loads them
+            _link_or_copy(sources.fetch(m.part(file, sha), log=log), stage / "models" / file)
+        info = inspect_gguf(stage / "models" / m.file)
         models.append({"name": m.name, "file": f"models/{m.file}", "sha256": m.sha256, "format": m.format,
-                       "source": m.source, "facts": info.to_dict()})
+                       "source": m.source, "facts": info.to_dict(),
+                       "parts": [{"file": f"models/{f}", "sha256": sha} for f, sha in m.parts]})
         log(f"model {m.name}: {info.architecture}, {info.layers} layers, {info.file_size / 2**20:.0f} MiB, "
             f"trained context {info.context_length}")
 

@@ -41,7 +41,7 @@ def cmd_bundle(a: argparse.Namespace) -> int:
         raise BundlerError(f"--part-size {a.part_size} is under 1 MiB", hint="e.g. --part-size 60M")
     log(f"bundling {s.name} {s.version} from {a.spec}")
     r = bundle.make(s, Path(a.out), log=log, target=target, reuse_installed=a.reuse_installed, part_size=part,
-                    sign=not a.unsigned)
+                    sign=not a.unsigned, upgrade_models=a.upgrade_models)
     pythons = ", ".join(json.loads((r.directory / "manifest.json").read_text())["pythons"])
     from .signing import key_paths
 
@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "GPUs")
     b.add_argument("--reuse-installed", action="store_true",
                    help="with --target: carry only what the box's python lacks (e.g. vLLM over its torch)")
+    b.add_argument("--upgrade-models", action="store_true",
+                   help="resolve hf:// and modelscope:// repositories again (their branch or tag may have moved) "
+                        "instead of reusing the commits and files pinned in SPEC.models.lock")
     b.add_argument("--part-size", help="split files larger than this (e.g. 60M) for size-limited transfers")
     b.add_argument("--unsigned", action="store_true", help="do not sign the manifest (boxes will refuse it unless "
                    "their installer is given --allow-unsigned)")

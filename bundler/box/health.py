@@ -133,15 +133,47 @@ def open_routes(base: str, engine: str) -> list[str]:
     return found
 
 
-def smoke(base: str, model: str, key: str, engine: str = "llama.cpp") -> str:
-    body = {"model": model, "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
-            "max_tokens": 48, "temperature": 0}
+# The smoke test asks what any working model of its kind answers the same way, so that noise (a
+# wrong chat template, damaged weights, a model that never sees the prompt) fails the install.
+CHAT_QUESTION = "What is the capital of France? Answer with one word."
+CHAT_ANSWER = "paris"
+COMPLETION_PROMPT = "Monday, Tuesday, Wednesday,"
+COMPLETION_ANSWER = "thursday"
+
+
+def _noise(what: str, asked: str, got: str, expected: str) -> BundlerError:
+    return BundlerError(f"the service answers, but not sensibly: asked {asked!r} ({what}), the model said {got[:120]!r}, "
+                        f"expected {expected!r} in it",
+                        hint="a wrong chat template, damaged weights or the wrong model; if this model is not meant to "
+                             "answer that (e.g. a test model with random weights), pass --smoke-any-answer")
+
+
+def smoke(base: str, model: str, key: str, engine: str = "llama.cpp", expect: str = "chat") -> str:
+    """Prove the service answers with the key, sensibly, and refuses without it. expect: "chat" (an
+    instruction-tuned model: the chat answer must name Paris), "completion" (a base model, no chat
+    template of its own: a plain completion must continue the weekdays; its chat answer need only
+    be text), "any" (any text)."""
+    question = CHAT_QUESTION if expect == "chat" else "Say hello in one short sentence."
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 48, "temperature": 0}
     code, resp = http_json(base + "/v1/chat/completions", body, key=key, timeout=120)
     if code != 200:
         raise BundlerError(f"the chat smoke test got HTTP {code}: {resp}", hint="see the engine's log")
-    text = (resp or {}).get("choices", [{}])[0].get("message", {}).get("content") or ""
+    msg = (resp or {}).get("choices", [{}])[0].get("message", {})
+    text = msg.get("content") or msg.get("reasoning_content") or ""
     if not text.strip():
         raise BundlerError("the chat smoke test got an empty answer", hint="see the engine's log")
+    if expect == "chat" and CHAT_ANSWER not in text.lower():
+        raise _noise("chat", question, text, "Paris")
+    if expect == "completion":
+        body = {"model": model, "prompt": COMPLETION_PROMPT, "max_tokens": 6, "temperature": 0}
+        code, resp = http_json(base + "/v1/completions", body, key=key, timeout=120)
+        if code != 200:
+            raise BundlerError(f"the completion smoke test got HTTP {code}: {resp}", hint="see the engine's log")
+        done = (resp or {}).get("choices", [{}])[0].get("text") or ""
+        if COMPLETION_ANSWER not in done.lower():
+            raise _noise("a plain completion: this model has no chat template, so it is taken for a base model",
+                         COMPLETION_PROMPT, done, "Thursday")
+        text = f"{COMPLETION_PROMPT}{done}"
     unguarded = open_routes(base, engine)
     if unguarded:
         raise BundlerError(f"requests without the API key were answered: {', '.join(unguarded)}",

@@ -18,7 +18,9 @@ from .. import manifest as mf
 from .. import planner, probe
 from ..engines import vllm
 from ..errors import BundlerError
+from ..modelinfo import ModelInfo
 from . import layout as lay
+from . import tune
 from .health import LogWatch, http_json, smoke, wait_healthy
 from .layout import Layout, PrefixLock, check_layout_owned, layout_for, make_dirs, record_made
 from .options import Options
@@ -80,17 +82,53 @@ def install(opts: Options) -> dict[str, Any] | None:
     made_prefix = make_dirs(layout.prefix)
     with PrefixLock(layout.prefix):
         record_made(layout, made_prefix)
-        return _install_locked(opts, doc, data, layout, trust, m, plan, svc)
+        return _install_locked(opts, doc, data, layout, trust, m, plan, svc, hw)
+
+
+def _runner(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, m: dict[str, Any], svc: Service,
+            key: str, levels: tuple[int, ...]) -> tune.Runner:
+    t = svc.target
+    safe = opts.safe_all_reduce or vllm.multicast_off(opts.environ)
+    return tune.Runner(build=lambda p, rid: build_release(opts.bundle, doc, data, m, p, layout, rid, t, safe=safe),
+                       layout=layout, mode=t.mode, base=svc.base, key=key, model=m["name"], timeout=svc.timeout,
+                       levels=levels, max_tokens=opts.bench_max_tokens)
+
+
+def _levels(opts: Options, plan: planner.Plan) -> tuple[int, ...]:
+    return opts.bench_levels or tuple(sorted({1, plan.slots}))
 
 
 def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, trust: dict[str, Any],
-                    m: dict[str, Any], plan: planner.Plan, svc: Service) -> dict[str, Any]:
+                    m: dict[str, Any], plan: planner.Plan, svc: Service, hw: probe.Hardware) -> dict[str, Any]:
     t = svc.target
-    rid = release_id(hashlib.sha256(data).hexdigest(), m["file"], plan, t.host, t.port, t.mode, t.user)
     previous = _current_release(layout)
+    stopped = False  # the previous release, stopped here for --tune
+    tuned: dict[str, Any] | None = None
+    if opts.tune:
+        key = _prepare(layout, t)
+        if previous is not None and is_running(previous):
+            info(f"--tune: stopping the running release {previous.name} while the candidates run (one set of GPUs "
+                 "or RAM cannot hold two); the chosen one is installed and started afterwards")
+            ctl(previous, "stop")
+            stopped = True
+        try:
+            version = next((e.get("version", "") for e in doc["engines"] if e["name"] == plan.engine), "")
+            plan, tuned = tune.tune(_runner(opts, doc, data, layout, m, svc, key, _levels(opts, plan)),
+                                    tune.candidates(plan, ModelInfo.from_dict(m["facts"]), hw, version),
+                                    opts.tune_budget, plan.slots)
+        except BaseException:
+            if stopped:
+                assert previous is not None
+                warn(f"restarting the previous release {previous.name}")
+                start(previous, read_target(previous).mode, layout)
+            elif t.mode == "systemd":
+                remove_unit(layout)
+            raise
+    rid = release_id(hashlib.sha256(data).hexdigest(), m["file"], plan, t.host, t.port, t.mode, t.user)
     if previous is not None and previous.name.split("-safe")[0] == rid:
-        return _same_release(previous, layout, doc, m, plan, svc, opts)
-    running = previous is not None and is_running(previous)
+        result = _same_release(previous, layout, doc, m, plan, svc, opts)
+        return _after(opts, doc, data, layout, m, plan, svc, result, tuned)
+    running = previous is not None and (stopped or is_running(previous))
     key = _prepare(layout, t)
     done = layout.home / f".upgrade-{os.getpid()}.done"  # read (and removed) by the guard only
     if running:
@@ -100,8 +138,9 @@ def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Lay
                           str(done), "--ctl", str(previous / "bin" / "ctl"), "--remove", str(layout.releases / rid)],
                          start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, close_fds=True, cwd="/")
-        info(f"stopping the previous release {previous.name} (one set of GPUs or RAM cannot hold both)")
-        ctl(previous, "stop")
+        if not stopped:
+            info(f"stopping the previous release {previous.name} (one set of GPUs or RAM cannot hold both)")
+            ctl(previous, "stop")
     try:
         release, answer, t0 = _start_new_release(opts, doc, data, m, plan, layout, rid, svc, key)
     except BaseException:
@@ -119,13 +158,51 @@ def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Lay
     remember(layout, doc["name"], trust)
     info(f"first answer {time.monotonic() - t0:.1f}s after start")
     result = summary(layout, doc, m, plan, t, answer, changed=True)
-    if opts.bench:
-        from .. import bench
+    return _after(opts, doc, data, layout, m, plan, svc, result, tuned)
 
-        report = bench.sweep(svc.base + "/v1", key, m["name"], sorted({1, plan.slots}), None, 400,
-                             opts.bench_max_tokens)
-        info(bench.table(report))
-        result["bench"] = report
+
+def _after(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, m: dict[str, Any], plan: planner.Plan,
+           svc: Service, result: dict[str, Any], tuned: dict[str, Any] | None) -> dict[str, Any]:
+    """The installed service is up: keep what --tune found in the release, then --bench (and
+    --baseline) against it."""
+    release = layout.current.resolve()
+    if tuned is not None:
+        (release / "tune.json").write_text(json.dumps(tuned, indent=2) + "\n")
+        if tune.write_plot(tuned, release / "tune.png"):
+            info(f"tune plot: {release / 'tune.png'}")
+        info(f"every candidate: {release / 'tune.json'}")
+        result["tune"] = tuned
+    if not opts.bench:
+        return result
+    from .. import bench
+
+    key = read_key(layout)
+    levels = _levels(opts, plan)
+    report = bench.sweep(svc.base + "/v1", key, m["name"], list(levels), None, tune.PROMPT_TOKENS,
+                         opts.bench_max_tokens, min_requests=tune.MIN_REQUESTS)
+    info(bench.table(report))
+    result["bench"] = report
+    if opts.baseline:
+        t = svc.target
+        info(f"--baseline: stopping {release.name} to bench the engine with its own defaults on the same port")
+        ctl(release, "stop")
+        try:
+            ref = tune.reference(plan)
+            row = _runner(opts, doc, data, layout, m, svc, key, levels).run(ref, 0)
+        finally:
+            info(f"starting {release.name} again")
+            start(release, t.mode, layout)
+            wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode), lambda: engine_alive(release, layout, t.mode))
+        if row["error"]:
+            raise BundlerError(f"the engine with its own defaults ({ref.why}) did not serve: {row['error']}",
+                               hint=f"see {layout.log_hint(t.mode)}; the installed service is running again")
+        planned = {"label": "plan (as installed)", "reference": False, "flags": tune.flags_of(plan),
+                   "levels": report["levels"], "error": ""}
+        info(tune.table([planned, row], levels, None))
+        result["baseline"] = {"engine_defaults": row, "vs_defaults": {
+            str(lv): round(tune.tok_s(planned, lv) / tune.tok_s(row, lv), 3) for lv in levels if tune.tok_s(row, lv)}}
+        info("plan / engine defaults: " + ", ".join(f"{v:.2f}x at {k}" for k, v in result["baseline"]["vs_defaults"]
+                                                   .items()))
     return result
 
 
@@ -161,7 +238,7 @@ def _same_release(previous: Path, layout: Layout, doc: dict[str, Any], m: dict[s
     info(f"release {previous.name} is installed but not running; starting it")
     start(previous, t.mode, layout)
     wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode), lambda: engine_alive(previous, layout, t.mode))
-    answer = smoke(svc.base, m["name"], read_key(layout), plan.engine) if opts.smoke else None
+    answer = _smoke(svc, m, read_key(layout), plan, opts)
     return summary(layout, doc, m, plan, t, answer, changed=True)
 
 
@@ -189,7 +266,7 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
             secs = wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode),
                                 lambda r=release: engine_alive(r, layout, t.mode), watch)
             info(f"healthy after {secs:.1f}s")
-            return release, (smoke(svc.base, m["name"], key, plan.engine) if opts.smoke else None), t0
+            return release, _smoke(svc, m, key, plan, opts), t0
         except BaseException as e:
             ctl(release, "stop")
             shutil.rmtree(release, ignore_errors=True)
@@ -200,6 +277,16 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
             warn(f"release {release.name} failed; removed it")
             raise
     raise AssertionError("unreachable: the last try returns or raises")
+
+
+def _smoke(svc: Service, m: dict[str, Any], key: str, plan: planner.Plan, opts: Options) -> str | None:
+    """The smoke test for this model: a chat question for a model with its own chat template, a
+    plain completion for one without (a base model), any text with --smoke-any-answer."""
+    if not opts.smoke:
+        return None
+    expect = "any" if opts.smoke_any_answer else "chat" if (m.get("facts") or {}).get("has_chat_template") \
+        else "completion"
+    return smoke(svc.base, m["name"], key, plan.engine, expect)
 
 
 def switch_current(layout: Layout, release: Path) -> None:

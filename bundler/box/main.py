@@ -55,11 +55,59 @@ def _forget_boot_copies() -> None:
         atexit.register(shutil.rmtree, d, True)
 
 
+def audit_egress(opts: options.Options, argv: list[str]) -> dict[str, Any]:
+    """Run this same install (as a supervised process, with --bench) inside an audited network
+    namespace, stop its service, and report every attempt to reach beyond loopback."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from .. import egress
+    from ..errors import BundlerError
+    from .report import info
+
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        raise BundlerError("--audit-egress needs root and iproute2 (`ip netns`) to make the audited namespace",
+                           hint="run it with sudo on a box with iproute2")
+    child = [a for a in argv if a != "--audit-egress"] + ["--service", "process", "--json"]
+    if "--bench" not in child:
+        child.append("--bench")
+    # the installer again, from the same checked copies (bootstrap.py's PYTHONPATH), not the current directory
+    run_again = 'import runpy, sys; del sys.path[0]; runpy.run_module("bundler.box", run_name="__main__")'
+    with tempfile.TemporaryDirectory(prefix="airgap-audit-") as td:
+        with egress.AuditedNamespace(Path(td) / "egress.jsonl") as ns:
+            info(f"egress audit: install, start, smoke test and bench inside network namespace {ns.name}, whose only "
+                 "way out records every attempt")
+            r = subprocess.run(ns.argv([sys.executable, "-s", "-c", run_again, *child]), stdout=subprocess.PIPE,
+                               text=True, cwd="/")
+            result = json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
+            if result.get("ctl"):
+                subprocess.run(ns.argv([result["ctl"], "stop"]), stdout=subprocess.DEVNULL)
+        attempts = ns.attempts()
+    info(egress.summary(attempts))
+    if r.returncode != 0 and not attempts:
+        raise BundlerError(f"the audited install failed (exit {r.returncode}); no attempt to reach beyond loopback "
+                           "was seen", hint="see its messages above")
+    if attempts:
+        first = attempts[0]
+        raise BundlerError(f"{egress.summary(attempts)}"
+                           + ("" if r.returncode == 0 else f" (the audited install itself failed, exit {r.returncode})"),
+                           hint=f"the first was {first['what']} at {first['time']}; an air-gapped box would hang or "
+                                "fail there")
+    info("the service ran inside the audit namespace and was stopped with it; install again without --audit-egress "
+         "to serve")
+    result["egress"] = {"attempts": 0, "namespace": ns.name, "steps": ["install", "start", "smoke", "bench"]}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     _forget_boot_copies()
+    raw = list(sys.argv[1:] if argv is None else argv)
     opts = options.parse(argv)
     try:
-        result = run(opts)
+        result = audit_egress(opts, raw) if opts.audit_egress else run(opts)
     except BundlerError as e:
         return report(e)
     except KeyboardInterrupt:

@@ -31,8 +31,14 @@ class Options:
     safe_all_reduce: bool = False
     bench: bool = False
     bench_max_tokens: int = 512
+    bench_levels: tuple[int, ...] = ()  # () = 1 and the target concurrency
+    tune: bool = False
+    tune_budget: float = 1200.0  # seconds
+    baseline: bool = False
+    audit_egress: bool = False
     json: bool = False
     smoke: bool = True
+    smoke_any_answer: bool = False
     trust: tuple[Path, ...] = ()
     allow_unsigned: bool = False
     allow_downgrade: bool = False
@@ -42,6 +48,17 @@ class Options:
     service: str = "auto"  # auto | systemd | process
     user: Optional[str] = None  # process mode as root: the account the engine runs as
     environ: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+def parse_duration(text: str) -> float | None:
+    """'900', '900s', '20m', '1h', '1.5h' → seconds; None if it is none of these."""
+    text = text.strip().lower()
+    unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], 0)
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,10 +102,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true",
                    help="after the install, load-test the service at concurrency 1 and the planned slots")
     p.add_argument("--bench-max-tokens", type=int, default=512, help="output tokens per bench request (512)")
+    p.add_argument("--bench-levels", default=None, metavar="N,N,...",
+                   help="concurrency levels for --bench, --baseline and --tune (default: 1 and the target "
+                        "concurrency)")
+    p.add_argument("--audit-egress", action="store_true",
+                   help="as root: run the install, start, smoke test and bench inside a network namespace whose only "
+                        "way out is a dead end that records every connect and DNS lookup, from any process; fails "
+                        "naming each address tried. The service runs as a process there and is stopped with it: "
+                        "install again without this to serve")
+    p.add_argument("--tune", action="store_true",
+                   help="before installing, start the plan and its alternatives on this box one after another "
+                        "(vLLM: tensor x data parallel splits, batch limits, API servers; llama.cpp: slots, unified "
+                        "KV cache), bench each at 1 and the target concurrency, and install the fastest; the "
+                        "engine with its own defaults is benched too, as the reference. The running release is "
+                        "stopped meanwhile (one set of GPUs cannot hold two). Every candidate is printed and kept "
+                        "in the release's tune.json")
+    p.add_argument("--tune-budget", default="20m", metavar="TIME",
+                   help="stop starting candidates once this much time is spent (e.g. 900s, 20m, 1h; default 20m); "
+                        "the plan itself always runs")
+    p.add_argument("--baseline", action="store_true",
+                   help="with --bench: also bench the engine started with its own defaults (`vllm serve MODEL`, "
+                        "`llama-server -m MODEL`) on the same port, then start the service again, and print "
+                        "the plan's ratio to it")
     p.add_argument("--dry-run", action="store_true", help="verify, probe and print the plan; change nothing")
     p.add_argument("--probe", action="store_true", help="print this box's facts as JSON and exit")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
-    p.add_argument("--no-smoke", action="store_true", help="skip the chat request after start")
+    p.add_argument("--no-smoke", action="store_true", help="skip the requests that prove the service answers")
+    p.add_argument("--smoke-any-answer", action="store_true",
+                   help="accept any text as the smoke test's answer (by default an instruction-tuned model must "
+                        "answer 'What is the capital of France?' with Paris and a base model continue 'Monday, "
+                        "Tuesday, Wednesday,' with Thursday): for test models with random weights")
     p.add_argument("--trust", action="append", default=[e for e in [env("AIRGAP_LLM_TRUST")] if e],
                    help="a signer's public key (minisign .pub) to trust; pinned under CONFIG/trusted.d once a bundle "
                         "it signed verifies (AIRGAP_LLM_TRUST)")
@@ -128,6 +171,19 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         v = getattr(a, opt)
         if v is not None and v < 1:
             p.error(f"--{opt.replace('_', '-')} must be at least 1, got {v}")
+    levels: tuple[int, ...] = ()
+    if a.bench_levels:
+        try:
+            levels = tuple(sorted({int(x) for x in a.bench_levels.split(",") if x.strip()}))
+        except ValueError:
+            p.error(f"--bench-levels {a.bench_levels!r}: give whole numbers separated by commas, e.g. 1,50,200")
+        if not levels or levels[0] < 1:
+            p.error(f"--bench-levels {a.bench_levels!r}: each level must be at least 1")
+    budget = parse_duration(a.tune_budget)
+    if budget is None:
+        p.error(f"--tune-budget {a.tune_budget!r}: give a time such as 900s, 20m or 1h")
+    if a.baseline and not a.bench:
+        p.error("--baseline goes with --bench (it compares the installed service with the engine's defaults)")
     actions = [n for n in ("dry_run", "probe", "rollback", "uninstall") if getattr(a, n)]
     if len(actions) > 1:
         p.error("choose one of " + ", ".join("--" + n.replace("_", "-") for n in actions))
@@ -146,7 +202,8 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         concurrency=a.concurrency, context=a.context, timeout=a.timeout, model_path=path(a.model_path),
         model_facts=path(a.model_facts), model_name=a.model_name, tensor_parallel=a.tensor_parallel,
         data_parallel=a.data_parallel, safe_all_reduce=a.safe_all_reduce, bench=a.bench,
-        bench_max_tokens=a.bench_max_tokens, json=a.json, smoke=not a.no_smoke,
+        bench_max_tokens=a.bench_max_tokens, bench_levels=levels, tune=a.tune, tune_budget=budget,
+        baseline=a.baseline, audit_egress=a.audit_egress, json=a.json, smoke=not a.no_smoke, smoke_any_answer=a.smoke_any_answer,
         trust=tuple(Path(t).expanduser().absolute() for t in a.trust), allow_unsigned=a.allow_unsigned,
         allow_downgrade=a.allow_downgrade, yes=a.yes, purge=a.purge,
         trust_fingerprint=a.trust_fingerprint.strip().upper() if a.trust_fingerprint else None,

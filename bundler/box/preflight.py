@@ -4,6 +4,7 @@ packages it reuses, the driver, the port), before anything changes."""
 from __future__ import annotations
 
 import re
+import errno
 import socket
 from typing import Any
 
@@ -90,6 +91,12 @@ def check_port(host: str, port: int, ours_running: bool) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+        except socket.gaierror as e:
+            raise BundlerError(f"--host {host}: not an address this box can resolve without a network ({e.strerror}); "
+                               "nothing was changed", hint="give an IP address of this box, 127.0.0.1, or 0.0.0.0")
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise BundlerError(f"--host {host}: this box has no such address ({e.strerror}); nothing was changed",
+                                   hint="give one of its own addresses (ip -brief addr), 127.0.0.1, or 0.0.0.0")
             raise BundlerError(f"port {port} on {host} is taken by another program ({e.strerror}); nothing was "
                                "changed", hint=f"free it, or pick another with --port (e.g. --port {port + 1})")

@@ -62,14 +62,29 @@ def _copy_hashing(src: Path, dst: Path, sha256: str, label: str | None) -> None:
 
 
 def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
-    """Models are stored once by content: PREFIX/models/SHA256/FILE, hashed as they are copied."""
-    dest = layout.models / m["sha256"] / Path(m["file"]).name
-    if dest.is_file() and dest.stat().st_size == (bundle / m["file"]).stat().st_size:
-        if mf.sha256_file(dest) == m["sha256"]:
-            return dest
-    make_dirs(dest.parent)
-    _copy_hashing(bundle / m["file"], dest, m["sha256"], f"model {Path(m['file']).name}")
-    return dest
+    """Models are stored once by content: PREFIX/models/SHA256/FILE (SHA256 of the first file), a
+    split GGUF's other parts beside it; each hashed as it is copied. Returns the first file."""
+    folder = layout.models / m["sha256"]
+    if m.get("dir"):  # a whole repository (safetensors): its files under PREFIX/models/TREE-ID/, as laid out
+        for f in m["files"]:
+            parts = Path(f["path"]).parts
+            if not parts or Path(f["path"]).is_absolute() or ".." in parts:
+                raise BundlerError(f"manifest.json: model {m['name']} names the file {f['path']!r}, which is not a "
+                                   "plain path inside its folder; nothing was installed", hint="bundle it again")
+            dest = folder / f["path"]
+            src = bundle / m["file"] / f["path"]
+            if dest.is_file() and dest.stat().st_size == src.stat().st_size and mf.sha256_file(dest) == f["sha256"]:
+                continue
+            make_dirs(dest.parent)
+            _copy_hashing(src, dest, f["sha256"], f"model {m['name']}: {f['path']}")
+        return folder
+    for rel, sha in [(m["file"], m["sha256"]), *((p["file"], p["sha256"]) for p in m.get("parts", ()))]:
+        dest = folder / Path(rel).name
+        if dest.is_file() and dest.stat().st_size == (bundle / rel).stat().st_size and mf.sha256_file(dest) == sha:
+            continue
+        make_dirs(folder)
+        _copy_hashing(bundle / rel, dest, sha, f"model {Path(rel).name}")
+    return folder / Path(m["file"]).name
 
 
 def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:

@@ -186,7 +186,10 @@ def launch_argv(python: str, model_path: str, name: str, host: str, port: int, p
              "--max-num-seqs", str(plan.max_num_seqs), "--gpu-memory-utilization", str(plan.gpu_memory_utilization),
              "--uvicorn-log-level", "warning",
              # vLLM's own key guards /v1 only: every route but /health behind it (vllm_auth.py)
-             "--middleware", "bundler.engines.vllm_auth.KeyOnEveryRoute", *plan.extra_args]
+             "--middleware", "bundler.engines.vllm_auth.KeyOnEveryRoute"]
+    if getattr(plan, "api_servers", 0) > 1:
+        argv += ["--api-server-count", str(plan.api_servers)]
+    argv += list(plan.extra_args)
     if safe and plan.tensor_parallel > 1:
         argv += safe_tp_flags(version)
     return argv

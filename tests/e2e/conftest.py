@@ -1,16 +1,19 @@
-"""End to end: a real bundle of the default spec, installed inside a network
-namespace that has only loopback, answering through the official openai client."""
+"""End to end: a real bundle of the default spec, installed inside a network namespace that has
+loopback and an audited dead end for everything else, answering through the official openai client."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+
+from bundler import egress
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,16 +85,23 @@ def second_bundle_dir(tmp_path_factory, signing_home) -> Path:
 
 
 class Netns:
-    """A named network namespace with only `lo` (up); commands run inside it."""
+    """A network namespace with loopback up and one audited way out (bundler.egress): a dead end
+    that records every connect and DNS lookup beyond loopback. Commands run inside it; a test whose
+    commands tried to reach out fails, naming each address (the egress audit, always on in tests)."""
 
     def __init__(self) -> None:
-        self.name = f"airgap-e2e-{uuid.uuid4().hex[:8]}"
+        self.ns: egress.AuditedNamespace | None = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="airgap-netns-"))
+
+    @property
+    def name(self) -> str:
+        assert self.ns is not None
+        return self.ns.name
 
     def __enter__(self) -> Netns:
         if os.geteuid() != 0 or not shutil.which("ip"):
             pytest.fail("the offline e2e test needs root and iproute2 (ip netns) to make a namespace without network")
-        subprocess.run(["ip", "netns", "add", self.name], check=True)
-        subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"], check=True)
+        self.ns = egress.AuditedNamespace(self.tmp / "egress.jsonl").__enter__()
         return self
 
     def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -105,15 +115,18 @@ class Netns:
         kw.setdefault("stderr", subprocess.DEVNULL)
         return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)
 
+    def attempts(self) -> list[dict]:
+        assert self.ns is not None
+        return self.ns.attempts()
+
     def __exit__(self, *exc) -> None:
-        # nothing may outlive the namespace: kill what still runs in it
-        pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), 9)
-            except (ProcessLookupError, ValueError):
-                pass
-        subprocess.run(["ip", "netns", "del", self.name], check=False)
+        # nothing may outlive the namespace: AuditedNamespace kills what still runs in it
+        assert self.ns is not None
+        self.ns.__exit__(*exc)
+        seen = self.ns.attempts()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if seen and exc[0] is None and not getattr(self, "expect_egress", False):
+            pytest.fail(egress.summary(seen))
 
 
 @pytest.fixture

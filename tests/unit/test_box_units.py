@@ -181,3 +181,32 @@ def test_the_key_pinned_is_the_one_that_verified_not_the_first_with_its_id(tmp_p
     data = (root / "manifest.json").read_bytes()
     record = check_trust(root, manifest.parse(data, root), layout, opts, data)
     assert record["pin"] == str(tmp_path / "real.pub") and record["key"] == real.fingerprint
+
+
+def test_a_repository_model_is_stored_once_with_its_layout_and_every_file_hashed(tmp_path):
+    """A whole-repo model (safetensors for vLLM) keeps its folders; a file swapped in the bundle
+    after the check is refused, and a path out of the model's folder is refused before any copy."""
+    import hashlib
+
+    from bundler.box.release import store_model
+
+    bundle = tmp_path / "b"
+    files = {"config.json": b"{}", "model-00001-of-00002.safetensors": b"a" * 100, "sub/tokenizer.json": b"t"}
+    for p, data in files.items():
+        (bundle / "models/tiny" / p).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / "models/tiny" / p).write_bytes(data)
+    m = {"name": "tiny", "file": "models/tiny", "dir": True, "sha256": "f" * 64,
+         "files": [{"path": p, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for p, d in files.items()]}
+    layout = lay.Layout(prefix=tmp_path / "p", etc=tmp_path / "p/etc", name="n")
+    folder = store_model(bundle, m, layout)
+    assert folder == tmp_path / "p/models" / ("f" * 64)
+    assert {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files
+    assert store_model(bundle, m, layout) == folder  # a second release reuses what is stored
+    (bundle / "models/tiny/config.json").write_bytes(b"[]")
+    (folder / "config.json").unlink()
+    with pytest.raises(BundlerError, match="changed while it was copied"):
+        store_model(bundle, m, layout)
+    evil = dict(m, files=[{"path": "../../etc/cron.d/x", "sha256": "0" * 64, "size": 1}])
+    with pytest.raises(BundlerError, match="not a plain path inside its folder"):
+        store_model(bundle, evil, layout)
+    assert not (tmp_path / "p/etc/cron.d").exists()

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from bundler import planner
@@ -158,6 +160,19 @@ def test_max_num_seqs_is_never_below_vllms_own_default_nor_the_load(conc):
     assert any(r.startswith(f"--max-num-seqs {p.max_num_seqs}: vLLM's own default") for r in p.reasons)
 
 
+@pytest.mark.parametrize("cpus,conc,api", [(32, 50, 2), (32, 200, 0), (4, 50, 0)])
+def test_a_second_api_server_where_the_cores_allow(cpus, conc, api):
+    """One vLLM front-end process capped one H200 at ~11,000 tok/s at 200 streams, two served 17,028
+    (issue #12, --tune on the box); data-parallel replicas get one each from vllm serve itself."""
+    hw = replace(_device_box("device-h200x2-probe.json"), cpus=cpus)
+    p = planner.plan("m", _qwen7b(), hw, planner.Intent(concurrency=conc, context=4096),
+                     engines_available=planner.ALL_ENGINES)
+    assert p.api_servers == api
+    said = " ".join(p.reasons)
+    assert ("--api-server-count 2" in said) == (api == 2)
+    assert ("one per replica" in said) == (p.data_parallel > 1)
+
+
 @pytest.mark.parametrize("name,mib,default", [("NVIDIA H100 80GB HBM3", 81559, 1024),
                                               ("NVIDIA A100-SXM4-80GB", 81920, 256),
                                               ("NVIDIA L40S", 46068, 256), ("NVIDIA H200", 143771, 1024)])
@@ -200,3 +215,37 @@ def test_the_cuda_build_is_refused_on_a_cpu_without_what_its_cpu_side_needs():
     p = planner.plan("gemma", GEMMA, new, planner.Intent(4, 4096), engines_available=("cpu", "cuda"),
                      cpu_variants=tuple(llama_cpp.CPU_VARIANTS), cuda_cpu_flags=need)
     assert p.backend == "cuda" and any("AVX2/FMA code" in r for r in p.reasons)
+
+
+@pytest.mark.parametrize("method,cc,ok", [("awq", "7.0", False), ("awq", "7.5", True), ("fp8", "7.5", False),
+                                          ("fp8", "8.0", True), ("gptq", "7.0", True),
+                                          ("compressed-tensors", "7.5", False)])
+def test_a_quantization_the_gpus_cannot_run_is_refused_with_the_reason(method, cc, ok):
+    from bundler.probe import Gpu
+
+    q8b = replace(_llama(32, 32, int(5.7 * GiB)), quantization=method, bits=4.0 if method != "fp8" else 8.0,
+                  group_size=128 if method != "fp8" else 0)
+    gpu = Gpu(index=0, name="GPU", memory_total_mib=32768, memory_free_mib=32000, compute_capability=cc,
+              driver="580.65")
+    hw = box(cpus=16, gpus=(gpu,))
+    if ok:
+        p = planner.plan("q", q8b, hw, planner.Intent(8, 4096), engines_available=planner.ALL_ENGINES)
+        assert p.engine == "vllm" and any(r.startswith(f"quantization {method.upper()}") for r in p.reasons)
+    else:
+        with pytest.raises(PlanRefused) as e:
+            planner.plan("q", q8b, hw, planner.Intent(8, 4096), engines_available=planner.ALL_ENGINES)
+        assert f"compute capability >= {planner.VLLM_QUANT_MIN_CC[method]}" in e.value.message and cc in e.value.message
+
+
+def test_quantization_config_is_read_from_the_model_directory(tmp_path):
+    import json
+
+    from bundler.modelinfo import inspect_hf
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 8192, "vocab_size": 128256,
+        "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}}))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1024)
+    info = inspect_hf(tmp_path)
+    assert (info.quantization, info.bits, info.group_size, info.format) == ("awq", 4.0, 128, "safetensors")

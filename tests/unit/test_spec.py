@@ -65,3 +65,46 @@ def test_hf_source_defaults_file_name_from_path(write_spec):
     s = spec.load(write_spec(GOOD.replace("pypi:some-model==1.0", "hf://org/repo/sub/x.gguf@" + "0" * 40)
                              .replace('file = "m.gguf"\n', "")))
     assert s.models[0].file == "x.gguf"
+
+
+SPLIT = f"""
+[bundle]
+name = "demo"
+[[models]]
+source = "hf://org/repo/q4/big-00001-of-00003.gguf@{'0' * 40}"
+sha256 = "{SHA}"
+[[models.parts]]
+file = "big-00002-of-00003.gguf"
+sha256 = "{'b' * 64}"
+[[models.parts]]
+file = "big-00003-of-00003.gguf"
+sha256 = "{'c' * 64}"
+"""
+
+
+def test_a_split_gguf_lists_every_part_and_each_comes_from_beside_the_first(write_spec):
+    m = spec.load(write_spec(SPLIT)).models[0]
+    assert (m.name, m.file) == ("big", "big-00001-of-00003.gguf")
+    assert m.parts == (("big-00002-of-00003.gguf", "b" * 64), ("big-00003-of-00003.gguf", "c" * 64))
+    p = m.part(*m.parts[1])
+    assert p.source == f"hf://org/repo/q4/big-00003-of-00003.gguf@{'0' * 40}" and p.sha256 == "c" * 64
+    local = spec.ModelSpec(name="x", source="/data/m/x-00001-of-00002.gguf", sha256=SHA, format="gguf",
+                           file="x-00001-of-00002.gguf")
+    assert local.part("x-00002-of-00002.gguf", SHA).source == "/data/m/x-00002-of-00002.gguf"
+    web = spec.ModelSpec(name="x", source="https://h/m/x-00001-of-00002.gguf", sha256=SHA, format="gguf",
+                         file="x-00001-of-00002.gguf")
+    assert web.part("x-00002-of-00002.gguf", SHA).source == "https://h/m/x-00002-of-00002.gguf"
+
+
+@pytest.mark.parametrize("text, key, fix", [
+    # a part left out: the error names every part the first one needs
+    (SPLIT.split("[[models.parts]]")[0], "needs ['big-00002-of-00003.gguf', 'big-00003-of-00003.gguf']",
+     "[[models.parts]]"),
+    (SPLIT.replace("big-00003-of-00003.gguf", "big-00004-of-00003.gguf"), "models[0].parts", "in order"),
+    (SPLIT.replace("00001-of", "00002-of"), "is not the first part", "-00001-of-NNNNN"),
+    (SPLIT.replace("b" * 64, "nope"), "models[0].parts[0].sha256", "sha256sum"),
+])
+def test_split_gguf_errors_name_the_parts(write_spec, text, key, fix):
+    with pytest.raises(SpecError) as e:
+        spec.load(write_spec(text))
+    assert key in e.value.message and fix in (e.value.hint or "") + e.value.message

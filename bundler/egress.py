@@ -1,0 +1,211 @@
+"""Egress audit: record every attempt to reach beyond loopback, from any process, static binaries
+included (standard library only, so it runs on the box).
+
+A network namespace gets loopback and one "uplink" (a veth pair whose other end stays inside the
+namespace, unaddressed: a dead end) that carries the default route, through a gateway whose
+hardware address is fixed so no packet waits for ARP, and a resolver address
+(/etc/netns/NAME/resolv.conf, which `ip netns exec` mounts over /etc/resolv.conf). Nothing sent
+there goes anywhere, but a packet socket on it sees each packet leave: a TCP connect shows as a
+SYN, a DNS lookup as a UDP query whose name can be read. `watch` writes one JSON line per attempt.
+(IPv4: the namespace has no IPv6 route, so an IPv6 connect fails at once, unrecorded.)
+
+    python -m bundler.egress watch --iface up0 --out FILE     (inside the namespace)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+UPLINK = "up0"
+UPLINK_ADDR = "192.0.2.1/32"  # TEST-NET-1: documentation addresses, never routed anywhere real
+GATEWAY = "192.0.2.254"
+RESOLVER = "192.0.2.53"
+ETH_P_ALL = 0x0003
+
+
+def _dns_name(payload: bytes) -> str:
+    """The first question's name of a DNS query ("" if it is not one)."""
+    try:
+        i, labels = 12, []
+        while payload[i]:
+            n = payload[i]
+            labels.append(payload[i + 1:i + 1 + n].decode("ascii", "replace"))
+            i += 1 + n
+        return ".".join(labels)
+    except (IndexError, UnicodeDecodeError):
+        return ""
+
+
+def parse_frame(frame: bytes) -> dict[str, Any] | None:
+    """What an Ethernet frame leaving the uplink tried to reach (None for what is no attempt,
+    e.g. IPv6 neighbour discovery the kernel sends on its own)."""
+    if len(frame) < 14:
+        return None
+    ethertype = struct.unpack("!H", frame[12:14])[0]
+    if ethertype == 0x0800 and len(frame) >= 34:
+        ihl = (frame[14] & 0x0F) * 4
+        proto = frame[23]
+        dst = socket.inet_ntoa(frame[30:34])
+        l4 = frame[14 + ihl:]
+        if 224 <= frame[30] <= 239:  # multicast (IGMP and the like): the kernel's, not a program's
+            return None
+    elif ethertype == 0x86DD and len(frame) >= 54:
+        proto = frame[20]
+        dst = socket.inet_ntop(socket.AF_INET6, frame[38:54])
+        l4 = frame[54:]
+        if proto in (0, 58) or frame[38] == 0xFF:  # ICMPv6, MLD, multicast: the kernel's, not a program's
+            return None
+    else:
+        return None
+    if proto == 6 and len(l4) >= 14:
+        port, flags = struct.unpack("!H", l4[2:4])[0], l4[13]
+        if flags & 0x02 and not flags & 0x10:  # SYN without ACK: a connect()
+            return {"proto": "tcp", "address": dst, "port": port, "what": f"connect to {dst}:{port}"}
+        return None
+    if proto == 17 and len(l4) >= 8:
+        port = struct.unpack("!H", l4[2:4])[0]
+        if port == 53:
+            name = _dns_name(l4[8:])
+            return {"proto": "dns", "address": dst, "port": 53, "name": name, "what": f"DNS lookup of {name!r}"}
+        return {"proto": "udp", "address": dst, "port": port, "what": f"UDP to {dst}:{port}"}
+    if proto == 1:
+        return {"proto": "icmp", "address": dst, "port": 0, "what": f"ping {dst}"}
+    return {"proto": str(proto), "address": dst, "port": 0, "what": f"IP protocol {proto} to {dst}"}
+
+
+def watch(iface: str, out: Path) -> None:
+    """Append every attempt seen leaving `iface` to `out` (JSON lines) until SIGTERM."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.bind((iface, 0))
+    s.settimeout(0.5)
+    stop = False
+
+    def _stop(*_a):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    with open(out, "a", buffering=1) as f:
+        f.write(json.dumps({"ready": True}) + "\n")
+        while not stop:
+            try:
+                frame, addr = s.recvfrom(65535)
+            except socket.timeout:
+                continue
+            if addr[2] != socket.PACKET_OUTGOING:
+                continue
+            seen = parse_frame(frame)
+            if seen:
+                seen["time"] = round(time.time(), 3)
+                f.write(json.dumps(seen) + "\n")
+
+
+class AuditedNamespace:
+    """A network namespace with loopback, a dummy uplink with the default route and a resolver
+    on it, and a watcher recording what leaves. Root and iproute2 are needed."""
+
+    def __init__(self, log: Path, name: str = ""):
+        self.name = name or f"airgap-audit-{uuid.uuid4().hex[:8]}"
+        self.log = log
+        self.watcher: subprocess.Popen | None = None
+        self.etc = Path("/etc/netns") / self.name
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.name, "ip", *args], check=True, capture_output=True)
+
+    def __enter__(self) -> AuditedNamespace:
+        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
+        self._ip("link", "set", "lo", "up")
+        self._ip("link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK + "p")
+        self._ip("addr", "add", UPLINK_ADDR, "dev", UPLINK)
+        self._ip("link", "set", UPLINK + "p", "up")
+        self._ip("link", "set", UPLINK, "up")
+        self._ip("route", "add", GATEWAY, "dev", UPLINK)
+        self._ip("route", "add", "default", "via", GATEWAY)
+        mac = Path(f"/sys/class/net/{UPLINK}p/address")  # not visible from here: ask inside the namespace
+        peer = subprocess.run(["ip", "netns", "exec", self.name, "cat", str(mac)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        self._ip("neigh", "add", GATEWAY, "lladdr", peer, "dev", UPLINK, "nud", "permanent")
+        self.etc.mkdir(parents=True, exist_ok=True)
+        (self.etc / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.log.write_text("")
+        pkg = str(Path(__file__).resolve().parents[1])
+        self.watcher = subprocess.Popen(
+            ["ip", "netns", "exec", self.name, sys.executable, "-s", "-m", "bundler.egress", "watch", "--iface",
+             UPLINK, "--out", str(self.log)], env=dict(os.environ, PYTHONPATH=pkg), cwd="/",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):  # until the watcher's socket is open
+            if self.log.read_text():
+                break
+            time.sleep(0.05)
+        return self
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def attempts(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            d = json.loads(line)
+            if not d.get("ready"):
+                out.append(d)
+        return out
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.3)  # the last packets reach the watcher
+        if self.watcher is not None:
+            self.watcher.terminate()
+            try:
+                self.watcher.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.watcher.kill()
+        pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        for f in (self.etc / "resolv.conf", self.etc):
+            try:
+                f.unlink() if f.is_file() else f.rmdir()
+            except OSError:
+                pass
+
+
+def summary(attempts: list[dict[str, Any]]) -> str:
+    if not attempts:
+        return "egress audit: no attempt to reach beyond loopback"
+    seen: dict[str, int] = {}
+    for a in attempts:
+        seen[a["what"]] = seen.get(a["what"], 0) + 1
+    return (f"egress audit: {len(attempts)} attempt(s) to reach beyond loopback: "
+            + "; ".join(f"{w} (x{n})" if n > 1 else w for w, n in seen.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bundler.egress")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("watch")
+    w.add_argument("--iface", default=UPLINK)
+    w.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    watch(a.iface, Path(a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
