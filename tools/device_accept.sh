@@ -136,6 +136,23 @@ alt70() {  # the 70B alternative to what the planner chose: TP 4 ↔ TP 2 × DP 
     else serve4 70b-tp4 70b --tensor-parallel 4 --data-parallel 1; fi
 }
 
+llama_gpu() {  # issues #12 and #16: the CUDA llama-server bundle alone (docs/device/gpu-box-llama.toml) on an
+    # 8B F16 GGUF, the README's root install with the bundle's defaults, --bench --baseline at 1, 4 and 50
+    # (the plan against `llama-server -m MODEL` on the same port), and the CPU level its log names
+    mkdir -p "$MODELS"
+    [ -f "$MODELS/llama-8b-f16.gguf" ] || python3 tools/synthetic_gguf.py .carry/gguf-tools/gguf-py \
+        .carry/gguf-tools/ggml-vocab-llama-bpe.gguf "$MODELS/llama-8b-f16.gguf" 8b
+    PYTHONPATH=.carry/gguf-tools/gguf-py python3 -m bundler.cli inspect "$MODELS/llama-8b-f16.gguf" \
+        > "$MODELS/llama-8b-f16.json"
+    sh /tmp/b/gpu-box-llama/install.sh --trust /tmp/b/signing-key.pub --model-facts "$MODELS/llama-8b-f16.json" \
+        --smoke-any-answer --bench --baseline --bench-levels 1,4,50 --json > "$OUT/llama-gpu.json" \
+        2> "$OUT/llama-gpu.log" || { tail -n 30 "$OUT/llama-gpu.log"; tail -n 40 /opt/airgap-llm/gpu-box-llama/log/*.log; exit 1; }
+    tr '\r' '\n' < "$OUT/llama-gpu.log" | grep -vE "waiting for the engine|concurrency [0-9]+:" | tail -n 25
+    grep -E "system_info|CPU :|offloaded|n_slots|kv_unified" /opt/airgap-llm/gpu-box-llama/log/*.log | head -8 \
+        | tee "$OUT/llama-gpu-engine.txt"
+    /opt/airgap-llm/gpu-box-llama/current/bin/ctl stop
+}
+
 tune7b() {  # issue #12, one GPU, in the background (poll with `wait_for /tmp/tune7b SECONDS`): the README's root
     # install of the bundle as it is (its target load), with --tune: the plan, `vllm serve MODEL` and the
     # alternatives, each benched at 1, 50 and 200 concurrent requests; a Qwen2-7B shape (4 KV heads)
