@@ -108,3 +108,9 @@ def test_split_gguf_errors_name_the_parts(write_spec, text, key, fix):
     with pytest.raises(SpecError) as e:
         spec.load(write_spec(text))
     assert key in e.value.message and fix in (e.value.hint or "") + e.value.message
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "docs" / "device").glob("*.toml")), ids=lambda p: p.name)
+def test_the_specs_the_docs_tell_users_to_build_are_valid(path):
+    s = spec.load(path)
+    assert s.models and s.service.concurrency == 50  # the target the GPU measurements were made at
