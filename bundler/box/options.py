@@ -82,7 +82,8 @@ def parser() -> argparse.ArgumentParser:
                    "usually 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(env("AIRGAP_LLM_PORT", "0")) or None,
                    help="port to listen on (default: the bundle's)")
-    p.add_argument("--concurrency", type=int, default=None, help="requests served at once (default: the bundle's)")
+    p.add_argument("--concurrency", type=int, default=None, help="the load to plan for: concurrent requests (default: the bundle's); it sizes slots, memory and "
+                        "parallelism, and is not a cap where the engine can serve more")
     p.add_argument("--context", type=int, default=None, help="tokens per request (default: the bundle's)")
     p.add_argument("--timeout", type=float, default=float(env("AIRGAP_LLM_HEALTH_TIMEOUT", "0")) or None,
                    help="seconds to wait for the engine to become healthy (default 300; 900 for vLLM)")
