@@ -206,7 +206,7 @@ def _repo_model(spec: Spec, m: Any, stage: Path, upgrade: bool, log) -> dict[str
         info = inspect_hf(folder)
         entry.update(file=f"models/{m.file}", sha256=_tree_id(files), facts=info.to_dict(), dir=True)
         log(f"model {m.name}: {info.architecture}, {info.layers} layers, {info.file_size / 2**30:.2f} GiB of weights"
-            + (f", {info.quantization}" if getattr(info, "quantization", "") else ""))
+            + (f", {info.quantization}" if info.quantization else ""))
     return entry
 
 

@@ -158,12 +158,18 @@ def vllm_max_num_seqs(gpu: Gpu, per_replica: int) -> tuple[int, str]:
     seqs = max(default, per_replica)
     why = (f"--max-num-seqs {seqs}: vLLM's own default for a {gpu.memory_total_mib // 1024} GiB "
            f"{gpu.name or 'GPU'} is {default}" + (", kept: the target load" if seqs == default else
-                                                   f", raised to the target load") +
+                                                   ", raised to the target load") +
            f" ({per_replica} per replica) is planned for, not capped at; CUDA graphs cover batches up to "
            f"{min(2 * seqs, 512)}")
     if per_replica > 512:
-        why += f" (batches above 512 run without graphs: more replicas or GPUs keep them inside)"
+        why += " (batches above 512 run without graphs: more replicas or GPUs keep them inside)"
     return seqs, why
+
+
+def vllm_api_servers(hw: Hardware, data_parallel: int) -> int:
+    """--api-server-count for a plan: API_SERVERS for one replica on a box with the cores for it,
+    else 0 (vLLM's own: one per replica)."""
+    return API_SERVERS if data_parallel == 1 and hw.cpus >= API_SERVER_MIN_CPUS else 0
 
 
 def ram_needed(info: ModelInfo, slots: int, ctx: int) -> int:
@@ -549,7 +555,7 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                        "replicas (data parallel) may serve better")
     reasons += [f"not TP {w_}" for w_ in not_ok]
     reasons.append(seqs_why)
-    api = API_SERVERS if dp == 1 and hw.cpus >= API_SERVER_MIN_CPUS else 0
+    api = vllm_api_servers(hw, dp)
     if api:
         reasons.append(f"--api-server-count {api}: one front-end process capped one H200 at ~11,000 tok/s with 200 "
                        f"streams of a 7B, two served 17,028 (four no more); {hw.cpus} cores leave room for it")

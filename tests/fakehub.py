@@ -193,8 +193,9 @@ def tiny_llama_repo(commit: str = "c0ffee" + "0" * 34) -> Repo:
                                                                        "model.norm.weight": t(d)}]
     for i in range(layers):
         p = f"model.layers.{i}."
-        shards[i % 2].update({p + "self_attn.q_proj.weight": t(d, d), p + "self_attn.k_proj.weight": t(d // heads * kv, d),
-                              p + "self_attn.v_proj.weight": t(d // heads * kv, d), p + "self_attn.o_proj.weight": t(d, d),
+        kv_dim = d // heads * kv
+        shards[i % 2].update({p + "self_attn.q_proj.weight": t(d, d), p + "self_attn.k_proj.weight": t(kv_dim, d),
+                              p + "self_attn.v_proj.weight": t(kv_dim, d), p + "self_attn.o_proj.weight": t(d, d),
                               p + "mlp.gate_proj.weight": t(ffn, d), p + "mlp.up_proj.weight": t(ffn, d),
                               p + "mlp.down_proj.weight": t(d, ffn), p + "input_layernorm.weight": t(d),
                               p + "post_attention_layernorm.weight": t(d)})

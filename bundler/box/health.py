@@ -142,8 +142,8 @@ COMPLETION_ANSWER = "thursday"
 
 
 def _noise(what: str, asked: str, got: str, expected: str) -> BundlerError:
-    return BundlerError(f"the service answers, but not sensibly: asked {asked!r} ({what}), the model said {got[:120]!r}, "
-                        f"expected {expected!r} in it",
+    return BundlerError(f"the service answers, but not sensibly: asked {asked!r} ({what}), the model said "
+                        f"{got[:120]!r}, expected {expected!r} in it",
                         hint="a wrong chat template, damaged weights or the wrong model; if this model is not meant to "
                              "answer that (e.g. a test model with random weights), pass --smoke-any-answer")
 

@@ -199,8 +199,7 @@ def _after(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, m: d
         planned = {"label": "plan (as installed)", "reference": False, "flags": tune.flags_of(plan),
                    "levels": report["levels"], "error": ""}
         info(tune.table([planned, row], levels, None))
-        result["baseline"] = {"engine_defaults": row, "vs_defaults": {
-            str(lv): round(tune.tok_s(planned, lv) / tune.tok_s(row, lv), 3) for lv in levels if tune.tok_s(row, lv)}}
+        result["baseline"] = {"engine_defaults": row, "vs_defaults": tune.ratios(planned, row, levels)}
         info("plan / engine defaults: " + ", ".join(f"{v:.2f}x at {k}" for k, v in result["baseline"]["vs_defaults"]
                                                    .items()))
     return result

@@ -92,8 +92,8 @@ def audit_egress(opts: options.Options, argv: list[str]) -> dict[str, Any]:
                            "was seen", hint="see its messages above")
     if attempts:
         first = attempts[0]
-        raise BundlerError(f"{egress.summary(attempts)}"
-                           + ("" if r.returncode == 0 else f" (the audited install itself failed, exit {r.returncode})"),
+        failed = "" if r.returncode == 0 else f" (the audited install itself failed, exit {r.returncode})"
+        raise BundlerError(f"{egress.summary(attempts)}{failed}",
                            hint=f"the first was {first['what']} at {first['time']}; an air-gapped box would hang or "
                                 "fail there")
     info("the service ran inside the audit namespace and was stopped with it; install again without --audit-egress "

@@ -82,8 +82,9 @@ def parser() -> argparse.ArgumentParser:
                    "usually 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(env("AIRGAP_LLM_PORT", "0")) or None,
                    help="port to listen on (default: the bundle's)")
-    p.add_argument("--concurrency", type=int, default=None, help="the load to plan for: concurrent requests (default: the bundle's); it sizes slots, memory and "
-                        "parallelism, and is not a cap where the engine can serve more")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="the load to plan for: concurrent requests (default: the bundle's); it sizes slots, memory "
+                        "and parallelism, and is not a cap where the engine can serve more")
     p.add_argument("--context", type=int, default=None, help="tokens per request (default: the bundle's)")
     p.add_argument("--timeout", type=float, default=float(env("AIRGAP_LLM_HEALTH_TIMEOUT", "0")) or None,
                    help="seconds to wait for the engine to become healthy (default 300; 900 for vLLM)")
@@ -204,7 +205,8 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         model_facts=path(a.model_facts), model_name=a.model_name, tensor_parallel=a.tensor_parallel,
         data_parallel=a.data_parallel, safe_all_reduce=a.safe_all_reduce, bench=a.bench,
         bench_max_tokens=a.bench_max_tokens, bench_levels=levels, tune=a.tune, tune_budget=budget,
-        baseline=a.baseline, audit_egress=a.audit_egress, json=a.json, smoke=not a.no_smoke, smoke_any_answer=a.smoke_any_answer,
+        baseline=a.baseline, audit_egress=a.audit_egress, json=a.json, smoke=not a.no_smoke,
+        smoke_any_answer=a.smoke_any_answer,
         trust=tuple(Path(t).expanduser().absolute() for t in a.trust), allow_unsigned=a.allow_unsigned,
         allow_downgrade=a.allow_downgrade, yes=a.yes, purge=a.purge,
         trust_fingerprint=a.trust_fingerprint.strip().upper() if a.trust_fingerprint else None,

@@ -94,8 +94,8 @@ def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware,
                            "GPU(s)", hint=f"tensor-parallel sizes that work here: {', '.join(map(str, ok))}")
     share = max(1, -(-plan.slots // dp))
     seqs, _ = planner.vllm_max_num_seqs(min(hw.gpus, key=lambda g: g.memory_total_mib), share)
-    api = planner.API_SERVERS if dp == 1 and hw.cpus >= planner.API_SERVER_MIN_CPUS else 0
-    return replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs, api_servers=api,
+    return replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs,
+                   api_servers=planner.vllm_api_servers(hw, dp),
                    reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp} × data parallel "
                                            f"{dp}, ~{share} of the {plan.slots} requests per replica, --max-num-seqs "
                                            f"{seqs}"))

@@ -71,20 +71,20 @@ def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
             if not parts or Path(f["path"]).is_absolute() or ".." in parts:
                 raise BundlerError(f"manifest.json: model {m['name']} names the file {f['path']!r}, which is not a "
                                    "plain path inside its folder; nothing was installed", hint="bundle it again")
-            dest = folder / f["path"]
-            src = bundle / m["file"] / f["path"]
-            if dest.is_file() and dest.stat().st_size == src.stat().st_size and mf.sha256_file(dest) == f["sha256"]:
-                continue
-            make_dirs(dest.parent)
-            _copy_hashing(src, dest, f["sha256"], f"model {m['name']}: {f['path']}")
-        return folder
-    for rel, sha in [(m["file"], m["sha256"]), *((p["file"], p["sha256"]) for p in m.get("parts", ()))]:
-        dest = folder / Path(rel).name
+        todo = [(f"{m['file']}/{f['path']}", f["path"], f["sha256"], f"model {m['name']}: {f['path']}")
+                for f in m["files"]]
+        stored = folder
+    else:
+        todo = [(rel, Path(rel).name, sha, f"model {Path(rel).name}")
+                for rel, sha in [(m["file"], m["sha256"]), *((p["file"], p["sha256"]) for p in m.get("parts", ()))]]
+        stored = folder / Path(m["file"]).name
+    for rel, name, sha, label in todo:  # path in the bundle, path under the model's folder, sha256, progress label
+        dest = folder / name
         if dest.is_file() and dest.stat().st_size == (bundle / rel).stat().st_size and mf.sha256_file(dest) == sha:
             continue
-        make_dirs(folder)
-        _copy_hashing(bundle / rel, dest, sha, f"model {Path(rel).name}")
-    return folder / Path(m["file"]).name
+        make_dirs(dest.parent)
+        _copy_hashing(bundle / rel, dest, sha, label)
+    return stored
 
 
 def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:

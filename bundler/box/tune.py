@@ -107,8 +107,8 @@ class Runner:
     def run(self, c: Candidate, index: int) -> dict[str, Any]:
         from .. import bench
 
-        rid = "tune-%d-%s" % (index, hashlib.sha256(json.dumps(c.plan.to_dict(), sort_keys=True).encode())
-                              .hexdigest()[:8])
+        digest = hashlib.sha256(json.dumps(c.plan.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        rid = f"tune-{index}-{digest}"
         row: dict[str, Any] = {"label": c.label, "why": c.why, "reference": c.reference,
                                "flags": flags_of(c.plan), "levels": [], "error": ""}
         t0 = time.monotonic()
@@ -150,6 +150,11 @@ def flags_of(plan: planner.Plan) -> str:
 
 def tok_s(row: dict[str, Any], level: int) -> float:
     return next((lv["tok_s"] for lv in row["levels"] if lv["concurrency"] == level), 0.0)
+
+
+def ratios(row: dict[str, Any], ref: dict[str, Any], levels: tuple[int, ...]) -> dict[str, float]:
+    """row's tok/s over ref's at each level where ref served ("1": 1.02, ...)."""
+    return {str(lv): round(tok_s(row, lv) / tok_s(ref, lv), 3) for lv in levels if tok_s(ref, lv)}
 
 
 def choose(rows: list[dict[str, Any]], target: int) -> int:
@@ -212,8 +217,7 @@ def tune(runner: Runner, cands: list[Candidate], budget: float, target: int) -> 
               "max_tokens": runner.max_tokens, "noise": NOISE, "chosen": rows[chosen]["label"], "candidates": rows}
     ref = next((r for r in rows if r["reference"] and not r["error"]), None)
     if ref:
-        report["vs_defaults"] = {str(lv): round(tok_s(rows[chosen], lv) / tok_s(ref, lv), 3)
-                                 for lv in runner.levels if tok_s(ref, lv)}
+        report["vs_defaults"] = ratios(rows[chosen], ref, runner.levels)
     plan = cands[chosen].plan
     if chosen:
         plan = replace(plan, reasons=(*plan.reasons, f"--tune: {cands[chosen].label} served "

@@ -251,8 +251,8 @@ def launch_argv(binary: str, model_path: str, alias: str, host: str, port: int, 
         "--ctx-size", str(plan.slots * plan.context_per_slot),
         "--threads", str(plan.threads),
         "--cont-batching",
-        # one KV buffer for every slot, as llama-server does when it picks the slots itself: faster
-        # than a buffer per slot (--tune measured 1.06x at 4 requests on the default bundle)
+        # one KV buffer for every slot, as llama-server does when it picks the slots itself (with it
+        # the plan matched or beat llama-server's defaults at 1, 4 and 50: docs/BENCHMARKS.md)
         "--kv-unified",
         "--no-webui",
         "--offline",

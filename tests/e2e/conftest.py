@@ -8,7 +8,6 @@ import shutil
 import tempfile
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,6 @@ process; `install.sh --audit-egress` runs install, start, smoke and bench under 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
