@@ -76,6 +76,8 @@ def _shared_libs(binary: Path) -> list[Path]:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):  # one file served as two models (say chat and embed)
+        return
     try:
         os.link(src, dst)
     except OSError:
@@ -303,6 +305,8 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
                        "parts": [{"file": f"models/{f}", "sha256": sha} for f, sha in m.parts]})
         log(f"model {m.name}: {info.architecture}, {info.layers} layers, {info.file_size / 2**20:.0f} MiB, "
             f"trained context {info.context_length}")
+    for m, entry in zip(spec.models, models):  # what each serves, and where
+        entry.update(task=m.task, port=m.port)
 
     meta = {
         "schema": 1,

@@ -33,6 +33,7 @@ class ModelInfo:
     tensor_types: tuple[tuple[str, int], ...] = ()  # GGUF: (type, count), most common first
     quantization: str = ""  # safetensors: quantization_config.quant_method (awq, gptq, fp8, compressed-tensors, ...)
     group_size: int = 0  # AWQ/GPTQ group size
+    pooling: str = ""  # GGUF: the pooling an embedding model declares (mean, cls, last, rank); "" when none
 
     def kv_bytes_per_token(self, bytes_per_element: float = 2.0) -> float:
         """Upper bound: every layer keeps full-context K and V (f16 by default)."""
@@ -49,6 +50,9 @@ class ModelInfo:
         d = {k: v for k, v in d.items() if k in known}
         d["tensor_types"] = tuple(tuple(t) for t in d.get("tensor_types", ()))
         return cls(**d)
+
+
+POOLING = {1: "mean", 2: "cls", 3: "last", 4: "rank"}  # llama.cpp's enum llama_pooling_type (0: none)
 
 
 def _reader(path: Path):
@@ -111,6 +115,7 @@ def inspect_gguf(path: Path) -> ModelInfo:
         sliding_window=int(_field(r, f"{arch}.attention.sliding_window", 0) or 0),
         experts=int(_field(r, f"{arch}.expert_count", 0) or 0),
         has_chat_template="tokenizer.chat_template" in r.fields,
+        pooling=POOLING.get(int(_field(r, f"{arch}.pooling_type", 0) or 0), ""),
         vocab_size=int(_field(r, f"{arch}.vocab_size", 0) or len(r.fields["tokenizer.ggml.tokens"].data)
                        if "tokenizer.ggml.tokens" in r.fields else 0),
         dtype=types[0][0] if types else "",

@@ -118,6 +118,8 @@ class Plan:
     cpu_variant: str = ""  # llama.cpp on the CPU: the ggml CPU backend that will load (e.g. haswell)
     extra_args: tuple[str, ...] = ()  # engine flags added by --tune (e.g. --kv-unified, --api-server-count 2)
     engine_defaults: bool = False  # the engine as a user starts it by hand (--tune's and --baseline's reference)
+    task: str = "chat"  # chat | embed (llama-server --embedding, vLLM --runner pooling)
+    pooling: str = ""  # llama.cpp --pooling for an embedding model whose GGUF names none
     reasons: tuple[str, ...] = ()
     rejected: tuple[dict[str, str], ...] = field(default_factory=tuple)
 
@@ -196,17 +198,108 @@ def _gpu_problem(gpus: tuple[Gpu, ...], engine: str, cuda: str, driver_min: str 
 
 def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
          engines_available: tuple[str, ...] = ("cpu",), cpu_flags_needed: tuple[str, ...] = (),
-         cuda: str = "13", cpu_variants: tuple[str, ...] = (), cuda_cpu_flags: tuple[str, ...] = ()) -> Plan:
+         cuda: str = "13", cpu_variants: tuple[str, ...] = (), cuda_cpu_flags: tuple[str, ...] = (),
+         task: str = "chat", vllm_utilization: float = VLLM_UTILIZATION) -> Plan:
     """Choose the engine and its parameters for serving `info` on `hw` at `intent`. `cpu_variants`:
     the CPU backends the bundled llama-server carries (ggml loads the best this CPU runs)."""
+    if task == "embed":
+        return _plan_embed(model_name, info, hw, intent, engines_available, cpu_flags_needed, cuda, cpu_variants,
+                           cuda_cpu_flags)
+    if info.format == "safetensors":
+        return _plan_vllm(model_name, info, hw, intent, engines_available, cuda, vllm_utilization)
     if info.format == "gguf":
         p = _plan_gguf(model_name, info, hw, intent, engines_available, cpu_flags_needed, cuda, cuda_cpu_flags)
         return _with_cpu_variant(p, hw, cpu_variants) if p.backend == "cpu" else p
-    if info.format == "safetensors":
-        return _plan_vllm(model_name, info, hw, intent, engines_available, cuda)
     if info.format == "exl2":
         return _plan_exl2(model_name, info, hw, intent, engines_available, cuda)
     raise PlanRefused(f"{model_name}: unknown format {info.format!r}", hint="use GGUF, safetensors or EXL2")
+
+
+# ---- several models in one bundle: a chat model and its companions ---------------
+
+def plan_models(models: list[tuple[str, ModelInfo, str]], hw: Hardware, intent: Intent, **engines: Any) -> list[Plan]:
+    """Plans for every model of a bundle, (name, facts, task) each, the first the main (chat) model.
+    The others (an embedding model, say) are planned first, small; the main model gets what they
+    leave: RAM, GPU memory and, for vLLM, the share of --gpu-memory-utilization; and says so."""
+    extra: list[Plan] = []
+    ram = 0
+    gpu = [0.0] * len(hw.gpus)
+    for name, info, task in models[1:]:
+        p = plan(name, info, _less(hw, ram, gpu), intent, task=task, **engines)
+        extra.append(p)
+        if p.backend == "cuda":
+            for i, g in enumerate(p.memory_per_gpu_gib[:len(gpu)]):
+                gpu[i] += g
+        else:
+            ram += p.ram_bytes
+    name, info, task = models[0]
+    if not extra:
+        return [plan(name, info, hw, intent, task=task, **engines)]
+    worst = max((g * GiB / (hw.gpus[i].memory_total_mib * MiB) for i, g in enumerate(gpu)), default=0.0)
+    util = round(VLLM_UTILIZATION - math.ceil(worst * 100) / 100, 2)
+    if util < 0.3 and any(p.backend == "cuda" for p in extra):
+        raise PlanRefused(f"the bundle's other models ({', '.join(p.model for p in extra)}) would take "
+                          f"{worst:.0%} of a GPU's memory, leaving {name} too little",
+                          hint="serve the embedding model on the CPU (a GGUF build), or use a GPU with more memory")
+    main = plan(name, info, _less(hw, ram, gpu if info.format != "safetensors" else [0.0] * len(gpu)), intent,
+                task=task, vllm_utilization=util, **engines)
+    took = "; ".join(f"{p.model} ({p.task}, {p.engine} {p.backend}: " +
+                     (f"{_gib(sum(p.memory_per_gpu_gib) * GiB)} GPU memory)" if p.backend == "cuda"
+                      else f"{_gib(p.ram_bytes)} RAM, {p.threads} thread(s))") for p in extra)
+    main = replace(main, reasons=(*main.reasons, f"planned with what the bundle's other models leave: {took}"))
+    return [main, *extra]
+
+
+def _less(hw: Hardware, ram: int, gpu_gib: list[float]) -> Hardware:
+    """The box as one model sees it once others have taken RAM and GPU memory."""
+    if not ram and not any(gpu_gib):
+        return hw
+    gpus = tuple(replace(g, memory_total_mib=int(g.memory_total_mib - gpu_gib[i] * 1024))
+                 for i, g in enumerate(hw.gpus))
+    return replace(hw, ram_available=max(0, hw.ram_available - ram), gpus=gpus)
+
+
+EMBED_CONTEXT = 2048  # tokens per embedding input at most: a chunk of a document, not a conversation
+EMBED_THREADS_SHARE = 4  # an embedding model on the CPU gets a quarter of the cores: the chat model keeps them all
+
+
+def _plan_embed(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
+                cpu_flags_needed: tuple[str, ...], cuda: str, cpu_variants: tuple[str, ...],
+                cuda_cpu_flags: tuple[str, ...]) -> Plan:
+    """An embedding model: one forward pass per input, no generation. GGUF: llama-server
+    --embedding; safetensors: vLLM's pooling runner on one GPU, with a small memory share."""
+    ctx = min(intent.context, info.context_length or intent.context, EMBED_CONTEXT)
+    why = (f"embedding model: inputs of up to {ctx} tokens (the model's trained context, at most {EMBED_CONTEXT}: "
+           "a chunk of a document), one forward pass each")
+    if info.format == "safetensors":
+        _require_gpu_engine(name, "safetensors", "vllm", "vLLM", engines, hw, cuda,
+                            "a GGUF build of the model to serve it with llama.cpp on the CPU")
+        gpu = min(hw.gpus, key=lambda g: g.memory_total_mib)
+        seqs = min(max(intent.concurrency, 8), 256)
+        need = info.file_size + VLLM_OVERHEAD + kv_per_gpu_per_token(info, 1) * ctx * min(seqs, 16)
+        util = min(VLLM_UTILIZATION, math.ceil(need / (gpu.memory_total_mib * MiB) * 100) / 100)
+        return Plan(engine="vllm", backend="cuda", model=name, threads=max(1, hw.cpus), slots=seqs,
+                    context_per_slot=ctx, gpu_layers=info.layers, total_layers=info.layers,
+                    memory_per_gpu_gib=(_r(need),), usable_per_gpu_gib=(_r(util * gpu.memory_total_mib * MiB),),
+                    max_model_len=ctx, max_num_seqs=seqs, gpu_memory_utilization=util, task="embed",
+                    reasons=(why, f"vLLM's pooling runner on GPU {gpu.index}, tensor parallel 1: "
+                                  f"--gpu-memory-utilization {util:g} holds its weights ({_gib(info.file_size)}), "
+                                  f"vLLM's overhead and {min(seqs, 16)} inputs at once; the rest is the chat model's"),
+                    rejected=({"engine": "llama.cpp", "why": "serves GGUF only"},))
+    if info.format != "gguf":
+        raise PlanRefused(f"{name}: an embedding model must be GGUF or safetensors, not {info.format}",
+                          hint="bundle a GGUF or safetensors build of it")
+    p = _plan_gguf(name, info, hw, Intent(intent.concurrency, ctx), engines, cpu_flags_needed, cuda, cuda_cpu_flags)
+    if p.backend == "cpu":
+        p = _with_cpu_variant(p, hw, cpu_variants)
+    threads = max(1, hw.cpus // EMBED_THREADS_SHARE) if p.backend == "cpu" else p.threads
+    pooling = "" if info.pooling else "mean"
+    reasons = [why, *(r for r in p.reasons if "chat template" not in r)]
+    if p.backend == "cpu":
+        reasons.append(f"{threads} thread(s) of {hw.cpus}: the chat model keeps every core, embeddings are short")
+    reasons.append(f"pooling {info.pooling} (the GGUF's own)" if info.pooling else
+                   "mean pooling: the GGUF names none (a language model used for embeddings)")
+    return replace(p, threads=threads, task="embed", pooling=pooling, chat_template="", reasons=tuple(reasons))
 
 
 # ---- GGUF: llama.cpp ----------------------------------------------------------
@@ -460,7 +553,7 @@ def _require_gpu_engine(name: str, fmt: str, engine: str, label: str, engines: t
 
 
 def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
-               cuda: str) -> Plan:
+               cuda: str, utilization: float = VLLM_UTILIZATION) -> Plan:
     rejected = [{"engine": "llama.cpp", "why": "serves GGUF only; convert the model to GGUF to use it"},
                 {"engine": "exllamav2", "why": "serves EXL2 only"}]
     _require_gpu_engine(name, "safetensors", "vllm", "vLLM", engines, hw, cuda,
@@ -489,7 +582,7 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
         reasons.append(f"context per request {ctx} capped at the model's trained context {info.context_length}")
         ctx = info.context_length
     gpu_bytes = min(g.memory_total_mib for g in hw.gpus) * MiB
-    usable = gpu_bytes * VLLM_UTILIZATION - VLLM_OVERHEAD
+    usable = gpu_bytes * utilization - VLLM_OVERHEAD
     tps, not_ok = tp_candidates(info, n)
     conc = intent.concurrency
 
@@ -561,15 +654,17 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                        f"streams of a 7B, two served 17,028 (four no more); {hw.cpus} cores leave room for it")
     elif dp > 1:
         reasons.append(f"{dp} API servers, one per replica (vllm serve's own default)")
-    reasons.append(f"--max-model-len {ctx} (tokens per request), --gpu-memory-utilization {VLLM_UTILIZATION} "
-                   f"(vLLM's default); estimate {_gib(est)} per GPU for the target load of {conc}, of "
-                   f"{_gib(gpu_bytes * VLLM_UTILIZATION)} allowed (the rest is KV cache for more)")
+    share = "(vLLM's default)" if utilization == VLLM_UTILIZATION else \
+        f"(vLLM's default {VLLM_UTILIZATION} less what the bundle's other models take)"
+    reasons.append(f"--max-model-len {ctx} (tokens per request), --gpu-memory-utilization {utilization:g} {share}; "
+                   f"estimate {_gib(est)} per GPU for the target load of {conc}, of "
+                   f"{_gib(gpu_bytes * utilization)} allowed (the rest is KV cache for more)")
     used = tp * dp
     return Plan(engine="vllm", backend="cuda", model=name, threads=max(1, hw.cpus), slots=conc,
                 context_per_slot=ctx, gpu_layers=info.layers, total_layers=info.layers, tensor_parallel=tp,
                 data_parallel=dp, memory_per_gpu_gib=tuple(_r(est) for _ in range(used)),
-                usable_per_gpu_gib=tuple(_r(gpu_bytes * VLLM_UTILIZATION) for _ in range(used)),
-                max_model_len=ctx, max_num_seqs=seqs, gpu_memory_utilization=VLLM_UTILIZATION, api_servers=api,
+                usable_per_gpu_gib=tuple(_r(gpu_bytes * utilization) for _ in range(used)),
+                max_model_len=ctx, max_num_seqs=seqs, gpu_memory_utilization=utilization, api_servers=api,
                 reasons=tuple(reasons), rejected=tuple(rejected))
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from .errors import SpecError
 
 FORMATS = ("gguf", "safetensors", "exl2")
+TASKS = ("chat", "embed")  # what a model serves: text generation, or /v1/embeddings
 SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|modelscope://|file://|box:/|/|\./|\.\./|~)")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -41,6 +42,8 @@ class ModelSpec:
     # a whole repository (hf://ORG/REPO@REV, modelscope://ORG/REPO@REV): the files taken, as globs
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    task: str = "chat"  # chat (text generation) | embed (/v1/embeddings)
+    port: int = 0  # its own port; 0: the service's port for the first model, the next free one after for others
 
     @property
     def on_box(self) -> bool:
@@ -210,6 +213,29 @@ def _parts(r: _Reader, i: int, fname: str, on_box: bool) -> tuple[tuple[str, str
     return tuple(got)
 
 
+def _ports(path: Path, models: list[ModelSpec], service_port: int) -> list[ModelSpec]:
+    """Each model its own port: the first the service's, the others theirs or the next free one."""
+    from dataclasses import replace
+
+    taken = {service_port: models[0].name}
+    for i, m in enumerate(models[1:], 1):
+        if m.port in taken:
+            raise SpecError(f"{path}: models[{i}].port: {m.port} is already {taken[m.port]}'s",
+                            hint="give each model its own port")
+        if m.port:
+            taken[m.port] = m.name
+    out = [replace(models[0], port=service_port)]
+    for m in models[1:]:
+        port = m.port
+        if not port:
+            port = service_port + 1
+            while port in taken:
+                port += 1
+            taken[port] = m.name
+        out.append(replace(m, port=port))
+    return out
+
+
 def load(path: str | Path) -> Spec:
     path = Path(path)
     data = _load_toml(path)
@@ -296,11 +322,16 @@ def load(path: str | Path) -> Spec:
         if mname in seen:
             r.fail(f"models[{i}].name", f"{mname!r} is used twice", "give each model its own name")
         seen.add(mname)
+        task = r.get("task", str, "chat")
+        if task not in TASKS:
+            r.fail(f"models[{i}].task", f"is {task!r}", f"use one of: {', '.join(TASKS)}")
+        port = r.int_in("port", 0, 1, 65535) if "port" in raw else 0
+        if port and i == 0:
+            r.fail(f"models[{i}].port", "is the service's port for the first model",
+                   "set [service] port instead; give the other models their own port")
         r.done()
         models.append(ModelSpec(name=mname, source=source, sha256=sha, format=fmt, file=fname, parts=parts,
-                                include=globs["include"], exclude=globs["exclude"]))
-    if len(models) > 1:
-        top.fail("models", f"lists {len(models)} models", "this release serves one model per bundle; keep one")
+                                include=globs["include"], exclude=globs["exclude"], task=task, port=port))
 
     s = _Reader(path, "service", top.get("service", dict, {}))
     host = s.get("host", str, "127.0.0.1")
@@ -311,6 +342,12 @@ def load(path: str | Path) -> Spec:
         context=s.int_in("context", 4096, 256, 1048576),
     )
     s.done()
+    models = _ports(path, models, service.port)
+    files: dict[str, str] = {}
+    for i, m in enumerate(models):
+        if not m.on_box and not m.is_repo and files.setdefault(m.file, m.sha256) != m.sha256:
+            raise SpecError(f"{path}: models[{i}].file: {m.file!r} is another model's file with another sha256",
+                            hint="give it its own file name, or the same sha256 if it is the same file")
 
     engines = _Reader(path, "engines", top.get("engines", dict, {}))
     lc = _Reader(path, "engines.llama_cpp", engines.get("llama_cpp", dict, {}))

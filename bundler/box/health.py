@@ -179,3 +179,48 @@ def smoke(base: str, model: str, key: str, engine: str = "llama.cpp", expect: st
         raise BundlerError(f"requests without the API key were answered: {', '.join(unguarded)}",
                            hint="the service is not protected by its key; see the env file")
     return text.strip()
+
+
+# The embedding smoke test: two sentences that mean the same must lie closer than an unrelated one.
+EMBED_SAME = ("The capital of France is Paris.", "Paris is the capital city of France.")
+EMBED_OTHER = "Bananas are a good source of potassium."
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    import math
+
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
+    return sum(x * y for x, y in zip(a, b)) / (na * nb) if na and nb else 0.0
+
+
+def smoke_embed(base: str, model: str, key: str, any_answer: bool = False, engine: str = "llama.cpp") -> str:
+    """Prove an embedding model answers /v1/embeddings with the key, sensibly (finite vectors of one
+    size, and unless any_answer, the two sentences that mean the same closer than the third), and
+    refuses without it."""
+    import math
+
+    texts = [*EMBED_SAME, EMBED_OTHER]
+    code, resp = http_json(base + "/v1/embeddings", {"model": model, "input": texts}, key=key, timeout=120)
+    if code != 200:
+        raise BundlerError(f"the embedding smoke test got HTTP {code}: {resp}", hint="see the engine's log")
+    rows = sorted((resp or {}).get("data") or [], key=lambda d: d.get("index", 0))
+    vecs = [d.get("embedding") or [] for d in rows]
+    dims = {len(v) for v in vecs}
+    if len(vecs) != 3 or len(dims) != 1 or 0 in dims:
+        raise BundlerError(f"the embedding smoke test got {len(vecs)} vectors of sizes {sorted(dims)} for 3 inputs",
+                           hint="see the engine's log")
+    if not all(math.isfinite(x) for v in vecs for x in v) or any(not any(v) for v in vecs):
+        raise BundlerError("the embedding smoke test got vectors that are zero or not finite",
+                           hint="damaged weights or the wrong pooling; see the engine's log")
+    same, other = _cosine(vecs[0], vecs[1]), _cosine(vecs[0], vecs[2])
+    if not any_answer and same <= other:
+        raise BundlerError(f"the embedding model answers, but not sensibly: {EMBED_SAME[0]!r} is no closer to "
+                           f"{EMBED_SAME[1]!r} (cosine {same:.3f}) than to {EMBED_OTHER!r} ({other:.3f})",
+                           hint="the wrong model or pooling; for a test model with random weights pass "
+                                "--smoke-any-answer")
+    code, _ = http_json(base + "/v1/embeddings", {"model": model, "input": "x"}, timeout=30)
+    unguarded = ([f"POST /v1/embeddings → {code}"] if code != 401 else []) + open_routes(base, engine)
+    if unguarded:
+        raise BundlerError(f"requests without the API key were answered: {', '.join(unguarded)}",
+                           hint="the service is not protected by its key; see the env file")
+    return f"{len(vecs[0])}-dimensional vectors; cosine {same:.2f} for the same meaning, {other:.2f} for another"

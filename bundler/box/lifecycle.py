@@ -21,12 +21,12 @@ from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from . import layout as lay
 from . import tune
-from .health import LogWatch, http_json, smoke, wait_healthy
+from .health import LogWatch, http_json, smoke, smoke_embed, wait_healthy
 from .layout import Layout, PrefixLock, check_layout_owned, layout_for, make_dirs, record_made
 from .options import Options
-from .planning import make_plan, print_plan, release_id, resolve_model
+from .planning import make_plan, print_plan, release_id, resolve_model, resolve_others
 from .preflight import check_port, preflight
-from .release import Target, build_release, read_target
+from .release import Member, Target, build_release, read_target
 from .report import info, warn
 from .service import (check_reachable, ctl, engine_alive, engine_user, ensure_env_file, ensure_user, give_to_user,
                       is_running, read_key, remove_unit, remove_user, service_mode, start, stop_command)
@@ -38,10 +38,14 @@ from .verify import join_split_files, verify_bundle
 class Service:
     target: Target
     timeout: float  # seconds to wait for health
+    extra: tuple[Member, ...] = ()  # the bundle's other models, each its own engine and port
 
     @property
     def base(self) -> str:
         return f"http://{local_address(self.target.host)}:{self.target.port}"
+
+    def base_of(self, port: int) -> str:
+        return f"http://{local_address(self.target.host)}:{port}"
 
 
 def local_address(host: str) -> str:
@@ -60,12 +64,15 @@ def install(opts: Options) -> dict[str, Any] | None:
     hw = probe.probe(layout.prefix)
     preflight(doc, hw, layout)
     m = resolve_model(doc, opts)
-    plan = make_plan(doc, m, hw, opts)
-    print_plan(plan, hw)
+    others = resolve_others(doc, opts)
+    plan, oplans = make_plan(doc, m, hw, opts, others)
+    print_plan(plan, hw, oplans, [o["port"] for o in others])
     mode = service_mode(opts, hw)
     target = Target(opts.host or doc["service"]["host"], opts.port or doc["service"]["port"], mode,
                     engine_user(opts, mode))
-    svc = Service(target, opts.timeout or (900.0 if plan.engine == "vllm" else 300.0))
+    extra = tuple(Member(o, p, o["port"]) for o, p in zip(others, oplans))
+    vllm_used = any(p.engine == "vllm" for p in [plan, *oplans])
+    svc = Service(target, opts.timeout or (900.0 if vllm_used else 300.0), extra)
     if target.user:
         check_reachable(layout.prefix, target.user)
     if dry:
@@ -77,7 +84,8 @@ def install(opts: Options) -> dict[str, Any] | None:
                               "prefix": str(layout.prefix), "service": mode, "user": target.user}, indent=2))
         return None
     previous = _current_release(layout)
-    check_port(target.host, target.port, previous is not None and is_running(previous))
+    for port in [target.port, *(x.port for x in extra)]:
+        check_port(target.host, port, previous is not None and is_running(previous))
     join_split_files(opts.bundle, doc)
     made_prefix = make_dirs(layout.prefix)
     with PrefixLock(layout.prefix):
@@ -89,7 +97,8 @@ def _runner(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, m: 
             key: str, levels: tuple[int, ...]) -> tune.Runner:
     t = svc.target
     safe = opts.safe_all_reduce or vllm.multicast_off(opts.environ)
-    return tune.Runner(build=lambda p, rid: build_release(opts.bundle, doc, data, m, p, layout, rid, t, safe=safe),
+    return tune.Runner(build=lambda p, rid: build_release(opts.bundle, doc, data, m, p, layout, rid, t, safe=safe,
+                                                          extra=svc.extra),
                        layout=layout, mode=t.mode, base=svc.base, key=key, model=m["name"], timeout=svc.timeout,
                        levels=levels, max_tokens=opts.bench_max_tokens)
 
@@ -124,7 +133,8 @@ def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Lay
             elif t.mode == "systemd":
                 remove_unit(layout)
             raise
-    rid = release_id(hashlib.sha256(data).hexdigest(), m["file"], plan, t.host, t.port, t.mode, t.user)
+    rid = release_id(hashlib.sha256(data).hexdigest(), m["file"], plan, t.host, t.port, t.mode, t.user,
+                     [(x.plan, x.port) for x in svc.extra])
     if previous is not None and previous.name.split("-safe")[0] == rid:
         result = _same_release(previous, layout, doc, m, plan, svc, opts)
         return _after(opts, doc, data, layout, m, plan, svc, result, tuned)
@@ -157,7 +167,7 @@ def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Lay
     switch_current(layout, release)
     remember(layout, doc["name"], trust)
     info(f"first answer {time.monotonic() - t0:.1f}s after start")
-    result = summary(layout, doc, m, plan, t, answer, changed=True)
+    result = summary(layout, doc, m, plan, t, answer, changed=True, extra=svc.extra)
     return _after(opts, doc, data, layout, m, plan, svc, result, tuned)
 
 
@@ -233,12 +243,12 @@ def _same_release(previous: Path, layout: Layout, doc: dict[str, Any], m: dict[s
         code, _ = http_json(svc.base + "/health")
         if code == 200:
             info(f"release {previous.name} is installed and healthy; nothing changed")
-            return summary(layout, doc, m, plan, t, None, changed=False)
+            return summary(layout, doc, m, plan, t, None, changed=False, extra=svc.extra)
     info(f"release {previous.name} is installed but not running; starting it")
     start(previous, t.mode, layout)
-    wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode), lambda: engine_alive(previous, layout, t.mode))
+    _wait_all(svc, layout, previous, None)
     answer = _smoke(svc, m, read_key(layout), plan, opts)
-    return summary(layout, doc, m, plan, t, answer, changed=True)
+    return summary(layout, doc, m, plan, t, answer, changed=True, extra=svc.extra)
 
 
 def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[str, Any], plan: planner.Plan,
@@ -255,15 +265,14 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
              ("--safe-all-reduce" if opts.safe_all_reduce else "NVLink multicast is off in this environment") + ")")
     for safe in tries:
         release = build_release(opts.bundle, doc, data, m, plan, layout, rid + ("-safe" if safe else ""), t,
-                                safe=safe)
+                                safe=safe, extra=svc.extra)
         info(f"release {release.name} built at {release}")
         t0 = time.monotonic()
         patterns = vllm.FATAL_LOG if plan.engine == "vllm" else ()
         watch = LogWatch(patterns, unit=layout.unit) if t.mode == "systemd" else LogWatch(patterns, layout.logfile)
         try:
             start(release, t.mode, layout)
-            secs = wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode),
-                                lambda r=release: engine_alive(r, layout, t.mode), watch)
+            secs = _wait_all(svc, layout, release, watch)
             info(f"healthy after {secs:.1f}s")
             return release, _smoke(svc, m, key, plan, opts), t0
         except BaseException as e:
@@ -278,14 +287,33 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
     raise AssertionError("unreachable: the last try returns or raises")
 
 
+def _wait_all(svc: Service, layout: Layout, release: Path, watch: LogWatch | None) -> float:
+    """Until every engine of the release answers /health (the main model's, then each other's)."""
+    t = svc.target
+    t0 = time.monotonic()
+    for base in [svc.base, *(svc.base_of(x.port) for x in svc.extra)]:
+        left = max(1.0, svc.timeout - (time.monotonic() - t0))
+        wait_healthy(base, left, layout.log_hint(t.mode), lambda r=release: engine_alive(r, layout, t.mode), watch)
+    return time.monotonic() - t0
+
+
 def _smoke(svc: Service, m: dict[str, Any], key: str, plan: planner.Plan, opts: Options) -> str | None:
-    """The smoke test for this model: a chat question for a model with its own chat template, a
-    plain completion for one without (a base model), any text with --smoke-any-answer."""
+    """The smoke test for each model: a chat question for a model with its own chat template, a
+    plain completion for one without (a base model), any text with --smoke-any-answer; for an
+    embedding model, vectors in which two sentences that mean the same lie closer than a third."""
     if not opts.smoke:
         return None
-    expect = "any" if opts.smoke_any_answer else "chat" if (m.get("facts") or {}).get("has_chat_template") \
-        else "completion"
-    return smoke(svc.base, m["name"], key, plan.engine, expect)
+    def one(base: str, mm: dict[str, Any], p: planner.Plan) -> str:
+        if p.task == "embed":
+            return smoke_embed(base, mm["name"], key, opts.smoke_any_answer, p.engine or "llama.cpp")
+        expect = "any" if opts.smoke_any_answer else "chat" if (mm.get("facts") or {}).get("has_chat_template") \
+            else "completion"
+        return smoke(base, mm["name"], key, p.engine or "llama.cpp", expect)
+
+    answer = one(svc.base, m, plan)
+    for x in svc.extra:
+        info(f"{x.m['name']} ({x.plan.task}, port {x.port}): {one(svc.base_of(x.port), x.m, x.plan)}")
+    return answer
 
 
 def switch_current(layout: Layout, release: Path) -> None:
@@ -329,10 +357,10 @@ def rollback(opts: Options) -> dict[str, Any]:
         info(f"rolling back from {current.name} to {back.name}")
         if is_running(current):
             ctl(current, "stop")
-        svc = Service(t, opts.timeout or 900.0)
+        svc = Service(t, opts.timeout or 900.0, _members_of(back))
         start(back, t.mode, layout)
         try:
-            wait_healthy(svc.base, svc.timeout, layout.log_hint(t.mode), lambda: engine_alive(back, layout, t.mode))
+            _wait_all(svc, layout, back, None)
         except BundlerError:
             ctl(back, "stop")
             start(current, read_target(current).mode, layout)
@@ -341,9 +369,21 @@ def rollback(opts: Options) -> dict[str, Any]:
         info(f"{back.name} is serving again; {current.name} is kept (run --rollback again to return to it)")
         plan = json.loads((back / "plan.json").read_text())
         doc = json.loads((back / "manifest.json").read_text())
-        return summary(layout, doc, {"name": plan["model"]},
-                       planner.Plan(**{k: v for k, v in plan.items() if k in planner.Plan.__dataclass_fields__}),
-                       t, None, changed=True)
+        return summary(layout, doc, {"name": plan["model"]}, _plan_of(plan), t, None, changed=True, extra=svc.extra)
+
+
+def _plan_of(d: dict[str, Any]) -> planner.Plan:
+    return planner.Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                           if k in planner.Plan.__dataclass_fields__})
+
+
+def _members_of(release: Path) -> tuple[Member, ...]:
+    """A release's other models (plans.json), for waiting on them and saying where they are."""
+    try:
+        rows = json.loads((release / "plans.json").read_text())
+    except FileNotFoundError:
+        return ()
+    return tuple(Member({"name": r["model"]}, _plan_of(r["plan"]), int(r["port"])) for r in rows)
 
 
 # ---- uninstall -----------------------------------------------------------------------
@@ -420,9 +460,13 @@ def _forget_accepted(layout: Layout) -> None:
 # ---- what the operator sees ---------------------------------------------------------
 
 def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, t: Target,
-            answer: str | None, changed: bool) -> dict[str, Any]:
+            answer: str | None, changed: bool, extra: tuple[Member, ...] = ()) -> dict[str, Any]:
     endpoint = f"http://{local_address(t.host)}:{t.port}/v1"
+    models = [{"model": m["name"], "task": plan.task, "engine": plan.engine, "endpoint": endpoint},
+              *({"model": x.m["name"], "task": x.plan.task, "engine": x.plan.engine,
+                 "endpoint": f"http://{local_address(t.host)}:{x.port}/v1"} for x in extra)]
     return {
+        "models": models,
         "endpoint": endpoint,
         "api_key_file": str(layout.env_file),
         "model": m["name"],

@@ -21,6 +21,8 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  stop with:    {s['stop_command']}",
         f"  try it:       {s['curl']}",
     ]
+    for o in s.get("models", [])[1:]:
+        lines.append(f"  also:         {o['model']} ({o['task']}, {o['engine']}) at {o['endpoint']}, the same key")
     if s.get("answer"):
         lines.append(f"  model said:   {s['answer']}")
     print("\n".join(lines))

@@ -26,6 +26,22 @@ def resolve_model(doc: dict[str, Any], opts: Options) -> dict[str, Any]:
         m = {"name": opts.model_name or (path.name.rsplit(".", 1)[0] if path.is_file() else path.name),
              "file": str(path), "on_box": True, "sha256": "", "facts": None,
              "format": "safetensors" if path.is_dir() else "gguf", "source": f"box:{path}"}
+    return _on_box(m, opts.model_facts)
+
+
+def resolve_others(doc: dict[str, Any], opts: Options) -> list[dict[str, Any]]:
+    """The bundle's other models (an embedding model beside the chat model), each with its port."""
+    service_port = opts.port or doc["service"]["port"]
+    out = []
+    for i, raw in enumerate(doc["models"][1:], 1):
+        m = _on_box(dict(raw), None)
+        # a port moved with --port moves the others with it
+        m["port"] = int(raw.get("port") or doc["service"]["port"] + i) - doc["service"]["port"] + service_port
+        out.append(m)
+    return out
+
+
+def _on_box(m: dict[str, Any], facts_file: Path | None) -> dict[str, Any]:
     if not m.get("on_box"):
         return m
     path = Path(m["file"])
@@ -38,8 +54,8 @@ def resolve_model(doc: dict[str, Any], opts: Options) -> dict[str, Any]:
                               hint="copy the model again")
     from .. import modelinfo
 
-    if opts.model_facts:
-        m["facts"] = json.loads(opts.model_facts.read_text())
+    if facts_file:
+        m["facts"] = json.loads(facts_file.read_text())
     elif path.is_dir():
         m["facts"] = modelinfo.inspect_hf(path).to_dict()
         m["format"] = m["facts"]["format"]
@@ -54,7 +70,9 @@ def resolve_model(doc: dict[str, Any], opts: Options) -> dict[str, Any]:
     return m
 
 
-def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: Options) -> planner.Plan:
+def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: Options,
+              others: list[dict[str, Any]] = ()) -> tuple[planner.Plan, list[planner.Plan]]:
+    """The plan of the main model and of each other model, RAM and GPU memory budgeted across them."""
     service = doc["service"]
     intent = planner.Intent(concurrency=opts.concurrency or service["concurrency"],
                             context=opts.context or service["context"])
@@ -72,10 +90,11 @@ def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: 
                 cuda_flags = tuple(e.get("cpu_flags", ()))
         else:
             available.append(e["name"])
-    plan = planner.plan(m["name"], ModelInfo.from_dict(m["facts"]), hw, intent,
-                        engines_available=tuple(available), cpu_flags_needed=flags, cpu_variants=variants,
-                        cuda_cpu_flags=cuda_flags)
-    return override_parallel(plan, m, hw, opts)
+    plans = planner.plan_models([(x["name"], ModelInfo.from_dict(x["facts"]), x.get("task", "chat"))
+                                 for x in [m, *others]], hw, intent,
+                                engines_available=tuple(available), cpu_flags_needed=flags, cpu_variants=variants,
+                                cuda_cpu_flags=cuda_flags)
+    return override_parallel(plans[0], m, hw, opts), plans[1:]
 
 
 def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware, opts: Options) -> planner.Plan:
@@ -101,22 +120,28 @@ def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware,
                                            f"{seqs}"))
 
 
-def print_plan(plan: planner.Plan, hw: probe.Hardware) -> None:
+def print_plan(plan: planner.Plan, hw: probe.Hardware, others: list[planner.Plan] = (),
+               ports: list[int] = ()) -> None:
     info(f"box: {hw.cpus} CPUs, {hw.ram_available / 2**30:.1f} GiB RAM available, "
          f"{len(hw.gpus)} GPU(s), glibc {hw.glibc}, Python {hw.python}, {hw.os}")
-    info(f"plan: {plan.engine} ({plan.backend}), {plan.threads} threads, {plan.slots} slots × "
-         f"{plan.context_per_slot} tokens")
-    for r in plan.reasons:
-        info(f"  because: {r}")
-    for r in plan.rejected:
-        info(f"  not {r['engine']}: {r['why']}")
+    for p, port in [(plan, 0), *zip(others, ports)]:
+        head = f"plan for {p.model} ({p.task}" + (f", port {port})" if port else ")") if others else "plan"
+        info(f"{head}: {p.engine} ({p.backend}), {p.threads} threads, {p.slots} slots × {p.context_per_slot} tokens")
+        for r in p.reasons:
+            info(f"  because: {r}")
+        for r in p.rejected:
+            info(f"  not {r['engine']}: {r['why']}")
 
 
 def release_id(manifest_sha: str, model_file: str, plan: planner.Plan, host: str, port: int, mode: str,
-               user: str) -> str:
+               user: str, others: list[tuple[planner.Plan, int]] = ()) -> str:
     """The same bundle, model, decisions, address and service mode make the same release."""
     h = hashlib.sha256((manifest_sha + model_file).encode())
-    # only the decisions: the reasons quote free RAM, which moves between runs
-    decided = {k: v for k, v in plan.to_dict().items() if k not in ("reasons", "rejected", "ram_bytes")}
-    h.update(json.dumps([decided, host, port, mode, user], sort_keys=True).encode())
+
+    def decided(p: planner.Plan) -> dict[str, Any]:  # the reasons quote free RAM, which moves between runs
+        return {k: v for k, v in p.to_dict().items() if k not in ("reasons", "rejected", "ram_bytes")}
+
+    h.update(json.dumps([decided(plan), host, port, mode, user], sort_keys=True).encode())
+    if others:
+        h.update(json.dumps([[decided(p), pt] for p, pt in others], sort_keys=True).encode())
     return h.hexdigest()[:12]

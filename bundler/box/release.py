@@ -122,8 +122,56 @@ def copy_verified(bundle: Path, doc: dict[str, Any], folder: str, dest: Path) ->
             os.chmod(out, f.get("mode", 0o644))
 
 
+@dataclass(frozen=True)
+class Member:
+    """One more model of the release (an embedding model beside the chat model): its own engine and port."""
+
+    m: dict[str, Any]
+    plan: planner.Plan
+    port: int
+
+
+def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
+                   rid: str, final: Path, stage: Path, host: str, port: int, safe: bool, copied: dict[str, str]
+                   ) -> str:
+    """The launch script of one engine serving one model (rendered text); the engine's files are
+    copied into the release once per engine build (`copied`: build dir → folder in the release)."""
+    model_path = Path(m["file"]) if m.get("on_box") else store_model(bundle, m, layout)
+    lib_dirs: list[str] = []
+    banner = ""
+    extra_env: dict[str, str] = {}
+    cache_vars: dict[str, str] = {}
+    if plan.engine == "vllm":
+        engine = next(e for e in doc["engines"] if e["name"] == vllm.NAME)
+        site = engine_site(bundle, engine, layout)
+        argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], host, port, plan, safe, engine["version"])
+        # the engine's wheels, then the release's own site (the middleware that guards every route)
+        extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV,
+                     **vllm.multicast_env(dict(os.environ))}
+        cache_vars = vllm.CACHE_VARS
+    else:
+        engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
+        folder = copied.get(engine["dir"])
+        if folder is None:
+            folder = "engine" if not copied else f"engine-{plan.backend}"
+            copy_verified(bundle, doc, engine["dir"], stage / folder)
+            copied[engine["dir"]] = folder
+        # a CPU build carries one binary per instruction-set level: the one the plan chose for this CPU
+        exe = f"llama-server-{plan.cpu_variant}" if plan.cpu_variant else "llama-server"
+        if not (stage / folder / "bin" / exe).is_file():
+            raise BundlerError(f"the bundle has no {exe} for the plan's CPU level", hint="bundle again")
+        argv = llama_cpp.launch_argv(str(final / folder / "bin" / exe), str(model_path), m["name"], host, port, plan)
+        level = next((r for r in plan.reasons if r.startswith("CPU backend")), "")
+        banner = f"airgap-llm: starting {exe}" + (f"; {level}" if level else "")
+        lib_dirs = [str(final / folder / "lib"), *engine.get("box_lib_dirs", [])]
+    return render("launch.sh.j2", {
+        "engine": plan.engine, "name": layout.name, "release": rid, "env_file": str(layout.env_file),
+        "argv": argv, "lib_dir": ":".join(lib_dirs), "extra_env": extra_env, "cache_dir": str(layout.cache),
+        "cache_vars": cache_vars, "banner": banner})
+
+
 def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, Any], plan: planner.Plan,
-                  layout: Layout, rid: str, target: Target, safe: bool = False) -> Path:
+                  layout: Layout, rid: str, target: Target, safe: bool = False, extra: tuple[Member, ...] = ()) -> Path:
     final = layout.releases / rid
     make_dirs(layout.releases)
     with staged_dir(final, layout.releases / f".{rid}.partial") as stage:
@@ -135,39 +183,21 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
         # the lock as copied (and hashed) into the release, not the bundle's, which could change meanwhile
         wheels.install(wheels.select(stage / "requirements.lock", bundle / "wheels"), stage / "site",
                        scripts=stage / "site-bin")
-        model_path = Path(m["file"]) if m.get("on_box") else store_model(bundle, m, layout)
-        final_engine = final / "engine"
-        lib_dirs: list[str] = []
-        banner = ""
-        extra_env: dict[str, str] = {}
-        cache_vars: dict[str, str] = {}
-        if plan.engine == "vllm":
-            engine = next(e for e in doc["engines"] if e["name"] == vllm.NAME)
-            site = engine_site(bundle, engine, layout)
-            argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], target.host, target.port, plan, safe,
-                                    engine["version"])
-            # the engine's wheels, then the release's own site (the middleware that guards every route)
-            extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV,
-                         **vllm.multicast_env(dict(os.environ))}
-            cache_vars = vllm.CACHE_VARS
-        else:
-            engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
-            copy_verified(bundle, doc, engine["dir"], stage / "engine")
-            # a CPU build carries one binary per instruction-set level: the one the plan chose for this CPU
-            exe = f"llama-server-{plan.cpu_variant}" if plan.cpu_variant else "llama-server"
-            if not (stage / "engine" / "bin" / exe).is_file():
-                raise BundlerError(f"the bundle has no {exe} for the plan's CPU level", hint="bundle again")
-            argv = llama_cpp.launch_argv(str(final_engine / "bin" / exe), str(model_path), m["name"],
-                                         target.host, target.port, plan)
-            level = next((r for r in plan.reasons if r.startswith("CPU backend")), "")
-            banner = f"airgap-llm: starting {exe}" + (f"; {level}" if level else "")
-            lib_dirs = [str(final_engine / "lib"), *engine.get("box_lib_dirs", [])]
         bindir = stage / "bin"
         bindir.mkdir()
-        (bindir / "launch").write_text(render("launch.sh.j2", {
-            "engine": plan.engine, "name": layout.name, "release": rid, "env_file": str(layout.env_file),
-            "argv": argv, "lib_dir": ":".join(lib_dirs), "extra_env": extra_env, "cache_dir": str(layout.cache),
-            "cache_vars": cache_vars, "banner": banner}))
+        copied: dict[str, str] = {}
+        main = _engine_script(bundle, doc, m, plan, layout, rid, final, stage, target.host, target.port, safe, copied)
+        if not extra:
+            (bindir / "launch").write_text(main)
+        else:  # one engine per model, started and stopped together (bundler.group)
+            names = [m["name"], *(x.m["name"] for x in extra)]
+            (bindir / "launch-0").write_text(main)
+            for i, x in enumerate(extra, 1):
+                (bindir / f"launch-{i}").write_text(_engine_script(bundle, doc, x.m, x.plan, layout, rid, final, stage,
+                                                                   target.host, x.port, False, copied))
+            (bindir / "launch").write_text(render("group.sh.j2", {
+                "name": layout.name, "release": rid,
+                "members": [(n, str(final / "bin" / f"launch-{i}")) for i, n in enumerate(names)]}))
         unit_src = final / "systemd" / layout.unit
         (bindir / "ctl").write_text(render("ctl.sh.j2", {
             "name": layout.name, "release": rid, "mode": target.mode, "unit": layout.unit,
@@ -175,14 +205,21 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
             "logfile": str(layout.logfile), "python": sys.executable, "site": str(final / "site"),
             "launch": str(final / "bin" / "launch"), "env_file": str(layout.env_file), "user": target.user,
             "home": str(layout.cache)}))
-        for f in ("launch", "ctl"):
-            (bindir / f).chmod(0o755)
+        for f in bindir.iterdir():
+            f.chmod(0o755)
+        plans = [plan, *(x.plan for x in extra)]
+        engines = sorted({p.engine or "" for p in plans})
         (stage / "systemd").mkdir()
         (stage / "systemd" / layout.unit).write_text(render("unit.service.j2", {
-            "name": layout.name, "engine": plan.engine, "model": m["name"], "prefix": str(layout.prefix),
-            "release": rid, "release_dir": str(final), "env_file": str(layout.env_file),
-            "gpus": plan.backend == "cuda"}))
+            "name": layout.name, "engine": "+".join(engines),
+            "model": ", ".join([m["name"], *(x.m["name"] for x in extra)]),
+            "prefix": str(layout.prefix), "release": rid, "release_dir": str(final), "env_file": str(layout.env_file),
+            "gpus": any(p.backend == "cuda" for p in plans)}))
         (stage / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        if extra:
+            (stage / "plans.json").write_text(json.dumps(
+                [{"model": x.m["name"], "task": x.plan.task, "port": x.port, "plan": x.plan.to_dict()}
+                 for x in extra], indent=2) + "\n")
         (stage / "target.json").write_text(json.dumps(target.__dict__, indent=2) + "\n")
     return final
 

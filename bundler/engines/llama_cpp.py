@@ -266,6 +266,11 @@ def launch_argv(binary: str, model_path: str, alias: str, host: str, port: int, 
         argv += ["--split-mode", "none", "--main-gpu", "0"]
     if plan.tensor_split:
         argv += ["--split-mode", "layer", "--tensor-split", ",".join(str(x) for x in plan.tensor_split)]
+    if getattr(plan, "task", "chat") == "embed":
+        # /v1/embeddings; one input is one batch, so a batch holds a whole input of the planned length
+        argv += ["--embedding", "--batch-size", str(plan.context_per_slot), "--ubatch-size", str(plan.context_per_slot)]
+        if plan.pooling:
+            argv += ["--pooling", plan.pooling]
     if plan.chat_template:
         # a built-in template's name: with jinja on (llama-server's default) --chat-template takes a
         # jinja template, so "gemma" itself became the prompt and the model never saw the question

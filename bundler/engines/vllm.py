@@ -187,6 +187,8 @@ def launch_argv(python: str, model_path: str, name: str, host: str, port: int, p
              "--uvicorn-log-level", "warning",
              # vLLM's own key guards /v1 only: every route but /health behind it (vllm_auth.py)
              "--middleware", "bundler.engines.vllm_auth.KeyOnEveryRoute"]
+    if plan.task == "embed":  # /v1/embeddings: vLLM's pooling runner (a causal LM is converted to embed)
+        argv += ["--runner", "pooling"]
     if getattr(plan, "api_servers", 0) > 1:
         argv += ["--api-server-count", str(plan.api_servers)]
     argv += list(plan.extra_args)

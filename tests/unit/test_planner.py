@@ -249,3 +249,55 @@ def test_quantization_config_is_read_from_the_model_directory(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1024)
     info = inspect_hf(tmp_path)
     assert (info.quantization, info.bits, info.group_size, info.format) == ("awq", 4.0, 128, "safetensors")
+
+
+# ---- several models in one bundle (issue #13) ----------------------------------------
+
+BGE_M3 = ModelInfo(format="safetensors", architecture="XLMRobertaModel", file_size=2_271_000_000, layers=24, heads=16,
+                   kv_heads=16, head_dim_k=64, head_dim_v=64, context_length=8192)
+
+
+def test_an_embedding_model_on_the_cpu_takes_a_share_and_the_chat_model_plans_with_the_rest():
+    hw = box(cpus=8, ram_gib=8.0)
+    alone = planner.plan("chat", LLAMA8B_Q4, hw, planner.Intent(4, 4096))
+    main, embed = planner.plan_models([("chat", LLAMA8B_Q4, "chat"), ("emb", GEMMA, "embed")], hw,
+                                      planner.Intent(4, 4096))
+    assert (embed.task, embed.engine, embed.backend, embed.threads, embed.pooling) == ("embed", "llama.cpp", "cpu", 2,
+                                                                                       "mean")
+    assert embed.context_per_slot == planner.EMBED_CONTEXT  # a chunk of a document, not the chat's 4096
+    argv = llama_cpp.launch_argv("llama-server", "/m.gguf", "emb", "127.0.0.1", 8081, embed)
+    assert argv[argv.index("--ubatch-size") + 1] == str(planner.EMBED_CONTEXT)  # one input fits one batch
+    assert "--embedding" in argv and argv[argv.index("--pooling") + 1] == "mean" and "--chat-template" not in argv
+    assert main.threads == 8 and main.task == "chat"
+    # 8 GiB does not hold 4 × 4096 tokens of the 8B next to the embedding model: the chat plan shrinks, and says why
+    assert main.context_per_slot < alone.context_per_slot or main.slots < alone.slots
+    assert any("other models leave: emb (embed, llama.cpp cpu" in r for r in main.reasons)
+    assert main.ram_bytes + embed.ram_bytes <= 0.85 * 8 * GiB
+
+
+def test_a_gguf_that_names_its_pooling_keeps_it():
+    p = planner.plan("e", replace(GEMMA, pooling="cls"), box(), planner.Intent(4, 512), task="embed")
+    assert p.pooling == "" and "--pooling" not in llama_cpp.launch_argv("s", "/m", "e", "h", 1, p)
+
+
+def test_a_vllm_embedding_model_gets_a_small_memory_share_and_the_chat_model_the_rest():
+    from bundler.engines import vllm
+
+    hw = _device_box("device-h200x2-probe.json")
+    main, embed = planner.plan_models([("chat", _qwen7b(), "chat"), ("bge", BGE_M3, "embed")], hw,
+                                      planner.Intent(50, 4096), engines_available=planner.ALL_ENGINES)
+    assert (embed.engine, embed.tensor_parallel, embed.data_parallel) == ("vllm", 1, 1)
+    assert 0.01 <= embed.gpu_memory_utilization <= 0.1
+    assert main.gpu_memory_utilization == pytest.approx(planner.VLLM_UTILIZATION - embed.gpu_memory_utilization)
+    argv = vllm.launch_argv("python", "/m", "bge", "127.0.0.1", 8081, embed, False)
+    assert argv[argv.index("--runner") + 1] == "pooling"
+    assert "--runner" not in vllm.launch_argv("python", "/m", "chat", "127.0.0.1", 8080, main, False)
+
+
+def test_an_embedding_model_too_big_for_the_gpus_beside_the_chat_model_is_refused():
+    hw = _device_box("device-h200x2-probe.json")
+    huge = replace(BGE_M3, file_size=120 * GiB)
+    with pytest.raises(PlanRefused) as e:
+        planner.plan_models([("chat", _qwen7b(), "chat"), ("big", huge, "embed")], hw, planner.Intent(50, 4096),
+                            engines_available=planner.ALL_ENGINES)
+    assert "big" in e.value.message and "GGUF" in e.value.hint

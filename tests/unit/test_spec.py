@@ -114,3 +114,31 @@ def test_split_gguf_errors_name_the_parts(write_spec, text, key, fix):
 def test_the_specs_the_docs_tell_users_to_build_are_valid(path):
     s = spec.load(path)
     assert s.models and s.service.concurrency == 50  # the target the GPU measurements were made at
+
+
+def test_several_models_get_their_own_ports_and_tasks(write_spec):
+    two = GOOD + ('[[models]]\nname = "e"\ntask = "embed"\nsource = "pypi:e==1"\nfile = "e.gguf"\n'
+                  f'sha256 = "{"b" * 64}"\n')
+    s = spec.load(write_spec(two + "[service]\nport = 9000\n"))
+    assert [(m.name, m.task, m.port) for m in s.models] == [("m", "chat", 9000), ("e", "embed", 9001)]
+    s = spec.load(write_spec(two.replace('task = "embed"', 'task = "embed"\nport = 7000')))
+    assert [m.port for m in s.models] == [8080, 7000]
+
+
+@pytest.mark.parametrize("extra, key, fix", [
+    ('task = "rerank"', "models[1].task is 'rerank'", "chat, embed"),
+    ("port = 8080", "models[1].port: 8080 is already m's", "its own port"),
+])
+def test_several_models_errors_name_the_key(write_spec, extra, key, fix):
+    text = GOOD + f'[[models]]\nname = "e"\n{extra}\nsource = "pypi:e==1"\nfile = "e.gguf"\nsha256 = "{"b" * 64}"\n'
+    with pytest.raises(SpecError) as e:
+        spec.load(write_spec(text))
+    assert key in e.value.message and fix in (e.value.hint or "") + e.value.message
+
+
+def test_one_file_named_twice_must_be_the_same_file(write_spec):
+    text = GOOD + f'[[models]]\nname = "e"\nsource = "pypi:e==1"\nfile = "m.gguf"\nsha256 = "{"b" * 64}"\n'
+    with pytest.raises(SpecError) as e:
+        spec.load(write_spec(text))
+    assert "models[1].file" in e.value.message
+    assert spec.load(write_spec(text.replace("b" * 64, SHA))).models[1].file == "m.gguf"

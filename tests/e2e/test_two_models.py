@@ -1,0 +1,108 @@
+"""A chat model and an embedding model in one bundle, each served by its own llama-server on its
+own port, behind the one API key, offline, as one service (issue #13)."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from bundler.manifest import sha256_file
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+CHAT, EMBED = 18130, 18131
+
+
+def _post(url: str, body: dict, key: str | None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {}
+
+
+def test_chat_and_embedding_models_served_side_by_side(bundle_dir, netns, tmp_path):
+    gguf = bundle_dir / "models/gemma-3-270m-q4_k_m.gguf"
+    spec = tmp_path / "two.toml"
+    # the one GGUF twice: as the chat model and, mean-pooled, as the embedding model (no embedding-only
+    # GGUF ships on the package index; a deployment names e.g. a bge-m3 GGUF here)
+    spec.write_text("\n".join([
+        '[bundle]', 'name = "chat-and-embed"',
+        '[[models]]', 'name = "chat"', f'source = "{gguf}"', f'sha256 = "{sha256_file(gguf)}"',
+        '[[models]]', 'name = "embed"', 'task = "embed"', f'source = "{gguf}"', f'sha256 = "{sha256_file(gguf)}"',
+        '[service]', f'port = {CHAT}', 'concurrency = 2', 'context = 1024']) + "\n")
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(spec), "--out", str(tmp_path / "dist")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    b = tmp_path / "dist" / "chat-and-embed"
+    doc = json.loads((b / "manifest.json").read_text())
+    assert [(m["name"], m["task"], m["port"]) for m in doc["models"]] == [("chat", "chat", CHAT),
+                                                                         ("embed", "embed", EMBED)]
+    assert sum(f["path"].startswith("models/") for f in doc["files"]) == 1  # one file, bundled once
+
+    prefix = tmp_path / "p"
+    r = netns.run([str(b / "install.sh"), "--prefix", str(prefix), "--json"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout)
+    # the plan said how the box was shared between them
+    assert "planned with what the bundle's other models leave: embed (embed, llama.cpp cpu" in r.stderr
+    assert "mean pooling: the GGUF names none" in r.stderr
+    assert [(m["model"], m["task"], m["endpoint"]) for m in out["models"]] == [
+        ("chat", "chat", f"http://127.0.0.1:{CHAT}/v1"), ("embed", "embed", f"http://127.0.0.1:{EMBED}/v1")]
+    assert "cosine" in r.stderr  # the embedding smoke test ran and passed: same meaning closer than another
+    key = (prefix / "etc" / "chat-and-embed.env").read_text().split("LLAMA_API_KEY=")[1].split()[0]
+
+    texts = ["The capital of France is Paris.", "Paris is the capital city of France.", "Bananas are yellow."]
+    out_of_ns = netns.run([sys.executable, "-c", f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from tests.e2e.test_two_models import _post
+e = _post('http://127.0.0.1:{EMBED}/v1/embeddings', {{'model': 'embed', 'input': {texts!r}}}, {key!r})
+e0 = _post('http://127.0.0.1:{EMBED}/v1/embeddings', {{'model': 'embed', 'input': 'x'}}, None)
+c = _post('http://127.0.0.1:{CHAT}/v1/chat/completions', {{'model': 'chat', 'max_tokens': 8,
+          'messages': [{{'role': 'user', 'content': 'Hi'}}]}}, {key!r})
+c0 = _post('http://127.0.0.1:{CHAT}/v1/chat/completions', {{'model': 'chat',
+           'messages': [{{'role': 'user', 'content': 'Hi'}}]}}, None)
+print(json.dumps([e, e0[0], c[0], c0[0]]))
+"""])
+    assert out_of_ns.returncode == 0, out_of_ns.stderr
+    (code, emb), no_key_embed, chat_code, no_key_chat = json.loads(out_of_ns.stdout)
+    assert (code, no_key_embed, chat_code, no_key_chat) == (200, 401, 200, 401)
+    vecs = [d["embedding"] for d in emb["data"]]
+    assert len(vecs) == 3 and len({len(v) for v in vecs}) == 1 and len(vecs[0]) == 640  # gemma-3-270m's width
+
+    # one service: both engines under one supervisor; an engine that dies takes the service down
+    # and back up whole
+    release = prefix / "chat-and-embed" / "current"
+    assert (release / "bin" / "launch-0").is_file() and (release / "bin" / "launch-1").is_file()
+    log = prefix / "chat-and-embed" / "log" / "chat-and-embed.log"
+    text = log.read_text()
+    assert "[chat] " in text and "[embed] " in text
+    pids = subprocess.run(["pgrep", "-f", "--", f"--port {EMBED}"], capture_output=True, text=True).stdout.split()
+    assert pids, "the embedding engine is not running"
+    subprocess.run(["kill", "-9", *pids])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if "stopping the others" in log.read_text() and _healthy(netns, CHAT) and _healthy(netns, EMBED):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the service did not come back whole after its embedding engine was killed:\n" +
+                    log.read_text()[-3000:])
+    subprocess.run([str(release / "bin" / "ctl"), "stop"], check=True)
+    assert not subprocess.run(["pgrep", "-f", "--", f"--port {EMBED}"], capture_output=True).stdout  # none left behind
+
+
+def _healthy(netns, port: int) -> bool:
+    r = netns.run(["python3", "-c", f"import urllib.request as u; u.urlopen('http://127.0.0.1:{port}/health', "
+                                    "timeout=2)"])
+    return r.returncode == 0
