@@ -370,12 +370,57 @@ def _vllm(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> d
     (edir / "wheels").mkdir(parents=True)
     for w in wheels:
         _link_or_copy(w, edir / "wheels" / w.name)
+    # Triton compiles a C launcher for each kernel at first use: a C compiler for boxes without one
+    # (Zig's clang, from its wheel, into the engine's site) and, where this machine has them, the
+    # headers of the box's Python
+    from .engines.llama_cpp import zig_wheel
+
+    zw = zig_wheel(target.arch, log)
+    _link_or_copy(zw, edir / "wheels" / zw.name)
     lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
+    headers = _python_headers(spec, target, edir, log)
     reused = {n: v for n, v in target.installed.items()
               if lock.normalize(n) not in carry and lock.normalize(n).startswith(vllm.GPU_STACK)}
     return {"name": vllm.NAME, "backend": "cuda", "version": spec.vllm.version, "dir": "engines/vllm",
             "python": summary["python"], "arch": target.arch, "glibc": "2.28", "cuda": "13",
-            "lock": summary, "reuses": reused, "cpu_flags": []}
+            "lock": summary, "reuses": reused, "cpu_flags": [], "python_headers": headers}
+
+
+def _python_headers(spec: Spec, target: Any, edir: Path, log) -> str:
+    """The target Python's headers (pythonX.Y/ and ARCH-linux-gnu/pythonX.Y/ of an include root) into
+    engines/vllm/include, checked by compiling `#include <Python.h>`: from engines.vllm.python_headers,
+    else this machine's own Python when it is the same version. Returns the folder in the bundle, or
+    "" (then a box without them must have its pythonX.Y-dev package: the installer says so)."""
+    import sysconfig
+
+    from .engines.llama_cpp import zig_toolchain
+
+    py = ".".join(target.python.split(".")[:2])
+    root = Path(spec.vllm.python_headers) if spec.vllm.python_headers else None
+    if root is None and ".".join(platform.python_version().split(".")[:2]) == py:
+        root = Path(sysconfig.get_paths()["include"]).parent
+    if root is None or not (root / f"python{py}" / "Python.h").is_file():
+        log(f"warning: no headers of Python {py} here (this machine runs {platform.python_version()}): a box whose "
+            f"Python has no python{py}-dev needs one for Triton; set engines.vllm.python_headers to bring them")
+        return ""
+    dest = edir / "include"
+    for sub in (f"python{py}", f"{target.arch}-linux-gnu/python{py}"):
+        if (root / sub).is_dir():
+            shutil.copytree(root / sub, dest / sub, symlinks=False)
+    zig, _ = zig_toolchain(log)
+    with tempfile.TemporaryDirectory(prefix="airgap-pyh-") as td:
+        src = Path(td) / "t.c"
+        major, minor = (int(x) for x in py.split("."))
+        src.write_text(f"#include <Python.h>\n#if PY_MAJOR_VERSION * 100 + PY_MINOR_VERSION != {major * 100 + minor}"
+                       "\n#error the headers are of another Python version\n#endif\n")
+        r = subprocess.run([str(zig / "cc"), "-c", str(src), "-o", str(Path(td) / "t.o"), f"-I{dest / f'python{py}'}",
+                            f"-I{dest}"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BundlerError(f"the Python {py} headers from {root} do not compile: {r.stderr.strip()[-400:]}",
+                           hint=f"name an include root that holds python{py}/ (and {target.arch}-linux-gnu/python{py}/ "
+                                "where pyconfig.h includes it), as the python-dev package lays them out")
+    log(f"Python {py} headers from {root} (for Triton's launchers on a box without python{py}-dev)")
+    return "engines/vllm/include"
 
 
 def _assumptions(target: Any, reuse_installed: bool, engines: list[dict[str, Any]]) -> dict[str, Any] | None:

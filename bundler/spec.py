@@ -83,6 +83,9 @@ class LlamaCppSpec:
 @dataclass(frozen=True)
 class VllmSpec:
     version: str = ""  # "" = no vLLM in the bundle
+    # an include root (like /usr/include) holding the target Python's headers (pythonX.Y/Python.h), for
+    # Triton on a box without them, when this machine's Python is another version
+    python_headers: str = ""
 
 
 @dataclass(frozen=True)
@@ -372,6 +375,13 @@ def load(path: str | Path) -> Spec:
     vversion = vl.get("version", str, "")
     if vversion and not re.match(r"^\d+\.\d+(\.\d+)?$", vversion):
         vl.fail("engines.vllm.version", f"is {vversion!r}", "pin a release, e.g. version = \"0.26.0\"")
+    headers = vl.get("python_headers", str, "")
+    if headers:
+        headers = str((path.parent / headers).resolve()) if not Path(headers).is_absolute() else headers
+        if not list(Path(headers).glob("python3.*/Python.h")):
+            vl.fail("engines.vllm.python_headers", f"{headers!r} holds no python3.X/Python.h",
+                    "name an include root like /usr/include, with the target Python's headers under python3.X/ "
+                    "(from its python3.X-dev package)")
     vl.done()
     engines.done()
 
@@ -387,4 +397,5 @@ def load(path: str | Path) -> Spec:
     top.done()
     return Spec(path=str(path), name=name, version=version, models=tuple(models), service=service,
                 llama_cpp=LlamaCppSpec(sdist=sdist, sha256=lsha.lower(), backends=backends, cuda_archs=archs),
-                target=TargetSpec(platform=platform, pythons=pythons), vllm=VllmSpec(version=vversion))
+                target=TargetSpec(platform=platform, pythons=pythons),
+                vllm=VllmSpec(version=vversion, python_headers=headers))

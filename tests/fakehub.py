@@ -21,6 +21,15 @@ class Repo:
     lfs: set[str]  # paths stored with LFS (the hub gives their sha256)
     branches: dict[str, str] = field(default_factory=dict)  # branch or tag → commit
 
+    @classmethod
+    def from_dir(cls, path, commit: str) -> Repo:
+        """A model directory as a repository on branch main: its weights stored with LFS."""
+        from pathlib import Path
+
+        files = {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+        return cls(commit=commit, files=files, lfs={p for p in files if p.endswith((".safetensors", ".gguf"))},
+                   branches={"main": commit})
+
 
 @dataclass
 class Hub:

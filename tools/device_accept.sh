@@ -171,7 +171,7 @@ wait_for() {  # wait_for DIR SECONDS: until DIR/rc appears (or SECONDS pass); th
     i=0
     while [ ! -f "$1/rc" ] && [ "$i" -lt "$2" ]; do sleep 5; i=$((i + 5)); done
     tr '\r' '\n' < "$1/install.log" | grep -vE "waiting for the engine|concurrency [0-9]+:" | tail -n 40
-    cp "$1"/* "$OUT"/ 2>/dev/null || true
+    tar czf "$OUT/$(basename "$1").tgz" -C "$1" . 2>/dev/null || true
     [ -f "$1/rc" ] && info "exit status $(cat "$1/rc")" || info "still running after ${2}s"
 }
 
@@ -206,9 +206,62 @@ PY
     /tmp/pfx-r/gpu-box/current/bin/ctl stop
 }
 
+HIDE_DIRS="/opt/gcc /usr/local/cuda /usr/local/cuda-13 /usr/local/cuda-13.0 /usr/include/python3.12 \
+/usr/include/x86_64-linux-gnu/python3.12"
+
+bare() {  # bare CMD…: CMD in a mount namespace where every C compiler, nvcc, the CUDA toolkit and the
+    # Python headers are hidden (issue #15): the box most intranet GPU servers are
+    unshare -m sh -c '
+        for d in '"$HIDE_DIRS"'; do [ -e "$d" ] && mount -t tmpfs -o ro,size=1m none "$d"; done
+        for f in /usr/bin/cc /usr/bin/c++ /usr/bin/gcc* /usr/bin/g++* /usr/bin/c89-gcc /usr/bin/c99-gcc \
+                 /usr/bin/clang* /usr/bin/x86_64-linux-gnu-gcc* /usr/bin/x86_64-linux-gnu-g++* /usr/bin/mpicc \
+                 /usr/bin/tcc /usr/local/bin/nvcc; do
+            [ -e "$f" ] && mount --bind /dev/null "$f"
+        done
+        exec "$@"' sh "$@"
+}
+
+TRITON_KERNEL='
+import torch, triton, triton.language as tl
+@triton.jit
+def add_one(x, n: tl.constexpr):
+    i = tl.arange(0, n)
+    tl.store(x + i, tl.load(x + i) + 1)
+t = torch.zeros(16, device="cuda")
+add_one[(1,)](t, 16)
+print("triton kernel ran:", t.sum().item())'
+
+unzst() {  # the models' stream (tar | zstd --long=28, split for the transfer) into /tmp/b
+    cat /tmp/b/zst/models.tar.zst.* | zstd -d --long=28 | tar x -C /tmp/b
+    rm -rf /tmp/b/zst
+    info "bundle here: $(find /tmp/b/gpu-hub -type f | wc -l) files, $(du -sh /tmp/b/gpu-hub | cut -f1)"
+}
+
+hub() {  # issues #13 and #15, in the background (poll with `wait_for /tmp/hub SECONDS`): on the bare box,
+    # first a Triton kernel as the box has it (no compiler, no headers), then the README's root install
+    # of docs/device/gpu-box-hub.toml with the bundle's defaults, two models (chat + embedding), benched
+    # against `vllm serve MODEL`; then the same Triton kernel with the release's compiler
+    mkdir -p /tmp/hub
+    export HIDE_DIRS TRITON_KERNEL
+    setsid sh -c '
+        DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
+        set +e
+        bare sh -c "command -v gcc cc g++ clang nvcc; ls /usr/include/python3.12 | wc -l" > /tmp/hub/hidden.txt 2>&1
+        bare python3 -c "$TRITON_KERNEL" > /tmp/hub/triton-before.txt 2>&1
+        bare sh /tmp/b/gpu-hub/install.sh --trust /tmp/b/signing-key.pub --smoke-any-answer --bench --baseline             --bench-levels 1,50,200 --json > /tmp/hub/install.json 2> /tmp/hub/install.log
+        echo $? > /tmp/hub/install.rc
+        cp /opt/airgap-llm/gpu-hub/current/plan*.json /tmp/hub/ 2>/dev/null
+        cp /opt/airgap-llm/gpu-hub/current/bin/cc /tmp/hub/cc.sh 2>/dev/null
+        CC=/opt/airgap-llm/gpu-hub/current/bin/cc bare python3 -c "$TRITON_KERNEL" > /tmp/hub/triton-after.txt 2>&1
+        grep -iE "error|Triton|flashinfer|nvcc|compil" /opt/airgap-llm/gpu-hub/log/*.log | tail -40 > /tmp/hub/engine-notes.txt
+        tail -n 150 /opt/airgap-llm/gpu-hub/log/*.log > /tmp/hub/engine-tail.txt
+        cat /tmp/hub/install.rc > /tmp/hub/rc' < /dev/null > /tmp/hub/driver.log 2>&1 &
+    info "hub started in the background"
+}
+
 pack() {
     tar czf "$OUT/res.tgz" -C "$RES" .
     ls "$RES" | tr '\n' ' ' >&2
 }
 
-"$@"
+[ "${DEVICE_ACCEPT_LIB:-}" ] || "$@"

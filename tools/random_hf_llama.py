@@ -3,7 +3,7 @@
 safetensors), a word-level tokenizer and a chat template: for throughput tests
 of a real shape where no real model can be carried. Its answers are noise.
 
-usage: random_hf_llama.py OUT_DIR {tiny,1b,8b,7b-kv4,70b} [--vocab N] [--jobs N]
+usage: random_hf_llama.py OUT_DIR {tiny,0.5b,1b,8b,7b-kv4,70b} [--vocab N] [--jobs N]
 
 The safetensors files are written directly (no model is built in memory, so a
 70B shape needs no GPU and no 140 GB of RAM): each shard process fills its
@@ -22,6 +22,7 @@ from pathlib import Path
 
 SHAPES = {  # layers, hidden, heads, kv heads, ffn (Llama 3.2 1B, Llama 3.1 8B and 70B)
     "tiny": (2, 256, 4, 2, 512),
+    "0.5b": (24, 896, 14, 2, 4864),  # Qwen2.5-0.5B's layers (~0.95 GB in bf16 with --vocab 64000)
     "1b": (16, 2048, 32, 8, 8192),
     "8b": (32, 4096, 32, 8, 14336),
     "7b-kv4": (28, 3584, 28, 4, 18944),  # Qwen2-7B's shape (few KV heads; use --vocab 152064), no qkv bias

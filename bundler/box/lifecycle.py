@@ -25,7 +25,7 @@ from .health import LogWatch, http_json, smoke, smoke_embed, wait_healthy
 from .layout import Layout, PrefixLock, check_layout_owned, layout_for, make_dirs, record_made
 from .options import Options
 from .planning import make_plan, print_plan, release_id, resolve_model, resolve_others
-from .preflight import check_port, preflight
+from .preflight import check_port, preflight, triton_toolchain
 from .release import Member, Target, build_release, read_target
 from .report import info, warn
 from .service import (check_reachable, ctl, engine_alive, engine_user, ensure_env_file, ensure_user, give_to_user,
@@ -67,6 +67,8 @@ def install(opts: Options) -> dict[str, Any] | None:
     others = resolve_others(doc, opts)
     plan, oplans = make_plan(doc, m, hw, opts, others)
     print_plan(plan, hw, oplans, [o["port"] for o in others])
+    if any(p.engine == "vllm" for p in [plan, *oplans]):
+        triton_toolchain(doc)
     mode = service_mode(opts, hw)
     target = Target(opts.host or doc["service"]["host"], opts.port or doc["service"]["port"], mode,
                     engine_user(opts, mode))

@@ -3,9 +3,11 @@ packages it reuses, the driver, the port), before anything changes."""
 
 from __future__ import annotations
 
-import re
 import errno
+import re
 import socket
+import sys
+from pathlib import Path
 from typing import Any
 
 from .. import planner, probe
@@ -100,3 +102,40 @@ def check_port(host: str, port: int, ours_running: bool) -> None:
                                    hint="give one of its own addresses (ip -brief addr), 127.0.0.1, or 0.0.0.0")
             raise BundlerError(f"port {port} on {host} is taken by another program ({e.strerror}); nothing was "
                                "changed", hint=f"free it, or pick another with --port (e.g. --port {port + 1})")
+
+
+def triton_toolchain(doc: dict[str, Any], say: bool = True) -> dict[str, str]:
+    """What Triton (vLLM's kernels) compiles its launchers with on this box: {"cc": the box's compiler
+    or "" for the bundle's Zig, "headers": "" for the box's Python.h or the bundle's folder of them}.
+    A box with neither refuses here, naming what to install, not at the engine's first request."""
+    import shutil
+    import sysconfig
+
+    e = next((e for e in doc["engines"] if e["name"] == "vllm"), None)
+    if e is None:
+        return {}
+    cc = next((p for p in (shutil.which(c) for c in ("cc", "gcc", "clang")) if p), "")
+    scheme = sysconfig.get_default_scheme()
+    inc = Path(sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"])
+    zig = any(f["path"].startswith(f"{e['dir']}/wheels/ziglang-") for f in doc["files"])
+    bundled_h = e.get("python_headers") or ""
+    py = ".".join(sys.version.split(".")[:2])
+    problems = []
+    if not cc and not zig:
+        problems.append("no C compiler (cc, gcc, clang), which vLLM's Triton kernels need at start, and this bundle "
+                        "brings none: install gcc, or bundle again with this airgap-llm (its vLLM bundles bring Zig's C compiler)")
+    if not (inc / "Python.h").is_file() and not bundled_h:
+        problems.append(f"no Python.h for Python {py} (looked in {inc}), which Triton compiles its launchers against, "
+                        f"and this bundle brings none: install python{py}-dev (libpython{py}-dev) on this box, or "
+                        "bundle with engines.vllm.python_headers naming them")
+    if problems:
+        raise BundlerError("this box cannot run vLLM's kernels:\n  " + "\n  ".join(problems),
+                           hint="nothing was changed")
+    out = {"cc": cc, "headers": "" if (inc / "Python.h").is_file() else bundled_h}
+    if say:
+        from .report import info
+
+        where = f"{inc} (this box)" if not out["headers"] else f"from the bundle ({inc} has none)"
+        info(f"Triton's C compiler: {cc + ' (this box)' if cc else 'Zig clang from the bundle (this box has none)'}; "
+             f"Python headers: {where}")
+    return out

@@ -21,6 +21,7 @@ from ..render import render
 from ..staging import staged_dir
 from . import wheels
 from .layout import Layout, make_dirs
+from .preflight import triton_toolchain
 from .report import info
 
 
@@ -148,7 +149,23 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
         # the engine's wheels, then the release's own site (the middleware that guards every route)
         extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV,
                      **vllm.multicast_env(dict(os.environ))}
-        cache_vars = vllm.CACHE_VARS
+        cache_vars = dict(vllm.CACHE_VARS)
+        tools = triton_toolchain(doc, say=False)
+        if not tools["cc"] or tools["headers"]:  # Triton's launchers: the bundle's compiler or headers
+            if tools["headers"] and not (stage / "include").is_dir():
+                copy_verified(bundle, doc, tools["headers"], stage / "include")
+            cc = stage / "bin" / "cc"
+            if not cc.is_file():
+                includes = [str(final / "include" / d.name) for d in sorted((stage / "include").glob("python3*"))]
+                compiler = f"this box's {tools['cc']}" if tools["cc"] else "Zig clang, from the bundle"
+                headers = "the bundle's" if tools["headers"] else "this box's"
+                cc.write_text(render("cc.sh.j2", {
+                    "what": f"{compiler}, with {headers} Python headers",
+                    "compiler": [tools["cc"]] if tools["cc"] else [str(site / "ziglang" / "zig"), "cc"],
+                    "includes": [*includes, str(final / "include")] if includes else []}))
+            extra_env["CC"] = str(final / "bin" / "cc")
+            if not tools["cc"]:
+                cache_vars.update({"ZIG_GLOBAL_CACHE_DIR": "zig", "ZIG_LOCAL_CACHE_DIR": "zig"})
     else:
         engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
         folder = copied.get(engine["dir"])

@@ -49,12 +49,34 @@ CPU_GLIBC_TARGET = "2.28"
 CPU_CMAKE_ARGS = "-DGGML_OPENMP=OFF -DCMAKE_EXE_LINKER_FLAGS="
 
 
+def zig_wheel(arch: str, log=print) -> Path:
+    """The pinned Zig wheel for `arch` (x86_64, aarch64), downloaded once, hash-checked."""
+    from ..manifest import sha256_file
+
+    sha = ZIG_WHEEL_SHA256.get(arch)
+    if sha is None:
+        raise BundlerError(f"no pinned Zig wheel for {arch}", hint="build on x86_64 or aarch64")
+    wheels = lock.wheel_cache() / "toolchains"
+    found = [w for w in wheels.glob(f"ziglang-{ZIG_VERSION}-*{arch}*.whl") if sha256_file(w) == sha]
+    if not found:
+        with tempfile.TemporaryDirectory(prefix="airgap-zig-") as td:
+            req = Path(td) / "zig.txt"
+            req.write_text(f"ziglang=={ZIG_VERSION} --hash=sha256:{sha}\n")
+            log(f"downloading Zig {ZIG_VERSION} for {arch} (hash-checked)")
+            lock._run([sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes", "--no-deps",
+                       "--only-binary=:all:", "--platform", f"manylinux_2_12_{arch}", "--dest", str(wheels), "-r",
+                       str(req)], "pip download of the Zig wheel", "the index must be reachable for the first build")
+        found = [w for w in wheels.glob(f"ziglang-{ZIG_VERSION}-*{arch}*.whl") if sha256_file(w) == sha]
+    if not found:
+        raise BundlerError(f"the Zig {ZIG_VERSION} wheel for {arch} with sha256 {sha} was not found",
+                           hint=f"check {wheels}")
+    return found[0]
+
+
 def zig_toolchain(log=print) -> tuple[Path, str]:
     """Zig unpacked once from its hash-checked wheel, with cc/c++ wrappers that target glibc
     CPU_GLIBC_TARGET. Returns (directory holding cc and c++, a key over the wheel and target)."""
     import platform
-
-    from ..manifest import sha256_file
 
     arch = platform.machine()
     sha = ZIG_WHEEL_SHA256.get(arch)
@@ -64,19 +86,9 @@ def zig_toolchain(log=print) -> tuple[Path, str]:
     root = cache_root() / "toolchains" / f"zig-{key}"
     if (root / ".done").is_file():
         return root, key
-    wheels = lock.wheel_cache() / "toolchains"
-    found = [w for w in wheels.glob(f"ziglang-{ZIG_VERSION}-*.whl") if sha256_file(w) == sha]
-    if not found:
-        with tempfile.TemporaryDirectory(prefix="airgap-zig-") as td:
-            req = Path(td) / "zig.txt"
-            req.write_text(f"ziglang=={ZIG_VERSION} --hash=sha256:{sha}\n")
-            log(f"downloading Zig {ZIG_VERSION} (hash-checked), the CPU build's compiler")
-            lock._run([sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes", "--no-deps",
-                       "--only-binary=:all:", "--dest", str(wheels), "-r", str(req)],
-                      "pip download of the Zig wheel", "the index must be reachable for the first CPU build")
-        found = [w for w in wheels.glob(f"ziglang-{ZIG_VERSION}-*.whl") if sha256_file(w) == sha]
+    wheel = zig_wheel(arch, log)
     with staged_dir(root) as tmp:
-        _unzip(found[0], tmp, lambda parts: parts[1:] if parts[0] == "ziglang" else None)
+        _unzip(wheel, tmp, lambda parts: parts[1:] if parts[0] == "ziglang" else None)
         (tmp / "zig").chmod(0o755)
         target = f"{arch}-linux-gnu.{CPU_GLIBC_TARGET}"
         for tool in ("cc", "c++"):

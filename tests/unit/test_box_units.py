@@ -210,3 +210,33 @@ def test_a_repository_model_is_stored_once_with_its_layout_and_every_file_hashed
     with pytest.raises(BundlerError, match="not a plain path inside its folder"):
         store_model(bundle, evil, layout)
     assert not (tmp_path / "p/etc/cron.d").exists()
+
+
+def _vllm_doc(zig: bool, headers: str) -> dict:
+    files = [{"path": "engines/vllm/wheels/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl"}]
+    if zig:
+        files.append({"path": "engines/vllm/wheels/ziglang-0.17.1-py3-none-manylinux_2_12_x86_64.whl"})
+    return {"engines": [{"name": "vllm", "dir": "engines/vllm", "python_headers": headers}], "files": files}
+
+
+def test_triton_toolchain_uses_the_box_or_the_bundle_and_refuses_a_box_with_neither(monkeypatch, tmp_path):
+    import shutil
+    import sysconfig
+
+    from bundler.box.preflight import triton_toolchain
+    from bundler.errors import BundlerError
+
+    inc = tmp_path / "include"
+    inc.mkdir()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(inc)})
+    monkeypatch.setattr(shutil, "which", lambda c: None)  # no cc, gcc or clang
+    with pytest.raises(BundlerError) as e:
+        triton_toolchain(_vllm_doc(zig=False, headers=""), say=False)
+    assert "no C compiler" in e.value.message and "install gcc" in e.value.message
+    assert "python3." in e.value.message and "-dev" in e.value.message  # what to install, by name
+    assert triton_toolchain(_vllm_doc(zig=True, headers="engines/vllm/include"), say=False) == {
+        "cc": "", "headers": "engines/vllm/include"}
+    (inc / "Python.h").write_text("")
+    monkeypatch.setattr(shutil, "which", lambda c: "/usr/bin/gcc" if c == "gcc" else None)
+    assert triton_toolchain(_vllm_doc(zig=False, headers=""), say=False) == {"cc": "/usr/bin/gcc", "headers": ""}
+    assert triton_toolchain({"engines": [{"name": "llama.cpp"}], "files": []}, say=False) == {}

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from bundler import spec
@@ -111,7 +113,13 @@ def test_split_gguf_errors_name_the_parts(write_spec, text, key, fix):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "docs" / "device").glob("*.toml")), ids=lambda p: p.name)
-def test_the_specs_the_docs_tell_users_to_build_are_valid(path):
+def test_the_specs_the_docs_tell_users_to_build_are_valid(path, tmp_path):
+    text = path.read_text()
+    if "python_headers" in text:  # headers copied from the GPU box's image, not on every machine
+        (tmp_path / "python3.12").mkdir()
+        (tmp_path / "python3.12" / "Python.h").write_text("")
+        path = tmp_path / path.name
+        path.write_text(re.sub(r'python_headers = ".*"', f'python_headers = "{tmp_path}"', text))
     s = spec.load(path)
     assert s.models and s.service.concurrency == 50  # the target the GPU measurements were made at
 
