@@ -123,7 +123,8 @@ def triton_toolchain(doc: dict[str, Any], say: bool = True) -> dict[str, str]:
     problems = []
     if not cc and not zig:
         problems.append("no C compiler (cc, gcc, clang), which vLLM's Triton kernels need at start, and this bundle "
-                        "brings none: install gcc, or bundle again with this airgap-llm (its vLLM bundles bring Zig's C compiler)")
+                        "brings none: install gcc, or bundle again with this airgap-llm (its vLLM bundles bring "
+                        "Zig's C compiler)")
     if not (inc / "Python.h").is_file() and not bundled_h:
         problems.append(f"no Python.h for Python {py} (looked in {inc}), which Triton compiles its launchers against, "
                         f"and this bundle brings none: install python{py}-dev (libpython{py}-dev) on this box, or "
