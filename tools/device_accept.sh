@@ -247,16 +247,33 @@ hub() {  # issues #13 and #15, in the background (poll with `wait_for /tmp/hub S
         DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
         set +e
         bare sh -c "command -v gcc cc g++ clang nvcc; ls /usr/include/python3.12 | wc -l" > /tmp/hub/hidden.txt 2>&1
-        bare python3 -c "$TRITON_KERNEL" > /tmp/hub/triton-before.txt 2>&1
+        printf "%s\n" "$TRITON_KERNEL" > /tmp/tk.py  # @triton.jit needs its source in a file
+        rm -rf ~/.triton
+        bare python3 /tmp/tk.py > /tmp/hub/triton-before.txt 2>&1
         bare sh /tmp/b/gpu-hub/install.sh --trust /tmp/b/signing-key.pub --smoke-any-answer --bench --baseline             --bench-levels 1,50,200 --json > /tmp/hub/install.json 2> /tmp/hub/install.log
         echo $? > /tmp/hub/install.rc
         cp /opt/airgap-llm/gpu-hub/current/plan*.json /tmp/hub/ 2>/dev/null
         cp /opt/airgap-llm/gpu-hub/current/bin/cc /tmp/hub/cc.sh 2>/dev/null
-        CC=/opt/airgap-llm/gpu-hub/current/bin/cc bare python3 -c "$TRITON_KERNEL" > /tmp/hub/triton-after.txt 2>&1
+        rm -rf ~/.triton
+        CC=/opt/airgap-llm/gpu-hub/current/bin/cc ZIG_GLOBAL_CACHE_DIR=/tmp/zc ZIG_LOCAL_CACHE_DIR=/tmp/zc \
+            bare python3 /tmp/tk.py > /tmp/hub/triton-after.txt 2>&1
         grep -iE "error|Triton|flashinfer|nvcc|compil" /opt/airgap-llm/gpu-hub/log/*.log | tail -40 > /tmp/hub/engine-notes.txt
         tail -n 150 /opt/airgap-llm/gpu-hub/log/*.log > /tmp/hub/engine-tail.txt
         cat /tmp/hub/install.rc > /tmp/hub/rc' < /dev/null > /tmp/hub/driver.log 2>&1 &
     info "hub started in the background"
+}
+
+q7() {  # issue #12 on one H200, in the background (poll with `wait_for /tmp/q7 SECONDS`): the hub bundle's
+    # defaults (target 50, its embedding model beside) serving a Qwen2-7B shape from the box, against
+    # `vllm serve MODEL`, at 1, 50 and 200; on the box as it is (compilers there: FlashInfer's sampler)
+    mkdir -p /tmp/q7
+    setsid sh -c '
+        [ -f /tmp/models/q7/config.json ] || python3 tools/random_hf_llama.py /tmp/models/q7 7b-kv4 --vocab 152064 \
+            > /tmp/q7/model.log 2>&1
+        sh /tmp/b/gpu-hub/install.sh --trust /tmp/b/signing-key.pub --model /tmp/models/q7 --model-name qwen7b-shape \
+            --smoke-any-answer --bench --baseline --bench-levels 1,50,200 --json > /tmp/q7/install.json 2> /tmp/q7/install.log
+        echo $? > /tmp/q7/rc' < /dev/null > /dev/null 2>&1 &
+    info "q7 started in the background"
 }
 
 pack() {

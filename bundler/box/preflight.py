@@ -133,10 +133,19 @@ def triton_toolchain(doc: dict[str, Any], say: bool = True) -> dict[str, str]:
         raise BundlerError("this box cannot run vLLM's kernels:\n  " + "\n  ".join(problems),
                            hint="nothing was changed")
     out = {"cc": cc, "headers": "" if (inc / "Python.h").is_file() else bundled_h}
+    # FlashInfer's sampling kernels are compiled at the engine's first start with nvcc and a C++ compiler
+    # (ninja exited 127 on a box without them, and the engine with it): without both, vLLM's own PyTorch
+    # sampling instead
+    nvcc = shutil.which("nvcc") or next((str(p) for p in (Path("/usr/local/cuda/bin/nvcc"),) if p.is_file()), "")
+    cxx = next((p for p in (shutil.which(c) for c in ("c++", "g++", "clang++")) if p), "")
+    out["flashinfer_jit"] = "yes" if nvcc and cxx else ""
     if say:
         from .report import info
 
         where = f"{inc} (this box)" if not out["headers"] else f"from the bundle ({inc} has none)"
         info(f"Triton's C compiler: {cc + ' (this box)' if cc else 'Zig clang from the bundle (this box has none)'}; "
              f"Python headers: {where}")
+        if not out["flashinfer_jit"]:
+            info(f"no {'nvcc' if not nvcc else 'C++ compiler'} on this box, which FlashInfer compiles its sampling "
+                 "kernels with at the first start: vLLM samples with PyTorch instead (VLLM_USE_FLASHINFER_SAMPLER=0)")
     return out

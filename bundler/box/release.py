@@ -151,6 +151,8 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
                      **vllm.multicast_env(dict(os.environ))}
         cache_vars = dict(vllm.CACHE_VARS)
         tools = triton_toolchain(doc, say=False)
+        if not tools["flashinfer_jit"]:
+            extra_env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
         if not tools["cc"] or tools["headers"]:  # Triton's launchers: the bundle's compiler or headers
             if tools["headers"] and not (stage / "include").is_dir():
                 copy_verified(bundle, doc, tools["headers"], stage / "include")
@@ -212,9 +214,15 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
             for i, x in enumerate(extra, 1):
                 (bindir / f"launch-{i}").write_text(_engine_script(bundle, doc, x.m, x.plan, layout, rid, final, stage,
                                                                    target.host, x.port, False, copied))
+            # the other models first, each healthy before the next starts where vLLM is one of them
+            # (group.sh.j2 says why); the main model last
+            serial = any(p.engine == "vllm" for p in [plan, *(x.plan for x in extra)])
+            host = "127.0.0.1" if target.host in ("0.0.0.0", "::") else target.host
+            members = [(x.m["name"], str(final / "bin" / f"launch-{i}"),
+                        f"http://{host}:{x.port}/health" if serial else "") for i, x in enumerate(extra, 1)]
             (bindir / "launch").write_text(render("group.sh.j2", {
-                "name": layout.name, "release": rid,
-                "members": [(n, str(final / "bin" / f"launch-{i}")) for i, n in enumerate(names)]}))
+                "name": layout.name, "release": rid, "python": sys.executable,
+                "members": [*members, (names[0], str(final / "bin" / "launch-0"), "")]}))
         unit_src = final / "systemd" / layout.unit
         (bindir / "ctl").write_text(render("ctl.sh.j2", {
             "name": layout.name, "release": rid, "mode": target.mode, "unit": layout.unit,

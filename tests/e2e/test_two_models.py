@@ -106,3 +106,49 @@ def _healthy(netns, port: int) -> bool:
     r = netns.run(["python3", "-c", f"import urllib.request as u; u.urlopen('http://127.0.0.1:{port}/health', "
                                     "timeout=2)"])
     return r.returncode == 0
+
+
+FAKE_ENGINE = r"""#!{python}
+# a stand-in engine: notes when it starts, loads for {delay} s, then answers /health on {port}
+import http.server, sys, time
+open({log!r}, "a").write(f"{name} start {{time.monotonic()}}\n")
+time.sleep({delay})
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+open({log!r}, "a").write(f"{name} healthy {{time.monotonic()}}\n")
+http.server.HTTPServer(("127.0.0.1", {port}), H).serve_forever()
+"""
+
+
+def test_engines_that_size_themselves_from_gpu_memory_start_one_after_another(tmp_path):
+    """With vLLM in the group, the next engine starts only once the one before answers /health
+    (two vLLM engines loading at once each counted the other's memory as their own: the small one
+    found no memory for its KV cache on the GPU box); SIGTERM stops them all."""
+    from bundler.render import render
+
+    log = tmp_path / "order.log"
+    paths = []
+    for name, port, delay in (("embed", 18141, 2), ("chat", 18140, 0)):
+        p = tmp_path / f"launch-{name}"
+        p.write_text(FAKE_ENGINE.format(python=sys.executable, delay=delay, port=port, log=str(log), name=name))
+        p.chmod(0o755)
+        paths.append(str(p))
+    group = tmp_path / "launch"
+    group.write_text(render("group.sh.j2", {"name": "t", "release": "r", "python": sys.executable, "members": [
+        ("embed", paths[0], "http://127.0.0.1:18141/health"), ("chat", paths[1], "")]}))
+    group.chmod(0o755)
+    proc = subprocess.Popen([str(group)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "chat healthy" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.2)
+        events = dict(((line.split()[0], line.split()[1]), float(line.split()[2]))
+                      for line in log.read_text().splitlines())
+        assert events[("chat", "start")] >= events[("embed", "healthy")]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out
+    assert not subprocess.run(["pgrep", "-f", str(tmp_path / "launch-")], capture_output=True).stdout

@@ -235,8 +235,9 @@ def test_triton_toolchain_uses_the_box_or_the_bundle_and_refuses_a_box_with_neit
     assert "no C compiler" in e.value.message and "install gcc" in e.value.message
     assert "python3." in e.value.message and "-dev" in e.value.message  # what to install, by name
     assert triton_toolchain(_vllm_doc(zig=True, headers="engines/vllm/include"), say=False) == {
-        "cc": "", "headers": "engines/vllm/include"}
+        "cc": "", "headers": "engines/vllm/include", "flashinfer_jit": ""}
     (inc / "Python.h").write_text("")
     monkeypatch.setattr(shutil, "which", lambda c: "/usr/bin/gcc" if c == "gcc" else None)
-    assert triton_toolchain(_vllm_doc(zig=False, headers=""), say=False) == {"cc": "/usr/bin/gcc", "headers": ""}
+    assert triton_toolchain(_vllm_doc(zig=False, headers=""), say=False) == {"cc": "/usr/bin/gcc", "headers": "",
+                                                                            "flashinfer_jit": ""}
     assert triton_toolchain({"engines": [{"name": "llama.cpp"}], "files": []}, say=False) == {}
