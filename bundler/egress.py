@@ -8,6 +8,8 @@ hardware address is fixed so no packet waits for ARP, and a resolver address
 there goes anywhere, but a packet socket on it sees each packet leave: a TCP connect shows as a
 SYN, a DNS lookup as a UDP query whose name can be read. `watch` writes one JSON line per attempt.
 (IPv4: the namespace has no IPv6 route, so an IPv6 connect fails at once, unrecorded.)
+Without iproute2, PrivateNetwork does the same with unshare(2) and ioctls: loopback carries the
+default route and the watcher reads loopback, skipping what stays on it.
 
     python -m bundler.egress watch --iface up0 --out FILE     (inside the namespace)
 """
@@ -184,6 +186,94 @@ class AuditedNamespace:
                 f.unlink() if f.is_file() else f.rmdir()
             except OSError:
                 pass
+
+
+def _loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "0.0.0.0", "::")
+
+
+class PrivateNetwork:
+    """The same audit where iproute2 is missing (minimal installs, the VMs GPU clouds lend): this
+    process moves into new network and mount namespaces (unshare(2)), so do the processes it starts;
+    loopback comes up and carries the default route, /etc/resolv.conf names a resolver on it
+    (a bind mount seen only here), and a thread watching loopback records every packet that leaves
+    for an address beyond it. Root is needed; the process cannot leave the namespaces again."""
+
+    name = "private (unshare)"
+
+    def __init__(self, log: Path):
+        self.log = log
+        self._stop = False
+        self._thread: Any = None
+        self._keep: list[Any] = []
+
+    def __enter__(self) -> PrivateNetwork:
+        import ctypes
+        import fcntl
+        import tempfile
+        import threading
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+        if libc.unshare(0x40000000 | 0x00020000) != 0:  # CLONE_NEWNET | CLONE_NEWNS
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET | CLONE_NEWNS) failed")
+        libc.mount(None, b"/", None, 0x4000 | 0x40000, None)  # MS_REC | MS_PRIVATE: no mount leaks out
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        ifr = fcntl.ioctl(s, 0x8913, struct.pack("16sh22x", b"lo", 0))  # SIOCGIFFLAGS
+        fcntl.ioctl(s, 0x8914, struct.pack("16sh22x", b"lo", struct.unpack("16sh22x", ifr)[1] | 1))  # up
+
+        class Sockaddr(ctypes.Structure):
+            _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_char * 14)]
+
+        class Rtentry(ctypes.Structure):  # <net/route.h>
+            _fields_ = [("pad1", ctypes.c_ulong), ("dst", Sockaddr), ("gateway", Sockaddr), ("genmask", Sockaddr),
+                        ("flags", ctypes.c_ushort), ("pad2", ctypes.c_short), ("pad3", ctypes.c_ulong),
+                        ("pad4", ctypes.c_void_p), ("metric", ctypes.c_short), ("dev", ctypes.c_char_p),
+                        ("mtu", ctypes.c_ulong), ("window", ctypes.c_ulong), ("irtt", ctypes.c_ushort)]
+
+        rt = Rtentry()
+        rt.dst.family = rt.gateway.family = rt.genmask.family = socket.AF_INET
+        rt.flags, rt.dev = 0x0001, b"lo"  # RTF_UP: everything beyond loopback, into loopback
+        fcntl.ioctl(s, 0x890B, bytes(rt))  # SIOCADDRT
+        self._keep.append(rt)
+        td = Path(tempfile.mkdtemp(prefix="airgap-audit-"))
+        (td / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
+        if libc.mount(str(td / "resolv.conf").encode(), b"/etc/resolv.conf", None, 0x1000, None) != 0:  # MS_BIND
+            raise OSError(ctypes.get_errno(), "could not mount a private /etc/resolv.conf")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.log.write_text("")
+        w = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        w.bind(("lo", 0))
+        w.settimeout(0.3)
+        self._thread = threading.Thread(target=self._watch, args=(w,), daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self, w: socket.socket) -> None:
+        with open(self.log, "a", buffering=1) as f:
+            while not self._stop:
+                try:
+                    frame, addr = w.recvfrom(65535)
+                except socket.timeout:
+                    continue
+                if addr[2] != socket.PACKET_OUTGOING:
+                    continue
+                seen = parse_frame(frame)
+                if seen and not _loopback(seen["address"]):
+                    seen["time"] = round(time.time(), 3)
+                    f.write(json.dumps(seen) + "\n")
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        return cmd  # the children are in the namespaces already
+
+    def attempts(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.5)  # the last packets reach the watcher
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 def summary(attempts: list[dict[str, Any]]) -> str:

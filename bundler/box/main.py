@@ -70,16 +70,18 @@ def audit_egress(opts: options.Options, argv: list[str]) -> dict[str, Any]:
     from ..errors import BundlerError
     from .report import info
 
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        raise BundlerError("--audit-egress needs root and iproute2 (`ip netns`) to make the audited namespace",
-                           hint="run it with sudo on a box with iproute2")
+    if os.geteuid() != 0:
+        raise BundlerError("--audit-egress needs root to make the audited network namespace", hint="run it with sudo")
+    # iproute2's named namespace where the box has it, else unshare(2) (AIRGAP_LLM_AUDIT=unshare picks it)
+    private = not shutil.which("ip") or os.environ.get("AIRGAP_LLM_AUDIT") == "unshare"
     child = [a for a in argv if a != "--audit-egress"] + ["--service", "process", "--json"]
     if "--bench" not in child:
         child.append("--bench")
     # the installer again, from the same checked copies (bootstrap.py's PYTHONPATH), not the current directory
     run_again = 'import runpy, sys; del sys.path[0]; runpy.run_module("bundler.box", run_name="__main__")'
     with tempfile.TemporaryDirectory(prefix="airgap-audit-") as td:
-        with egress.AuditedNamespace(Path(td) / "egress.jsonl") as ns:
+        log = Path(td) / "egress.jsonl"
+        with (egress.PrivateNetwork(log) if private else egress.AuditedNamespace(log)) as ns:
             info(f"egress audit: install, start, smoke test and bench inside network namespace {ns.name}, whose only "
                  "way out records every attempt")
             r = subprocess.run(ns.argv([sys.executable, "-s", "-c", run_again, *child]), stdout=subprocess.PIPE,

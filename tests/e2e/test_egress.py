@@ -2,12 +2,15 @@
 process; `install.sh --audit-egress` runs install, start, smoke and bench under it."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from bundler import egress
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 LOAD = ["--bench-levels", "1,2", "--bench-max-tokens", "8", "--concurrency", "2"]
@@ -34,10 +37,34 @@ def test_a_connect_and_a_dns_lookup_from_any_process_are_recorded_and_named(tmp_
     assert "203.0.113.7:443" in egress.summary(seen)
 
 
-def test_audit_egress_installs_serves_benches_and_finds_nothing(bundle_dir, tmp_path):
+def test_without_iproute2_the_same_attempts_are_recorded_from_a_private_namespace(tmp_path):
+    """unshare(2) and ioctls instead of `ip netns` (boxes without iproute2, like the GPU box): run in
+    a child, since the process that enters the namespaces stays in them."""
+    probe = ("import socket\n"
+             "try: socket.create_connection(('203.0.113.7', 443), timeout=1)\n"
+             "except OSError: pass\n"
+             "try: socket.getaddrinfo('weights.example.invalid', 443)\n"
+             "except OSError: pass\n"
+             "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+             "socket.create_connection(s.getsockname()).close()\n")
+    code = ("import json, subprocess, sys; from pathlib import Path; from bundler import egress\n"
+            f"with egress.PrivateNetwork(Path({str(tmp_path / 'log.jsonl')!r})) as ns:\n"
+            f"    subprocess.run([sys.executable, '-c', {probe!r}], timeout=60, check=True)\n"
+            "print(json.dumps(ns.attempts()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    whats = {a["what"] for a in json.loads(r.stdout)}
+    assert whats == {"connect to 203.0.113.7:443", "DNS lookup of 'weights.example.invalid'"}  # loopback is not
+    assert egress.RESOLVER not in Path("/etc/resolv.conf").read_text()  # the private resolver was seen only inside
+
+
+@pytest.mark.parametrize("how", ["ip", "unshare"])
+def test_audit_egress_installs_serves_benches_and_finds_nothing(bundle_dir, tmp_path, how):
     prefix = tmp_path / "p"
     r = subprocess.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", "18130", "--json",
-                        "--audit-egress", *LOAD], capture_output=True, text=True, timeout=900)
+                        "--audit-egress", *LOAD], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, AIRGAP_LLM_AUDIT=how))
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["egress"]["attempts"] == 0 and out["egress"]["steps"] == ["install", "start", "smoke", "bench"]
@@ -48,12 +75,13 @@ def test_audit_egress_installs_serves_benches_and_finds_nothing(bundle_dir, tmp_
     assert "install again without --audit-egress" in r.stderr
 
 
-def test_an_install_that_reaches_out_fails_the_audit_naming_the_address(bundle_dir, tmp_path):
+@pytest.mark.parametrize("how", ["ip", "unshare"])
+def test_an_install_that_reaches_out_fails_the_audit_naming_the_address(bundle_dir, tmp_path, how):
     """A --host given by name: looking it up is a DNS query, which on an air-gapped box hangs or
     fails; the audit catches it and names it (the install refuses the host too)."""
     r = subprocess.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--port", "18131", "--json",
                         "--host", "llm.example.invalid", "--audit-egress", *LOAD],
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, AIRGAP_LLM_AUDIT=how))
     assert r.returncode == 1, r.stderr[-3000:]
     assert "DNS lookup of 'llm.example.invalid'" in r.stderr
     assert "attempt(s) to reach beyond loopback" in r.stderr
