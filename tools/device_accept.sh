@@ -276,6 +276,21 @@ q7() {  # issue #12 on one H200, in the background (poll with `wait_for /tmp/q7 
     info "q7 started in the background"
 }
 
+audit_gpu() {  # issue #15: the CUDA llama-server bundle (docs/device/gpu-box-llama.toml) installed, started,
+    # smoke-tested and benched under `--audit-egress` (this box has no `ip`: the unshare(2) namespace)
+    mkdir -p "$MODELS"
+    [ -f "$MODELS/llama-1b-f16.gguf" ] || python3 tools/synthetic_gguf.py .carry/gguf-tools/gguf-py \
+        .carry/gguf-tools/ggml-vocab-llama-bpe.gguf "$MODELS/llama-1b-f16.gguf" 1b
+    PYTHONPATH=.carry/gguf-tools/gguf-py python3 -m bundler.cli inspect "$MODELS/llama-1b-f16.gguf" \
+        > "$MODELS/llama-1b-f16.json"
+    command -v ip || info "no ip command on this box"
+    sh /tmp/b/gpu-box-llama/install.sh --trust /tmp/b/signing-key.pub --model "$MODELS/llama-1b-f16.gguf" \
+        --model-facts "$MODELS/llama-1b-f16.json" --smoke-any-answer --audit-egress --bench-levels 1,4 \
+        --bench-max-tokens 64 --json > "$OUT/audit-gpu.json" 2> "$OUT/audit-gpu.log"
+    echo "exit $?"
+    tr '\r' '\n' < "$OUT/audit-gpu.log" | grep -vE "waiting for the engine|concurrency [0-9]+:|B/s\]" | tail -n 25
+}
+
 pack() {
     tar czf "$OUT/res.tgz" -C "$RES" .
     ls "$RES" | tr '\n' ' ' >&2
