@@ -172,3 +172,20 @@ def test_no_code_from_a_changed_bundle_runs_before_the_signature_holds(bundle_di
     r = dry(netns, b, tmp_path / "p")
     assert r.returncode == 1 and "does not verify manifest.json with key" in r.stderr, r.stderr
     assert not marker.exists() and not (tmp_path / "p").exists()
+
+    # --help and --probe ran the bundle's wheels before any check at all (they change nothing, but
+    # the code they run is the bundle's): as root now only when a trusted key signs it
+    for flag in ("--help", "--probe"):
+        r = subprocess.run([str(b / "install.sh"), flag], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert r.returncode == 1 and "does not verify manifest.json with key" in r.stderr, r.stderr
+        env = {k: v for k, v in os.environ.items() if k != "AIRGAP_LLM_TRUST"}
+        r = subprocess.run([str(b / "install.sh"), flag], capture_output=True, text=True, env=env,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 1 and "as root must be signed by a key this box trusts" in r.stderr, r.stderr
+        assert "nothing was run" in r.stderr
+    assert not marker.exists()
+    # as an ordinary user they run, and say the code is unvouched for (they run install.sh as that user anyway)
+    good = copy(bundle_dir, tmp_path / "good")
+    r = subprocess.run(["runuser", "-u", "nobody", "--", str(good / "install.sh"), "--help"], capture_output=True,
+                       text=True, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and "unvouched for" in r.stderr and "--prefix" in r.stdout, r.stderr
