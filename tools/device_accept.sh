@@ -277,14 +277,15 @@ q7() {  # issue #12 on one H200, in the background (poll with `wait_for /tmp/q7 
 }
 
 audit_gpu() {  # issue #15: the CUDA llama-server bundle (docs/device/gpu-box-llama.toml) installed, started,
-    # smoke-tested and benched under `--audit-egress` (this box has no `ip`: the unshare(2) namespace)
+    # smoke-tested and benched under `--audit-egress` (this box has no `ip`: the unshare(2) namespace);
+    # BARE=1: inside `bare` too (no compiler, no CUDA toolkit, no Python headers)
     mkdir -p "$MODELS"
     [ -f "$MODELS/llama-1b-f16.gguf" ] || python3 tools/synthetic_gguf.py .carry/gguf-tools/gguf-py \
         .carry/gguf-tools/ggml-vocab-llama-bpe.gguf "$MODELS/llama-1b-f16.gguf" 1b
     PYTHONPATH=.carry/gguf-tools/gguf-py python3 -m bundler.cli inspect "$MODELS/llama-1b-f16.gguf" \
         > "$MODELS/llama-1b-f16.json"
     command -v ip || info "no ip command on this box"
-    sh /tmp/b/gpu-box-llama/install.sh --trust /tmp/b/signing-key.pub --model "$MODELS/llama-1b-f16.gguf" \
+    ${BARE:+bare} sh /tmp/b/gpu-box-llama/install.sh --trust /tmp/b/signing-key.pub --model "$MODELS/llama-1b-f16.gguf" \
         --model-facts "$MODELS/llama-1b-f16.json" --smoke-any-answer --audit-egress --bench-levels 1,4 \
         --bench-max-tokens 64 --json > "$OUT/audit-gpu.json" 2> "$OUT/audit-gpu.log"
     echo "exit $?"
