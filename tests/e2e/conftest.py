@@ -83,6 +83,30 @@ def second_bundle_dir(tmp_path_factory, signing_home) -> Path:
     return d / "dist" / "second-cpu"
 
 
+TWO_MODELS = ("chat", 18130), ("embed", 18131)
+
+
+@pytest.fixture(scope="session")
+def two_model_bundle_dir(tmp_path_factory, signing_home, bundle_dir) -> Path:
+    """A chat model and an embedding model in one bundle: the default GGUF twice, the second with
+    task = "embed" (mean-pooled: no embedding-only GGUF ships on the package index)."""
+    from bundler.manifest import sha256_file
+
+    gguf = bundle_dir / "models/gemma-3-270m-q4_k_m.gguf"
+    d = tmp_path_factory.mktemp("two")
+    spec = d / "two.toml"
+    (chat, port), (embed, _) = TWO_MODELS
+    spec.write_text("\n".join([
+        '[bundle]', 'name = "chat-and-embed"',
+        '[[models]]', f'name = "{chat}"', f'source = "{gguf}"', f'sha256 = "{sha256_file(gguf)}"',
+        '[[models]]', f'name = "{embed}"', 'task = "embed"', f'source = "{gguf}"', f'sha256 = "{sha256_file(gguf)}"',
+        '[service]', f'port = {port}', 'concurrency = 2', 'context = 1024']) + "\n")
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(spec), "--out", str(d / "dist")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return d / "dist" / "chat-and-embed"
+
+
 class Netns:
     """A network namespace with loopback up and one audited way out (bundler.egress): a dead end
     that records every connect and DNS lookup beyond loopback. Commands run inside it; a test whose

@@ -130,3 +130,47 @@ def test_minimal_debian_with_only_python3_installs_and_answers_as_root(bundle_di
     assert engine["uid"] != 0, "the engine runs as root"
     assert out["mode"] == "process" and out["user"] == "airgap-llm"
     assert got["log"] == "-rw-r-----"  # the log is readable by root alone
+
+
+EMBED_CHECK = """
+import json, sys, urllib.error, urllib.request as u
+key = open(sys.argv[1]).read().split("LLAMA_API_KEY=")[1].split()[0]
+def post(url, body, k):
+    r = u.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json",
+                  **({"Authorization": "Bearer " + k} if k else {})})
+    try:
+        with u.build_opener(u.ProxyHandler({})).open(r, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, None
+e = post("http://127.0.0.1:%d/v1/embeddings", {"model": "embed", "input": ["a", "b"]}, key)
+c = post("http://127.0.0.1:%d/v1/chat/completions", {"model": "chat", "max_tokens": 4,
+         "messages": [{"role": "user", "content": "Hi"}]}, key)
+print(json.dumps({"embed": e[0], "dims": [len(d["embedding"]) for d in e[1]["data"]] if e[1] else [],
+                  "embed_no_key": post("http://127.0.0.1:%d/v1/embeddings", {"input": "a"}, None)[0],
+                  "chat": c[0], "chat_no_key": post("http://127.0.0.1:%d/v1/chat/completions", {}, None)[0]}))
+"""
+
+
+def test_systemd_serves_a_chat_and_an_embedding_model_as_one_hardened_unit(two_model_bundle_dir, systemd_root,
+                                                                         tmp_path):
+    """Two models, two engines, one unit (DynamicUser, the same hardening), one key: as root on systemd."""
+    from .conftest import TWO_MODELS
+
+    (_, chat), (_, embed) = TWO_MODELS
+    (tmp_path / "check.py").write_text(EMBED_CHECK % (embed, chat, embed, chat))
+    unit = "airgap-llm-chat-and-embed.service"
+    binds = {str(two_model_bundle_dir): "/bundle", _key_dir(): "/keys", str(tmp_path): "/check"}
+    with SystemdBox(systemd_root, binds) as box:
+        out = _json(box.run(["/bundle/install.sh", "--trust", "/keys/signing-key.pub", "--json"]))
+        assert out["mode"] == "systemd" and [m["task"] for m in out["models"]] == ["chat", "embed"]
+        seen = json.loads(_json_line(box.run(["python3", "/check/check.py", "/etc/airgap-llm/chat-and-embed.env"])))
+        assert seen == {"embed": 200, "dims": [640, 640], "embed_no_key": 401, "chat": 200, "chat_no_key": 401}
+        shutil.copy(HERE / "box_check.py", tmp_path / "box_check.py")
+        engines = json.loads(_json_line(box.run(["python3", "/check/box_check.py", "--engines"])))
+        assert len(engines) == 2 and all(e["uid"] != 0 for e in engines)  # both engines, neither as root
+        assert {e["parallel"] for e in engines} == {2}
+        sec = box.run(["systemd-analyze", "security", unit, "--no-pager"])
+        assert float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", sec.stdout).group(1)) <= 2.0
+        gone = box.run(["/bundle/install.sh", "--uninstall", "--purge"])
+        assert gone.returncode == 0, gone.stderr

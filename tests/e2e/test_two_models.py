@@ -10,7 +10,6 @@ import urllib.request
 
 import pytest
 
-from bundler.manifest import sha256_file
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -30,25 +29,12 @@ def _post(url: str, body: dict, key: str | None) -> tuple[int, dict]:
         return e.code, {}
 
 
-def test_chat_and_embedding_models_served_side_by_side(bundle_dir, netns, tmp_path):
-    gguf = bundle_dir / "models/gemma-3-270m-q4_k_m.gguf"
-    spec = tmp_path / "two.toml"
-    # the one GGUF twice: as the chat model and, mean-pooled, as the embedding model (no embedding-only
-    # GGUF ships on the package index; a deployment names e.g. a bge-m3 GGUF here)
-    spec.write_text("\n".join([
-        '[bundle]', 'name = "chat-and-embed"',
-        '[[models]]', 'name = "chat"', f'source = "{gguf}"', f'sha256 = "{sha256_file(gguf)}"',
-        '[[models]]', 'name = "embed"', 'task = "embed"', f'source = "{gguf}"', f'sha256 = "{sha256_file(gguf)}"',
-        '[service]', f'port = {CHAT}', 'concurrency = 2', 'context = 1024']) + "\n")
-    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(spec), "--out", str(tmp_path / "dist")],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    b = tmp_path / "dist" / "chat-and-embed"
+def test_chat_and_embedding_models_served_side_by_side(two_model_bundle_dir, netns, tmp_path):
+    b = two_model_bundle_dir
     doc = json.loads((b / "manifest.json").read_text())
     assert [(m["name"], m["task"], m["port"]) for m in doc["models"]] == [("chat", "chat", CHAT),
                                                                          ("embed", "embed", EMBED)]
     assert sum(f["path"].startswith("models/") for f in doc["files"]) == 1  # one file, bundled once
-
     prefix = tmp_path / "p"
     r = netns.run([str(b / "install.sh"), "--prefix", str(prefix), "--json"])
     assert r.returncode == 0, r.stderr[-4000:]
