@@ -61,13 +61,13 @@ def install(opts: Options) -> dict[str, Any] | None:
     layout = layout_for(opts, doc["name"])
     check_layout_owned(layout)
     trust = check_trust(opts.bundle, doc, layout, opts, data)
-    hw = probe.probe(layout.prefix)
+    hw = described_box(opts.box_file) if opts.box_file else probe.probe(layout.prefix)
     preflight(doc, hw, layout)
     m = resolve_model(doc, opts)
     others = resolve_others(doc, opts)
     plan, oplans = make_plan(doc, m, hw, opts, others)
     print_plan(plan, hw, oplans, [o["port"] for o in others])
-    if any(p.engine == "vllm" for p in [plan, *oplans]):
+    if any(p.engine == "vllm" for p in [plan, *oplans]) and not opts.box_file:
         triton_toolchain(doc)
     mode = service_mode(opts, hw)
     target = Target(opts.host or doc["service"]["host"], opts.port or doc["service"]["port"], mode,
@@ -83,6 +83,8 @@ def install(opts: Options) -> dict[str, Any] | None:
              f"{target.host}:{target.port}; nothing was changed")
         if opts.json:
             print(json.dumps({"dry_run": True, "plan": plan.to_dict(), "box": hw.to_dict(),
+                              "others": [{"model": x.m["name"], "task": x.plan.task, "port": x.port,
+                                          "plan": x.plan.to_dict()} for x in extra],
                               "prefix": str(layout.prefix), "service": mode, "user": target.user}, indent=2))
         return None
     previous = _current_release(layout)
@@ -93,6 +95,20 @@ def install(opts: Options) -> dict[str, Any] | None:
     with PrefixLock(layout.prefix):
         record_made(layout, made_prefix)
         return _install_locked(opts, doc, data, layout, trust, m, plan, svc, hw)
+
+
+def described_box(path: Path) -> probe.Hardware:
+    """The box a probe file (`./install.sh --probe` there) describes, for --dry-run --box."""
+    try:
+        hw = probe.Hardware.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise BundlerError(f"--box {path}: no such file",
+                           hint="make it on the box with ./install.sh --probe > box.json")
+    except (ValueError, TypeError, KeyError) as e:
+        raise BundlerError(f"--box {path}: not a probe file ({e})", hint="make it with ./install.sh --probe > box.json")
+    info(f"planning for the box {path} describes ({len(hw.gpus)} GPU(s), {hw.cpus} CPUs), not this one; the "
+         "C compiler and headers vLLM needs are checked on the box itself")
+    return hw
 
 
 def _runner(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, m: dict[str, Any], svc: Service,

@@ -25,6 +25,7 @@ class Options:
     timeout: Optional[float] = None
     model_path: Optional[Path] = None
     model_facts: Optional[Path] = None
+    box_file: Optional[Path] = None  # --dry-run for the box a probe file describes
     model_name: Optional[str] = None
     tensor_parallel: Optional[int] = None
     data_parallel: Optional[int] = None
@@ -127,6 +128,9 @@ def parser() -> argparse.ArgumentParser:
                         "`llama-server -m MODEL`) on the same port, then start the service again, and print "
                         "the plan's ratio to it")
     p.add_argument("--dry-run", action="store_true", help="verify, probe and print the plan; change nothing")
+    p.add_argument("--box", dest="box_file", default=None, metavar="PROBE.json",
+                   help="with --dry-run: plan for the box this file describes (`./install.sh --probe` there) "
+                        "instead of this one, e.g. before carrying the bundle to it")
     p.add_argument("--probe", action="store_true", help="print this box's facts as JSON and exit")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     p.add_argument("--no-smoke", action="store_true", help="skip the requests that prove the service answers")
@@ -189,6 +193,8 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
     actions = [n for n in ("dry_run", "probe", "rollback", "uninstall") if getattr(a, n)]
     if len(actions) > 1:
         p.error("choose one of " + ", ".join("--" + n.replace("_", "-") for n in actions))
+    if a.box_file and not a.dry_run:
+        p.error("--box goes with --dry-run (a plan for a described box; installing happens on the box itself)")
     if a.purge and not a.uninstall:
         p.error("--purge goes with --uninstall")
     if a.user == "root":
@@ -202,7 +208,8 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         action=actions[0].replace("_", "-") if actions else "install",
         prefix=path(a.prefix), config_dir=path(a.config_dir), host=a.host, port=a.port,
         concurrency=a.concurrency, context=a.context, timeout=a.timeout, model_path=path(a.model_path),
-        model_facts=path(a.model_facts), model_name=a.model_name, tensor_parallel=a.tensor_parallel,
+        model_facts=path(a.model_facts), box_file=path(a.box_file),
+        model_name=a.model_name, tensor_parallel=a.tensor_parallel,
         data_parallel=a.data_parallel, safe_all_reduce=a.safe_all_reduce, bench=a.bench,
         bench_max_tokens=a.bench_max_tokens, bench_levels=levels, tune=a.tune, tune_budget=budget,
         baseline=a.baseline, audit_egress=a.audit_egress, json=a.json, smoke=not a.no_smoke,

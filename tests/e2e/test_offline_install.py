@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bundler.manifest import sha256_file
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 MODEL = "models/gemma-3-270m-q4_k_m.gguf"
@@ -543,3 +544,23 @@ def test_two_bundles_share_a_prefix_each_with_its_own_service(bundle_dir, second
         assert (prefix / "models").is_dir() and (prefix / "etc" / "trusted.d").is_dir()  # still A's
     finally:
         netns.run([str(prefix / B / "current" / "bin" / "ctl"), "stop"])
+
+
+def test_dry_run_plans_for_a_described_box(bundle_dir, tmp_path):
+    """Before carrying the bundle: --dry-run --box PROBE.json plans for the box that file describes
+    (here a 2×H200 box, for which this CPU-only bundle says what it would need)."""
+    box = ROOT / "tests" / "data" / "boxes" / "device-h200x2-probe.json"
+    r = subprocess.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run", "--box",
+                        str(box), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["box"]["gpus"]) == 2 and out["box"]["cpus"] == json.loads(box.read_text())["cpus"]
+    assert out["plan"]["backend"] == "cpu" and out["plan"]["threads"] == out["box"]["cpus"]
+    assert any("carries only a CPU llama-server" in x["why"] for x in out["plan"]["rejected"])
+    assert f"planning for the box {box} describes (2 GPU(s)" in r.stderr
+    assert not (tmp_path / "p").exists()
+    r = subprocess.run([str(bundle_dir / "install.sh"), "--dry-run", "--box", str(tmp_path / "nope.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "nope.json: no such file" in r.stderr and "--probe > box.json" in r.stderr
+    r = subprocess.run([str(bundle_dir / "install.sh"), "--box", str(box)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--box goes with --dry-run" in r.stderr
