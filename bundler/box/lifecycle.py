@@ -26,7 +26,7 @@ from .layout import Layout, PrefixLock, check_layout_owned, layout_for, make_dir
 from .options import Options
 from .planning import make_plan, print_plan, release_id, resolve_model, resolve_others
 from .preflight import check_port, preflight, triton_toolchain
-from .release import Member, Target, build_release, read_target
+from .release import Member, Target, build_release, local_address, read_target
 from .report import info, warn
 from .service import (check_reachable, ctl, engine_alive, engine_user, ensure_env_file, ensure_user, give_to_user,
                       is_running, read_key, remove_unit, remove_user, service_mode, start, stop_command)
@@ -46,11 +46,6 @@ class Service:
 
     def base_of(self, port: int) -> str:
         return f"http://{local_address(self.target.host)}:{port}"
-
-
-def local_address(host: str) -> str:
-    """Where this box reaches a service listening on host (a wildcard means loopback)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 # ---- install -------------------------------------------------------------------------

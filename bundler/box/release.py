@@ -35,6 +35,11 @@ class Target:
     user: str  # process mode as root: the engine's account ("" = the installer's own user)
 
 
+def local_address(host: str) -> str:
+    """Where this box reaches a service listening on host (a wildcard means loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
 def _copy_hashing(src: Path, dst: Path, sha256: str, label: str | None) -> None:
     """Copy src to dst through a .incomplete file, hashing what is written; refuse on mismatch."""
     import hashlib
@@ -208,7 +213,7 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
         main = _engine_script(bundle, doc, m, plan, layout, rid, final, stage, target.host, target.port, safe, copied)
         if not extra:
             (bindir / "launch").write_text(main)
-        else:  # one engine per model, started and stopped together (bundler.group)
+        else:  # one engine per model, started and stopped together (group.sh.j2)
             names = [m["name"], *(x.m["name"] for x in extra)]
             (bindir / "launch-0").write_text(main)
             for i, x in enumerate(extra, 1):
@@ -217,9 +222,9 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
             # the other models first, each healthy before the next starts where vLLM is one of them
             # (group.sh.j2 says why); the main model last
             serial = any(p.engine == "vllm" for p in [plan, *(x.plan for x in extra)])
-            host = "127.0.0.1" if target.host in ("0.0.0.0", "::") else target.host
             members = [(x.m["name"], str(final / "bin" / f"launch-{i}"),
-                        f"http://{host}:{x.port}/health" if serial else "") for i, x in enumerate(extra, 1)]
+                        f"http://{local_address(target.host)}:{x.port}/health" if serial else "")
+                       for i, x in enumerate(extra, 1)]
             (bindir / "launch").write_text(render("group.sh.j2", {
                 "name": layout.name, "release": rid, "python": sys.executable,
                 "members": [*members, (names[0], str(final / "bin" / "launch-0"), "")]}))
