@@ -101,17 +101,23 @@ def watch(iface: str, out: Path) -> None:
     signal.signal(signal.SIGINT, _stop)
     with open(out, "a", buffering=1) as f:
         f.write(json.dumps({"ready": True}) + "\n")
-        while not stop:
-            try:
-                frame, addr = s.recvfrom(65535)
-            except socket.timeout:
-                continue
-            if addr[2] != socket.PACKET_OUTGOING:
-                continue
-            seen = parse_frame(frame)
-            if seen:
-                seen["time"] = round(time.time(), 3)
-                f.write(json.dumps(seen) + "\n")
+        record(s, f, lambda: stop)
+
+
+def record(s: socket.socket, f: Any, stopped: Any, beyond_loopback: bool = False) -> None:
+    """Write one JSON line to f for each attempt leaving through packet socket s, until stopped();
+    beyond_loopback: skip what is addressed to loopback (a watcher on lo itself)."""
+    while not stopped():
+        try:
+            frame, addr = s.recvfrom(65535)
+        except socket.timeout:
+            continue
+        if addr[2] != socket.PACKET_OUTGOING:
+            continue
+        seen = parse_frame(frame)
+        if seen and not (beyond_loopback and _loopback(seen["address"])):
+            seen["time"] = round(time.time(), 3)
+            f.write(json.dumps(seen) + "\n")
 
 
 class AuditedNamespace:
@@ -251,17 +257,7 @@ class PrivateNetwork:
 
     def _watch(self, w: socket.socket) -> None:
         with open(self.log, "a", buffering=1) as f:
-            while not self._stop:
-                try:
-                    frame, addr = w.recvfrom(65535)
-                except socket.timeout:
-                    continue
-                if addr[2] != socket.PACKET_OUTGOING:
-                    continue
-                seen = parse_frame(frame)
-                if seen and not _loopback(seen["address"]):
-                    seen["time"] = round(time.time(), 3)
-                    f.write(json.dumps(seen) + "\n")
+            record(w, f, lambda: self._stop, beyond_loopback=True)
 
     def argv(self, cmd: list[str]) -> list[str]:
         return cmd  # the children are in the namespaces already
