@@ -308,12 +308,10 @@ def load(path: str | Path) -> Spec:
                     hint=f"add format = one of {', '.join(FORMATS)}")
         if fmt not in FORMATS:
             r.fail(f"models[{i}].format", f"is {fmt!r}", f"use one of: {', '.join(FORMATS)}")
-        if fmt == "exl2":
-            r.fail(f"models[{i}].format", "'exl2' is planned but not bundled yet",
-                   "serve a GGUF build with llama.cpp or a safetensors build with vLLM")
-        if fmt == "safetensors" and not (on_box or repo):
-            r.fail(f"models[{i}].source", "a safetensors model is a directory of files",
-                   "bundle the whole repository (source = \"hf://ORG/REPO@REVISION\" or "
+        if fmt in ("safetensors", "exl2") and not (on_box or repo):
+            r.fail(f"models[{i}].source", f"a {fmt} model is a directory of files",
+                   "bundle the whole repository (source = \"hf://ORG/REPO@REVISION\", an EXL2 build's branch such as "
+                   "@4.0bpw, or "
                    "\"modelscope://ORG/REPO@REVISION\"), or carry it separately as source = \"box:/path\"")
         if repo and fmt == "gguf" and not globs["include"]:
             r.fail(f"models[{i}].include", "is needed for a GGUF repository (it usually holds many quantizations)",

@@ -19,8 +19,11 @@ NOMIC_EMBED_Q8 = ModelInfo(format="gguf", architecture="nomic-bert", file_size=1
 LLAMA70B_AWQ = ModelInfo(format="safetensors", architecture="LlamaForCausalLM", file_size=39_772_421_632, layers=80,
                          heads=64, kv_heads=8, head_dim_k=128, head_dim_v=128, context_length=131072,
                          has_chat_template=True, quantization="awq", bits=4, group_size=128)
+LLAMA8B_EXL2_4 = ModelInfo(format="exl2", architecture="LlamaForCausalLM", file_size=5_320_000_000, layers=32,
+                           heads=32, kv_heads=8, head_dim_k=128, head_dim_v=128, context_length=131072,
+                           has_chat_template=True, bits=4.0)
 FACTS = {"qwen2.5-7b-instruct": QWEN7B_Q4, "nomic-embed-text-v1.5": NOMIC_EMBED_Q8,
-         "llama-3.1-70b-instruct": LLAMA70B_AWQ}
+         "llama-3.1-70b-instruct": LLAMA70B_AWQ, "llama-3.1-8b-instruct": LLAMA8B_EXL2_4}
 
 
 def _box(cpus: int, ram_gib: int, gpus: int = 0, mib: int = 0, cc: str = "8.9", links: str = "") -> Hardware:
@@ -39,7 +42,7 @@ def _plans(s: spec.Spec, hw: Hardware) -> list[planner.Plan]:
 
 def test_every_example_is_here_and_loads():
     assert [p.name for p in EXAMPLES] == ["chat-and-embed.toml", "llama-3.1-70b-awq-4x24gb.toml",
-                                          "qwen2.5-7b-instruct-gguf.toml"]
+                                          "llama-3.1-8b-instruct-exl2.toml", "qwen2.5-7b-instruct-gguf.toml"]
     for p in EXAMPLES:
         s = spec.load(p)
         assert all(m.is_repo and "@" in m.source for m in s.models)  # whole-repo sources, revision named
@@ -72,3 +75,18 @@ def test_chat_and_embed_share_one_box_and_one_key():
     chat, embed = _plans(s, _box(8, 32))
     assert (embed.engine, embed.task, embed.pooling, embed.threads) == ("llama.cpp", "embed", "", 2)  # its own pooling
     assert any("other models leave: nomic-embed-text-v1.5" in r for r in chat.reasons)
+
+
+def test_the_exl2_example_plans_exllama_on_one_24gb_card_and_is_refused_by_make_bundle(tmp_path):
+    import subprocess
+    import sys
+
+    s = spec.load(ROOT / "examples" / "llama-3.1-8b-instruct-exl2.toml")
+    assert s.models[0].source.endswith("@4.0bpw") and s.models[0].format == "exl2"
+    [p] = _plans(s, _box(16, 64, gpus=1, mib=24564))
+    assert (p.engine, p.tensor_parallel) == ("exllamav2", 1)
+    # not bundleable yet: refused before anything is fetched, saying why and what serves instead
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "examples" / s.path.split("/")[-1]),
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "does not bundle ExLlama yet" in r.stderr and "GGUF" in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())
