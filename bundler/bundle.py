@@ -395,21 +395,36 @@ def _vllm(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> d
             "lock": summary, "reuses": reused, "cpu_flags": [], "python_headers": headers}
 
 
+def _local_headers(py: str) -> Path | None:
+    """The include root of a Python py (X.Y) on this machine that has its headers: this one, else a
+    pythonX.Y on PATH or in pyenv's versions."""
+    import sysconfig
+
+    if ".".join(platform.python_version().split(".")[:2]) == py:
+        return Path(sysconfig.get_paths()["include"]).parent
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for exe in [shutil.which(f"python{py}"), *map(str, sorted(pyenv.glob(f"{py}.*/bin/python{py}")))]:
+        if not exe:
+            continue
+        r = subprocess.run([exe, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
+                           capture_output=True, text=True)
+        if r.returncode == 0 and (Path(r.stdout.strip()) / "Python.h").is_file():
+            return Path(r.stdout.strip()).parent
+    return None
+
+
 def _python_headers(spec: Spec, target: Any, edir: Path, log) -> str:
     """The target Python's headers (pythonX.Y/ and ARCH-linux-gnu/pythonX.Y/ of an include root) into
     engines/vllm/include, checked by compiling `#include <Python.h>`: from engines.vllm.python_headers,
-    else this machine's own Python when it is the same version. Returns the folder in the bundle, or
-    "" (then a box without them must have its pythonX.Y-dev package: the installer says so)."""
-    import sysconfig
-
+    else those of a pythonX.Y of the same version on this machine (the running one, or one on PATH).
+    Returns the folder in the bundle, or "" (then a box without them must have its pythonX.Y-dev
+    package: the installer says so)."""
     from .engines.llama_cpp import zig_toolchain
 
     py = ".".join(target.python.split(".")[:2])
-    root = Path(spec.vllm.python_headers) if spec.vllm.python_headers else None
-    if root is None and ".".join(platform.python_version().split(".")[:2]) == py:
-        root = Path(sysconfig.get_paths()["include"]).parent
+    root = Path(spec.vllm.python_headers) if spec.vllm.python_headers else _local_headers(py)
     if root is None or not (root / f"python{py}" / "Python.h").is_file():
-        log(f"warning: no headers of Python {py} here (this machine runs {platform.python_version()}): a box whose "
+        log(f"warning: no headers of Python {py} here (no python{py} with them on this machine): a box whose "
             f"Python has no python{py}-dev needs one for Triton; set engines.vllm.python_headers to bring them")
         return ""
     dest = edir / "include"

@@ -62,3 +62,22 @@ def test_the_bundled_compiler_builds_a_launcher_that_imports(tmp_path):
                         f"'launcher', {str(so)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
                         "print(m.ask(1))"], capture_output=True, text=True, env={"LD_LIBRARY_PATH": str(libdir)})
     assert r.stdout.strip() == "43", r.stderr
+
+
+def test_the_bundle_carries_the_box_pythons_headers_when_this_machine_has_that_python(tmp_path):
+    """The headers come from a python of the box's version here (the running one, one on PATH or in
+    pyenv), checked by compiling Python.h; for a version this machine lacks, none, and it says so."""
+    from types import SimpleNamespace
+
+    from bundler.bundle import _python_headers
+    from bundler.spec import Spec, VllmSpec
+
+    spec = Spec(path="s.toml", name="t", version="1", models=(), vllm=VllmSpec(version="0.26.0"))
+    said = []
+    here = f"{sys.version_info.major}.{sys.version_info.minor}.9"
+    got = _python_headers(spec, SimpleNamespace(python=here, arch="x86_64"), tmp_path / "a", said.append)
+    assert got == "engines/vllm/include"
+    assert (tmp_path / "a" / "include" / f"python{here.rsplit('.', 1)[0]}" / "Python.h").is_file()
+    assert any("headers from" in s for s in said)
+    assert _python_headers(spec, SimpleNamespace(python="3.99.0", arch="x86_64"), tmp_path / "b", said.append) == ""
+    assert "no headers of Python 3.99 here" in said[-1] and "python_headers" in said[-1]
