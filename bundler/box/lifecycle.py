@@ -281,7 +281,7 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
                                 safe=safe, extra=svc.extra)
         info(f"release {release.name} built at {release}")
         t0 = time.monotonic()
-        patterns = vllm.FATAL_LOG if plan.engine == "vllm" else ()
+        patterns = vllm.FATAL_LOG if "vllm" in (plan.engine, *(x.plan.engine for x in svc.extra)) else ()
         watch = LogWatch(patterns, unit=layout.unit) if t.mode == "systemd" else LogWatch(patterns, layout.logfile)
         try:
             start(release, t.mode, layout)
