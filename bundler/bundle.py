@@ -206,7 +206,7 @@ def _repo_model(spec: Spec, m: Any, stage: Path, upgrade: bool, log) -> dict[str
                      facts=inspect_gguf(folder / first[0]).to_dict())
     else:
         info = inspect_hf(folder)
-        if info.format == "exl2":  # a repository named as safetensors whose config says EXL2
+        if info.format in ("exl2", "exl3"):  # a repository named as safetensors whose config says EXL2/3
             raise BundlerError(f"{m.source}: model {m.name} {EXL2_NOT_YET[0].split(';')[0]}", hint=EXL2_NOT_YET[1])
         entry.update(file=f"models/{m.file}", sha256=_tree_id(files), facts=info.to_dict(), dir=True)
         log(f"model {m.name}: {info.architecture}, {info.layers} layers, {info.file_size / 2**30:.2f} GiB of weights"
@@ -222,14 +222,14 @@ def _tree_id(files: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-EXL2_NOT_YET = ("is EXL2, which ExLlama serves, and airgap-llm does not bundle ExLlama yet; nothing was fetched",
+EXL2_NOT_YET = ("is EXL2/EXL3, which ExLlama serves, and airgap-llm does not bundle ExLlama yet; nothing was fetched",
                 "bundle a GGUF build of the model (llama.cpp) or an AWQ/GPTQ safetensors build (vLLM)")
 
 
 def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: bool = False,
           upgrade_models: bool = False) -> dict[str, Any]:
     for m in spec.models:
-        if m.format == "exl2":
+        if m.format in ("exl2", "exl3"):
             raise BundlerError(f"{spec.path}: model {m.name} {EXL2_NOT_YET[0]}", hint=EXL2_NOT_YET[1])
     wheels_dir = stage / "wheels"
     cache = lock.wheel_cache()

@@ -151,8 +151,8 @@ def inspect_hf(path: Path) -> ModelInfo:
     q = cfg.get("quantization_config") or {}
     fmt, bits = "safetensors", 0.0
     method = str(q.get("quant_method") or "").lower()
-    if method == "exl2" or "bits" in q and "exl2" in str(q).lower():
-        fmt, bits = "exl2", float(q.get("bits", 0))
+    if method in ("exl2", "exl3") or "bits" in q and "exl2" in str(q).lower():
+        fmt, bits = (method or "exl2"), float(q.get("bits", 0))
     elif method:
         bits = float(q.get("bits") or q.get("w_bit") or (8 if method == "fp8" else 0))
     return ModelInfo(
@@ -172,7 +172,7 @@ def inspect_hf(path: Path) -> ModelInfo:
         vocab_size=int(text.get("vocab_size", 0)),
         bits=bits,
         dtype=str(text.get("torch_dtype") or text.get("dtype") or cfg.get("torch_dtype") or cfg.get("dtype") or ""),
-        quantization="" if fmt == "exl2" else method,
+        quantization="" if fmt in ("exl2", "exl3") else method,
         group_size=int(q.get("group_size") or q.get("q_group_size") or 0),
     )
 

@@ -10,7 +10,9 @@ Engines (DESIGN.md):
 - safetensors → vLLM: smallest tensor-parallel size that fits weights + KV for
   the load, a power of two that divides the attention heads and divides or is
   a multiple of the KV heads; GPUs left over become data-parallel replicas.
-- EXL2 → ExLlamaV2 (TabbyAPI): one GPU, GPU split, or tensor parallel on NVLink.
+- EXL2 → ExLlamaV2, EXL3 → ExLlamaV3 (TabbyAPI; the generation from quant_method): one GPU, GPU
+  split, or tensor parallel on NVLink. ExLlamaV2 batches only with flash-attn (paged attention);
+  without it one request at a time, and the plan says which build would serve the load instead.
 
 Memory model (estimates, each constant with where it comes from):
 - weights: the model's file size (GGUF) or safetensors bytes; llama.cpp keeps
@@ -27,7 +29,7 @@ Memory model (estimates, each constant with where it comes from):
 - vLLM: --gpu-memory-utilization 0.90 of total memory (vLLM's default), of which
   2 GiB go to activations, CUDA graphs and NCCL buffers (vLLM's profile run
   reports 1-3 GiB of non-KV, non-weight memory for 8B-70B models).
-- ExLlamaV2: 95 % of free memory less 1 GiB per GPU for activations.
+- ExLlamaV2/V3: 95 % of free memory less 1 GiB per GPU for activations.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ API_SERVERS = 2
 API_SERVER_MIN_CPUS = 8
 EXL2_OVERHEAD = 1 * GiB
 KV_BYTES = {"f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
-MIN_CC = {"llama.cpp": 5.0, "vllm": 7.0, "exllamav2": 7.0}
+MIN_CC = {"llama.cpp": 5.0, "vllm": 7.0, "exllamav2": 7.0, "exllamav3": 8.0}
 # The compute capability vLLM's kernels need per quantization (vLLM's "supported hardware" table):
 # AWQ from Turing, GPTQ and bitsandbytes from Volta, FP8 from Ampere (weight-only Marlin; W8A8 from
 # Ada), Marlin kernels and compressed-tensors' W4A16 from Ampere.
@@ -83,7 +85,7 @@ VLLM_QUANT_MIN_CC = {"awq": 7.5, "awq_marlin": 8.0, "gptq": 7.0, "gptq_marlin": 
 # The newest driver branch each bundled CUDA major needs (NVIDIA's CUDA release notes, minor-version
 # compatibility): CUDA 13 wheels (vLLM 0.33, torch 2.14) need >= 580, CUDA 12 >= 525.
 CUDA_DRIVER_MIN = {"13": "580", "12": "525"}
-ALL_ENGINES = ("cpu", "cuda", "vllm", "exllamav2")
+ALL_ENGINES = ("cpu", "cuda", "vllm", "exllamav2", "exllamav3")
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,9 @@ def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
     if info.format == "gguf":
         p = _plan_gguf(model_name, info, hw, intent, engines_available, cpu_flags_needed, cuda, cuda_cpu_flags)
         return _with_cpu_variant(p, hw, cpu_variants) if p.backend == "cpu" else p
-    if info.format == "exl2":
-        return _plan_exl2(model_name, info, hw, intent, engines_available, cuda)
-    raise PlanRefused(f"{model_name}: unknown format {info.format!r}", hint="use GGUF, safetensors or EXL2")
+    if info.format in ("exl2", "exl3"):
+        return _plan_exl(model_name, info, hw, intent, engines_available, cuda)
+    raise PlanRefused(f"{model_name}: unknown format {info.format!r}", hint="use GGUF, safetensors, EXL2 or EXL3")
 
 
 # ---- several models in one bundle: a chat model and its companions ---------------
@@ -668,15 +670,27 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                 reasons=tuple(reasons), rejected=tuple(rejected))
 
 
-# ---- EXL2: ExLlamaV2 ------------------------------------------------------------
+# ---- EXL2 / EXL3: ExLlamaV2 / ExLlamaV3 ------------------------------------------
 
-def _plan_exl2(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
-               cuda: str) -> Plan:
+def _plan_exl(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
+              cuda: str) -> Plan:
+    gen = info.format[-1]  # "2" | "3": the quant_method in the model's config names the generation
+    engine, label, fmt = f"exllamav{gen}", f"ExLlamaV{gen}", info.format.upper()
     rejected = [{"engine": "llama.cpp", "why": "serves GGUF only"},
-                {"engine": "vllm", "why": "serves no EXL2 quantization"}]
-    _require_gpu_engine(name, "EXL2", "exllamav2", "ExLlamaV2", engines, hw, cuda, "a GGUF build for llama.cpp")
+                {"engine": "vllm", "why": f"serves no {fmt} quantization"},
+                {"engine": f"exllamav{5 - int(gen)}", "why": f"ExLlamaV{5 - int(gen)} does not load {fmt}"}]
+    _require_gpu_engine(name, fmt, engine, label, engines, hw, cuda, "a GGUF build for llama.cpp")
     ctx = min(intent.context, info.context_length or intent.context)
     conc = intent.concurrency
+    batch_note = ""
+    if gen == "2" and "flash-attn" not in engines and conc > 1:
+        # exllamav2's paged (batching) generator needs flash-attn, which has no wheel to carry: TabbyAPI
+        # refused to load on cc >= 8 without it (../shared/EXLLAMA.md); unpaged, one request at a time
+        batch_note = (f"ExLlamaV2 serves ONE request at a time here: batching needs flash-attn (paged attention), "
+                      f"which this bundle does not carry; the other {conc - 1} of the {conc} concurrent requests "
+                      "wait. For that load, rather: an EXL3 build (ExLlamaV3 batches with its Triton kernels), "
+                      "an AWQ/GPTQ safetensors build with vLLM, or a GGUF with llama.cpp (both batch)")
+        conc = 1
     usable = [max(0, g.memory_free_mib * MiB * LLAMA_GPU_FRACTION - EXL2_OVERHEAD) for g in hw.gpus]
     kv = info.kv_bytes_per_token() * conc * ctx
     need = info.file_size + kv
@@ -685,7 +699,7 @@ def _plan_exl2(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
         split: tuple[float, ...] = ()
         tp = 1
         used = [need + EXL2_OVERHEAD]
-        reasons.append(f"ExLlamaV2 on one GPU: weights {_gib(info.file_size)} ({info.bits or '?'} bits) + KV "
+        reasons.append(f"{label} on one GPU: weights {_gib(info.file_size)} ({info.bits or '?'} bits) + KV "
                        f"{_gib(kv)} fit {_gib(usable[0])}")
     elif need <= sum(usable):
         ok = [t for t in tp_candidates(info, len(hw.gpus))[0] if t == len(hw.gpus)]
@@ -693,7 +707,7 @@ def _plan_exl2(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
             tp = ok[0]
             split = ()
             used = [need / tp + EXL2_OVERHEAD] * tp
-            reasons.append(f"ExLlamaV2 tensor parallel over {tp} NVLinked GPUs (TabbyAPI tensor_parallel): "
+            reasons.append(f"{label} tensor parallel over {tp} NVLinked GPUs (TabbyAPI tensor_parallel): "
                            "faster than a layer split when the GPUs talk over NVLink")
         else:
             tp = 1
@@ -705,15 +719,17 @@ def _plan_exl2(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                 left -= take
             used = [b + EXL2_OVERHEAD for b in used_l if b > 0]
             split = tuple(_r(b) for b in used_l if b > 0)
-            reasons.append(f"ExLlamaV2 with a GPU split over {len(split)} GPUs (gpu_split "
+            reasons.append(f"{label} with a GPU split over {len(split)} GPUs (gpu_split "
                            f"{', '.join(str(s) for s in split)} GiB): layers fill one GPU after another")
     else:
         raise PlanRefused(f"{name} does not fit: weights {_gib(info.file_size)} + KV {_gib(kv)} for {conc} × {ctx} "
                           f"tokens need {_gib(need)}, the GPUs have {_gib(sum(usable))} usable "
                           f"(short by {_gib(need - sum(usable))})",
-                          hint="a lower-bit EXL2 build, a shorter --context, fewer --concurrency, or more GPUs")
+                          hint=f"a lower-bit {fmt} build, a shorter --context, fewer --concurrency, or more GPUs")
     reasons.append(f"{conc} concurrent requests (max_batch_size) × {ctx} tokens")
-    return Plan(engine="exllamav2", backend="cuda", model=name, threads=max(1, hw.cpus), slots=conc,
+    if batch_note:
+        reasons.append(batch_note)
+    return Plan(engine=engine, backend="cuda", model=name, threads=max(1, hw.cpus), slots=conc,
                 context_per_slot=ctx, gpu_layers=info.layers, total_layers=info.layers, tensor_parallel=tp,
                 memory_per_gpu_gib=tuple(_r(b) for b in used),
                 usable_per_gpu_gib=tuple(_r(u + EXL2_OVERHEAD) for u in usable[:len(used)]),

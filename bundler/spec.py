@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import SpecError
 
-FORMATS = ("gguf", "safetensors", "exl2")
+FORMATS = ("gguf", "safetensors", "exl2", "exl3")
 TASKS = ("chat", "embed")  # what a model serves: text generation, or /v1/embeddings
 SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|modelscope://|file://|box:/|/|\./|\.\./|~)")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -308,7 +308,7 @@ def load(path: str | Path) -> Spec:
                     hint=f"add format = one of {', '.join(FORMATS)}")
         if fmt not in FORMATS:
             r.fail(f"models[{i}].format", f"is {fmt!r}", f"use one of: {', '.join(FORMATS)}")
-        if fmt in ("safetensors", "exl2") and not (on_box or repo):
+        if fmt in ("safetensors", "exl2", "exl3") and not (on_box or repo):
             r.fail(f"models[{i}].source", f"a {fmt} model is a directory of files",
                    "bundle the whole repository (source = \"hf://ORG/REPO@REVISION\", an EXL2 build's branch such as "
                    "@4.0bpw, or "

@@ -249,6 +249,12 @@ def test_quantization_config_is_read_from_the_model_directory(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1024)
     info = inspect_hf(tmp_path)
     assert (info.quantization, info.bits, info.group_size, info.format) == ("awq", 4.0, 128, "safetensors")
+    for method in ("exl2", "exl3"):  # the ExLlama generation comes from quant_method
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": method, "bits": 4.25, "head_bits": 6}
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        info = inspect_hf(tmp_path)
+        assert (info.format, info.bits, info.quantization) == (method, 4.25, "")
 
 
 # ---- several models in one bundle (issue #13) ----------------------------------------
@@ -301,3 +307,55 @@ def test_an_embedding_model_too_big_for_the_gpus_beside_the_chat_model_is_refuse
         planner.plan_models([("chat", _qwen7b(), "chat"), ("big", huge, "embed")], hw, planner.Intent(50, 4096),
                             engines_available=planner.ALL_ENGINES)
     assert "big" in e.value.message and "GGUF" in e.value.hint
+
+
+# ---- EXL2 / EXL3 (issue #14): the generation from quant_method, one GPU / split / TP, batching ----
+
+def _exl(fmt: str, layers: int, heads: int, gb: float, bits: float = 4.0) -> ModelInfo:
+    return ModelInfo(format=fmt, architecture="LlamaForCausalLM", file_size=int(gb * 1e9), layers=layers,
+                     heads=heads, kv_heads=8, head_dim_k=128, head_dim_v=128, context_length=131072,
+                     has_chat_template=True, bits=bits)
+
+
+def _cards(n: int, mib: int, name: str, cc: str, links: str) -> Hardware:
+    return replace(box(cpus=32, ram_gib=256.0), gpus=tuple(Gpu(i, name, mib, mib, cc, "580.65.06") for i in range(n)),
+                   gpu_links=links)
+
+
+@pytest.mark.parametrize("fmt, size, hw, tp, split, slots, conc, ctx", [
+    # an 8B at 4.0 bpw on one 24 GB card: one GPU; EXL2 one request at a time (no flash-attn to carry)
+    ("exl2", (32, 32, 5.3), _cards(1, 24564, "NVIDIA GeForce RTX 4090", "8.9", ""), 1, 0, 1, 8, 8192),
+    ("exl3", (32, 32, 5.3), _cards(1, 24564, "NVIDIA GeForce RTX 4090", "8.9", ""), 1, 0, 8, 8, 8192),
+    # a 70B at 4.0 bpw (~36 GB) over two 24 GB PCIe cards: a GPU split (layers fill one GPU, then the next)
+    ("exl2", (80, 64, 36.0), _cards(2, 24564, "NVIDIA GeForce RTX 4090", "8.9", "pcie"), 1, 2, 1, 4, 4096),
+    ("exl3", (80, 64, 36.0), _cards(2, 24564, "NVIDIA GeForce RTX 4090", "8.9", "pcie"), 1, 2, 4, 4, 4096),
+    # a 123B at 4.0 bpw (~62 GB) with KV for 8 × 8192 on four NVLinked H100s: tensor parallel 4
+    ("exl3", (88, 96, 62.0), _cards(4, 81559, "NVIDIA H100 80GB HBM3", "9.0", "nvlink"), 4, 0, 8, 8, 8192),
+])
+def test_exllama_table(fmt, size, hw, tp, split, slots, conc, ctx):
+    p = planner.plan("m", _exl(fmt, *size), hw, planner.Intent(conc, ctx), engines_available=planner.ALL_ENGINES)
+    assert (p.engine, p.tensor_parallel, len(p.gpu_split_gib), p.slots) == (f"exllamav{fmt[-1]}", tp, split, slots)
+    assert all(used <= usable for used, usable in zip(p.memory_per_gpu_gib, p.usable_per_gpu_gib))
+    other = "exllamav3" if fmt == "exl2" else "exllamav2"
+    assert any(r["engine"] == other and "does not load" in r["why"] for r in p.rejected)
+    one_at_a_time = [r for r in p.reasons if "ONE request at a time" in r]
+    if fmt == "exl2":  # the plan says so, and what would serve the load instead
+        assert one_at_a_time and "EXL3 build" in one_at_a_time[0] and "vLLM" in one_at_a_time[0]
+    else:
+        assert not one_at_a_time
+
+
+def test_exl2_batches_where_the_bundle_carries_flash_attn():
+    p = planner.plan("m", _exl("exl2", 32, 32, 5.3), _cards(1, 24564, "NVIDIA GeForce RTX 4090", "8.9", ""),
+                     planner.Intent(8, 8192), engines_available=(*planner.ALL_ENGINES, "flash-attn"))
+    assert p.slots == 8 and not any("ONE request" in r for r in p.reasons)
+
+
+def test_exl3_needs_ampere_or_newer_and_the_engine_in_the_bundle():
+    t4 = _cards(1, 15360, "Tesla T4", "7.5", "")
+    with pytest.raises(PlanRefused) as e:
+        planner.plan("m", _exl("exl3", 32, 32, 5.3), t4, planner.Intent(4, 4096), engines_available=planner.ALL_ENGINES)
+    assert "7.5" in e.value.message
+    with pytest.raises(PlanRefused):
+        planner.plan("m", _exl("exl3", 32, 32, 5.3), _cards(1, 24564, "L4", "8.9", ""), planner.Intent(4, 4096),
+                     engines_available=("cpu", "cuda", "vllm"))

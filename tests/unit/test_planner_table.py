@@ -117,10 +117,11 @@ CASES = [
          driver="535.104", backend="cpu"),
     Case("gguf-8b-3x48-one-gpu", ("8b", "Q4_K_M"), "3x48GiB@8.9", 16, 4096, "llama.cpp", ngl="all", slots=16,
          backend="cuda", says="--split-mode none"),
-    Case("exl2-70b-1x48", ("70b", "exl2-4.0"), "1x48GiB@8.6", 4, 4096, "exllamav2", 1, slots=4),
-    Case("exl2-70b-2x3090-nvlink-tp", ("70b", "exl2-4.0"), "2x24GiB@8.6,nvlink", 2, 4096, "exllamav2", 2, slots=2,
+    # EXL2 one request at a time: no flash-attn to carry (the plan says so: test_planner.py)
+    Case("exl2-70b-1x48", ("70b", "exl2-4.0"), "1x48GiB@8.6", 4, 4096, "exllamav2", 1, slots=1),
+    Case("exl2-70b-2x3090-nvlink-tp", ("70b", "exl2-4.0"), "2x24GiB@8.6,nvlink", 2, 4096, "exllamav2", 2, slots=1,
          says="tensor parallel"),
-    Case("exl2-70b-2x3090-pcie-split", ("70b", "exl2-4.0"), "2x24GiB@8.6", 2, 4096, "exllamav2", 1, slots=2,
+    Case("exl2-70b-2x3090-pcie-split", ("70b", "exl2-4.0"), "2x24GiB@8.6", 2, 4096, "exllamav2", 1, slots=1,
          says="GPU split"),
     Case("exl2-no-gpu", ("70b", "exl2-4.0"), "none", 2, 4096, None, says="NVIDIA GPUs"),
 ]
