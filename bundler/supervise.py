@@ -100,11 +100,17 @@ def run(cmd: list[str], pidfile: str, logpath: str, env_file: str = "", user: st
         while not stopping:
             started = time.monotonic()
             _log(log, "starting: " + " ".join(cmd))
+            # its own process group: what it starts (a bundle's several engines, vLLM's workers) can be
+            # killed with it if it does not stop in time
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent, env=env, cwd="/", **drop)
-            rc = child.wait()
+                                     preexec_fn=_die_with_parent, env=env, cwd="/", start_new_session=True, **drop)
+            # polled, not waited on: a blocking wait is resumed after the signal handler, so a command
+            # that ignores SIGTERM would hold the supervisor forever and never reach the kill below
+            while child.poll() is None and not stopping:
+                time.sleep(0.2)
             if stopping:
                 break
+            rc = child.returncode
             if time.monotonic() - started > 60:
                 backoff = 1.0
             restarts += 1
@@ -119,7 +125,11 @@ def run(cmd: list[str], pidfile: str, logpath: str, env_file: str = "", user: st
             try:
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                child.kill()
+                _log(log, "did not stop within 20s; killing it and everything it started")
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 child.wait()
         _log(log, "stopped")
     finally:

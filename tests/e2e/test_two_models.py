@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,26 @@ def test_engines_that_size_themselves_from_gpu_memory_start_one_after_another(tm
         out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 0, out
     assert not subprocess.run(["pgrep", "-f", str(tmp_path / "launch-")], capture_output=True).stdout
+
+
+def test_an_engine_that_ignores_sigterm_is_killed_with_everything_it_started(tmp_path):
+    """The supervisor stops its command with SIGTERM, then after 20 s kills its whole process group:
+    a group of engines (or vLLM's workers) is not left holding ports and GPUs when one hangs."""
+    launch = tmp_path / "launch"
+    pids = tmp_path / "pids"
+    launch.write_text(f"#!/bin/sh\ntrap '' TERM\nsh -c 'echo $$ >> {pids}; exec sleep 300' &\necho $$ >> {pids}\n"
+                      "while :; do sleep 1; done\n")
+    launch.chmod(0o755)
+    pidfile, log = tmp_path / "sup.pid", tmp_path / "sup.log"
+    sup = subprocess.Popen([sys.executable, "-m", "bundler.supervise", "--pidfile", str(pidfile), "--log", str(log),
+                            "--", str(launch)], cwd=str(ROOT))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not pids.exists() or len(pids.read_text().split()) < 2):
+        time.sleep(0.2)
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2
+    sup.terminate()
+    sup.wait(timeout=60)
+    assert "killing it and everything it started" in log.read_text()
+    for pid in started:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
