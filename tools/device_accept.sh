@@ -292,6 +292,27 @@ audit_gpu() {  # issue #15: the CUDA llama-server bundle (docs/device/gpu-box-ll
     tr '\r' '\n' < "$OUT/audit-gpu.log" | grep -vE "waiting for the engine|concurrency [0-9]+:|B/s\]" | tail -n 25
 }
 
+exl2_ext() {  # issue #14: ExLlamaV2's extension, built on the connected side for this box's Python, torch and
+    # GPU (tools/build_exllamav2_ext.py), imported and run inside `bare`: nothing compiles on the box
+    rm -rf /tmp/exlsite && mkdir -p /tmp/exlsite
+    for w in .carry/exl/*.whl; do python3 -m zipfile -e "$w" /tmp/exlsite; done
+    bare env PYTHONPATH=/tmp/exlsite python3 - <<'PY'
+import torch, exllamav2_ext
+x = torch.randn(8, 4096, dtype=torch.half, device="cuda")
+w = torch.rand(4096, dtype=torch.half, device="cuda")
+y = torch.empty_like(x)
+exllamav2_ext.rms_norm(x, w, y, 1e-6)
+ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
+print("exllamav2_ext from", exllamav2_ext.__file__, "on", torch.cuda.get_device_name(0), "torch", torch.__version__,
+      "rms_norm max abs err vs torch:", (y.float() - ref).abs().max().item())
+try:
+    from exllamav2 import ext
+    print("exllamav2 imports, its extension:", ext.exllamav2_ext.__file__)
+except Exception as e:
+    print("exllamav2 package import:", type(e).__name__, e)
+PY
+}
+
 pack() {
     tar czf "$OUT/res.tgz" -C "$RES" .
     ls "$RES" | tr '\n' ' ' >&2
