@@ -99,6 +99,7 @@ FAKE_ENGINE = r"""#!{python}
 # a stand-in engine: notes when it starts, loads for {delay} s, then answers /health on {port}
 import http.server, sys, time
 open({log!r}, "a").write(f"{name} start {{time.monotonic()}}\n")
+print("loading", flush=True)
 time.sleep({delay})
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -124,7 +125,7 @@ def test_engines_that_size_themselves_from_gpu_memory_start_one_after_another(tm
         paths.append(str(p))
     group = tmp_path / "launch"
     group.write_text(render("group.sh.j2", {"name": "t", "release": "r", "python": sys.executable, "members": [
-        ("embed", paths[0], "http://127.0.0.1:18141/health"), ("chat", paths[1], "")]}))
+        ("org/embed model", paths[0], "http://127.0.0.1:18141/health"), ("chat", paths[1], "")]}))  # any name
     group.chmod(0o755)
     proc = subprocess.Popen([str(group)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -138,6 +139,7 @@ def test_engines_that_size_themselves_from_gpu_memory_start_one_after_another(tm
         proc.terminate()
         out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 0, out
+    assert "[org/embed model] loading" in out and "[chat] loading" in out  # each line names its model
     assert not subprocess.run(["pgrep", "-f", str(tmp_path / "launch-")], capture_output=True).stdout
 
 
