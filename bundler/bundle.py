@@ -206,8 +206,11 @@ def _repo_model(spec: Spec, m: Any, stage: Path, upgrade: bool, log) -> dict[str
                      facts=inspect_gguf(folder / first[0]).to_dict())
     else:
         info = inspect_hf(folder)
-        if info.format in ("exl2", "exl3"):  # a repository named as safetensors whose config says EXL2/3
-            raise BundlerError(f"{m.source}: model {m.name} {EXL2_NOT_YET[0].split(';')[0]}", hint=EXL2_NOT_YET[1])
+        if info.format == "exl3":  # a repository named as safetensors whose config says EXL3
+            raise BundlerError(f"{m.source}: model {m.name} {EXL3_NOT_YET[0].split(';')[0]}", hint=EXL3_NOT_YET[1])
+        if info.format != m.format:  # the engines were chosen by the spec's format, before the model came
+            raise BundlerError(f"{m.source}: model {m.name} is {info.format.upper()} (its config.json says so), the "
+                               f"spec says format = {m.format!r}", hint=f"set format = \"{info.format}\" in the spec")
         entry.update(file=f"models/{m.file}", sha256=_tree_id(files), facts=info.to_dict(), dir=True)
         log(f"model {m.name}: {info.architecture}, {info.layers} layers, {info.file_size / 2**30:.2f} GiB of weights"
             + (f", {info.quantization}" if info.quantization else ""))
@@ -222,15 +225,19 @@ def _tree_id(files: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-EXL2_NOT_YET = ("is EXL2/EXL3, which ExLlama serves, and airgap-llm does not bundle ExLlama yet; nothing was fetched",
-                "bundle a GGUF build of the model (llama.cpp) or an AWQ/GPTQ safetensors build (vLLM)")
+EXL3_NOT_YET = ("is EXL3, which ExLlamaV3 serves, and airgap-llm does not bundle ExLlamaV3 yet (only ExLlamaV2, "
+                "for EXL2); nothing was fetched",
+                "bundle an EXL2 build (a repository branch such as @4.0bpw), a GGUF build (llama.cpp) or an AWQ/GPTQ "
+                "safetensors build (vLLM)")
 
 
 def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: bool = False,
           upgrade_models: bool = False) -> dict[str, Any]:
     for m in spec.models:
-        if m.format in ("exl2", "exl3"):
-            raise BundlerError(f"{spec.path}: model {m.name} {EXL2_NOT_YET[0]}", hint=EXL2_NOT_YET[1])
+        if m.format == "exl3":
+            raise BundlerError(f"{spec.path}: model {m.name} {EXL3_NOT_YET[0]}", hint=EXL3_NOT_YET[1])
+        if m.format == "exl2" and not m.on_box:
+            _needs_box(target, reuse_installed, "ExLlamaV2")
     wheels_dir = stage / "wheels"
     cache = lock.wheel_cache()
     pythons = spec.target.pythons
@@ -292,6 +299,8 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
 
     if spec.vllm.version:
         engines.append(_vllm(spec, stage, target, reuse_installed, log))
+    if any(m.format == "exl2" for m in spec.models):
+        engines.append(_exllama(spec, stage, target, reuse_installed, log))
 
     models = []
     for m in spec.models:
@@ -362,15 +371,68 @@ def _cuda_runtime(target: Any, reuse_installed: bool, lib_dir: Path, log) -> lis
     return []
 
 
+def _needs_box(target: Any, reuse_installed: bool, engine: str) -> None:
+    if target is None:
+        raise BundlerError(f"bundling {engine} needs the box's probe file (its Python and CUDA stack)",
+                           hint="run ./install.sh --probe > box.json on the box, then make bundle TARGET=box.json")
+    if not reuse_installed:
+        raise BundlerError(f"bundling {engine} without --reuse-installed would carry torch and CUDA (~4.3 GB)",
+                           hint="add REUSE=1 (make) or --reuse-installed (bundler) on a box that has torch")
+
+
+def _exllama(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
+    """ExLlamaV2 + TabbyAPI for the box: the locked wheels, the extension built for the box, TabbyAPI's
+    source files (engines/exllamav2/tabbyapi/, each hashed by the manifest)."""
+    from .engines import exllama, vllm
+
+    _needs_box(target, reuse_installed, "ExLlamaV2")
+    x = spec.exllama
+    _step(log, f"ExLlamaV2 {x.version} and TabbyAPI for the box")
+    archive, sha = Path(x.tabbyapi), x.tabbyapi_sha256
+    if not x.tabbyapi:  # the archive this checkout carries (third_party/)
+        archive, sha = exllama.TABBY_ARCHIVE, exllama.TABBY_SHA256
+    if x.tabbyapi.startswith("https://"):
+        from .sources.url import download
+
+        archive = lock.wheel_cache() / "sources" / f"{sha}.tar.gz"
+        if not archive.is_file():
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            part = archive.with_suffix(".incomplete")
+            download(x.tabbyapi, part, label="TabbyAPI")
+            os.replace(part, archive)
+    files = exllama.read_archive(archive, sha)
+    edir = stage / "engines" / exllama.NAME
+    for rel, data in sorted(files.items()):
+        (edir / "tabbyapi" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (edir / "tabbyapi" / rel).write_bytes(data)
+    with tempfile.TemporaryDirectory(prefix="airgap-exl-") as td:
+        carry, summary = vllm.lock_requirements(exllama.requirements(files, x.version), target, Path(td),
+                                                f"exllamav2=={x.version} + TabbyAPI", log=log)
+    if "exllamav2" not in carry:
+        raise BundlerError(f"the lock carries no exllamav2 for the box ({summary})", hint="bundle again")
+    hashes = carry["exllamav2"][1]  # its one py3-none-any wheel: the extension is built from its sources
+    _, folder, why = exllama.ext_inputs(hashes[0].rsplit(":", 1)[1] if len(hashes) == 1 else "", target)
+    if why and exllama.cached_ext(folder) is None:
+        exllama.refuse_unbuildable(target, why)
+    wheels = vllm.download(carry, target, lock.wheel_cache() / "exllama", log=log)
+    exl = next(w for w in wheels if w.name.startswith("exllamav2-"))
+    ext = exllama.ext_wheel(exl, target, log=log)
+    (edir / "wheels").mkdir(parents=True)
+    for w in [*wheels, ext]:
+        _link_or_copy(w, edir / "wheels" / w.name)
+    lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
+    reused = {n: v for n, v in target.installed.items()
+              if lock.normalize(n) not in carry and lock.normalize(n).startswith(vllm.GPU_STACK)}
+    return {"name": exllama.NAME, "backend": "cuda", "version": x.version, "dir": f"engines/{exllama.NAME}",
+            "tabbyapi": f"engines/{exllama.NAME}/tabbyapi", "tabbyapi_sha256": sha, "extension": ext.name,
+            "python": summary["python"], "arch": target.arch, "glibc": "2.28", "cuda": exllama.box_cuda(target) or "13",
+            "lock": summary, "reuses": reused, "cpu_flags": []}
+
+
 def _vllm(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
     from .engines import vllm
 
-    if target is None:
-        raise BundlerError("bundling vLLM needs the box's probe file (its Python and CUDA stack)",
-                           hint="run ./install.sh --probe > box.json on the box, then make bundle TARGET=box.json")
-    if not reuse_installed:
-        raise BundlerError("bundling vLLM without --reuse-installed would carry torch and CUDA (~4.3 GB)",
-                           hint="add REUSE=1 (make) or --reuse-installed (bundler) on a box that has torch")
+    _needs_box(target, reuse_installed, "vLLM")
     _step(log, f"vLLM {spec.vllm.version} for the box")
     edir = stage / "engines" / "vllm"
     with tempfile.TemporaryDirectory(prefix="airgap-vllm-") as td:

@@ -89,6 +89,16 @@ class VllmSpec:
 
 
 @dataclass(frozen=True)
+class ExllamaSpec:
+    """ExLlamaV2 behind TabbyAPI, for EXL2 models (bundled when a model is EXL2)."""
+
+    version: str = "0.3.2"  # exllamav2
+    # TabbyAPI's source as a .tar.gz (a path, or https://), pinned by sha256; "" = the one in third_party/
+    tabbyapi: str = ""
+    tabbyapi_sha256: str = ""
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     # "host" means: like the machine that builds the bundle (its CPU architecture).
     platform: str = "host"
@@ -105,6 +115,7 @@ class Spec:
     llama_cpp: LlamaCppSpec = field(default_factory=LlamaCppSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
     vllm: VllmSpec = field(default_factory=VllmSpec)
+    exllama: ExllamaSpec = field(default_factory=ExllamaSpec)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -381,6 +392,18 @@ def load(path: str | Path) -> Spec:
                     "name an include root like /usr/include, with the target Python's headers under python3.X/ "
                     "(from its python3.X-dev package)")
     vl.done()
+    ex = _Reader(path, "engines.exllama", engines.get("exllama", dict, {}))
+    xversion = ex.get("version", str, ExllamaSpec().version)
+    if not re.match(r"^\d+\.\d+(\.\d+)?$", xversion):
+        ex.fail("engines.exllama.version", f"is {xversion!r}", "pin an exllamav2 release, e.g. version = \"0.3.2\"")
+    tabby = ex.get("tabbyapi", str, "")
+    tsha = ex.get("tabbyapi_sha256", str, ... if tabby else "",
+                  hint="pin the archive: tabbyapi_sha256 = the output of sha256sum ARCHIVE").lower()
+    if tabby and not SHA_RE.match(tsha):
+        ex.fail("engines.exllama.tabbyapi_sha256", f"{tsha!r} is not a sha256 (64 hex digits)", "sha256sum ARCHIVE")
+    if tabby and not tabby.startswith("https://"):
+        tabby = str((path.parent / tabby).resolve()) if not Path(tabby).is_absolute() else tabby
+    ex.done()
     engines.done()
 
     t = _Reader(path, "target", top.get("target", dict, {}))
@@ -396,4 +419,5 @@ def load(path: str | Path) -> Spec:
     return Spec(path=str(path), name=name, version=version, models=tuple(models), service=service,
                 llama_cpp=LlamaCppSpec(sdist=sdist, sha256=lsha.lower(), backends=backends, cuda_archs=archs),
                 target=TargetSpec(platform=platform, pythons=pythons),
-                vllm=VllmSpec(version=vversion, python_headers=headers))
+                vllm=VllmSpec(version=vversion, python_headers=headers),
+                exllama=ExllamaSpec(version=xversion, tabbyapi=tabby, tabbyapi_sha256=tsha))

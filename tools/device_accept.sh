@@ -293,7 +293,7 @@ audit_gpu() {  # issue #15: the CUDA llama-server bundle (docs/device/gpu-box-ll
 }
 
 exl2_ext() {  # issue #14: ExLlamaV2's extension, built on the connected side for this box's Python, torch and
-    # GPU (tools/build_exllamav2_ext.py), imported and run inside `bare`: nothing compiles on the box
+    # GPU (bundler/engines/exl2_ext_build.py), imported and run inside `bare`: nothing compiles on the box
     rm -rf /tmp/exlsite && mkdir -p /tmp/exlsite
     for w in .carry/exl/*.whl; do python3 -m zipfile -e "$w" /tmp/exlsite; done
     bare env PYTHONPATH=/tmp/exlsite python3 - <<'PY'

@@ -113,6 +113,9 @@ GUARDED = {
                   ("POST", "/completion"), ("POST", "/tokenize")),
     "vllm": (("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"), ("POST", "/pooling"),
              ("GET", "/metrics"), ("GET", "/openapi.json")),
+    # TabbyAPI's own auth guards its API routes; tabby_run.py's middleware adds /docs and /openapi.json
+    "exllamav2": (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
+                  ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")),
 }
 
 

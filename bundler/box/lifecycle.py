@@ -68,8 +68,9 @@ def install(opts: Options) -> dict[str, Any] | None:
     target = Target(opts.host or doc["service"]["host"], opts.port or doc["service"]["port"], mode,
                     engine_user(opts, mode))
     extra = tuple(Member(o, p, o["port"]) for o, p in zip(others, oplans))
-    vllm_used = any(p.engine == "vllm" for p in [plan, *oplans])
-    svc = Service(target, opts.timeout or (900.0 if vllm_used else 300.0), extra)
+    # vLLM compiles kernels at its first start; TabbyAPI loads a large model layer by layer
+    slow = any(p.engine in ("vllm", "exllamav2") for p in [plan, *oplans])
+    svc = Service(target, opts.timeout or (900.0 if slow else 300.0), extra)
     if target.user:
         check_reachable(layout.prefix, target.user)
     if dry:

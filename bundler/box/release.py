@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import manifest as mf
 from .. import planner
-from ..engines import llama_cpp, vllm
+from ..engines import exllama, llama_cpp, vllm
 from ..errors import BundlerError
 from ..render import render
 from ..staging import staged_dir
@@ -93,17 +93,23 @@ def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
     return stored
 
 
+ENGINE_LABEL = {vllm.NAME: "vLLM", exllama.NAME: "ExLlamaV2"}
+
+
 def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:
-    """vLLM's wheels installed once per lock under PREFIX/engines and shared by the releases that use
-    that lock: a re-plan (other TP/DP, context, port) or a rollback does not reinstall a GB of wheels."""
+    """A Python engine's wheels (vLLM's, ExLlamaV2's) installed once per lock under PREFIX/engines and
+    shared by the releases that use that lock: a re-plan (other TP/DP, context, port) or a rollback
+    does not reinstall a GB of wheels."""
     lockfile = bundle / engine["dir"] / "requirements.lock"
-    home = layout.engines / f"vllm-{engine['version']}-{mf.sha256_file(lockfile)[:16]}"
+    name = engine["name"]
+    home = layout.engines / f"{name}-{engine['version']}-{mf.sha256_file(lockfile)[:16]}"
+    label = f"{ENGINE_LABEL.get(name, name)} {engine['version']}"
     if (home / "complete").is_file():
-        info(f"vLLM {engine['version']}: reusing {home} (same lock)")
+        info(f"{label}: reusing {home} (same lock)")
         return home / "site"
-    info(f"installing vLLM {engine['version']} into {home} ({engine['lock']['carried']} wheels; "
+    info(f"installing {label} into {home} ({engine['lock']['carried']} wheels; "
          f"{engine['lock']['reused']} packages reused from this box's python; compiling to bytecode once, so "
-         "that every engine process does not: each start imports vLLM in 3 to 6 processes)")
+         "that every engine process does not)")
     make_dirs(layout.engines)
     with staged_dir(home, home.with_name(home.name + ".partial")) as partial:
         chosen = wheels.select(lockfile, bundle / engine["dir"] / "wheels")
@@ -114,6 +120,25 @@ def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:
         shutil.copy2(lockfile, partial / "requirements.lock")
         (partial / "complete").write_text(engine["version"] + "\n")
     return home / "site"
+
+
+def prove_extension(site: Path, engine: dict[str, Any]) -> None:
+    """ExLlamaV2's prebuilt extension imports with this box's torch (else exllamav2 would try to compile
+    it at the engine's start, with a compiler the box may not have, and fail long after the install)."""
+    code = ("import torch, exllamav2_ext, exllamav2.ext as e; "
+            "print(torch.__version__, torch.version.cuda, e.exllamav2_ext.__file__)")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)),
+                           capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise BundlerError("importing ExLlamaV2's extension took over 10 minutes", hint="is the box very loaded?")
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise BundlerError(f"ExLlamaV2's extension ({engine.get('extension', 'exllamav2_ext')}) does not import with "
+                           f"this box's python {sys.executable}: {' | '.join(tail)}; nothing was started",
+                           hint="the bundle was made for another Python, torch or CUDA: make the probe file here "
+                                "(./install.sh --probe > box.json) and bundle again with TARGET=box.json")
+    info(f"ExLlamaV2's extension imports (torch, CUDA, file: {r.stdout.strip()})")
 
 
 def copy_verified(bundle: Path, doc: dict[str, Any], folder: str, dest: Path) -> None:
@@ -173,6 +198,19 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
             extra_env["CC"] = str(final / "bin" / "cc")
             if not tools["cc"]:
                 cache_vars.update({"ZIG_GLOBAL_CACHE_DIR": "zig", "ZIG_LOCAL_CACHE_DIR": "zig"})
+    elif plan.engine == exllama.NAME:
+        engine = next(e for e in doc["engines"] if e["name"] == exllama.NAME)
+        site = engine_site(bundle, engine, layout)
+        prove_extension(site, engine)
+        if not (stage / "tabbyapi").is_dir():
+            copy_verified(bundle, doc, engine["tabbyapi"], stage / "tabbyapi")
+        conf = stage / f"tabbyapi-{port}.json"
+        conf.write_text(json.dumps(exllama.tabby_config(plan, str(model_path), m["name"], host, port), indent=2) + "\n")
+        argv = [sys.executable, "-m", "bundler.engines.tabby_run", str(final / "tabbyapi"), str(final / conf.name)]
+        # the engine's wheels (the box's torch stays where it is), then the release's own site (tabby_run)
+        extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV}
+        # TabbyAPI's working folder of each start (tabby_run.py), and ExLlama's own kernel caches
+        cache_vars = {"AIRGAP_LLM_RUN_DIR": "run", "TRITON_CACHE_DIR": "triton", "TORCH_EXTENSIONS_DIR": "torch-ext"}
     else:
         engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
         folder = copied.get(engine["dir"])

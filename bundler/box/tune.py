@@ -48,8 +48,9 @@ class Candidate:
 
 def reference(plan: planner.Plan) -> Candidate:
     """The engine as a user starts it by hand, with the same model, port and key."""
+    how = {"vllm": "`vllm serve MODEL`", "exllamav2": "TabbyAPI with only the model named in its config"}
     return Candidate("engine defaults", replace(plan, engine_defaults=True, extra_args=()),
-                     "`vllm serve MODEL`" if plan.engine == "vllm" else "`llama-server -m MODEL`", reference=True)
+                     how.get(plan.engine or "", "`llama-server -m MODEL`"), reference=True)
 
 
 def candidates(plan: planner.Plan, facts: ModelInfo, hw: Hardware, engine_version: str = "") -> list[Candidate]:
@@ -80,7 +81,7 @@ def candidates(plan: planner.Plan, facts: ModelInfo, hw: Hardware, engine_versio
             out.append(Candidate("plan + throughput mode",
                                  replace(plan, extra_args=("--performance-mode", "throughput")),
                                  "vLLM's throughput mode: twice the batched tokens per step"))
-    else:
+    elif plan.engine == "llama.cpp":
         out.append(Candidate("plan, KV per slot", replace(plan, extra_args=("--no-kv-unified",)),
                              "a KV buffer per slot instead of one shared by all"))
         if plan.backend == "cpu":

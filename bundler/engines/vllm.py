@@ -114,27 +114,36 @@ def parse_lock(text: str) -> dict[str, tuple[str, list[str]]]:
 
 def lock_for_box(version: str, box: Any, workdir: Path, log=print) -> tuple[dict[str, tuple[str, list[str]]], dict]:
     """Lock vllm==version for the box; return (pins to carry, summary)."""
+    return lock_requirements([f"vllm=={version}"], box, workdir, f"vllm=={version}", log=log,
+                             hint="pick a vLLM version that pins the box's torch (vLLM 0.26.0 pins torch 2.11.0)")
+
+
+def lock_requirements(requirements: list[str], box: Any, workdir: Path, label: str, log=print,
+                      hint: str = "") -> tuple[dict[str, tuple[str, list[str]]], dict]:
+    """Lock requirements for the box's Python and platform, keeping its CUDA stack (torch, triton,
+    nvidia-*) as it is and preferring every other version it has; return (pins to carry, summary)."""
     python = ".".join(box.python.split(".")[:2])
     glibc_minor = int(box.glibc.split(".")[1]) if "." in box.glibc else 17
     platform_tag = f"{box.arch}-manylinux_2_{min(glibc_minor, 40)}"
     installed = {_norm(k): v for k, v in box.installed.items()}
     hard = {k: v for k, v in installed.items() if k.startswith(GPU_STACK)}
-    out = workdir / "vllm.lock"
-    log(f"locking vllm=={version} for Python {python} on {platform_tag} (uv), keeping the box's "
+    out = workdir / "engine.lock"
+    requirement = "\n".join(requirements)
+    log(f"locking {label} for Python {python} on {platform_tag} (uv), keeping the box's "
         f"torch {installed.get('torch', '?')} stack")
-    err = _compile(f"vllm=={version}", hard, python, platform_tag, out)
+    err = _compile(requirement, hard, python, platform_tag, out)
     if err:
-        raise BundlerError(f"cannot lock vllm=={version} against the box's CUDA stack:\n{err[-1500:]}",
-                           hint="pick a vLLM version that pins the box's torch (vLLM 0.26.0 pins torch 2.11.0)")
+        raise BundlerError(f"cannot lock {label} against the box's CUDA stack:\n{err[-1500:]}",
+                           hint=hint or "pick versions that work with the box's torch")
     pins = parse_lock(out.read_text())
     # prefer what the box has: constrain every other package it has at another version
     prefer = dict(hard)
     prefer.update({n: installed[n] for n, (v, _) in pins.items() if n in installed and installed[n] != v})
-    out2 = workdir / "vllm-reuse.lock"
+    out2 = workdir / "engine-reuse.lock"
     for _ in range(5):  # drop the preferences the resolver names as conflicting, then try again
         if len(prefer) == len(hard):
             break
-        err = _compile(f"vllm=={version}", prefer, python, platform_tag, out2)
+        err = _compile(requirement, prefer, python, platform_tag, out2)
         if not err:
             pins = parse_lock(out2.read_text())
             break
@@ -146,7 +155,7 @@ def lock_for_box(version: str, box: Any, workdir: Path, log=print) -> tuple[dict
     carry = {n: p for n, p in pins.items() if installed.get(n) != p[0]}
     summary = {"python": python, "platform": platform_tag, "resolved": len(pins), "reused": len(pins) - len(carry),
                "carried": len(carry)}
-    log(f"vllm lock: {len(pins)} packages, {len(pins) - len(carry)} already on the box, {len(carry)} to carry")
+    log(f"{label} lock: {len(pins)} packages, {len(pins) - len(carry)} already on the box, {len(carry)} to carry")
     return carry, summary
 
 
@@ -168,7 +177,7 @@ def download(carry: dict[str, tuple[str, list[str]]], box: Any, dest: Path, log=
             cmd += ["--platform", f"manylinux_2_{n}_{box.arch}"]
         cmd += ["--platform", f"manylinux2014_{box.arch}", "--platform", f"linux_{box.arch}"]
         log(f"downloading {len(carry)} wheels for the box (hash-checked by pip)")
-        lock._run(cmd, "pip download of vLLM's wheels", "a pin may have no wheel for the box's Python/platform")
+        lock._run(cmd, "pip download of the engine's wheels", "a pin may have no wheel for the box's Python/platform")
     return lock.files_for([(n, v) for n, (v, _) in carry.items()], dest)
 
 

@@ -77,7 +77,7 @@ def test_chat_and_embed_share_one_box_and_one_key():
     assert any("other models leave: nomic-embed-text-v1.5" in r for r in chat.reasons)
 
 
-def test_the_exl2_example_plans_exllama_on_one_24gb_card_and_is_refused_by_make_bundle(tmp_path):
+def test_the_exl2_example_plans_exllama_on_one_24gb_card_and_bundles_only_for_a_described_box(tmp_path):
     import subprocess
     import sys
 
@@ -85,8 +85,9 @@ def test_the_exl2_example_plans_exllama_on_one_24gb_card_and_is_refused_by_make_
     assert s.models[0].source.endswith("@4.0bpw") and s.models[0].format == "exl2"
     [p] = _plans(s, _box(16, 64, gpus=1, mib=24564))
     assert (p.engine, p.tensor_parallel) == ("exllamav2", 1)
-    # not bundleable yet: refused before anything is fetched, saying why and what serves instead
+    # ExLlamaV2 is bundled for the box its probe file describes (its Python, torch, GPUs): without one,
+    # refused before anything is fetched, saying what to run
     r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "examples" / s.path.split("/")[-1]),
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "does not bundle ExLlama yet" in r.stderr and "GGUF" in r.stderr, r.stderr
+    assert r.returncode == 1 and "needs the box's probe file" in r.stderr and "--probe" in r.stderr, r.stderr
     assert not any(tmp_path.iterdir())

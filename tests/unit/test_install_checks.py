@@ -136,7 +136,7 @@ def test_vllm_wheels_install_once_per_lock_and_a_failed_install_leaves_nothing(t
     whl = _wheel(wheels, "tinyengine", "1.0", "SERVES = True\n")
     digest = hashlib.sha256(whl.read_bytes()).hexdigest()
     (bundle / "engines" / "vllm" / "requirements.lock").write_text(f"tinyengine==1.0 --hash=sha256:{digest}\n")
-    engine = {"dir": "engines/vllm", "version": "0.0", "lock": {"carried": 1, "reused": 0}}
+    engine = {"name": "vllm", "dir": "engines/vllm", "version": "0.0", "lock": {"carried": 1, "reused": 0}}
     lay = layout(tmp_path)
 
     site = box_release.engine_site(bundle, engine, lay)

@@ -7,11 +7,14 @@ Run it with a Python of the box's version in which the box's torch is installed 
 CUDA build: e.g. PyPI's torch 2.11.0 is 2.11.0+cu130, the GPU box's), with nvcc of that CUDA:
 
     python3.12 -m venv v && v/bin/pip install torch==2.11.0 ninja setuptools wheel
-    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=2 v/bin/python tools/build_exllamav2_ext.py exllamav2-0.3.2-py3-none-any.whl OUT
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=2 v/bin/python exl2_ext_build.py exllamav2-0.3.2-py3-none-any.whl OUT
 
 The sources are the ones exllamav2's own wheel carries (it JIT-compiles them); the list and the
 flags are read from its ext.py, so the result is what its first import would have built. The
 wheel holds the one module `exllamav2_ext`, which exllamav2 imports before trying to compile.
+
+`make bundle` runs this file, with the Python of a venv it makes for the purpose (exl2_ext.py); it
+imports nothing of airgap-llm.
 """
 
 import ast

@@ -1,0 +1,37 @@
+"""Issue #14, bundle side: ExLlamaV2 and TabbyAPI locked with uv against the real index for the GPU
+box's probe file (Python 3.12, its torch 2.11 stack kept as it is), and, where this machine cannot
+build the extension for that box, refused before a single wheel is downloaded, saying what to get."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bundler import bundle, spec
+from bundler.errors import BundlerError
+from bundler.probe import Hardware
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.network
+
+
+def test_exllama_is_locked_for_the_box_and_refused_where_its_extension_cannot_be_built(
+        write_spec, isolated_cache, tmp_path, monkeypatch):
+    box = Hardware.from_dict(json.loads((ROOT / "tests/data/boxes/device-h200x2-probe.json").read_text()))
+    monkeypatch.setenv("AIRGAP_LLM_WHEELS", str(tmp_path / "wheels"))
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "no-pyenv"))  # no Python 3.12 on this machine, then
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    s = spec.load(write_spec('[bundle]\nname = "x"\n[[models]]\nsource = "hf://o/r@4.0bpw"\nformat = "exl2"\n'))
+    said: list[str] = []
+    stage = tmp_path / "stage"
+    with pytest.raises(BundlerError) as e:
+        bundle._exllama(s, stage, box, True, said.append)
+    assert "no python3.12" in e.value.message and "nothing was downloaded" in e.value.message, e.value.message
+    assert "pyenv install 3.12" in e.value.hint
+    # the lock was made for the box: exllamav2 and TabbyAPI's dependencies, the box's torch reused
+    lock_line = next(x for x in said if "lock:" in x)
+    assert "exllamav2==0.3.2 + TabbyAPI lock" in lock_line and "already on the box" in lock_line
+    assert any("keeping the box's torch 2.11.0 stack" in x for x in said)
+    assert not (tmp_path / "wheels").exists() or not any(Path(tmp_path / "wheels").rglob("*.whl"))
+    # TabbyAPI's files were taken from the pinned archive into the bundle's engine folder
+    assert (stage / "engines" / "exllamav2" / "tabbyapi" / "main.py").is_file()

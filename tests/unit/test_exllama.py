@@ -1,0 +1,147 @@
+"""Issue #14: the ExLlamaV2 engine's pieces that need no GPU: TabbyAPI's config from the plan, the
+pinned TabbyAPI archive, what is locked, the extension's cache key, the spec's [engines.exllama],
+and the private working folder tabby_run.py gives each start."""
+
+import io
+import json
+import tarfile
+from dataclasses import replace
+
+import pytest
+
+from bundler import planner, spec
+from bundler.engines import exllama, tabby_run
+from bundler.errors import BundlerError, SpecError
+from tests.unit.test_planner import _cards, _exl
+
+
+def _plan(fmt, size, hw, conc, ctx):
+    return planner.plan("m", _exl(fmt, *size), hw, planner.Intent(conc, ctx), engines_available=planner.ALL_ENGINES)
+
+
+def test_tabbyapi_config_follows_the_plan():
+    one = _plan("exl2", (32, 32, 5.3), _cards(1, 24564, "NVIDIA GeForce RTX 4090", "8.9", ""), 8, 8192)
+    c = exllama.tabby_config(one, "/srv/models/abc", "llama", "0.0.0.0", 8080)
+    m = c["model"]
+    # EXL2 without flash-attn: one request at a time, and the KV cache sized for exactly that
+    assert (m["backend"], m["max_batch_size"], m["max_seq_len"], m["cache_size"]) == ("exllamav2", 1, 8192, 8192)
+    assert m["gpu_split_auto"] is True and "tensor_parallel" not in m
+    assert (m["model_name"], c["airgap_llm"]["model_path"]) == ("llama", "/srv/models/abc")
+    net = c["network"]
+    assert (net["host"], net["port"], net["disable_auth"], net["disable_fetch_requests"]) == ("0.0.0.0", 8080, False,
+                                                                                              True)
+    assert c["developer"]["unsafe_launch"] is False
+
+    split = _plan("exl2", (80, 64, 36.0), _cards(2, 24564, "NVIDIA GeForce RTX 4090", "8.9", "pcie"), 4, 4096)
+    m = exllama.tabby_config(split, "/m", "big", "127.0.0.1", 8080)["model"]
+    assert m["gpu_split_auto"] is False and m["gpu_split"] == list(split.gpu_split_gib) and len(m["gpu_split"]) == 2
+
+    tp = exllama.tabby_config(replace(one, tensor_parallel=2), "/m", "x", "127.0.0.1", 8080)["model"]
+    assert tp["tensor_parallel"] is True and "gpu_split" not in tp
+
+    # --tune's reference: TabbyAPI as a user configures it by hand, nothing sized
+    ref = exllama.tabby_config(replace(one, engine_defaults=True), "/m", "x", "127.0.0.1", 8080)["model"]
+    assert set(ref) == {"model_dir", "model_name", "backend"}
+
+
+def _targz(members: dict[str, bytes], links: tuple[str, ...] = ()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        for name in links:
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tf.addfile(ti)
+    return buf.getvalue()
+
+
+def test_the_pinned_archive_gives_the_server_and_its_requirements():
+    files = exllama.read_archive(exllama.TABBY_ARCHIVE, exllama.TABBY_SHA256)
+    assert "main.py" in files and "common/auth.py" in files and "LICENSE" in files
+    assert not any(f.startswith(("docs/", "colab/", "docker/")) for f in files)  # only what the server runs
+    reqs = exllama.requirements(files, "0.3.2")
+    assert reqs[0] == "exllamav2==0.3.2"
+    assert any(r.startswith("fastapi-slim") for r in reqs) and not any(r.startswith("winloop") for r in reqs)
+
+
+def test_an_archive_that_is_not_the_pinned_one_or_not_plain_is_refused(tmp_path):
+    good = {"tabbyAPI-x/main.py": b"print()", "tabbyAPI-x/pyproject.toml": b"[project]\ndependencies=[]\n"}
+    a = tmp_path / "t.tar.gz"
+    a.write_bytes(_targz(good))
+    with pytest.raises(BundlerError) as e:
+        exllama.read_archive(a, "0" * 64)
+    assert str(a) in e.value.message and "0" * 64 in e.value.message
+    from hashlib import sha256
+
+    a.write_bytes(_targz(good, links=("tabbyAPI-x/common/auth.py",)))
+    with pytest.raises(BundlerError, match="not a regular file"):
+        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest())
+    a.write_bytes(_targz({"tabbyAPI-x/README.md": b"x"}))
+    with pytest.raises(BundlerError, match="not a TabbyAPI source archive"):
+        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest())
+    a.write_bytes(_targz({**good, "tabbyAPI-x/../../evil.py": b"x"}))
+    with pytest.raises(BundlerError, match="not a path inside one top folder"):
+        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest())
+    with pytest.raises(BundlerError, match="no such file") as e:
+        exllama.read_archive(tmp_path / "missing.tar.gz", "0" * 64)
+    assert "git -C tabbyAPI archive" in e.value.hint
+
+
+def test_the_extension_is_rebuilt_when_any_input_changes():
+    base = ("a" * 64, "3.12", "2.11.0", "13", "9.0", "b" * 64)
+    key = exllama.ext_key(*base)
+    for i in range(len(base)):
+        other = list(base)
+        other[i] = other[i] + "x"
+        assert exllama.ext_key(*other) != key
+
+
+def test_spec_engines_exllama(write_spec):
+    head = '[bundle]\nname = "x"\n[[models]]\nsource = "hf://o/r@4.0bpw"\nformat = "exl2"\n'
+    s = spec.load(write_spec(head))
+    assert (s.exllama.version, s.exllama.tabbyapi) == ("0.3.2", "")  # the archive third_party/ holds
+    p = write_spec(head + '[engines.exllama]\ntabbyapi = "tabby.tar.gz"\n')
+    with pytest.raises(SpecError) as e:
+        spec.load(p)
+    assert "engines.exllama.tabbyapi_sha256" in e.value.message and "sha256sum" in e.value.hint
+    s = spec.load(write_spec(head + f'[engines.exllama]\ntabbyapi = "tabby.tar.gz"\ntabbyapi_sha256 = "{"A" * 64}"\n'))
+    assert s.exllama.tabbyapi == str(p.parent / "tabby.tar.gz") and s.exllama.tabbyapi_sha256 == "a" * 64
+    with pytest.raises(SpecError, match="engines.exllama.version"):
+        spec.load(write_spec(head + '[engines.exllama]\nversion = "latest"\n'))
+
+
+def test_each_start_gets_a_fresh_private_folder_with_the_key(tmp_path):
+    tree = tmp_path / "tabbyapi"
+    (tree / "common").mkdir(parents=True)
+    (tree / "main.py").write_text("")
+    (tree / "config.yml").write_text("stale")  # never taken from the tree
+    model = tmp_path / "models" / "0123"
+    model.mkdir(parents=True)
+    plan = _plan("exl2", (32, 32, 5.3), _cards(1, 24564, "NVIDIA GeForce RTX 4090", "8.9", ""), 8, 8192)
+    conf = exllama.tabby_config(plan, str(model), "llama", "127.0.0.1", 8081)
+    run = tabby_run.prepare(tree, conf, "the-key", tmp_path / "cache")
+    assert run == tmp_path / "cache" / "tabbyapi-8081"
+    assert run.stat().st_mode & 0o777 == 0o700
+    tokens = json.loads((run / "api_tokens.yml").read_text())
+    assert (run / "api_tokens.yml").stat().st_mode & 0o777 == 0o600
+    assert tokens["api_key"] == "the-key" and len(tokens["admin_key"]) == 64
+    assert (run / "models" / "llama").resolve() == model and (run / "main.py").resolve() == tree / "main.py"
+    written = json.loads((run / "config.yml").read_text())
+    assert written["model"]["model_dir"] == str(run / "models") and "airgap_llm" not in written
+    again = tabby_run.prepare(tree, conf, "the-key", tmp_path / "cache")
+    assert json.loads((again / "api_tokens.yml").read_text())["admin_key"] != tokens["admin_key"]
+
+
+def test_tabbyapis_key_log_line_is_masked():
+    said = []
+
+    class Log:
+        def info(self, msg):
+            said.append(msg)
+
+    log = tabby_run._Masked(Log(), ["k1", "adminkey"])
+    log.info("Your API key is: k1\nYour admin key is: adminkey")
+    assert said == ["Your API key is: ****\nYour admin key is: ****"]
