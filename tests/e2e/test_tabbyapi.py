@@ -3,23 +3,20 @@ for real here from the pinned archive (third_party/) and its dependencies locked
 No GPU here, so no model is loaded (TabbyAPI's own `unsafe_launch` skips its torch/exllamav2 check);
 what is tested is what the release adds around TabbyAPI: the private working folder, the key as
 TabbyAPI's api_key and a random admin key nobody is told, every route but /health behind the key,
-neither key in the log, and a config the server accepts."""
+neither key in the log, a config the server accepts, and no attempt to reach beyond loopback
+(run in the egress audit's network namespace)."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import types
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from bundler import lock
+from bundler import egress, lock
 from bundler.box import wheels
 from bundler.box.health import GUARDED
 from bundler.engines import exllama, vllm
@@ -28,21 +25,34 @@ pytestmark = pytest.mark.e2e
 KEY = "k-" + "7" * 40
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CLIENT = r"""
+import json, sys, time, urllib.error, urllib.request
+base, key, guarded = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-
-def _get(url: str, key: str | None = None, method: str = "GET") -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    req = urllib.request.Request(url, headers=headers, method=method, data=b"{}" if method == "POST" else None)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def get(path, k=None, method="GET"):
+    req = urllib.request.Request(base + path, method=method, data=b"{}" if method == "POST" else None,
+                                 headers={"Authorization": f"Bearer {k}"} if k else {})
     try:
         with opener.open(req, timeout=10) as r:
-            return r.status, r.read()
+            return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        return e.code, e.read().decode()
+
+deadline = time.monotonic() + 120
+while True:
+    try:
+        health = get("/health")
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("TabbyAPI never listened")
+        time.sleep(0.5)
+out = {"health": health, "models": get("/v1/models", key), "unload": get("/v1/model/unload", key, "POST"),
+       "permission": get("/v1/auth/permission", key),
+       "guarded": [[m, p, get(p, None, m)[0], get(p, "wrong-key", m)[0]] for m, p in guarded]}
+print(json.dumps(out))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +72,8 @@ def tabby_site(tmp_path_factory):
     return root
 
 
-def test_tabbyapi_serves_behind_the_key_from_a_private_folder(tabby_site, tmp_path):
-    port = _free_port()
+def test_tabbyapi_serves_behind_the_key_from_a_private_folder_and_reaches_nowhere(tabby_site, tmp_path):
+    port = 18190
     model = tmp_path / "stored-model"
     model.mkdir()
     plan = types.SimpleNamespace(engine="exllamav2", engine_defaults=False, context_per_slot=4096, slots=1,
@@ -72,51 +82,43 @@ def test_tabbyapi_serves_behind_the_key_from_a_private_folder(tabby_site, tmp_pa
     conf["developer"]["unsafe_launch"] = True  # no torch or exllamav2 here: start without a model
     (tmp_path / "conf.json").write_text(json.dumps(conf))
     run_base = tmp_path / "cache"
-    log = open(tmp_path / "engine.log", "wb")
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, VLLM_API_KEY=KEY, AIRGAP_LLM_RUN_DIR=str(run_base),
                PYTHONPATH=f"{tabby_site / 'site'}:{repo}", **vllm.OFFLINE_ENV)
-    proc = subprocess.Popen([sys.executable, "-m", "bundler.engines.tabby_run", str(tabby_site / "tabbyapi"),
-                             str(tmp_path / "conf.json")], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "engine.log").read_text()[-3000:]
-            try:
-                code, body = _get(base + "/health")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "engine.log").read_text()[-3000:]
-                time.sleep(0.5)
-        assert code in (200, 503), body  # healthy, or "no model loaded" as TabbyAPI reports it
-        code, body = _get(base + "/v1/models", KEY)
-        assert code == 200, body
-        assert "data" in json.loads(body)
-        for method, path in GUARDED["exllamav2"]:
-            assert _get(base + path, method=method)[0] == 401, path
-            assert _get(base + path, "wrong-key", method=method)[0] == 401, path
-        # the service's key is no admin key: loading or unloading models needs the random one
-        assert _get(base + "/v1/model/unload", KEY, method="POST")[0] == 401
-        code, body = _get(base + "/v1/auth/permission", KEY)
-        assert code == 200 and json.loads(body)["permission"] == "api", body
-
-        run = run_base / f"tabbyapi-{port}"
-        assert run.stat().st_mode & 0o777 == 0o700
-        tokens = run / "api_tokens.yml"
-        assert tokens.stat().st_mode & 0o777 == 0o600
-        admin = json.loads(tokens.read_text())["admin_key"]
-        assert len(admin) == 64 and admin != KEY
-        assert not (tabby_site / "tabbyapi" / "api_tokens.yml").exists()  # nothing written into the release
-        assert json.loads((run / "config.yml").read_text())["network"]["disable_fetch_requests"] is True
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    with egress.AuditedNamespace(tmp_path / "egress.jsonl") as ns, open(tmp_path / "engine.log", "wb") as log:
+        proc = subprocess.Popen(ns.argv([sys.executable, "-m", "bundler.engines.tabby_run",
+                                         str(tabby_site / "tabbyapi"), str(tmp_path / "conf.json")]),
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            r = subprocess.run(ns.argv([sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}", KEY,
+                                        json.dumps(GUARDED["exllamav2"])]), capture_output=True, text=True,
+                               timeout=180)
+            assert r.returncode == 0, r.stderr + (tmp_path / "engine.log").read_text()[-3000:]
+            got = json.loads(r.stdout)
+            run = run_base / f"tabbyapi-{port}"
+            assert run.stat().st_mode & 0o777 == 0o700
+            tokens = run / "api_tokens.yml"
+            assert tokens.stat().st_mode & 0o777 == 0o600
+            admin = json.loads(tokens.read_text())["admin_key"]
+            written = json.loads((run / "config.yml").read_text())
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        attempts = ns.attempts()
+    assert got["health"][0] in (200, 503), got  # healthy, or "no model loaded" as TabbyAPI reports it
+    assert got["models"][0] == 200 and "data" in json.loads(got["models"][1]), got
+    for method, path, without, wrong in got["guarded"]:
+        assert (without, wrong) == (401, 401), (method, path)
+    # the service's key is no admin key: loading or unloading models needs the random one nobody is told
+    assert got["unload"][0] == 401
+    assert got["permission"][0] == 200 and json.loads(got["permission"][1])["permission"] == "api"
+    assert len(admin) == 64 and admin != KEY
+    assert not (tabby_site / "tabbyapi" / "api_tokens.yml").exists()  # nothing written into the release
+    assert written["network"]["disable_fetch_requests"] is True
     text = (tmp_path / "engine.log").read_text()
     assert "Your API key is: ****" in text  # TabbyAPI's line, with the keys masked
     assert KEY not in text and admin not in text
+    assert attempts == [], egress.summary(attempts)  # TabbyAPI and its imports reached for nothing

@@ -145,3 +145,17 @@ def test_tabbyapis_key_log_line_is_masked():
     log = tabby_run._Masked(Log(), ["k1", "adminkey"])
     log.info("Your API key is: k1\nYour admin key is: adminkey")
     assert said == ["Your API key is: ****\nYour admin key is: ****"]
+
+
+def test_an_extension_that_does_not_import_here_stops_the_install_before_anything_starts(tmp_path):
+    from bundler.box.release import prove_extension
+
+    site = tmp_path / "site"
+    (site / "exllamav2_ext").mkdir(parents=True)  # made for another Python/torch: here it cannot load
+    (site / "exllamav2_ext" / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN3c10 (torch 2.9)')")
+    (site / "torch").mkdir()
+    (site / "torch" / "__init__.py").write_text("")
+    with pytest.raises(BundlerError) as e:
+        prove_extension(site, {"extension": "exllamav2_ext-0.3.2+cu130.torch2.11.0-cp312-cp312-linux_x86_64.whl"})
+    assert "does not import" in e.value.message and "undefined symbol" in e.value.message
+    assert "nothing was started" in e.value.message and "--probe" in e.value.hint
