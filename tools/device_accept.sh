@@ -6,6 +6,7 @@
 #                                              then the -np 4 default-like baseline
 #   sh tools/device_accept.sh vllm             install the HF model with vLLM as planned and bench it
 #   sh tools/device_accept.sh vllm_tp2         the alternative: tensor parallel 2 (no data parallel)
+# Issue #14: receive the bundle of docs/device/gpu-box-exl2.toml, then `exl2` and `wait_for /tmp/exl2 N`.
 # Issue #6, 4 GPUs (the vLLM-only bundle of docs/device/gpu-box-vllm.toml):
 #   sh tools/device_accept.sh start4           probe the box; write the 8B and 70B models in the background
 #   sh tools/device_accept.sh serve4 LABEL MODEL [install.sh options]
@@ -311,6 +312,33 @@ try:
 except Exception as e:
     print("exllamav2 package import:", type(e).__name__, e)
 PY
+}
+
+exl2() {  # issue #14, in the background (poll with `wait_for /tmp/exl2 SECONDS`): a real tiny EXL2 model,
+    # quantized here by the bundle's own exllamav2 with its prebuilt extension inside `bare` (no compiler
+    # to fall back on), then the README's root install of docs/device/gpu-box-exl2.toml serving it through
+    # TabbyAPI (key, 401 on every route, smoke, bench at 1 and 8), then tensor parallel 2 where there are 2 GPUs
+    mkdir -p /tmp/exl2 "$MODELS"
+    export HIDE_DIRS
+    setsid sh -c '
+        DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
+        set +e
+        rm -rf /tmp/exlsite && mkdir -p /tmp/exlsite
+        for w in /tmp/b/exl2-hub/engines/exllamav2/wheels/*.whl; do python3 -m zipfile -e "$w" /tmp/exlsite; done
+        t0=$(date +%s)
+        python3 tools/random_hf_llama.py /tmp/models/exl2-src exl2-tiny --vocab 1024             --bpe /tmp/exlsite/exllamav2/conversion/standard_cal_data/c4.utf8 > /tmp/exl2/model.log 2>&1
+        bare env PYTHONPATH=/tmp/exlsite python3 -m exllamav2.conversion.convert_exl2 -i /tmp/models/exl2-src             -o /tmp/models/exl2-work -cf /tmp/models/tiny-exl2 -b 4.0 -hb 6 >> /tmp/exl2/model.log 2>&1
+        echo "model: rc $? in $(( $(date +%s) - t0 ))s" > /tmp/exl2/model.rc
+        bare sh /tmp/b/exl2-hub/install.sh --trust /tmp/b/signing-key.pub --model /tmp/models/tiny-exl2             --model-name tiny-exl2 --smoke-any-answer --bench --bench-levels 1,8 --json             > /tmp/exl2/install.json 2> /tmp/exl2/install.log
+        echo $? > /tmp/exl2/install.rc
+        cp /opt/airgap-llm/exl2-hub/current/plan.json /opt/airgap-llm/exl2-hub/current/tabbyapi-*.json /tmp/exl2/
+        tail -n 120 /opt/airgap-llm/exl2-hub/log/*.log > /tmp/exl2/engine-tail.txt
+        if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+            bare sh /tmp/b/exl2-hub/install.sh --trust /tmp/b/signing-key.pub --model /tmp/models/tiny-exl2                 --model-name tiny-exl2 --tensor-parallel 2 --smoke-any-answer --bench --bench-levels 1,8 --json                 > /tmp/exl2/install-tp2.json 2> /tmp/exl2/install-tp2.log
+            echo $? > /tmp/exl2/install-tp2.rc
+        fi
+        cat /tmp/exl2/install.rc > /tmp/exl2/rc' < /dev/null > /tmp/exl2/driver.log 2>&1 &
+    info "exl2 started in the background"
 }
 
 pack() {

@@ -3,7 +3,10 @@
 safetensors), a word-level tokenizer and a chat template: for throughput tests
 of a real shape where no real model can be carried. Its answers are noise.
 
-usage: random_hf_llama.py OUT_DIR {tiny,0.5b,1b,8b,7b-kv4,70b} [--vocab N] [--jobs N]
+usage: random_hf_llama.py OUT_DIR {tiny,exl2-tiny,0.5b,1b,8b,7b-kv4,70b} [--vocab N] [--jobs N] [--bpe TEXT]
+
+--bpe TEXT: a byte-level BPE tokenizer trained on TEXT (tokenizers only, no transformers), which
+ExLlamaV2's converter calibrates with (exl2-tiny --vocab 1024 --bpe its c4.utf8: issue #14).
 
 The safetensors files are written directly (no model is built in memory, so a
 70B shape needs no GPU and no 140 GB of RAM): each shard process fills its
@@ -22,6 +25,7 @@ from pathlib import Path
 
 SHAPES = {  # layers, hidden, heads, kv heads, ffn (Llama 3.2 1B, Llama 3.1 8B and 70B)
     "tiny": (2, 256, 4, 2, 512),
+    "exl2-tiny": (2, 512, 8, 8, 1536),  # ExLlamaV2's converter quantizes it in about a minute on one GPU
     "0.5b": (24, 896, 14, 2, 4864),  # Qwen2.5-0.5B's layers (~0.95 GB in bf16 with --vocab 64000)
     "1b": (16, 2048, 32, 8, 8192),
     "8b": (32, 4096, 32, 8, 14336),
@@ -54,6 +58,21 @@ def tokenizer(out: Path, vocab_size: int) -> None:
     fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                           "{% if add_generation_prompt %}assistant:{% endif %}")
     fast.save_pretrained(out)
+
+
+def bpe_tokenizer(out: Path, vocab_size: int, text: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(text)], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}"}, indent=1) + "\n")
 
 
 def tensors(shape: str, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -134,6 +153,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("shape", choices=SHAPES)
     ap.add_argument("--vocab", type=int, default=128256, help="vocabulary size (Llama 3's 128,256 by default)")
+    ap.add_argument("--bpe", type=Path, help="train a byte-level BPE tokenizer on this text file")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="shards written at once")
     a = ap.parse_args()
     layers, d, heads, kv, ffn = SHAPES[a.shape]
@@ -154,7 +174,10 @@ def main() -> None:
            "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
-    tokenizer(out, a.vocab)
+    if a.bpe:
+        bpe_tokenizer(out, a.vocab, a.bpe)
+    else:
+        tokenizer(out, a.vocab)
     params = sum(_numel(s) for g in groups for _, s in g)
     print(json.dumps({"wrote": str(out), "shape": a.shape, "params": params, "bytes": sum(sizes),
                       "shards": len(groups), "seconds": round(time.monotonic() - t0, 1)}))

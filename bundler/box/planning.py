@@ -98,9 +98,20 @@ def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: 
 
 
 def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware, opts: Options) -> planner.Plan:
-    """--tensor-parallel / --data-parallel replace the planner's choice (vLLM), within what fits."""
+    """--tensor-parallel / --data-parallel replace the planner's choice (vLLM; ExLlamaV2: tensor
+    parallel over every GPU or none), within what fits."""
     if opts.tensor_parallel is None and opts.data_parallel is None:
         return plan
+    if plan.engine == "exllamav2":
+        tp = opts.tensor_parallel or plan.tensor_parallel
+        if (opts.data_parallel or 1) != 1 or tp not in (1, len(hw.gpus)):
+            raise BundlerError(f"ExLlamaV2 (TabbyAPI) runs one replica, tensor parallel over all {len(hw.gpus)} GPU(s) "
+                               f"or on one with a layer split; --tensor-parallel {tp}"
+                               + (f" --data-parallel {opts.data_parallel}" if opts.data_parallel else "")
+                               + " is neither",
+                               hint=f"use --tensor-parallel {len(hw.gpus)} or 1, without --data-parallel")
+        return replace(plan, tensor_parallel=tp, gpu_split_gib=() if tp > 1 else plan.gpu_split_gib,
+                       reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp}"))
     if plan.engine != "vllm":
         raise BundlerError(f"--tensor-parallel/--data-parallel apply to vLLM; this plan uses {plan.engine}",
                            hint="drop the option")

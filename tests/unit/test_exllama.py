@@ -159,3 +159,21 @@ def test_an_extension_that_does_not_import_here_stops_the_install_before_anythin
         prove_extension(site, {"extension": "exllamav2_ext-0.3.2+cu130.torch2.11.0-cp312-cp312-linux_x86_64.whl"})
     assert "does not import" in e.value.message and "undefined symbol" in e.value.message
     assert "nothing was started" in e.value.message and "--probe" in e.value.hint
+
+
+def test_tensor_parallel_on_the_command_line_spans_every_gpu_or_none():
+    from pathlib import Path
+
+    from bundler.box.options import Options
+    from bundler.box.planning import override_parallel
+
+    hw = _cards(2, 24564, "NVIDIA GeForce RTX 4090", "8.9", "pcie")
+    split = _plan("exl2", (80, 64, 36.0), hw, 4, 4096)
+    assert len(split.gpu_split_gib) == 2
+    tp = override_parallel(split, {}, hw, Options(bundle=Path("."), action="install", tensor_parallel=2))
+    assert tp.tensor_parallel == 2 and tp.gpu_split_gib == () and "tensor parallel 2" in tp.reasons[-1]
+    assert exllama.tabby_config(tp, "/m", "x", "127.0.0.1", 8080)["model"]["tensor_parallel"] is True
+    for bad in ({"tensor_parallel": 3}, {"tensor_parallel": 2, "data_parallel": 2}):
+        with pytest.raises(BundlerError) as e:
+            override_parallel(split, {}, hw, Options(bundle=Path("."), action="install", **bad))
+        assert "one replica" in e.value.message and "--tensor-parallel 2 or 1" in e.value.hint
