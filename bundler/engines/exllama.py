@@ -151,10 +151,31 @@ def local_python(py: str) -> str:
     return ""
 
 
-def find_nvcc() -> str:
+def cuda_home() -> str:
+    """The CUDA toolkit to compile with: a folder with bin/nvcc and the toolkit's headers. torch takes
+    nvcc's folder's parent, which is wrong where nvcc on PATH is a link or a wrapper script (here
+    /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc): then the headers are not found."""
+    import os
     import shutil
 
-    return shutil.which("nvcc") or next((str(p) for p in (Path("/usr/local/cuda/bin/nvcc"),) if p.is_file()), "")
+    cands = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", "")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(str(Path(nvcc).resolve().parent.parent))
+        text = Path(nvcc).read_bytes()[:4096] if Path(nvcc).stat().st_size < 4096 else b""
+        m = re.search(rb"(/\S+)/bin/nvcc", text)  # a wrapper script naming the real one
+        if m:
+            cands.append(m.group(1).decode())
+    cands += ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")), reverse=True)]
+    for c in cands:
+        if c and (Path(c) / "bin" / "nvcc").is_file() and (Path(c) / "include" / "crt" / "host_config.h").is_file():
+            return c
+    return ""
+
+
+def find_nvcc() -> str:
+    home = cuda_home()
+    return str(Path(home) / "bin" / "nvcc") if home else ""
 
 
 def ext_inputs(exl_sha256: str, box: Any) -> tuple[str, Path, list[str]]:
@@ -171,7 +192,7 @@ def ext_inputs(exl_sha256: str, box: Any) -> tuple[str, Path, list[str]]:
     if not torch:
         why.append("the box's python has no torch (the probe file lists none)")
     if not find_nvcc():
-        why.append("this machine has no nvcc (the CUDA toolkit's compiler)")
+        why.append("this machine has no CUDA toolkit (nvcc and its headers; CUDA_HOME names one elsewhere)")
     if not local_python(py):
         why.append(f"this machine has no python{py} (with venv) to build for the box's Python")
     return key, cache_root() / "exllamav2-ext" / key, why
@@ -239,7 +260,7 @@ def ext_wheel(exl_wheel: Path, box: Any, log=print) -> Path:
     jobs = str(os.cpu_count() or 1)
     log(f"building ExLlamaV2's CUDA extension for Python {py}, torch {torch}, CUDA {got}, GPU architectures "
         f"{archs} ({jobs} jobs; ~15 min on 2 cores, once: cached as {done})")
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs, MAX_JOBS=jobs,
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs, MAX_JOBS=jobs, CUDA_HOME=str(Path(nvcc).parents[1]),
                PATH=f"{Path(nvcc).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     t0 = time.monotonic()
     with open(work / "build.log", "w") as lf:

@@ -177,3 +177,23 @@ def test_tensor_parallel_on_the_command_line_spans_every_gpu_or_none():
         with pytest.raises(BundlerError) as e:
             override_parallel(split, {}, hw, Options(bundle=Path("."), action="install", **bad))
         assert "one replica" in e.value.message and "--tensor-parallel 2 or 1" in e.value.hint
+
+
+def test_the_cuda_toolkit_is_found_behind_an_nvcc_wrapper_script(tmp_path, monkeypatch):
+    # as on this machine: nvcc on PATH is a script exec'ing the toolkit's own, whose parent torch would
+    # take for CUDA_HOME, missing the toolkit's headers
+    kit = tmp_path / "cuda-13.0"
+    (kit / "bin").mkdir(parents=True)
+    (kit / "include" / "crt").mkdir(parents=True)
+    (kit / "include" / "crt" / "host_config.h").write_text("")
+    (kit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    wrapper = tmp_path / "local" / "bin" / "nvcc"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f"#!/bin/sh\nexec {kit}/bin/nvcc \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", str(wrapper.parent))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    assert exllama.cuda_home() == str(kit) and exllama.find_nvcc() == str(kit / "bin" / "nvcc")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))  # one without the toolkit is passed over
+    assert exllama.cuda_home() == str(kit)
