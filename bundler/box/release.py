@@ -209,6 +209,11 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
         argv = [sys.executable, "-m", "bundler.engines.tabby_run", str(final / "tabbyapi"), str(final / conf.name)]
         # the engine's wheels (the box's torch stays where it is), then the release's own site (tabby_run)
         extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV}
+        # no bundle carries flash-attn, yet exllamav2 leaves its config's no_flash_attn off without it, so
+        # TabbyAPI picks the paged generator and the load fails on cc >= 8 ("Paged attention required Flash
+        # Attention 2.5.7", ../shared/EXLLAMA.md); with this set TabbyAPI serves in its compatibility mode,
+        # one request at a time, as the plan says
+        extra_env["EXLLAMA_NO_FLASH_ATTN"] = "1"
         # TabbyAPI's working folder of each start (tabby_run.py), and ExLlama's own kernel caches
         cache_vars = {"AIRGAP_LLM_RUN_DIR": "run", "TRITON_CACHE_DIR": "triton", "TORCH_EXTENSIONS_DIR": "torch-ext"}
     else:
