@@ -331,6 +331,8 @@ def _cards(n: int, mib: int, name: str, cc: str, links: str) -> Hardware:
     ("exl3", (80, 64, 36.0), _cards(2, 24564, "NVIDIA GeForce RTX 4090", "8.9", "pcie"), 1, 2, 4, 4, 4096),
     # a 123B at 4.0 bpw (~62 GB) with KV for 8 × 8192 on four NVLinked H100s: tensor parallel 4
     ("exl3", (88, 96, 62.0), _cards(4, 81559, "NVIDIA H100 80GB HBM3", "9.0", "nvlink"), 4, 0, 8, 8, 8192),
+    # the same 123B at 6.0 bpw (~92 GB) is more than one H100 holds: ExLlamaV2 tensor parallel 4 (one request)
+    ("exl2", (88, 96, 92.0), _cards(4, 81559, "NVIDIA H100 80GB HBM3", "9.0", "nvlink"), 4, 0, 1, 8, 8192),
 ])
 def test_exllama_table(fmt, size, hw, tp, split, slots, conc, ctx):
     p = planner.plan("m", _exl(fmt, *size), hw, planner.Intent(conc, ctx), engines_available=planner.ALL_ENGINES)
