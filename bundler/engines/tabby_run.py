@@ -85,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     base = Path(os.environ.get("AIRGAP_LLM_RUN_DIR") or os.environ.get("CACHE_DIRECTORY") or "/tmp")
-    run = prepare(tabby_dir, json.loads(config_file.read_text()), key, base)
+    config = json.loads(config_file.read_text())
+    run = prepare(tabby_dir, config, key, base)
+    if config.get("memory", {}).get("cuda_malloc_async", True):
+        # TabbyAPI sets torch's allocator (its memory.cuda_malloc_async, on by default) before it imports
+        # torch; the guards below import torch first, so it is set here, as TabbyAPI would
+        for var in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+            os.environ.setdefault(var, "backend:cudaMallocAsync")
     tokens = json.loads((run / "api_tokens.yml").read_text())
     os.chdir(run)
     sys.path.insert(0, str(tabby_dir))
