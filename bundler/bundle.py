@@ -421,8 +421,7 @@ def _exllama(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -
     for w in [*wheels, ext]:
         _link_or_copy(w, edir / "wheels" / w.name)
     lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
-    reused = {n: v for n, v in target.installed.items()
-              if lock.normalize(n) not in carry and lock.normalize(n).startswith(vllm.GPU_STACK)}
+    reused = summary.pop("reuses")
     return {"name": exllama.NAME, "backend": "cuda", "version": x.version, "dir": f"engines/{exllama.NAME}",
             "tabbyapi": f"engines/{exllama.NAME}/tabbyapi", "tabbyapi_sha256": sha, "extension": ext.name,
             "python": summary["python"], "arch": target.arch, "glibc": "2.28", "cuda": exllama.box_cuda(target) or "13",
@@ -450,8 +449,7 @@ def _vllm(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> d
     _link_or_copy(zw, edir / "wheels" / zw.name)
     lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
     headers = _python_headers(spec, target, edir, log)
-    reused = {n: v for n, v in target.installed.items()
-              if lock.normalize(n) not in carry and lock.normalize(n).startswith(vllm.GPU_STACK)}
+    reused = summary.pop("reuses")
     return {"name": vllm.NAME, "backend": "cuda", "version": spec.vllm.version, "dir": "engines/vllm",
             "python": summary["python"], "arch": target.arch, "glibc": "2.28", "cuda": "13",
             "lock": summary, "reuses": reused, "cpu_flags": [], "python_headers": headers}

@@ -155,6 +155,9 @@ def lock_requirements(requirements: list[str], box: Any, workdir: Path, label: s
     carry = {n: p for n, p in pins.items() if installed.get(n) != p[0]}
     summary = {"python": python, "platform": platform_tag, "resolved": len(pins), "reused": len(pins) - len(carry),
                "carried": len(carry)}
+    # the box's CUDA stack packages the engine imports: the installer refuses a box whose versions moved
+    stack = {n for n in pins if n not in carry and n.startswith(GPU_STACK)}
+    summary["reuses"] = {k: v for k, v in box.installed.items() if _norm(k) in stack}
     log(f"{label} lock: {len(pins)} packages, {len(pins) - len(carry)} already on the box, {len(carry)} to carry")
     return carry, summary
 

@@ -35,3 +35,17 @@ def test_exllama_is_locked_for_the_box_and_refused_where_its_extension_cannot_be
     assert not (tmp_path / "wheels").exists() or not any(Path(tmp_path / "wheels").rglob("*.whl"))
     # TabbyAPI's files were taken from the pinned archive into the bundle's engine folder
     assert (stage / "engines" / "exllamav2" / "tabbyapi" / "main.py").is_file()
+
+
+def test_the_bundle_requires_of_the_box_only_the_gpu_stack_packages_its_lock_reuses(tmp_path):
+    from bundler.engines import exllama, vllm
+
+    box = Hardware.from_dict(json.loads((ROOT / "tests/data/boxes/device-h200x2-probe.json").read_text()))
+    files = exllama.read_archive(exllama.TABBY_ARCHIVE, exllama.TABBY_SHA256)
+    carry, summary = vllm.lock_requirements(exllama.requirements(files, "0.3.2"), box, tmp_path, "x",
+                                            log=lambda *_: None)
+    reuses = summary["reuses"]
+    assert reuses["torch"] == "2.11.0" and "exllamav2" in carry
+    # the box has them, but neither exllamav2 nor TabbyAPI imports them: the installer must not refuse a
+    # box whose torch-geometric or torchvision moved (it did, listing every torch* package of the probe)
+    assert not {"torch-geometric", "torchmetrics", "torchvision", "torchaudio", "nvidia-ml-py"} & set(reuses)
