@@ -341,6 +341,79 @@ exl2() {  # issue #14, in the background (poll with `wait_for /tmp/exl2 SECONDS`
     info "exl2 started in the background"
 }
 
+exl2_direct() {  # issue #14 in one short call (a session with ~4 device minutes): the bundle's ExLlamaV2
+    # wheels (.carry/exlq: exllamav2, its extension built here, TabbyAPI's dependencies) unpacked; a real
+    # tiny EXL2 model quantized with them inside `bare`; TabbyAPI started by the release's own wrapper
+    # (tabby_run) with the plan's config; asked without and with the key; benched at 1 and 8
+    S=/tmp/exlsite
+    rm -rf $S /tmp/models/exl2-work /tmp/models/tiny-exl2 && mkdir -p $S /tmp/models
+    for w in .carry/exlq/*.whl; do python3 -m zipfile -e "$w" $S; done
+    t0=$(date +%s)
+    python3 tools/random_hf_llama.py /tmp/models/exl2-src exl2-tiny --vocab 1024 \
+        --bpe $S/exllamav2/conversion/standard_cal_data/c4.utf8 > "$OUT/model.log" 2>&1
+    bare env PYTHONPATH=$S python3 -m exllamav2.conversion.convert_exl2 -i /tmp/models/exl2-src \
+        -o /tmp/models/exl2-work -cf /tmp/models/tiny-exl2 -b 4.0 -hb 6 -r 10 -mr 4 -l 512 -ml 512 \
+        >> "$OUT/model.log" 2>&1 || { tail -n 30 "$OUT/model.log"; return 1; }
+    info "EXL2 model made in $(( $(date +%s) - t0 ))s: $(du -sh /tmp/models/tiny-exl2 | cut -f1)"
+    PYTHONPATH=. python3 - <<'PY'
+import json, types
+from pathlib import Path
+from bundler.engines import exllama
+for rel, data in exllama.read_archive(exllama.TABBY_ARCHIVE, exllama.TABBY_SHA256).items():
+    p = Path("/tmp/tabbyapi") / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+plan = types.SimpleNamespace(engine="exllamav2", engine_defaults=False, context_per_slot=2048, slots=1,
+                             tensor_parallel=1, gpu_split_gib=())
+json.dump(exllama.tabby_config(plan, "/tmp/models/tiny-exl2", "tiny-exl2", "127.0.0.1", 18300),
+          open("/tmp/tabby.json", "w"))
+PY
+    KEY="k-$(date +%s%N)"
+    printf 'VLLM_API_KEY=%s\n' "$KEY" > /tmp/exl-key.env
+    t1=$(date +%s)
+    bare env PYTHONPATH="$S:$PWD" VLLM_API_KEY="$KEY" EXLLAMA_NO_FLASH_ATTN=1 AIRGAP_LLM_RUN_DIR=/tmp/tabrun \
+        HF_HUB_OFFLINE=1 python3 -m bundler.engines.tabby_run /tmp/tabbyapi /tmp/tabby.json > "$OUT/tabby.log" 2>&1 &
+    pid=$!
+    KEY="$KEY" python3 - "$pid" <<'PY' | tee "$OUT/answers.txt"
+import json, os, sys, time, urllib.error, urllib.request as u
+base, key, pid = "http://127.0.0.1:18300", os.environ["KEY"], int(sys.argv[1])
+def call(path, k=None, body=None):
+    r = u.Request(base + path, data=json.dumps(body).encode() if body else None,
+                  headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {k}"} if k else {})})
+    try:
+        with u.urlopen(r, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+t0 = time.monotonic()
+while True:
+    try:
+        if call("/health")[0] == 200:
+            break
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("TabbyAPI exited")
+    if time.monotonic() - t0 > 100:
+        sys.exit("not healthy after 100 s")
+    time.sleep(0.5)
+print(f"healthy {time.monotonic() - t0:.1f}s after the wait began")
+print("GET /v1/models without the key:", call("/v1/models")[0])
+print("POST /v1/chat/completions without the key:", call("/v1/chat/completions", None, {"messages": []})[0])
+code, text = call("/v1/chat/completions", key, {"model": "tiny-exl2", "max_tokens": 16,
+                                                  "messages": [{"role": "user", "content": "Say hello"}]})
+print("with the key:", code, text[:400])
+PY
+    info "TabbyAPI up and asked in $(( $(date +%s) - t1 ))s"
+    PYTHONUNBUFFERED=1 python3 -m bundler.cli bench --url http://127.0.0.1:18300/v1 --model tiny-exl2 \
+        --api-key-file /tmp/exl-key.env --concurrency 1,8 --min-requests 2 --prompt-tokens 64 --max-tokens 64 \
+        --label exl2-tiny --json "$OUT/bench.json" 2>&1 | tail -n 6
+    kill "$pid"; sleep 1
+    grep -E "compatibility|API key is|backend|Loading|loaded|Error|error" "$OUT/tabby.log" | head -20
+}
+
 pack() {
     tar czf "$OUT/res.tgz" -C "$RES" .
     ls "$RES" | tr '\n' ' ' >&2
