@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         print("tabby_run: no API key in the environment (VLLM_API_KEY); refusing to serve without one",
               file=sys.stderr)
         return 2
-    base = Path(os.environ.get("AIRGAP_LLM_RUN_DIR") or os.environ.get("CACHE_DIRECTORY") or "/tmp")
+    # the release's launch names the service's own cache; by hand, a fresh private folder (never a
+    # predictable name in /tmp, which another account could have made first)
+    where = os.environ.get("AIRGAP_LLM_RUN_DIR") or os.environ.get("CACHE_DIRECTORY")
+    import tempfile
+
+    base = Path(where) if where else Path(tempfile.mkdtemp(prefix="airgap-tabbyapi-"))
     config = json.loads(config_file.read_text())
     run = prepare(tabby_dir, config, key, base)
     if config.get("memory", {}).get("cuda_malloc_async", True):
