@@ -236,7 +236,7 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
     for m in spec.models:
         if m.format == "exl3":
             raise BundlerError(f"{spec.path}: model {m.name} {EXL3_NOT_YET[0]}", hint=EXL3_NOT_YET[1])
-        if m.format == "exl2" and not m.on_box:
+        if m.format == "exl2":
             _needs_box(target, reuse_installed, "ExLlamaV2")
     wheels_dir = stage / "wheels"
     cache = lock.wheel_cache()
@@ -399,6 +399,11 @@ def _exllama(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -
             archive.parent.mkdir(parents=True, exist_ok=True)
             part = archive.with_suffix(".incomplete")
             download(x.tabbyapi, part, label="TabbyAPI")
+            got = manifest.sha256_file(part)
+            if got != sha:  # never cached under the pinned name
+                part.unlink()
+                raise BundlerError(f"{x.tabbyapi}: sha256 {got}, the spec pins {sha}; nothing was kept",
+                                   hint="check engines.exllama.tabbyapi and tabbyapi_sha256")
             os.replace(part, archive)
     files = exllama.read_archive(archive, sha)
     edir = stage / "engines" / exllama.NAME
