@@ -256,7 +256,9 @@ def _less(hw: Hardware, ram: int, gpu_gib: list[float]) -> Hardware:
     """The box as one model sees it once others have taken RAM and GPU memory."""
     if not ram and not any(gpu_gib):
         return hw
-    gpus = tuple(replace(g, memory_total_mib=int(g.memory_total_mib - gpu_gib[i] * 1024))
+    # both: vLLM sizes by the total, llama.cpp's CUDA plan and ExLlamaV2 by what is free
+    gpus = tuple(replace(g, memory_total_mib=int(g.memory_total_mib - gpu_gib[i] * 1024),
+                         memory_free_mib=max(0, int(g.memory_free_mib - gpu_gib[i] * 1024)))
                  for i, g in enumerate(hw.gpus))
     return replace(hw, ram_available=max(0, hw.ram_available - ram), gpus=gpus)
 

@@ -361,3 +361,17 @@ def test_exl3_needs_ampere_or_newer_and_the_engine_in_the_bundle():
     with pytest.raises(PlanRefused):
         planner.plan("m", _exl("exl3", 32, 32, 5.3), _cards(1, 24564, "L4", "8.9", ""), planner.Intent(4, 4096),
                      engines_available=("cpu", "cuda", "vllm"))
+
+
+@pytest.mark.parametrize("main", ["exl2", "gguf"])
+def test_a_gpu_embedding_model_beside_an_exllama_or_cuda_llama_chat_model_leaves_it_less_gpu_memory(main):
+    # the chat model's plan must see the GPU memory the vLLM embedding engine will hold: ExLlamaV2 and
+    # the CUDA llama-server plan from the GPU's free memory, which had not been reduced for it
+    hw = _cards(1, 24564, "NVIDIA GeForce RTX 4090", "8.9", "")
+    chat = _exl("exl2", 32, 32, 5.3) if main == "exl2" else replace(LLAMA8B_Q4)
+    alone = planner.plan("chat", chat, hw, planner.Intent(8, 8192), engines_available=planner.ALL_ENGINES)
+    both, embed = planner.plan_models([("chat", chat, "chat"), ("bge", BGE_M3, "embed")], hw,
+                                      planner.Intent(8, 8192), engines_available=planner.ALL_ENGINES)
+    assert (embed.engine, embed.backend) == ("vllm", "cuda")
+    taken = sum(embed.memory_per_gpu_gib)
+    assert both.usable_per_gpu_gib[0] < alone.usable_per_gpu_gib[0] - taken * 0.9
