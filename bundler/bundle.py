@@ -391,20 +391,11 @@ def _exllama(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -
     archive, sha = Path(x.tabbyapi), x.tabbyapi_sha256
     if not x.tabbyapi:  # the archive this checkout carries (third_party/)
         archive, sha = exllama.TABBY_ARCHIVE, exllama.TABBY_SHA256
-    if x.tabbyapi.startswith("https://"):
-        from .sources.url import download
+    if x.tabbyapi.startswith("https://"):  # a file pinned by sha256 like a model's: resumed, checked, cached
+        from .spec import ModelSpec
 
-        archive = lock.wheel_cache() / "sources" / f"{sha}.tar.gz"
-        if not archive.is_file():
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            part = archive.with_suffix(".incomplete")
-            download(x.tabbyapi, part, label="TabbyAPI")
-            got = manifest.sha256_file(part)
-            if got != sha:  # never cached under the pinned name
-                part.unlink()
-                raise BundlerError(f"{x.tabbyapi}: sha256 {got}, the spec pins {sha}; nothing was kept",
-                                   hint="check engines.exllama.tabbyapi and tabbyapi_sha256")
-            os.replace(part, archive)
+        archive = sources.fetch(ModelSpec(name="tabbyapi", source=x.tabbyapi, sha256=sha, format="tar.gz",
+                                          file=f"tabbyAPI-{sha[:12]}.tar.gz"), log=log)
     files = exllama.read_archive(archive, sha)
     edir = stage / "engines" / exllama.NAME
     for rel, data in sorted(files.items()):
@@ -467,10 +458,7 @@ def _local_headers(py: str) -> Path | None:
 
     if ".".join(platform.python_version().split(".")[:2]) == py:
         return Path(sysconfig.get_paths()["include"]).parent
-    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    for exe in [shutil.which(f"python{py}"), *map(str, sorted(pyenv.glob(f"{py}.*/bin/python{py}")))]:
-        if not exe:
-            continue
+    for exe in lock.local_pythons(py):
         r = subprocess.run([exe, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
                            capture_output=True, text=True)
         if r.returncode == 0 and (Path(r.stdout.strip()) / "Python.h").is_file():

@@ -71,6 +71,15 @@ def pins(lock_file: Path) -> list[tuple[str, str]]:
     return result
 
 
+def local_pythons(py: str) -> list[str]:
+    """The pythonX.Y (py = "X.Y") executables on this machine: on PATH, then pyenv's versions of it."""
+    import shutil
+
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = [shutil.which(f"python{py}"), *map(str, sorted(pyenv.glob(f"{py}.*/bin/python{py}")))]
+    return [exe for exe in found if exe]
+
+
 def platform_tags(machine: str | None = None) -> list[str]:
     machine = machine or platform.machine()
     tags = [f"manylinux_2_{n}_{machine}" for n in (17, 24, 27, 28, 31, 34)]

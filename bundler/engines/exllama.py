@@ -139,16 +139,13 @@ def arch_list(box: Any) -> str:
 
 
 def local_python(py: str) -> str:
-    """A python of version py (X.Y) on this machine: pythonX.Y on PATH, else one of pyenv's."""
-    import os
-    import shutil
+    """A python of version py (X.Y) on this machine that can make a venv: on PATH, else one of pyenv's."""
     import subprocess
 
-    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    for exe in [shutil.which(f"python{py}"), *map(str, sorted(pyenv.glob(f"{py}.*/bin/python{py}")))]:
-        if exe and subprocess.run([exe, "-c", "import venv"], capture_output=True).returncode == 0:
-            return exe
-    return ""
+    from ..lock import local_pythons
+
+    return next((exe for exe in local_pythons(py)
+                 if subprocess.run([exe, "-c", "import venv"], capture_output=True).returncode == 0), "")
 
 
 def cuda_home() -> str:
