@@ -13,7 +13,7 @@ The sources are the ones exllamav2's own wheel carries (it JIT-compiles them); t
 flags are read from its ext.py, so the result is what its first import would have built. The
 wheel holds the one module `exllamav2_ext`, which exllamav2 imports before trying to compile.
 
-`make bundle` runs this file, with the Python of a venv it makes for the purpose (exl2_ext.py); it
+`make bundle` runs this file, with the Python of a venv it makes for the purpose (exllama.ext_wheel); it
 imports nothing of airgap-llm.
 """
 

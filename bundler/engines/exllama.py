@@ -4,7 +4,7 @@ Bundle side, for the box in the probe file (as for vLLM, the box's torch is reus
 - exllamav2 and TabbyAPI's dependencies locked with uv for the box's Python, keeping its CUDA stack;
 - exllamav2's CUDA extension, which its wheel compiles at first import (nvcc, gcc, ninja: none of
   which a bare box has), built here as its own wheel for the box's Python, torch and GPU
-  architectures (exl2_ext.py), cached by those inputs;
+  architectures (exl2_ext_build.py, run by ext_wheel), cached by those inputs;
 - TabbyAPI's source, pinned by the sha256 of an archive (its branch exl2-checkpoint: TabbyAPI's main
   dropped EXL2), unpacked file by file into the bundle so the manifest hashes each one.
 Box side: the wheels go into PREFIX/engines like vLLM's; tabby_run.py starts TabbyAPI with a config
@@ -175,16 +175,22 @@ def find_nvcc() -> str:
     return str(Path(home) / "bin" / "nvcc") if home else ""
 
 
+BUILDER = Path(__file__).with_name("exl2_ext_build.py")
+
+
+def _build_for(box: Any) -> tuple[str, str, str, str]:
+    """What the extension is built for: the box's Python (X.Y), torch version, CUDA major, GPU architectures."""
+    torch = {k.lower(): v for k, v in box.installed.items()}.get("torch", "")
+    return ".".join(box.python.split(".")[:2]), torch, box_cuda(box), arch_list(box)
+
+
 def ext_inputs(exl_sha256: str, box: Any) -> tuple[str, Path, list[str]]:
     """(cache key, cache folder, why it cannot be built here: [] when it can) of exllamav2's extension
     for the box; checked before anything is downloaded."""
     from ..cache import cache_root
 
-    py = ".".join(box.python.split(".")[:2])
-    torch = {k.lower(): v for k, v in box.installed.items()}.get("torch", "")
-    cuda, archs = box_cuda(box), arch_list(box)
-    builder = Path(__file__).with_name("exl2_ext_build.py")
-    key = ext_key(exl_sha256, py, torch, cuda, archs, _sha256(builder.read_bytes()))
+    py, torch, cuda, archs = _build_for(box)
+    key = ext_key(exl_sha256, py, torch, cuda, archs, _sha256(BUILDER.read_bytes()))
     why = []
     if not torch:
         why.append("the box's python has no torch (the probe file lists none)")
@@ -201,17 +207,16 @@ def cached_ext(folder: Path) -> Path | None:
 
 
 def refuse_unbuildable(box: Any, why: list[str]) -> None:
-    py = ".".join(box.python.split(".")[:2])
-    cuda = box_cuda(box)
+    py, _, cuda, _ = _build_for(box)
     raise BundlerError("cannot build ExLlamaV2's CUDA extension for the box here: " + "; ".join(why)
                        + "; nothing was downloaded",
                        hint=f"bundle on a machine with nvcc {cuda or '(the CUDA of the box torch)'}.x and Python {py} "
-                            f"(e.g. pyenv install {py}); the build (~15 min on 2 cores) is cached for later bundles")
+                            f"(e.g. pyenv install {py}); the build (15–20 min on 2 cores) is cached for later bundles")
 
 
 def ext_wheel(exl_wheel: Path, box: Any, log=print) -> Path:
     """exllamav2's extension as a wheel for the box: from the cache (keyed by every input), else built
-    here in a venv of the box's Python with PyPI's torch of the box's version (~15 min on 2 cores)."""
+    here in a venv of the box's Python with PyPI's torch of the box's version (15–20 min on 2 cores)."""
     import os
     import shutil
     import subprocess
@@ -220,9 +225,7 @@ def ext_wheel(exl_wheel: Path, box: Any, log=print) -> Path:
     from ..lock import _run
 
     key, done, why = ext_inputs(_sha256(exl_wheel.read_bytes()), box)
-    py = ".".join(box.python.split(".")[:2])
-    torch = {k.lower(): v for k, v in box.installed.items()}.get("torch", "")
-    cuda, archs = box_cuda(box), arch_list(box)
+    py, torch, cuda, archs = _build_for(box)
     found = cached_ext(done)
     if found:
         log(f"ExLlamaV2's extension: cached build {found.name} (Python {py}, torch {torch}, CUDA {cuda}, "
@@ -231,7 +234,6 @@ def ext_wheel(exl_wheel: Path, box: Any, log=print) -> Path:
     if why:
         refuse_unbuildable(box, why)
     nvcc, exe = find_nvcc(), local_python(py)
-    builder = Path(__file__).with_name("exl2_ext_build.py")
     home = done.parent
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"release (\d+)\.", out)
@@ -256,12 +258,12 @@ def ext_wheel(exl_wheel: Path, box: Any, log=print) -> Path:
     work.mkdir(parents=True)
     jobs = str(os.cpu_count() or 1)
     log(f"building ExLlamaV2's CUDA extension for Python {py}, torch {torch}, CUDA {got}, GPU architectures "
-        f"{archs} ({jobs} jobs; ~15 min on 2 cores, once: cached as {done})")
+        f"{archs} ({jobs} jobs; 15–20 min on 2 cores, once: cached as {done})")
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs, MAX_JOBS=jobs, CUDA_HOME=str(Path(nvcc).parents[1]),
                PATH=f"{Path(nvcc).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     t0 = time.monotonic()
     with open(work / "build.log", "w") as lf:
-        proc = subprocess.Popen([str(venv / "bin" / "python"), str(builder), str(exl_wheel), str(work)],
+        proc = subprocess.Popen([str(venv / "bin" / "python"), str(BUILDER), str(exl_wheel), str(work)],
                                 stdout=lf, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             time.sleep(5)
