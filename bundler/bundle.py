@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, lock, manifest, sources
-from .engines import llama_cpp
+from .engines import exllama, llama_cpp
 from .errors import BundlerError
 from .modelinfo import inspect_gguf
 from .planner import version_tuple
@@ -206,8 +206,6 @@ def _repo_model(spec: Spec, m: Any, stage: Path, upgrade: bool, log) -> dict[str
                      facts=inspect_gguf(folder / first[0]).to_dict())
     else:
         info = inspect_hf(folder)
-        if info.format == "exl3":  # a repository named as safetensors whose config says EXL3
-            raise BundlerError(f"{m.source}: model {m.name} {EXL3_NOT_YET[0].split(';')[0]}", hint=EXL3_NOT_YET[1])
         if info.format != m.format:  # the engines were chosen by the spec's format, before the model came
             raise BundlerError(f"{m.source}: model {m.name} is {info.format.upper()} (its config.json says so), the "
                                f"spec says format = {m.format!r}", hint=f"set format = \"{info.format}\" in the spec")
@@ -225,19 +223,11 @@ def _tree_id(files: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-EXL3_NOT_YET = ("is EXL3, which ExLlamaV3 serves, and airgap-llm does not bundle ExLlamaV3 yet (only ExLlamaV2, "
-                "for EXL2); nothing was fetched",
-                "bundle an EXL2 build (a repository branch such as @4.0bpw), a GGUF build (llama.cpp) or an AWQ/GPTQ "
-                "safetensors build (vLLM)")
-
-
 def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: bool = False,
           upgrade_models: bool = False) -> dict[str, Any]:
     for m in spec.models:
-        if m.format == "exl3":
-            raise BundlerError(f"{spec.path}: model {m.name} {EXL3_NOT_YET[0]}", hint=EXL3_NOT_YET[1])
-        if m.format == "exl2":
-            _needs_box(target, reuse_installed, "ExLlamaV2")
+        if m.format in exllama.BY_FORMAT:
+            _needs_box(target, reuse_installed, exllama.BY_FORMAT[m.format].label)
     wheels_dir = stage / "wheels"
     cache = lock.wheel_cache()
     pythons = spec.target.pythons
@@ -299,8 +289,9 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
 
     if spec.vllm.version:
         engines.append(_vllm(spec, stage, target, reuse_installed, log))
-    if any(m.format == "exl2" for m in spec.models):
-        engines.append(_exllama(spec, stage, target, reuse_installed, log))
+    for gen in exllama.GENS.values():
+        if any(m.format == gen.fmt for m in spec.models):
+            engines.append(_exllama(spec, gen, stage, target, reuse_installed, log))
 
     models = []
     for m in spec.models:
@@ -380,48 +371,56 @@ def _needs_box(target: Any, reuse_installed: bool, engine: str) -> None:
                            hint="add REUSE=1 (make) or --reuse-installed (bundler) on a box that has torch")
 
 
-def _exllama(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
-    """ExLlamaV2 + TabbyAPI for the box: the locked wheels, the extension built for the box, TabbyAPI's
-    source files (engines/exllamav2/tabbyapi/, each hashed by the manifest)."""
-    from .engines import exllama, vllm
+def _exllama(spec: Spec, gen: Any, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
+    """ExLlama (gen: exllama.V2 or V3) + TabbyAPI for the box: the locked wheels, the extension built for
+    the box, TabbyAPI's source files (engines/exllamavN/tabbyapi/, each hashed by the manifest); for
+    ExLlamaV3, whose attention is Triton's, a C compiler and the Python headers as for vLLM."""
+    from .engines import vllm
 
-    _needs_box(target, reuse_installed, "ExLlamaV2")
-    x = spec.exllama
-    _step(log, f"ExLlamaV2 {x.version} and TabbyAPI for the box")
+    _needs_box(target, reuse_installed, gen.label)
+    x = getattr(spec, gen.spec_key)
+    _step(log, f"{gen.label} {x.version} and TabbyAPI ({gen.tabby_branch}) for the box")
     archive, sha = Path(x.tabbyapi), x.tabbyapi_sha256
     if not x.tabbyapi:  # the archive this checkout carries (third_party/)
-        archive, sha = exllama.TABBY_ARCHIVE, exllama.TABBY_SHA256
+        archive, sha = gen.tabby_archive, gen.tabby_sha256
     if x.tabbyapi.startswith("https://"):  # a file pinned by sha256 like a model's: resumed, checked, cached
         from .spec import ModelSpec
 
         archive = sources.fetch(ModelSpec(name="tabbyapi", source=x.tabbyapi, sha256=sha, format="tar.gz",
                                           file=f"tabbyAPI-{sha[:12]}.tar.gz"), log=log)
-    files = exllama.read_archive(archive, sha)
-    edir = stage / "engines" / exllama.NAME
+    files = exllama.read_archive(archive, sha, gen)
+    edir = stage / "engines" / gen.name
     for rel, data in sorted(files.items()):
         (edir / "tabbyapi" / rel).parent.mkdir(parents=True, exist_ok=True)
         (edir / "tabbyapi" / rel).write_bytes(data)
     with tempfile.TemporaryDirectory(prefix="airgap-exl-") as td:
-        carry, summary = vllm.lock_requirements(exllama.requirements(files, x.version), target, Path(td),
-                                                f"exllamav2=={x.version} + TabbyAPI", log=log)
-    if "exllamav2" not in carry:
-        raise BundlerError(f"the lock carries no exllamav2 for the box ({summary})", hint="bundle again")
-    hashes = carry["exllamav2"][1]  # its one py3-none-any wheel: the extension is built from its sources
-    _, folder, why = exllama.ext_inputs(hashes[0].rsplit(":", 1)[1] if len(hashes) == 1 else "", target)
-    if why and exllama.cached_ext(folder) is None:
-        exllama.refuse_unbuildable(target, why)
+        carry, summary = vllm.lock_requirements(exllama.requirements(files, x.version, gen), target, Path(td),
+                                                f"{gen.name}=={x.version} + TabbyAPI", log=log)
+    if gen.name not in carry:
+        raise BundlerError(f"the lock carries no {gen.name} for the box ({summary})", hint="bundle again")
+    hashes = carry[gen.name][1]  # its one py3-none-any wheel: the extension is built from its sources
+    _, folder, why = exllama.ext_inputs(hashes[0].rsplit(":", 1)[1] if len(hashes) == 1 else "", target, gen)
+    if why and exllama.cached_ext(folder, gen) is None:
+        exllama.refuse_unbuildable(target, why, gen)
     wheels = vllm.download(carry, target, lock.wheel_cache() / "exllama", log=log)
-    exl = next(w for w in wheels if w.name.startswith("exllamav2-"))
-    ext = exllama.ext_wheel(exl, target, log=log)
+    exl = next(w for w in wheels if w.name.startswith(f"{gen.name}-"))
+    ext = exllama.ext_wheel(exl, target, gen, log=log)
     (edir / "wheels").mkdir(parents=True)
     for w in [*wheels, ext]:
         _link_or_copy(w, edir / "wheels" / w.name)
+    headers = ""
+    if gen is exllama.V3:  # Triton's launchers (see _vllm)
+        from .engines.llama_cpp import zig_wheel
+
+        zw = zig_wheel(target.arch, log)
+        _link_or_copy(zw, edir / "wheels" / zw.name)
+        headers = _python_headers(spec, target, edir, log)
     lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
     reused = summary.pop("reuses")
-    return {"name": exllama.NAME, "backend": "cuda", "version": x.version, "dir": f"engines/{exllama.NAME}",
-            "tabbyapi": f"engines/{exllama.NAME}/tabbyapi", "tabbyapi_sha256": sha, "extension": ext.name,
+    return {"name": gen.name, "backend": "cuda", "version": x.version, "dir": f"engines/{gen.name}",
+            "tabbyapi": f"engines/{gen.name}/tabbyapi", "tabbyapi_sha256": sha, "extension": ext.name,
             "python": summary["python"], "arch": target.arch, "glibc": "2.28", "cuda": exllama.box_cuda(target) or "13",
-            "lock": summary, "reuses": reused, "cpu_flags": []}
+            "lock": summary, "reuses": reused, "cpu_flags": [], "python_headers": headers}
 
 
 def _vllm(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
@@ -468,7 +467,7 @@ def _local_headers(py: str) -> Path | None:
 
 def _python_headers(spec: Spec, target: Any, edir: Path, log) -> str:
     """The target Python's headers (pythonX.Y/ and ARCH-linux-gnu/pythonX.Y/ of an include root) into
-    engines/vllm/include, checked by compiling `#include <Python.h>`: from engines.vllm.python_headers,
+    engines/ENGINE/include, checked by compiling `#include <Python.h>`: from engines.vllm.python_headers,
     else those of a pythonX.Y of the same version on this machine (the running one, or one on PATH).
     Returns the folder in the bundle, or "" (then a box without them must have its pythonX.Y-dev
     package: the installer says so)."""
@@ -497,7 +496,7 @@ def _python_headers(spec: Spec, target: Any, edir: Path, log) -> str:
                            hint=f"name an include root that holds python{py}/ (and {target.arch}-linux-gnu/python{py}/ "
                                 "where pyconfig.h includes it), as the python-dev package lays them out")
     log(f"Python {py} headers from {root} (for Triton's launchers on a box without python{py}-dev)")
-    return "engines/vllm/include"
+    return f"engines/{edir.name}/include"
 
 
 def _assumptions(target: Any, reuse_installed: bool, engines: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -343,7 +343,7 @@ def _plan_gguf(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                cpu_flags_needed: tuple[str, ...], cuda: str, cuda_cpu_flags: tuple[str, ...] = ()) -> Plan:
     rejected: list[dict[str, str]] = [
         {"engine": "vllm", "why": "vLLM serves no GGUF (removed in 0.33); this model is GGUF"},
-        {"engine": "exllamav2", "why": "ExLlamaV2 serves EXL2 only"},
+        {"engine": "exllamav2/exllamav3", "why": "ExLlama serves EXL2/EXL3 only"},
     ]
     ctx = intent.context
     notes: list[str] = []
@@ -559,7 +559,7 @@ def _require_gpu_engine(name: str, fmt: str, engine: str, label: str, engines: t
 def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines: tuple[str, ...],
                cuda: str, utilization: float = VLLM_UTILIZATION) -> Plan:
     rejected = [{"engine": "llama.cpp", "why": "serves GGUF only; convert the model to GGUF to use it"},
-                {"engine": "exllamav2", "why": "serves EXL2 only"}]
+                {"engine": "exllamav2/exllamav3", "why": "serve EXL2/EXL3 only"}]
     _require_gpu_engine(name, "safetensors", "vllm", "vLLM", engines, hw, cuda,
                         "a GGUF build of the model to serve it with llama.cpp on the CPU")
     n = len(hw.gpus)

@@ -90,12 +90,16 @@ class VllmSpec:
 
 @dataclass(frozen=True)
 class ExllamaSpec:
-    """ExLlamaV2 behind TabbyAPI, for EXL2 models (bundled when a model is EXL2)."""
+    """ExLlama behind TabbyAPI: [engines.exllama] ExLlamaV2 for EXL2 models, [engines.exllamav3]
+    ExLlamaV3 for EXL3 (each bundled when a model has its format)."""
 
-    version: str = "0.3.2"  # exllamav2
+    version: str = "0.3.2"  # of exllamav2 (exllamav3: 1.4.2)
     # TabbyAPI's source as a .tar.gz (a path, or https://), pinned by sha256; "" = the one in third_party/
     tabbyapi: str = ""
     tabbyapi_sha256: str = ""
+
+
+EXLLAMA_DEFAULTS = {"exllama": ExllamaSpec(), "exllamav3": ExllamaSpec(version="1.4.2")}
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class Spec:
     target: TargetSpec = field(default_factory=TargetSpec)
     vllm: VllmSpec = field(default_factory=VllmSpec)
     exllama: ExllamaSpec = field(default_factory=ExllamaSpec)
+    exllamav3: ExllamaSpec = field(default_factory=lambda: EXLLAMA_DEFAULTS["exllamav3"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -392,18 +397,7 @@ def load(path: str | Path) -> Spec:
                     "name an include root like /usr/include, with the target Python's headers under python3.X/ "
                     "(from its python3.X-dev package)")
     vl.done()
-    ex = _Reader(path, "engines.exllama", engines.get("exllama", dict, {}))
-    xversion = ex.get("version", str, ExllamaSpec().version)
-    if not re.match(r"^\d+\.\d+(\.\d+)?$", xversion):
-        ex.fail("engines.exllama.version", f"is {xversion!r}", "pin an exllamav2 release, e.g. version = \"0.3.2\"")
-    tabby = ex.get("tabbyapi", str, "")
-    tsha = ex.get("tabbyapi_sha256", str, ... if tabby else "",
-                  hint="pin the archive: tabbyapi_sha256 = the output of sha256sum ARCHIVE").lower()
-    if tabby and not SHA_RE.match(tsha):
-        ex.fail("engines.exllama.tabbyapi_sha256", f"{tsha!r} is not a sha256 (64 hex digits)", "sha256sum ARCHIVE")
-    if tabby and not tabby.startswith("https://"):
-        tabby = str((path.parent / tabby).resolve()) if not Path(tabby).is_absolute() else tabby
-    ex.done()
+    exl = {key: _exllama_spec(path, engines, key, default) for key, default in EXLLAMA_DEFAULTS.items()}
     engines.done()
 
     t = _Reader(path, "target", top.get("target", dict, {}))
@@ -420,4 +414,21 @@ def load(path: str | Path) -> Spec:
                 llama_cpp=LlamaCppSpec(sdist=sdist, sha256=lsha.lower(), backends=backends, cuda_archs=archs),
                 target=TargetSpec(platform=platform, pythons=pythons),
                 vllm=VllmSpec(version=vversion, python_headers=headers),
-                exllama=ExllamaSpec(version=xversion, tabbyapi=tabby, tabbyapi_sha256=tsha))
+                exllama=exl["exllama"], exllamav3=exl["exllamav3"])
+
+
+def _exllama_spec(path: Path, engines: _Reader, key: str, default: ExllamaSpec) -> ExllamaSpec:
+    """[engines.exllama] (ExLlamaV2) or [engines.exllamav3]: the release, and TabbyAPI's archive pinned by sha256."""
+    ex = _Reader(path, f"engines.{key}", engines.get(key, dict, {}))
+    xversion = ex.get("version", str, default.version)
+    if not re.match(r"^\d+\.\d+(\.\d+)?$", xversion):
+        ex.fail(f"engines.{key}.version", f"is {xversion!r}", f"pin a release, e.g. version = \"{default.version}\"")
+    tabby = ex.get("tabbyapi", str, "")
+    tsha = ex.get("tabbyapi_sha256", str, ... if tabby else "",
+                  hint="pin the archive: tabbyapi_sha256 = the output of sha256sum ARCHIVE").lower()
+    if tabby and not SHA_RE.match(tsha):
+        ex.fail(f"engines.{key}.tabbyapi_sha256", f"{tsha!r} is not a sha256 (64 hex digits)", "sha256sum ARCHIVE")
+    if tabby and not tabby.startswith("https://"):
+        tabby = str((path.parent / tabby).resolve()) if not Path(tabby).is_absolute() else tabby
+    ex.done()
+    return ExllamaSpec(version=xversion, tabbyapi=tabby, tabbyapi_sha256=tsha)

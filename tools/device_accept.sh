@@ -294,7 +294,7 @@ audit_gpu() {  # issue #15: the CUDA llama-server bundle (docs/device/gpu-box-ll
 }
 
 exl2_ext() {  # issue #14: ExLlamaV2's extension, built on the connected side for this box's Python, torch and
-    # GPU (bundler/engines/exl2_ext_build.py), imported and run inside `bare`: nothing compiles on the box
+    # GPU (bundler/engines/exl_ext_build.py), imported and run inside `bare`: nothing compiles on the box
     rm -rf /tmp/exlsite && mkdir -p /tmp/exlsite
     for w in .carry/exl/*.whl; do python3 -m zipfile -e "$w" /tmp/exlsite; done
     bare env PYTHONPATH=/tmp/exlsite python3 - <<'PY'
@@ -329,7 +329,7 @@ exl2() {  # issue #14, in the background (poll with `wait_for /tmp/exl2 SECONDS`
         python3 tools/random_hf_llama.py /tmp/models/exl2-src exl2-tiny --vocab 1024             --bpe /tmp/exlsite/exllamav2/conversion/standard_cal_data/c4.utf8 > /tmp/exl2/model.log 2>&1
         bare env PYTHONPATH=/tmp/exlsite python3 -m exllamav2.conversion.convert_exl2 -i /tmp/models/exl2-src             -o /tmp/models/exl2-work -cf /tmp/models/tiny-exl2 -b 4.0 -hb 6 >> /tmp/exl2/model.log 2>&1
         echo "model: rc $? in $(( $(date +%s) - t0 ))s" > /tmp/exl2/model.rc
-        bare sh /tmp/b/exl2-hub/install.sh --trust /tmp/b/signing-key.pub --model /tmp/models/tiny-exl2             --model-name tiny-exl2 --smoke-any-answer --bench --bench-levels 1,8 --json             > /tmp/exl2/install.json 2> /tmp/exl2/install.log
+        bare sh /tmp/b/exl2-hub/install.sh --trust /tmp/b/signing-key.pub --model /tmp/models/tiny-exl2             --model-name tiny-exl2 --smoke-any-answer --bench --bench-levels 1,8 --baseline --audit-egress --json             > /tmp/exl2/install.json 2> /tmp/exl2/install.log
         echo $? > /tmp/exl2/install.rc
         cp /opt/airgap-llm/exl2-hub/current/plan.json /opt/airgap-llm/exl2-hub/current/tabbyapi-*.json /tmp/exl2/
         tail -n 120 /opt/airgap-llm/exl2-hub/log/*.log > /tmp/exl2/engine-tail.txt

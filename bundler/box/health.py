@@ -117,6 +117,7 @@ GUARDED = {
     "exllamav2": (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
                   ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")),
 }
+GUARDED["exllamav3"] = GUARDED["exllamav2"]  # the same TabbyAPI routes (its main branch)
 
 
 def open_routes(base: str, engine: str) -> list[str]:

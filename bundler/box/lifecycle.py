@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import manifest as mf
 from .. import planner, probe
-from ..engines import vllm
+from ..engines import exllama, vllm
 from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from . import layout as lay
@@ -25,7 +25,7 @@ from .health import LogWatch, http_json, smoke, smoke_embed, wait_healthy
 from .layout import Layout, PrefixLock, check_layout_owned, layout_for, make_dirs, record_made
 from .options import Options
 from .planning import make_plan, print_plan, release_id, resolve_model, resolve_others
-from .preflight import check_port, preflight, triton_toolchain
+from .preflight import TRITON_ENGINES, check_port, preflight, triton_toolchain
 from .release import Member, Target, build_release, local_address, read_target
 from .report import info, warn
 from .service import (check_reachable, ctl, engine_alive, engine_user, ensure_env_file, ensure_user, give_to_user,
@@ -62,14 +62,15 @@ def install(opts: Options) -> dict[str, Any] | None:
     others = resolve_others(doc, opts)
     plan, oplans = make_plan(doc, m, hw, opts, others)
     print_plan(plan, hw, oplans, [o["port"] for o in others])
-    if any(p.engine == "vllm" for p in [plan, *oplans]) and not opts.box_file:
-        triton_toolchain(doc)
+    for name in sorted({p.engine for p in [plan, *oplans]} & set(TRITON_ENGINES)):
+        if not opts.box_file:
+            triton_toolchain(doc, name)
     mode = service_mode(opts, hw)
     target = Target(opts.host or doc["service"]["host"], opts.port or doc["service"]["port"], mode,
                     engine_user(opts, mode))
     extra = tuple(Member(o, p, o["port"]) for o, p in zip(others, oplans))
     # vLLM compiles kernels at its first start; TabbyAPI loads a large model layer by layer
-    slow = any(p.engine in ("vllm", "exllamav2") for p in [plan, *oplans])
+    slow = any(p.engine in ("vllm", *exllama.GENS) for p in [plan, *oplans])
     svc = Service(target, opts.timeout or (900.0 if slow else 300.0), extra)
     if target.user:
         check_reachable(layout.prefix, target.user)

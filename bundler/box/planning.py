@@ -98,14 +98,15 @@ def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: 
 
 
 def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware, opts: Options) -> planner.Plan:
-    """--tensor-parallel / --data-parallel replace the planner's choice (vLLM; ExLlamaV2: tensor
+    """--tensor-parallel / --data-parallel replace the planner's choice (vLLM; ExLlama: tensor
     parallel over every GPU or none), within what fits."""
     if opts.tensor_parallel is None and opts.data_parallel is None:
         return plan
-    if plan.engine == "exllamav2":
+    if plan.engine in ("exllamav2", "exllamav3"):
         tp = opts.tensor_parallel or plan.tensor_parallel
         if (opts.data_parallel or 1) != 1 or tp not in (1, len(hw.gpus)):
-            raise BundlerError(f"ExLlamaV2 (TabbyAPI) runs one replica, tensor parallel over all {len(hw.gpus)} GPU(s) "
+            raise BundlerError(f"ExLlamaV{plan.engine[-1]} (TabbyAPI) runs one replica, tensor parallel over all "
+                               f"{len(hw.gpus)} GPU(s) "
                                f"or on one with a layer split; --tensor-parallel {tp}"
                                + (f" --data-parallel {opts.data_parallel}" if opts.data_parallel else "")
                                + " is neither",

@@ -104,16 +104,21 @@ def check_port(host: str, port: int, ours_running: bool) -> None:
                                "changed", hint=f"free it, or pick another with --port (e.g. --port {port + 1})")
 
 
-def triton_toolchain(doc: dict[str, Any], say: bool = True) -> dict[str, str]:
-    """What Triton (vLLM's kernels) compiles its launchers with on this box: {"cc": the box's compiler
-    or "" for the bundle's Zig, "headers": "" for the box's Python.h or the bundle's folder of them}.
-    A box with neither refuses here, naming what to install, not at the engine's first request."""
+TRITON_ENGINES = {"vllm": "vLLM", "exllamav3": "ExLlamaV3"}  # their kernels are Triton's
+
+
+def triton_toolchain(doc: dict[str, Any], name: str = "vllm", say: bool = True) -> dict[str, str]:
+    """What Triton (the kernels of engine `name`: vLLM, ExLlamaV3) compiles its launchers with on this
+    box: {"cc": the box's compiler or "" for the bundle's Zig, "headers": "" for the box's Python.h or
+    the bundle's folder of them}. A box with neither refuses here, naming what to install, not at the
+    engine's first request."""
     import shutil
     import sysconfig
 
-    e = next((e for e in doc["engines"] if e["name"] == "vllm"), None)
+    e = next((e for e in doc["engines"] if e["name"] == name), None)
     if e is None:
         return {}
+    label = TRITON_ENGINES[name]
     cc = next((p for p in (shutil.which(c) for c in ("cc", "gcc", "clang")) if p), "")
     scheme = sysconfig.get_default_scheme()
     inc = Path(sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"])
@@ -122,15 +127,15 @@ def triton_toolchain(doc: dict[str, Any], say: bool = True) -> dict[str, str]:
     py = ".".join(sys.version.split(".")[:2])
     problems = []
     if not cc and not zig:
-        problems.append("no C compiler (cc, gcc, clang), which vLLM's Triton kernels need at start, and this bundle "
-                        "brings none: install gcc, or bundle again with this airgap-llm (its vLLM bundles bring "
-                        "Zig's C compiler)")
+        problems.append(f"no C compiler (cc, gcc, clang), which {label}'s Triton kernels need at start, and this "
+                        f"bundle brings none: install gcc, or bundle again with this airgap-llm (its {label} bundles "
+                        "bring Zig's C compiler)")
     if not (inc / "Python.h").is_file() and not bundled_h:
         problems.append(f"no Python.h for Python {py} (looked in {inc}), which Triton compiles its launchers against, "
                         f"and this bundle brings none: install python{py}-dev (libpython{py}-dev) on this box, or "
-                        "bundle with engines.vllm.python_headers naming them")
+                        "bundle with engines.vllm.python_headers naming them (they serve every engine)")
     if problems:
-        raise BundlerError("this box cannot run vLLM's kernels:\n  " + "\n  ".join(problems),
+        raise BundlerError(f"this box cannot run {label}'s kernels:\n  " + "\n  ".join(problems),
                            hint="nothing was changed")
     out = {"cc": cc, "headers": "" if (inc / "Python.h").is_file() else bundled_h}
     # FlashInfer's sampling kernels are compiled at the engine's first start with nvcc and a C++ compiler
@@ -145,7 +150,7 @@ def triton_toolchain(doc: dict[str, Any], say: bool = True) -> dict[str, str]:
         where = f"{inc} (this box)" if not out["headers"] else f"from the bundle ({inc} has none)"
         info(f"Triton's C compiler: {cc + ' (this box)' if cc else 'Zig clang from the bundle (this box has none)'}; "
              f"Python headers: {where}")
-        if not out["flashinfer_jit"]:
+        if not out["flashinfer_jit"] and name == "vllm":
             info(f"no {'nvcc' if not nvcc else 'C++ compiler'} on this box, which FlashInfer compiles its sampling "
                  "kernels with at the first start: vLLM samples with PyTorch instead (VLLM_USE_FLASHINFER_SAMPLER=0)")
     return out

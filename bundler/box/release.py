@@ -93,7 +93,7 @@ def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
     return stored
 
 
-ENGINE_LABEL = {vllm.NAME: "vLLM", exllama.NAME: "ExLlamaV2"}
+ENGINE_LABEL = {vllm.NAME: "vLLM", **{g.name: g.label for g in exllama.GENS.values()}}
 
 
 def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:
@@ -123,22 +123,23 @@ def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:
 
 
 def prove_extension(site: Path, engine: dict[str, Any]) -> None:
-    """ExLlamaV2's prebuilt extension imports with this box's torch (else exllamav2 would try to compile
+    """ExLlama's prebuilt extension imports with this box's torch (else exllamavN would try to compile
     it at the engine's start, with a compiler the box may not have, and fail long after the install)."""
-    code = ("import torch, exllamav2_ext, exllamav2.ext as e; "
-            "print(torch.__version__, torch.version.cuda, e.exllamav2_ext.__file__)")
+    gen = exllama.GENS[engine["name"]]
+    code = (f"import torch, {gen.ext_module}, {gen.name}.ext as e; "
+            f"print(torch.__version__, torch.version.cuda, e.{gen.ext_module}.__file__)")
     try:
         r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)),
                            capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
-        raise BundlerError("importing ExLlamaV2's extension took over 10 minutes", hint="is the box very loaded?")
+        raise BundlerError(f"importing {gen.label}'s extension took over 10 minutes", hint="is the box very loaded?")
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        raise BundlerError(f"ExLlamaV2's extension ({engine.get('extension', 'exllamav2_ext')}) does not import with "
+        raise BundlerError(f"{gen.label}'s extension ({engine.get('extension', gen.ext_module)}) does not import with "
                            f"this box's python {sys.executable}: {' | '.join(tail)}; nothing was started",
                            hint="the bundle was made for another Python, torch or CUDA: make the probe file here "
                                 "(./install.sh --probe > box.json) and bundle again with TARGET=box.json")
-    info(f"ExLlamaV2's extension imports (torch, CUDA, file: {r.stdout.strip()})")
+    info(f"{gen.label}'s extension imports (torch, CUDA, file: {r.stdout.strip()})")
 
 
 def copy_verified(bundle: Path, doc: dict[str, Any], folder: str, dest: Path) -> None:
@@ -151,6 +152,28 @@ def copy_verified(bundle: Path, doc: dict[str, Any], folder: str, dest: Path) ->
             out.parent.mkdir(parents=True, exist_ok=True)
             _copy_hashing(bundle / f["path"], out, f["sha256"], None)
             os.chmod(out, f.get("mode", 0o644))
+
+
+def _triton_cc(bundle: Path, doc: dict[str, Any], tools: dict[str, str], site: Path, final: Path, stage: Path,
+               extra_env: dict[str, str], cache_vars: dict[str, str]) -> None:
+    """Triton's launchers (vLLM's and ExLlamaV3's kernels) compile with the box's compiler and headers
+    where it has both; else CC names a wrapper (bin/cc) around the bundle's Zig clang and/or headers."""
+    if tools["cc"] and not tools["headers"]:
+        return
+    if tools["headers"] and not (stage / "include").is_dir():
+        copy_verified(bundle, doc, tools["headers"], stage / "include")
+    cc = stage / "bin" / "cc"
+    if not cc.is_file():
+        includes = [str(final / "include" / d.name) for d in sorted((stage / "include").glob("python3*"))]
+        compiler = f"this box's {tools['cc']}" if tools["cc"] else "Zig clang, from the bundle"
+        headers = "the bundle's" if tools["headers"] else "this box's"
+        cc.write_text(render("cc.sh.j2", {
+            "what": f"{compiler}, with {headers} Python headers",
+            "compiler": [tools["cc"]] if tools["cc"] else [str(site / "ziglang" / "zig"), "cc"],
+            "includes": [*includes, str(final / "include")] if includes else []}))
+    extra_env["CC"] = str(final / "bin" / "cc")
+    if not tools["cc"]:
+        cache_vars.update({"ZIG_GLOBAL_CACHE_DIR": "zig", "ZIG_LOCAL_CACHE_DIR": "zig"})
 
 
 @dataclass(frozen=True)
@@ -180,26 +203,12 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
         extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV,
                      **vllm.multicast_env(dict(os.environ))}
         cache_vars = dict(vllm.CACHE_VARS)
-        tools = triton_toolchain(doc, say=False)
+        tools = triton_toolchain(doc, engine["name"], say=False)
         if not tools["flashinfer_jit"]:
             extra_env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
-        if not tools["cc"] or tools["headers"]:  # Triton's launchers: the bundle's compiler or headers
-            if tools["headers"] and not (stage / "include").is_dir():
-                copy_verified(bundle, doc, tools["headers"], stage / "include")
-            cc = stage / "bin" / "cc"
-            if not cc.is_file():
-                includes = [str(final / "include" / d.name) for d in sorted((stage / "include").glob("python3*"))]
-                compiler = f"this box's {tools['cc']}" if tools["cc"] else "Zig clang, from the bundle"
-                headers = "the bundle's" if tools["headers"] else "this box's"
-                cc.write_text(render("cc.sh.j2", {
-                    "what": f"{compiler}, with {headers} Python headers",
-                    "compiler": [tools["cc"]] if tools["cc"] else [str(site / "ziglang" / "zig"), "cc"],
-                    "includes": [*includes, str(final / "include")] if includes else []}))
-            extra_env["CC"] = str(final / "bin" / "cc")
-            if not tools["cc"]:
-                cache_vars.update({"ZIG_GLOBAL_CACHE_DIR": "zig", "ZIG_LOCAL_CACHE_DIR": "zig"})
-    elif plan.engine == exllama.NAME:
-        engine = next(e for e in doc["engines"] if e["name"] == exllama.NAME)
+        _triton_cc(bundle, doc, tools, site, final, stage, extra_env, cache_vars)
+    elif plan.engine in exllama.GENS:
+        engine = next(e for e in doc["engines"] if e["name"] == plan.engine)
         site = engine_site(bundle, engine, layout)
         prove_extension(site, engine)
         if not (stage / "tabbyapi").is_dir():
@@ -209,13 +218,17 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
         argv = [sys.executable, "-m", "bundler.engines.tabby_run", str(final / "tabbyapi"), str(final / conf.name)]
         # the engine's wheels (the box's torch stays where it is), then the release's own site (tabby_run)
         extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV}
-        # no bundle carries flash-attn, yet exllamav2 leaves its config's no_flash_attn off without it, so
-        # TabbyAPI picks the paged generator and the load fails on cc >= 8 ("Paged attention required Flash
-        # Attention 2.5.7", ../shared/EXLLAMA.md); with this set TabbyAPI serves in its compatibility mode,
-        # one request at a time, as the plan says
-        extra_env["EXLLAMA_NO_FLASH_ATTN"] = "1"
         # TabbyAPI's working folder of each start (tabby_run.py), and ExLlama's own kernel caches
         cache_vars = {"AIRGAP_LLM_RUN_DIR": "run", "TRITON_CACHE_DIR": "triton", "TORCH_EXTENSIONS_DIR": "torch-ext"}
+        if plan.engine == exllama.V2.name:
+            # no bundle carries flash-attn, yet exllamav2 leaves its config's no_flash_attn off without it, so
+            # TabbyAPI picks the paged generator and the load fails on cc >= 8 ("Paged attention required Flash
+            # Attention 2.5.7", ../shared/EXLLAMA.md); with this set TabbyAPI serves in its compatibility mode,
+            # one request at a time, as the plan says
+            extra_env["EXLLAMA_NO_FLASH_ATTN"] = "1"
+        else:  # ExLlamaV3 attends with Triton kernels, which compile a C launcher at first use
+            _triton_cc(bundle, doc, triton_toolchain(doc, engine["name"], say=False), site, final, stage, extra_env,
+                       cache_vars)
     else:
         engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
         folder = copied.get(engine["dir"])

@@ -48,7 +48,8 @@ class Candidate:
 
 def reference(plan: planner.Plan) -> Candidate:
     """The engine as a user starts it by hand, with the same model, port and key."""
-    how = {"vllm": "`vllm serve MODEL`", "exllamav2": "TabbyAPI with only the model named in its config"}
+    tabby = "TabbyAPI with only the model named in its config"
+    how = {"vllm": "`vllm serve MODEL`", "exllamav2": tabby, "exllamav3": tabby}
     return Candidate("engine defaults", replace(plan, engine_defaults=True, extra_args=()),
                      how.get(plan.engine or "", "`llama-server -m MODEL`"), reference=True)
 

@@ -1,12 +1,16 @@
-"""ExLlamaV2 (EXL2 models) behind TabbyAPI, its own OpenAI-compatible server, on NVIDIA GPUs.
+"""ExLlama behind TabbyAPI, its own OpenAI-compatible server, on NVIDIA GPUs, in two generations:
+ExLlamaV2 for EXL2 models (TabbyAPI's branch exl2-checkpoint: its main dropped EXL2) and ExLlamaV3
+for EXL3 (TabbyAPI's main). The model's quant_method names the generation (GENS, by format).
 
 Bundle side, for the box in the probe file (as for vLLM, the box's torch is reused, never carried):
-- exllamav2 and TabbyAPI's dependencies locked with uv for the box's Python, keeping its CUDA stack;
-- exllamav2's CUDA extension, which its wheel compiles at first import (nvcc, gcc, ninja: none of
+- exllamavN and TabbyAPI's dependencies locked with uv for the box's Python, keeping its CUDA stack;
+- exllamavN's CUDA extension, which its wheel compiles at first import (nvcc, gcc, ninja: none of
   which a bare box has), built here as its own wheel for the box's Python, torch and GPU
-  architectures (exl2_ext_build.py, run by ext_wheel), cached by those inputs;
-- TabbyAPI's source, pinned by the sha256 of an archive (its branch exl2-checkpoint: TabbyAPI's main
-  dropped EXL2), unpacked file by file into the bundle so the manifest hashes each one.
+  architectures (exl_ext_build.py, run by ext_wheel), cached by those inputs;
+- TabbyAPI's source, pinned by the sha256 of an archive, unpacked file by file into the bundle so
+  the manifest hashes each one;
+- ExLlamaV3 attends with Triton kernels, which compile a C launcher at first use: as for vLLM, Zig's
+  C compiler and the box Python's headers come along.
 Box side: the wheels go into PREFIX/engines like vLLM's; tabby_run.py starts TabbyAPI with a config
 and key written at start into a private folder (config.yml and api_tokens.yml are read from the
 working directory).
@@ -18,19 +22,50 @@ import hashlib
 import io
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import BundlerError
 
-NAME = "exllamav2"
-FORMATS = ("exl2",)
-DEFAULT_VERSION = "0.3.2"  # the last release (EXL2 is frozen upstream)
-# TabbyAPI at the last commit of its exl2-checkpoint branch, as `git archive --prefix=tabbyAPI-79126f9/`
-# writes it (third_party/README.md says how to make it again)
-TABBY_COMMIT = "79126f904c2e00aece026b36bb70bbb87e4892b2"
-TABBY_ARCHIVE = Path(__file__).resolve().parents[2] / "third_party" / f"tabbyAPI-{TABBY_COMMIT[:7]}.tar.gz"
-TABBY_SHA256 = "1d3d83324ac115f815e9e0f53dc2ba1b7dfb6e3463b7b21bdb303ba29b4c0ca4"
+THIRD_PARTY = Path(__file__).resolve().parents[2] / "third_party"
+
+
+@dataclass(frozen=True)
+class Gen:
+    """One ExLlama generation: its engine name (in plans and manifests, and TabbyAPI's `backend`), the
+    model format it loads, its spec table, and the TabbyAPI commit that serves it (as `git archive
+    --prefix=tabbyAPI-COMMIT7/` writes it; third_party/README.md says how to make it again)."""
+
+    name: str
+    label: str
+    fmt: str
+    spec_key: str
+    version: str  # the release bundled unless the spec pins another
+    tabby_commit: str
+    tabby_sha256: str
+    tabby_branch: str
+    build_time: str  # of the extension on this 2-core machine, as measured
+
+    @property
+    def tabby_archive(self) -> Path:
+        return THIRD_PARTY / f"tabbyAPI-{self.tabby_commit[:7]}.tar.gz"
+
+    @property
+    def ext_module(self) -> str:
+        return f"{self.name}_ext"
+
+
+V2 = Gen("exllamav2", "ExLlamaV2", "exl2", "exllama", "0.3.2",  # 0.3.2: the last release (EXL2 is frozen)
+         "79126f904c2e00aece026b36bb70bbb87e4892b2",
+         "1d3d83324ac115f815e9e0f53dc2ba1b7dfb6e3463b7b21bdb303ba29b4c0ca4", "exl2-checkpoint", "15–20 min")
+# 1.4.2: the release TabbyAPI's main pins (its own wheels are on GitHub only; PyPI has the sources)
+V3 = Gen("exllamav3", "ExLlamaV3", "exl3", "exllamav3", "1.4.2",
+         "e632af41eba68abeadc3437c62674360f2f8cbf1",
+         "f0b6c886c85822d3045d709c47eec38c572dc7b5d2c561f8f0e0e572bb566041", "main", "about 75 min")
+GENS = {g.name: g for g in (V2, V3)}
+BY_FORMAT = {g.fmt: g for g in (V2, V3)}
+FORMATS = tuple(BY_FORMAT)
 # What the server needs of the TabbyAPI tree; the rest (docs, notebooks, Docker, CI) stays out.
 TABBY_KEEP = ("main.py", "pyproject.toml", "LICENSE", "common/", "endpoints/", "backends/", "templates/",
               "sampler_overrides/")
@@ -42,19 +77,19 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_archive(path: Path, sha256: str) -> dict[str, bytes]:
+def read_archive(path: Path, sha256: str, gen: Gen) -> dict[str, bytes]:
     """TabbyAPI's files (path inside the tree → bytes) from a .tar.gz pinned by sha256: regular files
     only, under one top folder, none outside it; only the parts the server needs (TABBY_KEEP)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise BundlerError(f"engines.exllama.tabbyapi: {path}: no such file",
+        raise BundlerError(f"engines.{gen.spec_key}.tabbyapi: {path}: no such file",
                            hint="make it from a TabbyAPI checkout: git -C tabbyAPI archive --format=tar "
-                                f"--prefix=tabbyAPI-{TABBY_COMMIT[:7]}/ {TABBY_COMMIT} | gzip -n > ARCHIVE "
+                                f"--prefix=tabbyAPI-{gen.tabby_commit[:7]}/ {gen.tabby_commit} | gzip -n > ARCHIVE "
                                 "(third_party/README.md)")
     got = _sha256(data)
     if got != sha256:
-        raise BundlerError(f"engines.exllama.tabbyapi: {path} has sha256 {got}, the spec pins {sha256}",
+        raise BundlerError(f"engines.{gen.spec_key}.tabbyapi: {path} has sha256 {got}, the spec pins {sha256}",
                            hint="use the archive the spec pins, or pin this one (tabbyapi_sha256) after reading it")
     files: dict[str, bytes] = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
@@ -80,15 +115,16 @@ def read_archive(path: Path, sha256: str) -> dict[str, bytes]:
     return files
 
 
-def requirements(files: dict[str, bytes], version: str) -> list[str]:
-    """What to lock: exllamav2 and the dependencies TabbyAPI's pyproject.toml lists."""
+def requirements(files: dict[str, bytes], version: str, gen: Gen) -> list[str]:
+    """What to lock: exllamavN and the dependencies TabbyAPI's pyproject.toml lists (its extras, which
+    pin torch and ExLlama by GitHub address, stay out: the box's torch is kept, ExLlama comes from PyPI)."""
     try:
         import tomllib  # type: ignore[import-not-found]
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
     deps = tomllib.loads(files["pyproject.toml"].decode())["project"]["dependencies"]
     keep = [d for d in deps if re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower() not in TABBY_DROP]
-    return [f"exllamav2=={version}", *keep]
+    return [f"{gen.name}=={version}", *keep]
 
 
 def tabby_config(plan: Any, model_path: str, name: str, host: str, port: int) -> dict[str, Any]:
@@ -98,7 +134,8 @@ def tabby_config(plan: Any, model_path: str, name: str, host: str, port: int) ->
         "model_dir": "models", "model_name": name, "backend": plan.engine,
         "max_seq_len": plan.context_per_slot,
         # the KV cache holds every slot's context: TabbyAPI's cache_size is in tokens, all requests together
-        "cache_size": plan.context_per_slot * max(1, plan.slots), "max_batch_size": max(1, plan.slots),
+        # (ExLlama's cache is paged in 256 tokens: rounded up to whole pages)
+        "cache_size": -(-plan.context_per_slot * max(1, plan.slots) // 256) * 256, "max_batch_size": max(1, plan.slots),
         "cache_mode": "FP16", "inline_model_loading": False, "use_dummy_models": False,
     }
     if plan.engine_defaults:  # what a user writes by hand: the model, nothing sized (--tune's reference)
@@ -120,9 +157,9 @@ def tabby_config(plan: Any, model_path: str, name: str, host: str, port: int) ->
     }
 
 
-def ext_key(exllamav2_sha256: str, python: str, torch: str, cuda: str, archs: str, builder_sha256: str) -> str:
+def ext_key(exllama_sha256: str, python: str, torch: str, cuda: str, archs: str, builder_sha256: str) -> str:
     """What the extension wheel depends on: a build is reused only when all of these are the same."""
-    text = "\n".join([exllamav2_sha256, python, torch, cuda, archs, builder_sha256])
+    text = "\n".join([exllama_sha256, python, torch, cuda, archs, builder_sha256])
     return _sha256(text.encode())[:24]
 
 
@@ -175,7 +212,7 @@ def find_nvcc() -> str:
     return str(Path(home) / "bin" / "nvcc") if home else ""
 
 
-BUILDER = Path(__file__).with_name("exl2_ext_build.py")
+BUILDER = Path(__file__).with_name("exl_ext_build.py")
 
 
 def _build_for(box: Any) -> tuple[str, str, str, str]:
@@ -184,8 +221,8 @@ def _build_for(box: Any) -> tuple[str, str, str, str]:
     return ".".join(box.python.split(".")[:2]), torch, box_cuda(box), arch_list(box)
 
 
-def ext_inputs(exl_sha256: str, box: Any) -> tuple[str, Path, list[str]]:
-    """(cache key, cache folder, why it cannot be built here: [] when it can) of exllamav2's extension
+def ext_inputs(exl_sha256: str, box: Any, gen: Gen) -> tuple[str, Path, list[str]]:
+    """(cache key, cache folder, why it cannot be built here: [] when it can) of exllamavN's extension
     for the box; checked before anything is downloaded."""
     from ..cache import cache_root
 
@@ -198,43 +235,45 @@ def ext_inputs(exl_sha256: str, box: Any) -> tuple[str, Path, list[str]]:
         why.append("this machine has no CUDA toolkit (nvcc and its headers; CUDA_HOME names one elsewhere)")
     if not local_python(py):
         why.append(f"this machine has no python{py} (with venv) to build for the box's Python")
-    return key, cache_root() / "exllamav2-ext" / key, why
+    return key, cache_root() / f"{gen.name}-ext" / key, why
 
 
-def cached_ext(folder: Path) -> Path | None:
-    found = sorted(folder.glob("exllamav2_ext-*.whl")) if (folder / "complete").is_file() else []
+def cached_ext(folder: Path, gen: Gen) -> Path | None:
+    found = sorted(folder.glob(f"{gen.ext_module}-*.whl")) if (folder / "complete").is_file() else []
     return found[0] if found else None
 
 
-def refuse_unbuildable(box: Any, why: list[str]) -> None:
+def refuse_unbuildable(box: Any, why: list[str], gen: Gen) -> None:
     py, _, cuda, _ = _build_for(box)
-    raise BundlerError("cannot build ExLlamaV2's CUDA extension for the box here: " + "; ".join(why)
+    raise BundlerError(f"cannot build {gen.label}'s CUDA extension for the box here: " + "; ".join(why)
                        + "; nothing was downloaded",
                        hint=f"bundle on a machine with nvcc {cuda or '(the CUDA of the box torch)'}.x and Python {py} "
-                            f"(e.g. pyenv install {py}); the build (15–20 min on 2 cores) is cached for later bundles")
+                            f"(e.g. pyenv install {py}); the build ({gen.build_time} on 2 cores) is cached for later "
+                            "bundles")
 
 
-def ext_wheel(exl_wheel: Path, box: Any, log=print) -> Path:
-    """exllamav2's extension as a wheel for the box: from the cache (keyed by every input), else built
-    here in a venv of the box's Python with PyPI's torch of the box's version (15–20 min on 2 cores)."""
+def ext_wheel(exl_wheel: Path, box: Any, gen: Gen, log=print) -> Path:
+    """exllamavN's extension as a wheel for the box: from the cache (keyed by every input), else built
+    here in a venv of the box's Python with PyPI's torch of the box's version (gen.build_time on 2 cores)."""
     import os
     import shutil
     import subprocess
     import time
 
+    from ..cache import cache_root
     from ..lock import _run
 
-    key, done, why = ext_inputs(_sha256(exl_wheel.read_bytes()), box)
+    key, done, why = ext_inputs(_sha256(exl_wheel.read_bytes()), box, gen)
     py, torch, cuda, archs = _build_for(box)
-    found = cached_ext(done)
+    found = cached_ext(done, gen)
     if found:
-        log(f"ExLlamaV2's extension: cached build {found.name} (Python {py}, torch {torch}, CUDA {cuda}, "
+        log(f"{gen.label}'s extension: cached build {found.name} (Python {py}, torch {torch}, CUDA {cuda}, "
             f"GPU architectures {archs})")
         return found
     if why:
-        refuse_unbuildable(box, why)
+        refuse_unbuildable(box, why, gen)
     nvcc, exe = find_nvcc(), local_python(py)
-    home = done.parent
+    home = cache_root() / "exllama-build"  # the venvs, one per Python and torch, shared by both generations
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"release (\d+)\.", out)
     if cuda and m and m.group(1) != cuda:
@@ -257,8 +296,8 @@ def ext_wheel(exl_wheel: Path, box: Any, log=print) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     jobs = str(os.cpu_count() or 1)
-    log(f"building ExLlamaV2's CUDA extension for Python {py}, torch {torch}, CUDA {got}, GPU architectures "
-        f"{archs} ({jobs} jobs; 15–20 min on 2 cores, once: cached as {done})")
+    log(f"building {gen.label}'s CUDA extension for Python {py}, torch {torch}, CUDA {got}, GPU architectures "
+        f"{archs} ({jobs} jobs; {gen.build_time} on 2 cores, once: cached as {done})")
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs, MAX_JOBS=jobs, CUDA_HOME=str(Path(nvcc).parents[1]),
                PATH=f"{Path(nvcc).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     t0 = time.monotonic()
@@ -271,13 +310,14 @@ def ext_wheel(exl_wheel: Path, box: Any, log=print) -> Path:
                 log(f"  ... building ({time.monotonic() - t0:.0f}s)")
     if proc.returncode != 0:
         tail = (work / "build.log").read_text()[-1500:]
-        raise BundlerError(f"the ExLlamaV2 extension build failed (exit {proc.returncode}):\n{tail}",
+        raise BundlerError(f"the {gen.label} extension build failed (exit {proc.returncode}):\n{tail}",
                            hint=f"full log: {work / 'build.log'}")
     (work / "complete").write_text(f"{py} torch {torch} cuda {got} archs {archs} {time.monotonic() - t0:.0f}s\n")
     shutil.rmtree(done, ignore_errors=True)
     os.replace(work, done)
-    built = cached_ext(done)
+    built = cached_ext(done, gen)
     if built is None:
-        raise BundlerError(f"the ExLlamaV2 extension build wrote no wheel into {done}", hint="see its build.log there")
-    log(f"ExLlamaV2's extension: built {built.name} in {time.monotonic() - t0:.0f}s")
+        raise BundlerError(f"the {gen.label} extension build wrote no wheel into {done}",
+                           hint="see its build.log there")
+    log(f"{gen.label}'s extension: built {built.name} in {time.monotonic() - t0:.0f}s")
     return built

@@ -1,4 +1,5 @@
-"""Starts TabbyAPI (ExLlamaV2's server) for a release: `python -m bundler.engines.tabby_run TABBY_DIR CONFIG`.
+"""Starts TabbyAPI (ExLlama's server, either generation) for a release:
+`python -m bundler.engines.tabby_run TABBY_DIR CONFIG`.
 
 TabbyAPI reads config.yml and api_tokens.yml from its working directory, writes api_tokens.yml
 there, and loads sampler presets and templates from it. So each start gets its own private folder

@@ -1,6 +1,7 @@
-"""Issue #14: TabbyAPI, ExLlamaV2's server, as a release starts it (bundler.engines.tabby_run), run
-for real here from the pinned archive (third_party/) and its dependencies locked for this Python.
-No GPU here, so no model is loaded (TabbyAPI's own `unsafe_launch` skips its torch/exllamav2 check);
+"""Issue #14: TabbyAPI, ExLlama's server (both generations' commits), as a release starts it
+(bundler.engines.tabby_run), run for real here from the pinned archives (third_party/) and their
+dependencies locked for this Python.
+No GPU here, so no model is loaded (TabbyAPI's own `unsafe_launch` skips its torch/exllamavN check);
 what is tested is what the release adds around TabbyAPI: the private working folder, the key as
 TabbyAPI's api_key and a random admin key nobody is told, every route but /health behind the key,
 neither key in the log, a config the server accepts, and no attempt to reach beyond loopback
@@ -55,28 +56,31 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def tabby_site(tmp_path_factory):
-    """TabbyAPI's tree and its dependencies, locked and fetched as make bundle does (uv, hash-checked)."""
-    root = tmp_path_factory.mktemp("tabby")
-    files = exllama.read_archive(exllama.TABBY_ARCHIVE, exllama.TABBY_SHA256)
+@pytest.fixture(scope="module", params=[exllama.V2, exllama.V3], ids=lambda g: g.name)
+def tabby_site(request, tmp_path_factory):
+    """TabbyAPI's tree and its dependencies, locked and fetched as make bundle does (uv, hash-checked):
+    exl2-checkpoint (ExLlamaV2) and main (ExLlamaV3)."""
+    gen = request.param
+    root = tmp_path_factory.mktemp(f"tabby-{gen.name}")
+    files = exllama.read_archive(gen.tabby_archive, gen.tabby_sha256, gen)
     for rel, data in files.items():
         (root / "tabbyapi" / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / "tabbyapi" / rel).write_bytes(data)
     here = types.SimpleNamespace(python=".".join(map(str, sys.version_info[:3])), glibc="2.36", arch="x86_64",
                                  installed={})
-    reqs = [r for r in exllama.requirements(files, exllama.DEFAULT_VERSION) if not r.startswith("exllamav2")]
+    reqs = [r for r in exllama.requirements(files, gen.version, gen) if not r.startswith(gen.name)]
     carry, _ = vllm.lock_requirements(reqs, here, root, "TabbyAPI", log=lambda *_: None)
     got = vllm.download(carry, here, lock.wheel_cache() / "exllama", log=lambda *_: None)
     wheels.install(got, root / "site")
-    return root
+    return gen, root
 
 
 def test_tabbyapi_serves_behind_the_key_from_a_private_folder_and_reaches_nowhere(tabby_site, tmp_path):
+    gen, tabby_site = tabby_site
     port = 18190
     model = tmp_path / "stored-model"
     model.mkdir()
-    plan = types.SimpleNamespace(engine="exllamav2", engine_defaults=False, context_per_slot=4096, slots=1,
+    plan = types.SimpleNamespace(engine=gen.name, engine_defaults=False, context_per_slot=4096, slots=1,
                                  tensor_parallel=1, gpu_split_gib=())
     conf = exllama.tabby_config(plan, str(model), "", "127.0.0.1", port)
     conf["developer"]["unsafe_launch"] = True  # no torch or exllamav2 here: start without a model
@@ -91,7 +95,7 @@ def test_tabbyapi_serves_behind_the_key_from_a_private_folder_and_reaches_nowher
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             r = subprocess.run(ns.argv([sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}", KEY,
-                                        json.dumps(GUARDED["exllamav2"])]), capture_output=True, text=True,
+                                        json.dumps(GUARDED[gen.name])]), capture_output=True, text=True,
                                timeout=180)
             assert r.returncode == 0, r.stderr + (tmp_path / "engine.log").read_text()[-3000:]
             got = json.loads(r.stdout)

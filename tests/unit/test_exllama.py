@@ -59,10 +59,10 @@ def _targz(members: dict[str, bytes], links: tuple[str, ...] = ()) -> bytes:
 
 
 def test_the_pinned_archive_gives_the_server_and_its_requirements():
-    files = exllama.read_archive(exllama.TABBY_ARCHIVE, exllama.TABBY_SHA256)
+    files = exllama.read_archive(exllama.V2.tabby_archive, exllama.V2.tabby_sha256, exllama.V2)
     assert "main.py" in files and "common/auth.py" in files and "LICENSE" in files
     assert not any(f.startswith(("docs/", "colab/", "docker/")) for f in files)  # only what the server runs
-    reqs = exllama.requirements(files, "0.3.2")
+    reqs = exllama.requirements(files, "0.3.2", exllama.V2)
     assert reqs[0] == "exllamav2==0.3.2"
     assert any(r.startswith("fastapi-slim") for r in reqs) and not any(r.startswith("winloop") for r in reqs)
 
@@ -72,21 +72,21 @@ def test_an_archive_that_is_not_the_pinned_one_or_not_plain_is_refused(tmp_path)
     a = tmp_path / "t.tar.gz"
     a.write_bytes(_targz(good))
     with pytest.raises(BundlerError) as e:
-        exllama.read_archive(a, "0" * 64)
+        exllama.read_archive(a, "0" * 64, exllama.V2)
     assert str(a) in e.value.message and "0" * 64 in e.value.message
     from hashlib import sha256
 
     a.write_bytes(_targz(good, links=("tabbyAPI-x/common/auth.py",)))
     with pytest.raises(BundlerError, match="not a regular file"):
-        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest())
+        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest(), exllama.V2)
     a.write_bytes(_targz({"tabbyAPI-x/README.md": b"x"}))
     with pytest.raises(BundlerError, match="not a TabbyAPI source archive"):
-        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest())
+        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest(), exllama.V2)
     a.write_bytes(_targz({**good, "tabbyAPI-x/../../evil.py": b"x"}))
     with pytest.raises(BundlerError, match="not a path inside one top folder"):
-        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest())
+        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest(), exllama.V2)
     with pytest.raises(BundlerError, match="no such file") as e:
-        exllama.read_archive(tmp_path / "missing.tar.gz", "0" * 64)
+        exllama.read_archive(tmp_path / "missing.tar.gz", "0" * 64, exllama.V2)
     assert "git -C tabbyAPI archive" in e.value.hint
 
 
@@ -156,7 +156,8 @@ def test_an_extension_that_does_not_import_here_stops_the_install_before_anythin
     (site / "torch").mkdir()
     (site / "torch" / "__init__.py").write_text("")
     with pytest.raises(BundlerError) as e:
-        prove_extension(site, {"extension": "exllamav2_ext-0.3.2+cu130.torch2.11.0-cp312-cp312-linux_x86_64.whl"})
+        prove_extension(site, {"name": "exllamav2",
+                                "extension": "exllamav2_ext-0.3.2+cu130.torch2.11.0-cp312-cp312-linux_x86_64.whl"})
     assert "does not import" in e.value.message and "undefined symbol" in e.value.message
     assert "nothing was started" in e.value.message and "--probe" in e.value.hint
 
@@ -197,3 +198,63 @@ def test_the_cuda_toolkit_is_found_behind_an_nvcc_wrapper_script(tmp_path, monke
     assert exllama.cuda_home() == str(kit) and exllama.find_nvcc() == str(kit / "bin" / "nvcc")
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))  # one without the toolkit is passed over
     assert exllama.cuda_home() == str(kit)
+
+
+# ---- ExLlamaV3 (EXL3): TabbyAPI's main, exllamav3 from PyPI, batching with Triton ------------------
+
+def test_the_exllamav3_archive_is_tabbyapis_main_and_its_lock_leaves_out_the_github_pins():
+    files = exllama.read_archive(exllama.V3.tabby_archive, exllama.V3.tabby_sha256, exllama.V3)
+    assert "backends/exllamav3/model.py" in files and "backends/exllamav2/model.py" not in files
+    reqs = exllama.requirements(files, exllama.V3.version, exllama.V3)
+    assert reqs[0] == "exllamav3==1.4.2"
+    # its extras pin torch and exllamav3 by download address: the box's torch is kept, exllamav3 is PyPI's
+    assert not any("@" in r or r.startswith("torch") for r in reqs), reqs
+    with pytest.raises(BundlerError) as e:  # the other generation's pin does not open it
+        exllama.read_archive(exllama.V3.tabby_archive, exllama.V2.tabby_sha256, exllama.V3)
+    assert "engines.exllamav3.tabbyapi" in e.value.message
+
+
+def test_exl3_batches_and_its_config_names_the_exllamav3_backend():
+    hw = _cards(1, 24564, "NVIDIA GeForce RTX 4090", "8.9", "")
+    p = _plan("exl3", (32, 32, 5.3), hw, 8, 3000)
+    assert p.engine == "exllamav3" and p.slots == 8  # no flash-attn needed: Triton's paged kernels
+    m = exllama.tabby_config(p, "/m", "x", "127.0.0.1", 8080)["model"]
+    assert (m["backend"], m["max_batch_size"], m["max_seq_len"]) == ("exllamav3", 8, 3000)
+    assert m["cache_size"] == 24064  # 8 × 3000 tokens, rounded up to whole 256-token pages
+
+
+def test_spec_engines_exllamav3(write_spec):
+    head = '[bundle]\nname = "x"\n[[models]]\nsource = "hf://o/r@4.0bpw"\nformat = "exl3"\n'
+    s = spec.load(write_spec(head))
+    assert (s.exllamav3.version, s.exllamav3.tabbyapi, s.exllama.version) == ("1.4.2", "", "0.3.2")
+    s = spec.load(write_spec(head + f'[engines.exllamav3]\nversion = "1.4.9"\ntabbyapi = "t.tar.gz"\n'
+                                    f'tabbyapi_sha256 = "{"b" * 64}"\n'))
+    assert (s.exllamav3.version, s.exllamav3.tabbyapi_sha256, s.exllama.tabbyapi) == ("1.4.9", "b" * 64, "")
+    with pytest.raises(SpecError, match="engines.exllamav3.tabbyapi_sha256"):
+        spec.load(write_spec(head + '[engines.exllamav3]\ntabbyapi = "t.tar.gz"\n'))
+
+
+def test_an_exllamav3_extension_that_does_not_import_is_named_as_such(tmp_path):
+    from bundler.box.release import prove_extension
+
+    site = tmp_path / "site"
+    (site / "exllamav3_ext").mkdir(parents=True)
+    (site / "exllamav3_ext" / "__init__.py").write_text("raise ImportError('libcudart.so.12: cannot open')")
+    (site / "torch").mkdir()
+    (site / "torch" / "__init__.py").write_text("")
+    with pytest.raises(BundlerError) as e:
+        prove_extension(site, {"name": "exllamav3"})
+    assert "ExLlamaV3's extension (exllamav3_ext)" in e.value.message and "libcudart.so.12" in e.value.message
+
+
+def test_a_box_without_a_c_compiler_is_refused_for_exllamav3_unless_the_bundle_brings_one(tmp_path, monkeypatch):
+    from bundler.box.preflight import triton_toolchain
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang
+    doc = {"engines": [{"name": "exllamav3", "dir": "engines/exllamav3",
+                        "python_headers": "engines/exllamav3/include"}], "files": []}
+    with pytest.raises(BundlerError) as e:
+        triton_toolchain(doc, "exllamav3", say=False)
+    assert "ExLlamaV3's Triton kernels" in e.value.message
+    doc["files"] = [{"path": "engines/exllamav3/wheels/ziglang-0.15.1-py3-none-manylinux_2_12_x86_64.whl"}]
+    assert triton_toolchain(doc, "exllamav3", say=False)["cc"] == ""  # the bundle's Zig, then
