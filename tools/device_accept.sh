@@ -323,8 +323,8 @@ exl2() {  # issue #14, in the background (poll with `wait_for /tmp/exl2 SECONDS`
     setsid sh -c '
         DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
         set +e
-        rm -rf /tmp/exlsite && mkdir -p /tmp/exlsite
-        for w in /tmp/b/exl2-hub/engines/exllamav2/wheels/*.whl; do python3 -m zipfile -e "$w" /tmp/exlsite; done
+        rm -rf /tmp/exlsite
+        unwheel /tmp/b/exl2-hub/engines/exllamav2/wheels /tmp/exlsite
         t0=$(date +%s)
         python3 tools/random_hf_llama.py /tmp/models/exl2-src exl2-tiny --vocab 1024             --bpe /tmp/exlsite/exllamav2/conversion/standard_cal_data/c4.utf8 > /tmp/exl2/model.log 2>&1
         bare env PYTHONPATH=/tmp/exlsite python3 -m exllamav2.conversion.convert_exl2 -i /tmp/models/exl2-src             -o /tmp/models/exl2-work -cf /tmp/models/tiny-exl2 -b 4.0 -hb 6 >> /tmp/exl2/model.log 2>&1
@@ -339,6 +339,70 @@ exl2() {  # issue #14, in the background (poll with `wait_for /tmp/exl2 SECONDS`
         fi
         cat /tmp/exl2/install.rc > /tmp/exl2/rc' < /dev/null > /tmp/exl2/driver.log 2>&1 &
     info "exl2 started in the background"
+}
+
+unwheel() {  # unwheel WHEELS_DIR SITE: every wheel of a bundle's engine (parts joined) unpacked into SITE
+    mkdir -p "$2"
+    for w in "$1"/*.whl "$1"/*.whl.part000; do
+        case "$w" in *ziglang*|*'*'*) continue ;; *.part000) cat "${w%.part000}".part* > /tmp/joined.whl; w=/tmp/joined.whl ;; esac
+        python3 -m zipfile -e "$w" "$2"
+    done
+}
+
+EXL3_CAL='
+import pathlib, sys
+src, dest = pathlib.Path(sys.argv[1]).read_text(), pathlib.Path(sys.argv[2])
+lines = [l for l in src.splitlines() if len(l) > 60]
+for name in ("c4.utf8", "multilingual.utf8"):
+    (dest / name).write_text("\n".join(lines))
+for name in ("code.utf8", "technical.utf8"):
+    (dest / name).write_text(src)
+(dest / "wiki.utf8").write_text("".join(f"<doc id=\"{i}\">\n{l}\n</doc>\n" for i, l in enumerate(lines)))
+(dest / "tiny.utf8").write_text("<|endoftext|>".join(lines))'
+
+EXL3_CONVERT='
+import sys
+from exllamav3.conversion.convert_model import parser, prepare, main
+args, state, ok, err = prepare(parser.parse_args())
+if not ok:
+    sys.exit(err)
+main(args, state)'
+
+exl3() {  # issue #14, in the background (poll with `wait_for /tmp/exl3 SECONDS`): a real tiny EXL3 model,
+    # quantized here by the bundle's own exllamav3 with its prebuilt extension inside `bare` (its PyPI wheel
+    # lacks the calibration texts: made from exllamav2's c4.utf8, which the exl2 bundle carries), then the
+    # README's root install of docs/device/gpu-box-exl3.toml (model box:/tmp/models/tiny-exl3) serving it
+    # through TabbyAPI's main, after `exl2` has finished (key, 401 on every route, smoke, bench at 1 and 8,
+    # TabbyAPI's defaults beside it, egress audit), then tensor parallel 2 where there are 2 GPUs
+    mkdir -p /tmp/exl3 "$MODELS"
+    export HIDE_DIRS EXL3_CAL EXL3_CONVERT
+    setsid sh -c '
+        DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
+        set +e
+        S=/tmp/exl3site
+        rm -rf $S /tmp/models/exl3-work /tmp/models/tiny-exl3
+        unwheel /tmp/b/exl3-box/engines/exllamav3/wheels $S
+        C4=/tmp/exlsite/exllamav2/conversion/standard_cal_data/c4.utf8  # unpacked by exl2, started first
+        i=0; while [ ! -s $C4 ] && [ $i -lt 120 ]; do sleep 2; i=$((i + 2)); done; sleep 2
+        python3 -c "$EXL3_CAL" "$C4" $S/exllamav3/conversion/standard_cal_data
+        t0=$(date +%s)
+        python3 tools/random_hf_llama.py /tmp/models/exl3-src exl2-tiny --vocab 1024 --bpe "$C4" > /tmp/exl3/model.log 2>&1
+        bare env PYTHONPATH=$S python3 -c "$EXL3_CONVERT" -i /tmp/models/exl3-src -w /tmp/models/exl3-work \
+            -o /tmp/models/tiny-exl3 -b 4.0 -cr 16 -cc 512 >> /tmp/exl3/model.log 2>&1
+        echo "model: rc $? in $(( $(date +%s) - t0 ))s" > /tmp/exl3/model.rc
+        i=0; while [ ! -f /tmp/exl2/rc ] && [ -d /tmp/exl2 ] && [ $i -lt 900 ]; do sleep 5; i=$((i + 5)); done
+        bare sh /tmp/b/exl3-box/install.sh --trust /tmp/b/signing-key.pub --smoke-any-answer --bench \
+            --bench-levels 1,8 --baseline --audit-egress --json > /tmp/exl3/install.json 2> /tmp/exl3/install.log
+        echo $? > /tmp/exl3/install.rc
+        cp /opt/airgap-llm/exl3-box/current/plan.json /opt/airgap-llm/exl3-box/current/tabbyapi-*.json /tmp/exl3/
+        tail -n 150 /opt/airgap-llm/exl3-box/log/*.log > /tmp/exl3/engine-tail.txt
+        if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+            bare sh /tmp/b/exl3-box/install.sh --trust /tmp/b/signing-key.pub --tensor-parallel 2 \
+                --smoke-any-answer --bench --bench-levels 1,8 --json > /tmp/exl3/install-tp2.json 2> /tmp/exl3/install-tp2.log
+            echo $? > /tmp/exl3/install-tp2.rc
+        fi
+        cat /tmp/exl3/install.rc > /tmp/exl3/rc' < /dev/null > /tmp/exl3/driver.log 2>&1 &
+    info "exl3 started in the background"
 }
 
 exl2_direct() {  # issue #14 in one short call (a session with ~4 device minutes): the bundle's ExLlamaV2

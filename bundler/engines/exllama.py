@@ -62,7 +62,7 @@ V2 = Gen("exllamav2", "ExLlamaV2", "exl2", "exllama", "0.3.2",  # 0.3.2: the las
 # 1.4.2: the release TabbyAPI's main pins (its own wheels are on GitHub only; PyPI has the sources)
 V3 = Gen("exllamav3", "ExLlamaV3", "exl3", "exllamav3", "1.4.2",
          "e632af41eba68abeadc3437c62674360f2f8cbf1",
-         "f0b6c886c85822d3045d709c47eec38c572dc7b5d2c561f8f0e0e572bb566041", "main", "about 75 min")
+         "f0b6c886c85822d3045d709c47eec38c572dc7b5d2c561f8f0e0e572bb566041", "main", "about 21 min")
 GENS = {g.name: g for g in (V2, V3)}
 BY_FORMAT = {g.fmt: g for g in (V2, V3)}
 FORMATS = tuple(BY_FORMAT)
