@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -212,6 +213,7 @@ class PrivateNetwork:
         self._stop = False
         self._thread: Any = None
         self._keep: list[Any] = []
+        self._resolv_dir: Path | None = None
 
     def __enter__(self) -> PrivateNetwork:
         import ctypes
@@ -242,7 +244,7 @@ class PrivateNetwork:
         rt.flags, rt.dev = 0x0001, b"lo"  # RTF_UP: everything beyond loopback, into loopback
         fcntl.ioctl(s, 0x890B, bytes(rt))  # SIOCADDRT
         self._keep.append(rt)
-        td = Path(tempfile.mkdtemp(prefix="airgap-audit-"))
+        td = self._resolv_dir = Path(tempfile.mkdtemp(prefix="airgap-audit-"))
         (td / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
         if libc.mount(str(td / "resolv.conf").encode(), b"/etc/resolv.conf", None, 0x1000, None) != 0:  # MS_BIND
             raise OSError(ctypes.get_errno(), "could not mount a private /etc/resolv.conf")
@@ -270,6 +272,8 @@ class PrivateNetwork:
         self._stop = True
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._resolv_dir is not None:  # the bind mount keeps its file; the folder is not left in /tmp
+            shutil.rmtree(self._resolv_dir, ignore_errors=True)
 
 
 def summary(attempts: list[dict[str, Any]]) -> str:

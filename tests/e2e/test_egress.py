@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,11 +52,13 @@ def test_without_iproute2_the_same_attempts_are_recorded_from_a_private_namespac
             f"with egress.PrivateNetwork(Path({str(tmp_path / 'log.jsonl')!r})) as ns:\n"
             f"    subprocess.run([sys.executable, '-c', {probe!r}], timeout=60, check=True)\n"
             "print(json.dumps(ns.attempts()))\n")
+    before = set(Path(tempfile.gettempdir()).glob("airgap-audit-*"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=str(ROOT))
     assert r.returncode == 0, r.stderr
     whats = {a["what"] for a in json.loads(r.stdout)}
     assert whats == {"connect to 203.0.113.7:443", "DNS lookup of 'weights.example.invalid'"}  # loopback is not
+    assert set(Path(tempfile.gettempdir()).glob("airgap-audit-*")) == before  # its resolver's folder went too
     assert egress.RESOLVER not in Path("/etc/resolv.conf").read_text()  # the private resolver was seen only inside
 
 
