@@ -24,16 +24,16 @@ SHAPES = {
     "7b-qwen": (28, 28, 4, 128, 7.6e9),
     "mixtral-8x7b": (32, 32, 8, 128, 46.7e9),
 }
-BYTES_PER_PARAM = {"Q4_K_M": 0.605, "Q8_0": 1.0625, "F16": 2.0, "bf16": 2.0, "exl2-4.0": 0.517}
+BYTES_PER_PARAM = {"Q4_K_M": 0.605, "Q8_0": 1.0625, "F16": 2.0, "bf16": 2.0, "exl2-4.0": 0.517, "exl3-4.0": 0.517}
 
 
 def model(shape: str, quant: str) -> ModelInfo:
     layers, heads, kv, hd, params = SHAPES[shape]
-    fmt = "gguf" if quant in ("Q4_K_M", "Q8_0", "F16") else ("exl2" if quant.startswith("exl2") else "safetensors")
+    fmt = "gguf" if quant in ("Q4_K_M", "Q8_0", "F16") else quant[:4] if quant.startswith("exl") else "safetensors"
     return ModelInfo(format=fmt, architecture="llama", file_size=int(params * BYTES_PER_PARAM[quant]), layers=layers,
                      heads=heads, kv_heads=kv, head_dim_k=hd, head_dim_v=hd, context_length=131072,
                      experts=8 if shape.startswith("mixtral") else 0, has_chat_template=True,
-                     bits=4.0 if fmt == "exl2" else 0.0)
+                     bits=4.0 if fmt.startswith("exl") else 0.0)
 
 
 def box(gpus: str, ram_gib: int = 256, cpus: int = 32, driver: str = "580.65") -> Hardware:
@@ -124,6 +124,14 @@ CASES = [
     Case("exl2-70b-2x3090-pcie-split", ("70b", "exl2-4.0"), "2x24GiB@8.6", 2, 4096, "exllamav2", 1, slots=1,
          says="GPU split"),
     Case("exl2-no-gpu", ("70b", "exl2-4.0"), "none", 2, 4096, None, says="NVIDIA GPUs"),
+    Case("exl2-8b-1x24", ("8b", "exl2-4.0"), "1x24GiB@8.9", 8, 4096, "exllamav2", 1, slots=1, says="ONE request"),
+    # EXL3 batches (ExLlamaV3's Triton kernels): the load's concurrency is its max_batch_size
+    Case("exl3-8b-1x24", ("8b", "exl3-4.0"), "1x24GiB@8.9", 8, 4096, "exllamav3", 1, slots=8, says="one GPU"),
+    Case("exl3-70b-2x24-pcie-split", ("70b", "exl3-4.0"), "2x24GiB@8.9", 2, 4096, "exllamav3", 1, slots=2,
+         says="GPU split"),
+    Case("exl3-70b-4xH100-nvlink-tp", ("70b", "exl3-4.0"), "4x80GiB@9.0,nvlink", 64, 8192, "exllamav3", 4, slots=64,
+         says="tensor parallel over 4 NVLinked GPUs"),
+    Case("exl3-8b-turing-refused", ("8b", "exl3-4.0"), "1x24GiB@7.5", 4, 4096, None, says="8.0"),
 ]
 
 
@@ -142,7 +150,7 @@ def test_plan_table(c: Case):
     assert p.engine == c.engine
     if c.backend:
         assert p.backend == c.backend
-    if c.engine in ("vllm", "exllamav2"):
+    if c.engine in ("vllm", "exllamav2", "exllamav3"):
         assert (p.tensor_parallel, p.data_parallel) == (c.tp, c.dp)
     if c.ngl == "all":
         assert p.gpu_layers == p.total_layers == info.layers
