@@ -104,7 +104,7 @@ def described_box(path: Path) -> probe.Hardware:
     except (ValueError, TypeError, KeyError) as e:
         raise BundlerError(f"--box {path}: not a probe file ({e})", hint="make it with ./install.sh --probe > box.json")
     info(f"planning for the box {path} describes ({len(hw.gpus)} GPU(s), {hw.cpus} CPUs), not this one; the "
-         "C compiler and headers vLLM needs are checked on the box itself")
+         "C compiler and headers Triton needs (vLLM, ExLlamaV3) are checked on the box itself")
     return hw
 
 

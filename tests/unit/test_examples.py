@@ -1,6 +1,8 @@
 """examples/: pinned specs for real deployments (issue #13). Each must load, and plan as its comment
 says on the box it names, with the real model's facts (from its published config and files)."""
 
+from dataclasses import replace
+
 import pytest
 
 from bundler import planner, spec
@@ -22,8 +24,10 @@ LLAMA70B_AWQ = ModelInfo(format="safetensors", architecture="LlamaForCausalLM", 
 LLAMA8B_EXL2_4 = ModelInfo(format="exl2", architecture="LlamaForCausalLM", file_size=5_320_000_000, layers=32,
                            heads=32, kv_heads=8, head_dim_k=128, head_dim_v=128, context_length=131072,
                            has_chat_template=True, bits=4.0)
+LLAMA8B_EXL3_4 = replace(LLAMA8B_EXL2_4, format="exl3")
 FACTS = {"qwen2.5-7b-instruct": QWEN7B_Q4, "nomic-embed-text-v1.5": NOMIC_EMBED_Q8,
-         "llama-3.1-70b-instruct": LLAMA70B_AWQ, "llama-3.1-8b-instruct": LLAMA8B_EXL2_4}
+         "llama-3.1-70b-instruct": LLAMA70B_AWQ, "llama-3.1-8b-instruct": LLAMA8B_EXL2_4,
+         "llama-3.1-8b-instruct-exl3": LLAMA8B_EXL3_4}
 
 
 def _box(cpus: int, ram_gib: int, gpus: int = 0, mib: int = 0, cc: str = "8.9", links: str = "") -> Hardware:
@@ -42,7 +46,8 @@ def _plans(s: spec.Spec, hw: Hardware) -> list[planner.Plan]:
 
 def test_every_example_is_here_and_loads():
     assert [p.name for p in EXAMPLES] == ["chat-and-embed.toml", "llama-3.1-70b-awq-4x24gb.toml",
-                                          "llama-3.1-8b-instruct-exl2.toml", "qwen2.5-7b-instruct-gguf.toml"]
+                                          "llama-3.1-8b-instruct-exl2.toml", "llama-3.1-8b-instruct-exl3.toml",
+                                          "qwen2.5-7b-instruct-gguf.toml"]
     for p in EXAMPLES:
         s = spec.load(p)
         assert all(m.is_repo and "@" in m.source for m in s.models)  # whole-repo sources, revision named
@@ -91,3 +96,12 @@ def test_the_exl2_example_plans_exllama_on_one_24gb_card_and_bundles_only_for_a_
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "needs the box's probe file" in r.stderr and "--probe" in r.stderr, r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_the_exl3_example_batches_its_load_on_one_24gb_card():
+    s = spec.load(ROOT / "examples" / "llama-3.1-8b-instruct-exl3.toml")
+    assert s.models[0].source.endswith("@4.0bpw") and s.models[0].format == "exl3"
+    [p] = _plans(s, _box(16, 64, gpus=1, mib=24564))
+    # ExLlamaV3 batches: all 16 requests of the target load at once, unlike EXL2's one at a time
+    assert (p.engine, p.tensor_parallel, p.slots) == ("exllamav3", 1, 16)
+    assert not any("ONE request" in r for r in p.reasons)
