@@ -75,9 +75,10 @@ def test_the_bundle_carries_the_box_pythons_headers_when_this_machine_has_that_p
     spec = Spec(path="s.toml", name="t", version="1", models=(), vllm=VllmSpec(version="0.26.0"))
     said = []
     here = f"{sys.version_info.major}.{sys.version_info.minor}.9"
-    got = _python_headers(spec, SimpleNamespace(python=here, arch="x86_64"), tmp_path / "a", said.append)
-    assert got == "engines/vllm/include"
-    assert (tmp_path / "a" / "include" / f"python{here.rsplit('.', 1)[0]}" / "Python.h").is_file()
+    edir = tmp_path / "engines" / "exllamav3"  # vLLM's and ExLlamaV3's bundles each carry them
+    got = _python_headers(spec, SimpleNamespace(python=here, arch="x86_64"), edir, said.append)
+    assert got == "engines/exllamav3/include"
+    assert (edir / "include" / f"python{here.rsplit('.', 1)[0]}" / "Python.h").is_file()
     assert any("headers from" in s for s in said)
     assert _python_headers(spec, SimpleNamespace(python="3.99.0", arch="x86_64"), tmp_path / "b", said.append) == ""
     assert "no headers of Python 3.99 here" in said[-1] and "python_headers" in said[-1]

@@ -2,10 +2,13 @@
 pinned TabbyAPI archive, what is locked, the extension's cache key, the spec's [engines.exllama],
 and the private working folder tabby_run.py gives each start."""
 
+import hashlib
 import io
 import json
+import sysconfig
 import tarfile
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -258,3 +261,44 @@ def test_a_box_without_a_c_compiler_is_refused_for_exllamav3_unless_the_bundle_b
     assert "ExLlamaV3's Triton kernels" in e.value.message
     doc["files"] = [{"path": "engines/exllamav3/wheels/ziglang-0.15.1-py3-none-manylinux_2_12_x86_64.whl"}]
     assert triton_toolchain(doc, "exllamav3", say=False)["cc"] == ""  # the bundle's Zig, then
+
+
+@pytest.mark.parametrize("gen", [exllama.V2, exllama.V3], ids=lambda g: g.name)
+def test_the_launch_sets_each_generations_own_needs(gen, tmp_path, monkeypatch):
+    """ExLlamaV2: TabbyAPI's compatibility mode (no flash-attn). ExLlamaV3: Triton's C compiler: on a
+    box without one, CC names the release's wrapper around the bundle's Zig clang and Python headers."""
+    from bundler.box import release
+    from bundler.box.layout import Layout
+
+    monkeypatch.setattr(release, "engine_site", lambda *a: tmp_path / "site")
+    monkeypatch.setattr(release, "prove_extension", lambda *a: None)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no cc, gcc or clang on this "box"
+    bundle, stage, final = tmp_path / "bundle", tmp_path / "stage", tmp_path / "final"
+    inc = f"engines/{gen.name}/include/python3.12/Python.h"
+    (bundle / inc).parent.mkdir(parents=True)
+    (bundle / inc).write_text("/* the box python's headers */\n")
+    (stage / "bin").mkdir(parents=True)
+    doc = {"engines": [{"name": gen.name, "dir": f"engines/{gen.name}", "tabbyapi": f"engines/{gen.name}/tabbyapi",
+                        "python_headers": f"engines/{gen.name}/include" if gen is exllama.V3 else ""}],
+           "files": [{"path": inc, "sha256": hashlib.sha256((bundle / inc).read_bytes()).hexdigest()},
+                     {"path": f"engines/{gen.name}/wheels/ziglang-0.17.1-py3-none-manylinux_2_12_x86_64.whl",
+                      "sha256": "0" * 64}]}
+    plan = _plan(gen.fmt, (32, 32, 5.3), _cards(1, 24564, "NVIDIA GeForce RTX 4090", "8.9", ""), 4, 4096)
+    m = {"name": "m", "file": "/srv/model", "on_box": True}
+    script = release._engine_script(bundle, doc, m, plan, Layout(tmp_path / "p", tmp_path / "etc", "svc"), "r1",
+                                    final, stage, "127.0.0.1", 8080, False, {})
+    conf = json.loads((stage / "tabbyapi-8080.json").read_text())
+    assert conf["model"]["backend"] == gen.name
+    if gen is exllama.V2:
+        assert "EXLLAMA_NO_FLASH_ATTN" in script and "CC=" not in script and not (stage / "bin" / "cc").exists()
+        assert conf["model"]["max_batch_size"] == 1
+    else:
+        assert "EXLLAMA_NO_FLASH_ATTN" not in script and f"CC={final / 'bin' / 'cc'}" in script.replace("'", "")
+        wrapper = (stage / "bin" / "cc").read_text()
+        assert f"exec {tmp_path / 'site' / 'ziglang' / 'zig'} cc" in wrapper  # the bundle's Zig clang
+        if (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():  # this "box" has its own headers
+            assert "this box's Python headers" in wrapper
+        else:  # else the bundle's, hash-checked as they are copied into the release
+            assert str(final / "include" / "python3.12") in wrapper
+            assert (stage / "include" / "python3.12" / "Python.h").is_file()
+        assert conf["model"]["max_batch_size"] == 4
