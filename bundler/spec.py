@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engines import exllama
 from .errors import SpecError
 
 FORMATS = ("gguf", "safetensors", "exl2", "exl3")
@@ -93,13 +94,13 @@ class ExllamaSpec:
     """ExLlama behind TabbyAPI: [engines.exllama] ExLlamaV2 for EXL2 models, [engines.exllamav3]
     ExLlamaV3 for EXL3 (each bundled when a model has its format)."""
 
-    version: str = "0.3.2"  # of exllamav2 (exllamav3: 1.4.2)
+    version: str = exllama.V2.version  # of exllamav2 (EXLLAMA_DEFAULTS: exllamav3's)
     # TabbyAPI's source as a .tar.gz (a path, or https://), pinned by sha256; "" = the one in third_party/
     tabbyapi: str = ""
     tabbyapi_sha256: str = ""
 
 
-EXLLAMA_DEFAULTS = {"exllama": ExllamaSpec(), "exllamav3": ExllamaSpec(version="1.4.2")}
+EXLLAMA_DEFAULTS = {g.spec_key: ExllamaSpec(version=g.version) for g in exllama.GENS.values()}
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Spec:
     llama_cpp: LlamaCppSpec = field(default_factory=LlamaCppSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
     vllm: VllmSpec = field(default_factory=VllmSpec)
-    exllama: ExllamaSpec = field(default_factory=ExllamaSpec)
+    exllama: ExllamaSpec = field(default_factory=lambda: EXLLAMA_DEFAULTS["exllama"])
     exllamav3: ExllamaSpec = field(default_factory=lambda: EXLLAMA_DEFAULTS["exllamav3"])
 
     def to_dict(self) -> dict[str, Any]:
