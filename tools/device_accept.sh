@@ -319,7 +319,7 @@ exl2() {  # issue #14, in the background (poll with `wait_for /tmp/exl2 SECONDS`
     # to fall back on), then the README's root install of docs/device/gpu-box-exl2.toml serving it through
     # TabbyAPI (key, 401 on every route, smoke, bench at 1 and 8), then tensor parallel 2 where there are 2 GPUs
     mkdir -p /tmp/exl2 "$MODELS"
-    export HIDE_DIRS
+    export HIDE_DIRS EXL_OPTS  # EXL_OPTS: install.sh's options beside the bench (default --baseline --audit-egress)
     setsid sh -c '
         DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
         set +e
@@ -329,7 +329,7 @@ exl2() {  # issue #14, in the background (poll with `wait_for /tmp/exl2 SECONDS`
         python3 tools/random_hf_llama.py /tmp/models/exl2-src exl2-tiny --vocab 1024             --bpe /tmp/exlsite/exllamav2/conversion/standard_cal_data/c4.utf8 > /tmp/exl2/model.log 2>&1
         bare env PYTHONPATH=/tmp/exlsite python3 -m exllamav2.conversion.convert_exl2 -i /tmp/models/exl2-src             -o /tmp/models/exl2-work -cf /tmp/models/tiny-exl2 -b 4.0 -hb 6 >> /tmp/exl2/model.log 2>&1
         echo "model: rc $? in $(( $(date +%s) - t0 ))s" > /tmp/exl2/model.rc
-        bare sh /tmp/b/exl2-hub/install.sh --trust /tmp/b/signing-key.pub --model /tmp/models/tiny-exl2             --model-name tiny-exl2 --smoke-any-answer --bench --bench-levels 1,8 --baseline --audit-egress --json             > /tmp/exl2/install.json 2> /tmp/exl2/install.log
+        bare sh /tmp/b/exl2-hub/install.sh --trust /tmp/b/signing-key.pub --model /tmp/models/tiny-exl2             --model-name tiny-exl2 --smoke-any-answer --bench --bench-levels 1,8 ${EXL_OPTS---baseline --audit-egress} --json             > /tmp/exl2/install.json 2> /tmp/exl2/install.log
         echo $? > /tmp/exl2/install.rc
         cp /opt/airgap-llm/exl2-hub/current/plan.json /opt/airgap-llm/exl2-hub/current/tabbyapi-*.json /tmp/exl2/
         tail -n 120 /opt/airgap-llm/exl2-hub/log/*.log > /tmp/exl2/engine-tail.txt
