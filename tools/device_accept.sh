@@ -6,7 +6,8 @@
 #                                              then the -np 4 default-like baseline
 #   sh tools/device_accept.sh vllm             install the HF model with vLLM as planned and bench it
 #   sh tools/device_accept.sh vllm_tp2         the alternative: tensor parallel 2 (no data parallel)
-# Issue #14: receive the bundle of docs/device/gpu-box-exl2.toml, then `exl2` and `wait_for /tmp/exl2 N`.
+# Issue #14: receive the bundles of docs/device/gpu-box-exl2.toml and gpu-box-exl3.toml (PART_SIZE=28M),
+# then `exl2`, `exl3` (it installs after exl2 ends) and `wait_for /tmp/exl2 N`, `wait_for /tmp/exl3 N`.
 # Issue #6, 4 GPUs (the vLLM-only bundle of docs/device/gpu-box-vllm.toml):
 #   sh tools/device_accept.sh start4           probe the box; write the 8B and 70B models in the background
 #   sh tools/device_accept.sh serve4 LABEL MODEL [install.sh options]
