@@ -371,7 +371,7 @@ def _needs_box(target: Any, reuse_installed: bool, engine: str) -> None:
                            hint="add REUSE=1 (make) or --reuse-installed (bundler) on a box that has torch")
 
 
-def _exllama(spec: Spec, gen: Any, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
+def _exllama(spec: Spec, gen: exllama.Gen, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
     """ExLlama (gen: exllama.V2 or V3) + TabbyAPI for the box: the locked wheels, the extension built for
     the box, TabbyAPI's source files (engines/exllamavN/tabbyapi/, each hashed by the manifest); for
     ExLlamaV3, whose attention is Triton's, a C compiler and the Python headers as for vLLM."""
@@ -409,7 +409,7 @@ def _exllama(spec: Spec, gen: Any, stage: Path, target: Any, reuse_installed: bo
     for w in [*wheels, ext]:
         _link_or_copy(w, edir / "wheels" / w.name)
     headers = ""
-    if gen is exllama.V3:  # Triton's launchers (see _vllm)
+    if gen.triton:  # Triton's launchers (see _vllm)
         from .engines.llama_cpp import zig_wheel
 
         zw = zig_wheel(target.arch, log)

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from ..engines import exllama
 from ..errors import BundlerError
 
 # a connect that fails with these will fail the same way until someone fixes the network setup
@@ -114,10 +115,9 @@ GUARDED = {
     "vllm": (("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"), ("POST", "/pooling"),
              ("GET", "/metrics"), ("GET", "/openapi.json")),
     # TabbyAPI's own auth guards its API routes; tabby_run.py's middleware adds /docs and /openapi.json
-    "exllamav2": (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
-                  ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")),
+    **{g: (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
+           ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")) for g in exllama.GENS},
 }
-GUARDED["exllamav3"] = GUARDED["exllamav2"]  # the same TabbyAPI routes (its main branch)
 
 
 def open_routes(base: str, engine: str) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import manifest as mf
 from .. import planner, probe
-from ..engines import llama_cpp
+from ..engines import exllama, llama_cpp
 from ..errors import BundlerError, VerifyError
 from ..modelinfo import ModelInfo
 from .options import Options
@@ -102,10 +102,11 @@ def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware,
     parallel over every GPU or none), within what fits."""
     if opts.tensor_parallel is None and opts.data_parallel is None:
         return plan
-    if plan.engine in ("exllamav2", "exllamav3"):
+    if plan.engine in exllama.GENS:
         tp = opts.tensor_parallel or plan.tensor_parallel
         if (opts.data_parallel or 1) != 1 or tp not in (1, len(hw.gpus)):
-            raise BundlerError(f"ExLlamaV{plan.engine[-1]} (TabbyAPI) runs one replica, tensor parallel over all "
+            label = exllama.GENS[plan.engine].label
+            raise BundlerError(f"{label} (TabbyAPI) runs one replica, tensor parallel over all "
                                f"{len(hw.gpus)} GPU(s) "
                                f"or on one with a layer split; --tensor-parallel {tp}"
                                + (f" --data-parallel {opts.data_parallel}" if opts.data_parallel else "")

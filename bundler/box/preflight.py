@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import planner, probe
+from ..engines import exllama
 from ..errors import BundlerError
 from ..planner import version_tuple
 from .layout import Layout
@@ -104,7 +105,8 @@ def check_port(host: str, port: int, ours_running: bool) -> None:
                                "changed", hint=f"free it, or pick another with --port (e.g. --port {port + 1})")
 
 
-TRITON_ENGINES = {"vllm": "vLLM", "exllamav3": "ExLlamaV3"}  # their kernels are Triton's
+# the engines whose kernels are Triton's, by name → label
+TRITON_ENGINES = {"vllm": "vLLM", **{g.name: g.label for g in exllama.GENS.values() if g.triton}}
 
 
 def triton_toolchain(doc: dict[str, Any], name: str = "vllm", say: bool = True) -> dict[str, str]:

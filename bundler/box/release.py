@@ -220,13 +220,14 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
         extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV}
         # TabbyAPI's working folder of each start (tabby_run.py), and ExLlama's own kernel caches
         cache_vars = {"AIRGAP_LLM_RUN_DIR": "run", "TRITON_CACHE_DIR": "triton", "TORCH_EXTENSIONS_DIR": "torch-ext"}
-        if plan.engine == exllama.V2.name:
+        gen = exllama.GENS[plan.engine]
+        if gen is exllama.V2:
             # no bundle carries flash-attn, yet exllamav2 leaves its config's no_flash_attn off without it, so
             # TabbyAPI picks the paged generator and the load fails on cc >= 8 ("Paged attention required Flash
             # Attention 2.5.7", ../shared/EXLLAMA.md); with this set TabbyAPI serves in its compatibility mode,
             # one request at a time, as the plan says
             extra_env["EXLLAMA_NO_FLASH_ATTN"] = "1"
-        else:  # ExLlamaV3 attends with Triton kernels, which compile a C launcher at first use
+        if gen.triton:  # ExLlamaV3 attends with Triton kernels, which compile a C launcher at first use
             _triton_cc(bundle, doc, triton_toolchain(doc, engine["name"], say=False), site, final, stage, extra_env,
                        cache_vars)
     else:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import planner
-from ..engines import vllm
+from ..engines import exllama, vllm
 from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from ..probe import Hardware
@@ -49,7 +49,7 @@ class Candidate:
 def reference(plan: planner.Plan) -> Candidate:
     """The engine as a user starts it by hand, with the same model, port and key."""
     tabby = "TabbyAPI with only the model named in its config"
-    how = {"vllm": "`vllm serve MODEL`", "exllamav2": tabby, "exllamav3": tabby}
+    how = {"vllm": "`vllm serve MODEL`", **{g: tabby for g in exllama.GENS}}
     return Candidate("engine defaults", replace(plan, engine_defaults=True, extra_args=()),
                      how.get(plan.engine or "", "`llama-server -m MODEL`"), reference=True)
 
