@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, lock, manifest, sources
+from .contract import embedded
 from .engines import exllama, llama_cpp
 from .errors import BundlerError
 from .modelinfo import inspect_gguf
@@ -145,13 +146,17 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
     finally:
         tmp_tar.unlink(missing_ok=True)
     # a stdlib-only checker/extractor to carry beside the tar (python3 NAME.unpack.py NAME.tar)
-    here = Path(__file__).parent
-    safetar_src = "".join(line for line in (here / "safetar.py").read_text().splitlines(True)
-                          if not line.startswith("from __future__"))  # one such line, at the top, from ed25519.py
-    (out_dir / f"{spec.name}.unpack.py").write_text(render("unpack.py.j2", {
-        "name": spec.name, "ed25519": (here / "ed25519.py").read_text(), "safetar": safetar_src}))
+    (out_dir / f"{spec.name}.unpack.py").write_text(unpacker(spec.name))
     size = sum(e.size for e in entries)
     return Result(final, tar_path, size, time.monotonic() - t0)
+
+
+def unpacker(name: str) -> str:
+    """NAME.unpack.py: the stdlib-only checker/extractor carried beside the tar."""
+    here = Path(__file__).parent
+    return render("unpack.py.j2", {
+        "name": name, "ed25519": embedded(here / "contract" / "ed25519.py", first=True),
+        "policy": embedded(here / "contract" / "trust.py"), "safetar": embedded(here / "safetar.py")})
 
 
 def _cuda_archs(spec: Spec, target: Any) -> str:
@@ -337,8 +342,10 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
            "host": spec.service.host, "pythons": pythons, "bootstrap": BOOTSTRAP}
     (stage / "install.sh").write_text(render("install.sh.j2", ctx))
     (stage / "install.sh").chmod(0o755)
-    ed25519_src = (Path(__file__).with_name("ed25519.py")).read_text()
-    (stage / "bootstrap.py").write_text(render("bootstrap.py.j2", dict(ctx, ed25519=ed25519_src,
+    contract = Path(__file__).parent / "contract"
+    (stage / "bootstrap.py").write_text(render("bootstrap.py.j2", dict(ctx, ed25519=embedded(contract / "ed25519.py",
+                                                                                              first=True),
+                                                                     policy=embedded(contract / "trust.py"),
                                                                      bootstrap=repr(list(BOOTSTRAP)))))
     (stage / "README.txt").write_text(render("README.txt.j2", dict(ctx, engines=engines, models=models)))
     return meta

@@ -63,13 +63,15 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
 
 def _out_of_band(d: Path) -> str:
-    """What an operator checks by another way, beside the key: the code that runs first."""
+    """What an operator checks by another way, beside the key: the code that runs first (the
+    unpacker beside the tar, then install.sh and bootstrap.py)."""
     from .manifest import sha256_file
 
     doc = json.loads((d / "manifest.json").read_text())
     lines = [f"\n  give with the key, to check before the first run: key {doc.get('signed_by', '(unsigned)')}"]
-    for name in ("install.sh", "bootstrap.py"):
-        lines.append(f"    sha256 {sha256_file(d / name)}  {name}")
+    unpack = d.parent / f"{d.name}.unpack.py"
+    for path in ([unpack] if unpack.exists() else []) + [d / "install.sh", d / "bootstrap.py"]:
+        lines.append(f"    sha256 {sha256_file(path)}  {path.name}")
     return "\n".join(lines)
 
 
@@ -77,13 +79,17 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from . import manifest, safetar
 
     t0 = time.monotonic()
-    if Path(a.path).is_file():  # a tar: members checked against its manifest, nothing written
-        problems = safetar.check(a.path)
+    if Path(a.path).is_file():  # a tar: members checked against its manifest (and --trust), nothing written
+        from . import signing
+
+        signed_by = safetar.signed_by_one_of([signing.read_public_key(Path(t)) for t in a.trust]) if a.trust else None
+        problems = safetar.check(a.path, signed_by=signed_by)
         for p in problems:
             print(p, file=sys.stderr)
         if problems:
             raise BundlerError(f"{a.path}: {len(problems)} problem(s) found", hint="copy the tar again from its source")
-        print(f"{a.path}: every member matches the manifest ({time.monotonic() - t0:.1f}s)")
+        print(f"{a.path}: every member matches the manifest" + (", signed by a key given with --trust" if a.trust
+                                                                  else "") + f" ({time.monotonic() - t0:.1f}s)")
         return 0
     root = Path(a.path)
     data = manifest.read_bytes(root)
@@ -118,7 +124,7 @@ def _signature_problems(root: Path, data: bytes, keys: list[Path]) -> list[str]:
     if not any(signing.check(root, sig, pub, data) for pub in pubs):
         known = ", ".join(p.fingerprint for p in pubs)
         return [f"{signing.SIG_NAME}: does not verify manifest.json with the key(s) given ({known}); "
-                f"it names key {sig.fingerprint}"]
+                f"it names key ID {sig.label}"]
     return []
 
 

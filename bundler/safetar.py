@@ -21,105 +21,160 @@ import json
 import os
 import sys
 import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+
+from .contract.trust import parse_public_key, parse_signature, signs  # not embedded: NAME.unpack.py inlines them
 
 META = ("manifest.json", "SHA256SUMS", "manifest.json.minisig")  # the signature signs the manifest
 
 
-def _bad_name(name: str) -> str:
-    p = PurePosixPath(name)
-    if p.is_absolute() or name.startswith("/"):
+def parts_of(name, is_dir=False):
+    """The one normalisation of a path, for the check and the write alike: a tuple of plain names, or
+    a string saying why `name` is refused. Only a directory member may end in one '/'."""
+    if not isinstance(name, str) or not name:
+        return "an empty name"
+    if name.startswith("/"):
         return "absolute path"
-    if ".." in p.parts:
-        return "'..' in the path"
-    if "\\" in name or "\x00" in name:
+    if is_dir and name.endswith("/"):
+        name = name[:-1]
+    if len(name.encode("utf-8", "surrogateescape")) > 4096:
+        return "a path over 4096 bytes"
+    if any(c in name for c in "\\\x00") or any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "odd characters in the path"
-    return ""
+    parts = tuple(name.split("/"))
+    if ".." in parts:
+        return "'..' in the path"
+    if any(p in ("", ".") for p in parts):
+        return "an empty or '.' part in the path"
+    if any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts):
+        return "a name over 255 bytes"
+    return parts
 
 
-def check(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str] | None = None,
-          signed_by=None) -> list[str]:
+def _bad_name(name: str, is_dir: bool = False) -> str:
+    p = parts_of(name, is_dir)
+    return p if isinstance(p, str) else ""
+
+
+def check(tar_path, dest=None, signed_by=None):
     """Problems found (empty: the tar is the bundle its manifest describes). With dest,
     and only when there are none, the bundle is written under dest/TOP/. signed_by(manifest
     bytes, signature bytes or None) returns why the signature does not hold ("" when it does)."""
-    problems: list[str] = []
-    with tarfile.open(tar_path, "r:") as tf:
-        members = tf.getmembers()
-        tops = {PurePosixPath(m.name).parts[0] for m in members if m.name and not _bad_name(m.name)}
-        for m in members:
-            why = _bad_name(m.name)
-            if why:
-                problems.append(f"{m.name}: refused: {why}")
-            elif not (m.isreg() or m.isdir()):
-                kind = "symlink" if m.issym() else "hard link" if m.islnk() else "device or special file"
-                problems.append(f"{m.name}: refused: a {kind}")
-        if len(tops) != 1:
-            return problems + [f"{tar_path}: expected one top directory, found {sorted(tops) or 'none'}"]
-        top = tops.pop()
-        by_name = {m.name.rstrip("/"): m for m in members}
-        man = by_name.get(f"{top}/manifest.json")
-        sums = by_name.get(f"{top}/SHA256SUMS")
-        if man is None or not man.isreg():
-            return problems + [f"{top}/manifest.json: missing from the tar"]
-        raw = tf.extractfile(man).read()  # type: ignore[union-attr]
-        if signed_by is not None:
-            sig = by_name.get(f"{top}/manifest.json.minisig")
-            sig_bytes = tf.extractfile(sig).read() if sig is not None and sig.isreg() else None  # type: ignore
-            why = signed_by(raw, sig_bytes)
-            if why:
-                problems.append(f"{top}/manifest.json.minisig: {why}")
-        try:
-            doc = json.loads(raw)
-        except ValueError as e:
-            return problems + [f"{top}/manifest.json: not valid JSON ({e})"]
-        if sums is not None and sums.isreg():
-            text = tf.extractfile(sums).read().decode("utf-8", "replace")  # type: ignore[union-attr]
-            want = next((ln.split("  ", 1)[0] for ln in text.splitlines() if ln.endswith("  manifest.json")), None)
-            if want and want != hashlib.sha256(raw).hexdigest():
-                problems.append(f"{top}/manifest.json: does not match its line in SHA256SUMS")
+    try:
+        with tarfile.open(tar_path, "r:") as tf:
+            return _check(tf, tar_path, dest, signed_by)
+    except (tarfile.TarError, EOFError, OSError, UnicodeError) as e:
+        return [f"{tar_path}: not a whole tar ({e.__class__.__name__}: {e}); it may be truncated"]
+
+
+def _check(tf, tar_path, dest, signed_by):
+    problems = []
+    members = tf.getmembers()
+    norm = {}  # member → its parts, for every member whose name is plain
+    for m in members:
+        p = parts_of(m.name, m.isdir())
+        if isinstance(p, str):
+            problems.append(f"{m.name!r}: refused: {p}")
+        elif not (m.isreg() or m.isdir()):
+            kind = "symlink" if m.issym() else "hard link" if m.islnk() else "device or special file"
+            problems.append(f"{m.name}: refused: a {kind}")
         else:
-            problems.append(f"{top}/SHA256SUMS: missing from the tar")
-        expected: dict[str, tuple[int, str]] = {}
-        for f in doc.get("files", []):
-            for part in f.get("parts") or [f]:
-                expected[part["path"]] = (int(part["size"]), part["sha256"])
-        dirs = {str(PurePosixPath(p).parent) for p in expected} | set(META)
-        for p in list(dirs):
-            while p not in (".", ""):
-                dirs.add(p)
-                p = str(PurePosixPath(p).parent)
-        seen = set()
-        for m in members:
-            if _bad_name(m.name) or not (m.isreg() or m.isdir()):
-                continue
-            rel = m.name.rstrip("/")[len(top) + 1:]
-            if m.name.rstrip("/") == top:
-                continue
-            if m.isdir():
-                if rel not in dirs:
-                    problems.append(f"{m.name}: a directory the manifest does not name")
-                continue
-            if rel in META:
-                continue
-            if rel not in expected:
-                problems.append(f"{m.name}: not in the manifest")
-                continue
-            seen.add(rel)
-            size, sha = expected[rel]
-            if m.size != size:
-                problems.append(f"{m.name}: size mismatch: expected {size} bytes, got {m.size}")
-                continue
-            h = hashlib.sha256()
-            for block in _blocks(tf, m):
-                h.update(block)
-            if h.hexdigest() != sha:
-                problems.append(f"{m.name}: sha256 mismatch: expected {sha}, got {h.hexdigest()}")
-        for rel in sorted(set(expected) - seen):
-            problems.append(f"{top}/{rel}: missing (the manifest lists it)")
-        if problems or dest is None:
-            return problems
-        _write(tf, members, top, Path(dest), expected)
+            norm[id(m)] = p
+    tops = {p[0] for p in norm.values()}
+    if len(tops) != 1:
+        return problems + [f"{tar_path}: expected one top directory, found {sorted(tops) or 'none'}"]
+    top = tops.pop()
+    by_rel = {}
+    for m in members:
+        p = norm.get(id(m))
+        if p is None or len(p) == 1:
+            if p is not None and not m.isdir():
+                problems.append(f"{m.name}: refused: a file where the top directory should be")
+            continue
+        rel = "/".join(p[1:])
+        if rel in by_rel:
+            problems.append(f"{m.name}: refused: a second member with the path {rel}")
+            continue
+        by_rel[rel] = m
+    man, sums = by_rel.get("manifest.json"), by_rel.get("SHA256SUMS")
+    if man is None or not man.isreg():
+        return problems + [f"{top}/manifest.json: missing from the tar"]
+    if man.size > 64 << 20:
+        return problems + [f"{top}/manifest.json: {man.size} bytes, too large to be a manifest"]
+    raw = tf.extractfile(man).read()
+    if signed_by is not None:
+        sig = by_rel.get("manifest.json.minisig")
+        sig_bytes = tf.extractfile(sig).read(4096) if sig is not None and sig.isreg() else None
+        why = signed_by(raw, sig_bytes)
+        if why:
+            problems.append(f"{top}/manifest.json.minisig: {why}")
+    try:
+        doc = json.loads(raw)
+        listed = [(part["path"], int(part["size"]), str(part["sha256"]))
+                  for f in doc["files"] for part in (f.get("parts") or [f])]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return problems + [f"{top}/manifest.json: not a bundle manifest ({e.__class__.__name__}: {e})"]
+    if sums is not None and sums.isreg():
+        text = tf.extractfile(sums).read(64 << 20).decode("utf-8", "replace")
+        want = next((ln.split("  ", 1)[0] for ln in text.splitlines() if ln.endswith("  manifest.json")), None)
+        if want and want != hashlib.sha256(raw).hexdigest():
+            problems.append(f"{top}/manifest.json: does not match its line in SHA256SUMS")
+    else:
+        problems.append(f"{top}/SHA256SUMS: missing from the tar")
+    expected = {}
+    for path, size, sha in listed:
+        p = parts_of(path)
+        if isinstance(p, str):
+            problems.append(f"{top}/manifest.json: names the path {path!r}: refused: {p}")
+            continue
+        expected["/".join(p)] = (size, sha)
+    if problems:
+        return problems
+    dirs = set()
+    for rel in list(expected) + list(META):
+        p = rel.split("/")[:-1]
+        for i in range(1, len(p) + 1):
+            dirs.add("/".join(p[:i]))
+    seen = set()
+    for rel, m in by_rel.items():
+        if m.isdir():
+            if rel not in dirs:
+                problems.append(f"{m.name}: a directory the manifest does not name")
+            continue
+        if rel in META:
+            continue
+        if rel not in expected:
+            problems.append(f"{m.name}: not in the manifest")
+            continue
+        seen.add(rel)
+        size, sha = expected[rel]
+        if m.size != size:
+            problems.append(f"{m.name}: size mismatch: expected {size} bytes, got {m.size}")
+            continue
+        h = hashlib.sha256()
+        for block in _blocks(tf, m):
+            h.update(block)
+        if h.hexdigest() != sha:
+            problems.append(f"{m.name}: sha256 mismatch: expected {sha}, got {h.hexdigest()}")
+    for rel in sorted(set(expected) - seen):
+        problems.append(f"{top}/{rel}: missing (the manifest lists it)")
+    if problems or dest is None:
+        return problems
+    _write(tf, by_rel, top, Path(dest))
     return []
+
+
+def signed_by_one_of(pubs):
+    """A signed_by for check(): why the manifest's signature is not one of `pubs`' ("" when it is)."""
+    def signed_by(data, sig_bytes):
+        sig = parse_signature(sig_bytes) if sig_bytes is not None else None
+        if sig is None:
+            return "missing or damaged (the bundle is not signed)"
+        if any(signs(data, sig, pub) for pub in pubs):
+            return ""
+        return (f"does not verify manifest.json with the key(s) given ({', '.join(p.fingerprint for p in pubs)}; "
+                f"it names key ID {sig.label})")
+    return signed_by
 
 
 def _blocks(tf: tarfile.TarFile, m: tarfile.TarInfo):
@@ -132,21 +187,22 @@ def _blocks(tf: tarfile.TarFile, m: tarfile.TarInfo):
         yield block
 
 
-def _write(tf: tarfile.TarFile, members: list[tarfile.TarInfo], top: str, dest: Path,
-           expected: dict[str, tuple[int, str]]) -> None:
+def _write(tf, by_rel, top, dest):
+    """Every regular member at dest/.TOP.unpacking/REL (its path from the one normalisation above),
+    each file new (O_EXCL, no link followed), then the folder renamed to dest/TOP."""
     root = dest / top
-    if root.exists():
+    if root.exists() or root.is_symlink():
         raise FileExistsError(f"{root} exists already; remove it or unpack elsewhere")
     tmp = dest / f".{top}.unpacking"
-    tmp.mkdir(parents=True)
+    tmp.mkdir(mode=0o755, parents=True)
     try:
-        for m in members:
+        for rel, m in sorted(by_rel.items()):
             if not m.isreg():
                 continue
-            rel = m.name[len(top) + 1:]
-            out = tmp / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "xb") as f:
+            out = tmp.joinpath(*rel.split("/"))
+            os.makedirs(out.parent, mode=0o755, exist_ok=True)
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as f:
                 for block in _blocks(tf, m):
                     f.write(block)
             os.chmod(out, 0o755 if m.mode & 0o111 else 0o644)
@@ -175,27 +231,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args and args[0] in ("-h", "--help") else 2
     signed_by = None
     if keys:
-        verifier = globals().get("signs")  # inlined into NAME.unpack.py by make bundle
-        if verifier is None:
-            print("error: this copy has no signature checker; use NAME.unpack.py from the bundle's maker, or "
-                  "bundler verify DIR --trust KEY after unpacking", file=sys.stderr)
-            return 2
         pubs = []
         for k in keys:
-            pub = public_key(open(k).read())  # noqa: F821 - inlined beside signs()
+            try:
+                pub = parse_public_key(open(k).read(4096))
+            except (OSError, UnicodeError) as e:
+                print(f"error: {k}: cannot read the public key ({e})", file=sys.stderr)
+                return 2
             if pub is None:
                 print(f"error: {k}: not a minisign public key", file=sys.stderr)
                 return 2
             pubs.append(pub)
-
-        def signed_by(data, sig_bytes):
-            sig = signature_bytes(sig_bytes) if sig_bytes is not None else None  # noqa: F821
-            if sig is None:
-                return "missing or damaged (the bundle is not signed)"
-            if any(verifier(data, sig, pub) for pub in pubs):
-                return ""
-            return f"does not verify manifest.json with the key(s) given (it names key {fingerprint(sig[1])})"  # noqa: F821
-    problems = check(args[0], args[1] if len(args) > 1 else ".", signed_by)
+        signed_by = signed_by_one_of(pubs)
+    try:
+        problems = check(args[0], args[1] if len(args) > 1 else ".", signed_by)
+    except OSError as e:  # the destination: exists already, not writable, full
+        print(f"error: {e}; nothing was left half-written", file=sys.stderr)
+        print("hint: unpack into another folder, or remove what is in the way", file=sys.stderr)
+        return 1
     for p in problems:
         print(p, file=sys.stderr)
     if problems:

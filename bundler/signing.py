@@ -11,44 +11,26 @@ installed.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import ed25519
+from .contract import trust as policy
 from .errors import BundlerError
-from .manifest import SIGNATURE
 
-SIG_NAME = SIGNATURE
-SIGNER_PUB = "signer.pub"  # shown to the operator for an interactive first pin, never trusted by itself
+SIG_NAME = policy.SIGNATURE
+SIGNER_PUB = policy.SIGNER_PUB
 
 
-@dataclass(frozen=True)
-class PublicKey:
-    key_id: bytes  # 8 bytes, minisign's key number
-    key: bytes  # 32 bytes
-
-    @property
-    def fingerprint(self) -> str:
-        return self.key_id[::-1].hex().upper()  # as minisign prints it
-
-    def to_text(self) -> str:
-        blob = base64.b64encode(b"Ed" + self.key_id + self.key).decode()
-        return f"untrusted comment: minisign public key {self.fingerprint}\n{blob}\n"
+PublicKey = policy.PublicKey
 
 
 def parse_public_key(text: str, where: str) -> PublicKey:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("untrusted comment:")]
-    try:
-        raw = base64.b64decode(lines[0], validate=True)
-    except (IndexError, ValueError):
-        raw = b""
-    if len(raw) != 42 or raw[:2] != b"Ed":
+    pub = policy.parse_public_key(text)
+    if pub is None:
         raise BundlerError(f"{where}: not a minisign public key", hint="use the .pub file `bundler keygen` printed")
-    return PublicKey(raw[2:10], raw[10:])
+    return pub
 
 
 def read_public_key(path: Path) -> PublicKey:
@@ -88,7 +70,7 @@ def keygen(log=print, force: bool = False) -> PublicKey:
     pub = PublicKey(os.urandom(8), key.public_key().public_bytes_raw())
     public.write_text(pub.to_text())
     (secret.parent / (secret.name + ".keyid")).write_text(pub.key_id.hex() + "\n")
-    log(f"new signing key {pub.fingerprint}: secret {secret} (0600), public {public}")
+    log(f"new signing key {pub.fingerprint} (ID {pub.label}): secret {secret} (0600), public {public}")
     log("give the public key to the box's operators out of band: install.sh --trust "
         f"{public.name} pins it")
     return pub
@@ -112,66 +94,29 @@ def sign(root: Path, log=print) -> PublicKey:
     sig = key.sign(hashlib.blake2b(data, digest_size=64).digest())
     trusted = f"timestamp:{int(time.time())}\tfile:manifest.json\thashed"
     global_sig = key.sign(sig + trusted.encode())
-    (root / SIG_NAME).write_text(
-        f"untrusted comment: signature from airgap-llm key {pub.fingerprint}\n"
-        f"{base64.b64encode(b'ED' + pub.key_id + sig).decode()}\n"
-        f"trusted comment: {trusted}\n{base64.b64encode(global_sig).decode()}\n")
+    (root / SIG_NAME).write_bytes(policy.signature_text(b"ED" + pub.key_id + sig, trusted, global_sig))
     (root / SIGNER_PUB).write_text(pub.to_text())
     log(f"signed manifest.json with key {pub.fingerprint}")
     return pub
 
 
-@dataclass(frozen=True)
-class Signature:
-    key_id: bytes
-    sig: bytes
-    trusted: str
-    global_sig: bytes
-    prehashed: bool
-
-    @property
-    def fingerprint(self) -> str:
-        return self.key_id[::-1].hex().upper()
-
-
-def read_signature(root: Path) -> Signature | None:
+def read_signature(root: Path) -> policy.Signature | None:
     path = root / SIG_NAME
     if not path.exists():
         return None
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
-        raw = base64.b64decode(lines[1], validate=True)
-        trusted = lines[2].split("trusted comment: ", 1)[1]
-        global_sig = base64.b64decode(lines[3], validate=True)
-    except (IndexError, ValueError):  # UnicodeDecodeError is a ValueError
-        raise BundlerError(f"{path}: not a minisign signature", hint="copy the bundle again from its source")
-    if len(raw) != 74 or raw[:2] not in (b"ED", b"Ed") or len(global_sig) != 64:
-        raise BundlerError(f"{path}: not a minisign signature", hint="copy the bundle again from its source")
-    found = Signature(raw[2:10], raw[10:], trusted, global_sig, raw[:2] == b"ED")
-    # byte for byte what sign() writes: the untrusted comment and the layout are covered by nothing
-    # else, so a changed byte there would otherwise pass unseen
-    canonical = (f"untrusted comment: signature from airgap-llm key {found.fingerprint}\n"
-                 f"{base64.b64encode(raw).decode()}\ntrusted comment: {trusted}\n"
-                 f"{base64.b64encode(global_sig).decode()}\n")
-    if path.read_bytes() != canonical.encode():
-        raise BundlerError(f"{path}: not byte for byte the signature airgap-llm writes (changed outside the "
-                           "signed parts)", hint="copy the bundle again from its source")
+        found = policy.parse_signature(policy.read_once(path))
+    except OSError as e:
+        raise BundlerError(f"{path}: cannot be read ({e.strerror})", hint="copy the bundle again from its source")
+    if found is None:
+        raise BundlerError(f"{path}: not a minisign signature as airgap-llm writes it (changed outside the signed "
+                           "parts, or damaged)", hint="copy the bundle again from its source")
     return found
 
 
-def check(root: Path, sig: Signature, pub: PublicKey, data: bytes | None = None) -> bool:
+def check(root: Path, sig: policy.Signature, pub: PublicKey, data: bytes | None = None) -> bool:
     """Whether `sig` by `pub` signs the manifest: `data`, the bytes the caller parsed (read once, so
     what was checked is what is used), or else root/manifest.json as it is now."""
     if data is None:
         data = (root / "manifest.json").read_bytes()
-    msg = hashlib.blake2b(data, digest_size=64).digest() if sig.prehashed else data
-    return (sig.key_id == pub.key_id and ed25519.verify(pub.key, msg, sig.sig)
-            and ed25519.verify(pub.key, sig.sig + sig.trusted.encode(), sig.global_sig))
-
-
-def pinned_keys(trusted_dir: Path) -> list[tuple[Path, PublicKey]]:
-    keys = []
-    if trusted_dir.is_dir():
-        for p in sorted(trusted_dir.glob("*.pub")):
-            keys.append((p, read_public_key(p)))
-    return keys
+    return policy.signs(data, sig, pub)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import manifest as mf
 from .. import planner, probe
 from ..engines import exllama, vllm
 from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from . import layout as lay
-from . import tune
+from . import listener, tune
 from .health import LogWatch, http_json, smoke, smoke_embed, wait_healthy
 from .layout import Layout, PrefixLock, check_layout_owned, layout_for, make_dirs, record_made
 from .options import Options
@@ -55,7 +55,7 @@ def install(opts: Options) -> dict[str, Any] | None:
     doc, data = verify_bundle(opts.bundle)
     layout = layout_for(opts, doc["name"])
     check_layout_owned(layout)
-    trust = check_trust(opts.bundle, doc, layout, opts, data)
+    trust = check_trust(opts.bundle, doc, layout, opts, data, *_staged_trust(opts.bundle))
     hw = described_box(opts.box_file) if opts.box_file else probe.probe(layout.prefix)
     preflight(doc, hw, layout)
     m = resolve_model(doc, opts)
@@ -92,6 +92,14 @@ def install(opts: Options) -> dict[str, Any] | None:
     with PrefixLock(layout.prefix):
         record_made(layout, made_prefix)
         return _install_locked(opts, doc, data, layout, trust, m, plan, svc, hw)
+
+
+def _staged_trust(bundle: Path) -> tuple[bytes | None, str]:
+    """The signature and signer.pub as bootstrap.py read them (once), for the same decision."""
+    from . import boot
+
+    offered = boot.read(bundle, "signer.pub", 4096)
+    return boot.read(bundle, "manifest.json.minisig", 4096), offered.decode("utf-8", "replace") if offered else ""
 
 
 def described_box(path: Path) -> probe.Hardware:
@@ -303,13 +311,16 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
 
 
 def _wait_all(svc: Service, layout: Layout, release: Path, watch: LogWatch | None) -> float:
-    """Until every engine of the release answers /health (the main model's, then each other's)."""
+    """Until every engine of the release answers /health (the main model's, then each other's), and
+    each port is held by the release's own engine: only then may the key be sent there."""
     t = svc.target
     t0 = time.monotonic()
     for base in [svc.base, *(svc.base_of(x.port) for x in svc.extra)]:
         left = max(1.0, svc.timeout - (time.monotonic() - t0))
         wait_healthy(base, left, layout.log_hint(t.mode), lambda r=release: engine_alive(r, layout, t.mode), watch)
+    listener.require_ours(layout, t.mode, [t.port, *(x.port for x in svc.extra)])
     return time.monotonic() - t0
+
 
 
 def _smoke(svc: Service, m: dict[str, Any], key: str, plan: planner.Plan, opts: Options) -> str | None:
@@ -352,7 +363,11 @@ def history(layout: Layout) -> list[str]:
 # ---- rollback ------------------------------------------------------------------------
 
 def _layout_of_bundle(opts: Options) -> Layout:
-    layout = layout_for(opts, mf.load(opts.bundle)["name"])
+    """The installed bundle's layout, by the name in the manifest bootstrap.py checked (a plain name:
+    never a path that leads out of the prefix); what is removed or started comes from there."""
+    from . import boot
+
+    layout = layout_for(opts, boot.manifest(opts.bundle)[0]["name"])
     check_layout_owned(layout)
     return layout
 
@@ -495,8 +510,10 @@ def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planne
         "release": str(layout.current.resolve()),
         "changed": changed,
         "answer": answer,
-        "curl": (f"curl -s {endpoint}/chat/completions -H \"Authorization: Bearer "
-                 f"$(sed -n 's/^LLAMA_API_KEY=//p' {layout.env_file})\" -H 'Content-Type: application/json' "
-                 f"-d '{{\"model\": \"{m['name']}\", \"messages\": "
-                 "[{\"role\": \"user\", \"content\": \"Hello\"}]}'"),
+        # the key read from the env file at run time and given to curl on its standard input: never on
+        # a command line, where every local user can read it in /proc
+        "curl": (f"sed -n 's/^LLAMA_API_KEY=/Authorization: Bearer /p' {shlex.quote(str(layout.env_file))} | "
+                 f"curl -s {shlex.quote(endpoint + '/chat/completions')} -H @- -H 'Content-Type: application/json' "
+                 "-d " + shlex.quote(json.dumps({"model": m["name"], "max_tokens": 64, "messages": [
+                     {"role": "user", "content": "What is the capital of France? Answer with one word."}]}))),
     }

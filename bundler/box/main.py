@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -44,19 +45,6 @@ def run(opts: options.Options) -> dict[str, Any] | None:
     return lifecycle.install(opts)
 
 
-def _forget_boot_copies() -> None:
-    """bootstrap.py started us from checked copies of our wheels in a temporary folder: remove it
-    when we end."""
-    import atexit
-    import os
-    import shutil
-    import tempfile
-
-    d = os.environ.pop("AIRGAP_LLM_BOOT_DIR", "")
-    if d and os.path.basename(d).startswith("airgap-llm-boot-") and os.path.dirname(d) == tempfile.gettempdir():
-        atexit.register(shutil.rmtree, d, True)
-
-
 def audit_egress(opts: options.Options, argv: list[str]) -> dict[str, Any]:
     """Run this same install (as a supervised process, with --bench) inside an audited network
     namespace, stop its service, and report every attempt to reach beyond loopback."""
@@ -77,15 +65,15 @@ def audit_egress(opts: options.Options, argv: list[str]) -> dict[str, Any]:
     child = [a for a in argv if a != "--audit-egress"] + ["--service", "process", "--json"]
     if "--bench" not in child:
         child.append("--bench")
-    # the installer again, from the same checked copies (bootstrap.py's PYTHONPATH), not the current directory
-    run_again = 'import runpy, sys; del sys.path[0]; runpy.run_module("bundler.box", run_name="__main__")'
+    from . import boot
     with tempfile.TemporaryDirectory(prefix="airgap-audit-") as td:
         log = Path(td) / "egress.jsonl"
         with (egress.PrivateNetwork(log) if private else egress.AuditedNamespace(log)) as ns:
             info(f"egress audit: install, start, smoke test and bench inside network namespace {ns.name}, whose only "
                  "way out records every attempt")
-            r = subprocess.run(ns.argv([sys.executable, "-s", "-c", run_again, *child]), stdout=subprocess.PIPE,
-                               text=True, cwd="/")
+            # the installer again, from the same checked copies, isolated like the first
+            r = subprocess.run(ns.argv([*boot.installer_argv(), *child]), stdout=subprocess.PIPE, text=True,
+                               env=boot.installer_env())
             result = json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
             if result.get("ctl"):
                 subprocess.run(ns.argv([result["ctl"], "stop"]), stdout=subprocess.DEVNULL)
@@ -107,9 +95,12 @@ def audit_egress(opts: options.Options, argv: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _forget_boot_copies()
+    from . import boot
+
+    os.umask(0o022)  # what the release holds is read by the engine's user and written by no one else
     raw = list(sys.argv[1:] if argv is None else argv)
     opts = options.parse(argv)
+    boot.settle()  # options read (relative paths made absolute): from here on, work from the private folder
     try:
         result = audit_egress(opts, raw) if opts.audit_egress else run(opts)
     except BundlerError as e:

@@ -216,7 +216,7 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         smoke_any_answer=a.smoke_any_answer,
         trust=tuple(Path(t).expanduser().absolute() for t in a.trust), allow_unsigned=a.allow_unsigned,
         allow_downgrade=a.allow_downgrade, yes=a.yes, purge=a.purge,
-        trust_fingerprint=a.trust_fingerprint.strip().upper() if a.trust_fingerprint else None,
+        trust_fingerprint=a.trust_fingerprint.strip() if a.trust_fingerprint else None,
         service=a.service, user=a.user,
         environ=dict(os.environ if environ is None else environ),
     )

@@ -101,8 +101,12 @@ def check_port(host: str, port: int, ours_running: bool) -> None:
             if e.errno == errno.EADDRNOTAVAIL:
                 raise BundlerError(f"--host {host}: this box has no such address ({e.strerror}); nothing was changed",
                                    hint="give one of its own addresses (ip -brief addr), 127.0.0.1, or 0.0.0.0")
-            raise BundlerError(f"port {port} on {host} is taken by another program ({e.strerror}); nothing was "
-                               "changed", hint=f"free it, or pick another with --port (e.g. --port {port + 1})")
+            from .listener import holder
+
+            who = holder(port)
+            raise BundlerError(f"port {port} on {host} is taken by another program ({e.strerror}"
+                               f"{': ' + who if who else ''}); nothing was changed",
+                               hint=f"free it, or pick another with --port (e.g. --port {port + 1})")
 
 
 # the engines whose kernels are Triton's, by name → label

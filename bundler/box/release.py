@@ -96,13 +96,16 @@ def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
 ENGINE_LABEL = {vllm.NAME: "vLLM", **{g.name: g.label for g in exllama.GENS.values()}}
 
 
-def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:
+def engine_site(bundle: Path, doc: dict[str, Any], engine: dict[str, Any], layout: Layout) -> Path:
     """A Python engine's wheels (vLLM's, ExLlamaV2's) installed once per lock under PREFIX/engines and
     shared by the releases that use that lock: a re-plan (other TP/DP, context, port) or a rollback
-    does not reinstall a GB of wheels."""
-    lockfile = bundle / engine["dir"] / "requirements.lock"
+    does not reinstall a GB of wheels. The lock and the wheels are copied while hashed, then used."""
+    lock_rel = f"{engine['dir']}/requirements.lock"
+    lock_sha = next((f["sha256"] for f in doc["files"] if f["path"] == lock_rel), None)
+    if lock_sha is None:
+        raise BundlerError(f"the manifest lists no {lock_rel}", hint="bundle it again")
     name = engine["name"]
-    home = layout.engines / f"{name}-{engine['version']}-{mf.sha256_file(lockfile)[:16]}"
+    home = layout.engines / f"{name}-{engine['version']}-{lock_sha[:16]}"
     label = f"{ENGINE_LABEL.get(name, name)} {engine['version']}"
     if (home / "complete").is_file():
         info(f"{label}: reusing {home} (same lock)")
@@ -112,12 +115,13 @@ def engine_site(bundle: Path, engine: dict[str, Any], layout: Layout) -> Path:
          "that every engine process does not)")
     make_dirs(layout.engines)
     with staged_dir(home, home.with_name(home.name + ".partial")) as partial:
-        chosen = wheels.select(lockfile, bundle / engine["dir"] / "wheels")
+        copy_verified(bundle, doc, lock_rel, partial)
+        chosen = wheels.select(partial / "requirements.lock", bundle / engine["dir"] / "wheels", partial / ".wheels")
         secs = wheels.install(chosen, partial / "site")
+        shutil.rmtree(partial / ".wheels")
         info(f"unpacked {len(chosen)} wheels in {secs:.1f}s")
         subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(partial / "site")],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        shutil.copy2(lockfile, partial / "requirements.lock")
         (partial / "complete").write_text(engine["version"] + "\n")
     return home / "site"
 
@@ -197,7 +201,7 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
     cache_vars: dict[str, str] = {}
     if plan.engine == "vllm":
         engine = next(e for e in doc["engines"] if e["name"] == vllm.NAME)
-        site = engine_site(bundle, engine, layout)
+        site = engine_site(bundle, doc, engine, layout)
         argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], host, port, plan, safe, engine["version"])
         # the engine's wheels, then the release's own site (the middleware that guards every route)
         extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV,
@@ -209,7 +213,7 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
         _triton_cc(bundle, doc, tools, site, final, stage, extra_env, cache_vars)
     elif plan.engine in exllama.GENS:
         engine = next(e for e in doc["engines"] if e["name"] == plan.engine)
-        site = engine_site(bundle, engine, layout)
+        site = engine_site(bundle, doc, engine, layout)
         prove_extension(site, engine)
         if not (stage / "tabbyapi").is_dir():
             copy_verified(bundle, doc, engine["tabbyapi"], stage / "tabbyapi")
@@ -262,8 +266,9 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
         copy_verified(bundle, doc, "requirements.lock", stage)
         info("unpacking the installer's wheels into the release (hash-checked; no pip, no venv)")
         # the lock as copied (and hashed) into the release, not the bundle's, which could change meanwhile
-        wheels.install(wheels.select(stage / "requirements.lock", bundle / "wheels"), stage / "site",
-                       scripts=stage / "site-bin")
+        wheels.install(wheels.select(stage / "requirements.lock", bundle / "wheels", stage / ".wheels"),
+                       stage / "site", scripts=stage / "site-bin")
+        shutil.rmtree(stage / ".wheels")
         bindir = stage / "bin"
         bindir.mkdir()
         copied: dict[str, str] = {}
@@ -291,7 +296,7 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
             "unit_src": str(unit_src), "unit_file": str(layout.unit_file), "pidfile": str(layout.pidfile),
             "logfile": str(layout.logfile), "python": sys.executable, "site": str(final / "site"),
             "launch": str(final / "bin" / "launch"), "env_file": str(layout.env_file), "user": target.user,
-            "home": str(layout.cache)}))
+            "home": str(layout.cache), "ports": [target.port, *(x.port for x in extra)]}))
         for f in bindir.iterdir():
             f.chmod(0o755)
         plans = [plan, *(x.plan for x in extra)]

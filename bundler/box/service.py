@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -180,5 +181,5 @@ def remove_unit(layout: Layout) -> None:
 
 def stop_command(layout: Layout, mode: str) -> str:
     if mode == "systemd":
-        return f"systemctl stop {layout.unit}"
-    return f"{layout.current}/bin/ctl stop"
+        return f"systemctl stop {shlex.quote(layout.unit)}"
+    return f"{shlex.quote(str(layout.current / 'bin' / 'ctl'))} stop"

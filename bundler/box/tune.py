@@ -28,6 +28,7 @@ from ..engines import exllama, vllm
 from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from ..probe import Hardware
+from . import listener
 from .health import LogWatch, wait_healthy
 from .layout import Layout
 from .report import info, warn
@@ -122,6 +123,7 @@ class Runner:
             start(release, self.mode, self.layout)
             row["start_s"] = round(wait_healthy(self.base, self.timeout, self.layout.log_hint(self.mode),
                                                 lambda: engine_alive(release, self.layout, self.mode), watch), 1)
+            listener.require_ours(self.layout, self.mode, [int(self.base.rsplit(":", 1)[1])])
             report = bench.sweep(self.base + "/v1", self.key, self.model, list(self.levels), None, PROMPT_TOKENS,
                                  self.max_tokens, progress=False,
                                  min_requests=MIN_REQUESTS)

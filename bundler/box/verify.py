@@ -14,8 +14,10 @@ def verify_bundle(bundle: Path) -> tuple[dict[str, Any], bytes]:
     """Sizes and sha256 of every file (all problems reported at once), nothing written. Returns the
     manifest and its bytes, read once: the signature is checked over those bytes, and every later
     step uses what they parsed to (a manifest swapped after the check is never read)."""
+    from . import boot
+
     info(f"verifying {bundle} against its manifest")
-    data = mf.read_bytes(bundle)
+    _, data = boot.manifest(bundle)  # the bytes bootstrap.py checked the signature of, never read again
     doc, problems = mf.verify(bundle, show_progress=True, data=data)
     if problems:
         lines = "\n".join("  " + p.describe() for p in problems)

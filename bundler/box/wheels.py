@@ -17,7 +17,6 @@ from pathlib import Path
 from ..errors import BundlerError
 from ..lock import WHEEL_RE
 from ..lock import normalize as _norm
-from ..manifest import sha256_file
 
 
 def read_lock(lock: Path) -> dict[str, tuple[str, set[str]]]:
@@ -57,8 +56,10 @@ def compatible(filename: str, python: tuple[int, int] = sys.version_info[:2], ma
     return "none" in abis and any(older(p, "py") or older(p, "cp") for p in pys)
 
 
-def select(lock: Path, folder: Path) -> list[Path]:
-    """The wheel file for each pin of the lock that this interpreter can use, checked by sha256."""
+def select(lock: Path, folder: Path, into: Path) -> list[Path]:
+    """The wheel file for each pin of the lock that this interpreter can use, copied into `into` (a
+    folder of ours) while its sha256 is checked: what is installed is the copy that was checked,
+    never the bundle's file read a second time."""
     pins = read_lock(lock)
     by_name: dict[str, list[Path]] = {}
     for p in sorted(folder.glob("*.whl")):
@@ -76,12 +77,28 @@ def select(lock: Path, folder: Path) -> list[Path]:
         # the most specific tag first (cp311 before abi3 before py3)
         cands.sort(key=lambda p: (f"cp{sys.version_info[0]}{sys.version_info[1]}" not in p.name, "abi3" in p.name))
         path = cands[0]
-        digest = sha256_file(path)
+        into.mkdir(mode=0o700, parents=True, exist_ok=True)
+        copy = into / path.name
+        digest = copy_hashing(path, copy)
         if digest not in hashes:
+            copy.unlink()
             raise BundlerError(f"{path}: sha256 {digest} is not one {lock} pins for {name} {version}",
                                hint="copy the bundle again")
-        chosen.append(path)
+        chosen.append(copy)
     return chosen
+
+
+def copy_hashing(src: Path, dst: Path) -> str:
+    """Copy src to dst (new, not through a link) and return the sha256 of the bytes written."""
+    import hashlib
+
+    h = hashlib.sha256()
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as fi, open(dst, "xb") as fo:
+        for block in iter(lambda: fi.read(4 << 20), b""):
+            h.update(block)
+            fo.write(block)
+    return h.hexdigest()
 
 
 def install(wheels: list[Path], site: Path, scripts: Path | None = None, workers: int | None = None) -> float:

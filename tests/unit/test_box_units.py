@@ -180,7 +180,8 @@ def test_the_key_pinned_is_the_one_that_verified_not_the_first_with_its_id(tmp_p
     layout = Layout(tmp_path / "prefix", tmp_path / "etc", "b")
     data = (root / "manifest.json").read_bytes()
     record = check_trust(root, manifest.parse(data, root), layout, opts, data)
-    assert record["pin"] == str(tmp_path / "real.pub") and record["key"] == real.fingerprint
+    # the pin is the verified key's bytes, never a file read again (signer.pub could be swapped meanwhile)
+    assert signing.parse_public_key(record["pin"], "pin") == real and record["key"] == real.fingerprint
 
 
 def test_a_repository_model_is_stored_once_with_its_layout_and_every_file_hashed(tmp_path):

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from bundler import ed25519
+from bundler.contract import ed25519
 
 ed = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.ed25519")
 

@@ -139,16 +139,21 @@ def test_vllm_wheels_install_once_per_lock_and_a_failed_install_leaves_nothing(t
     engine = {"name": "vllm", "dir": "engines/vllm", "version": "0.0", "lock": {"carried": 1, "reused": 0}}
     lay = layout(tmp_path)
 
-    site = box_release.engine_site(bundle, engine, lay)
+    def doc():  # the manifest's record of the lock (the box copies it while hashing it)
+        lock = bundle / "engines" / "vllm" / "requirements.lock"
+        return {"files": [{"path": "engines/vllm/requirements.lock", "size": lock.stat().st_size,
+                           "sha256": hashlib.sha256(lock.read_bytes()).hexdigest()}]}
+
+    site = box_release.engine_site(bundle, doc(), engine, lay)
     assert (site / "tinyengine.py").read_text() == "SERVES = True\n"
     whl.unlink()  # a second release with the same lock must not need the wheels again
-    assert box_release.engine_site(bundle, engine, lay) == site
+    assert box_release.engine_site(bundle, doc(), engine, lay) == site
 
     # another lock whose wheel does not match its hash: refused, and no half-installed engine is left
     bad = _wheel(wheels, "tinyengine", "1.1", "SERVES = False\n")
     (bundle / "engines" / "vllm" / "requirements.lock").write_text(f"tinyengine==1.1 --hash=sha256:{'0' * 64}\n")
     with pytest.raises(BundlerError) as e:
-        box_release.engine_site(bundle, engine, lay)
+        box_release.engine_site(bundle, doc(), engine, lay)
     assert "is not one" in e.value.message and bad.name in e.value.message
     assert bad.exists()
     assert sorted(p.name for p in lay.engines.iterdir()) == [site.parent.name]

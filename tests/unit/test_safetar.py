@@ -89,7 +89,9 @@ def test_the_unpack_script_runs_alone(bundle, tmp_path):
 
     tar = make_tar(bundle, tmp_path / "b.tar")
     script = tmp_path / "b.unpack.py"
-    script.write_text(open(safetar.__file__).read())
+    from bundler.bundle import unpacker
+
+    script.write_text(unpacker("b"))
     dest = tmp_path / "box"
     dest.mkdir()
     r = subprocess.run([sys.executable, "-I", str(script), str(tar), str(dest)], capture_output=True, text=True)

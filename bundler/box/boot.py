@@ -1,0 +1,89 @@
+"""What bootstrap.py hands the installer: a private folder (0700, ours) holding the copies it
+checked — manifest.json and its signature as read once, signer.pub, the installer's own wheels —
+named by AIRGAP_LLM_BOOT_DIR; and the installer's import path, AIRGAP_LLM_BOOT_PATH. The installer
+reads the manifest from there, never again from the bundle folder, and works from there (its
+current folder, so no child python finds a module in the operator's folder)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+from ..contract import trust as policy
+from ..errors import BundlerError
+
+# the installer from the checked copies only: -I leaves the current folder and PYTHON* variables out
+RUN = ('import os, sys; sys.path[:0] = os.environ["AIRGAP_LLM_BOOT_PATH"].split(os.pathsep); '
+       'import runpy; runpy.run_module("bundler.box", run_name="__main__", alter_sys=True)')
+
+
+def folder() -> Path | None:
+    """The private folder bootstrap.py made, if this installer was started by it and it is safe."""
+    d = os.environ.get("AIRGAP_LLM_BOOT_DIR", "")
+    if not d or not os.path.basename(d).startswith("airgap-llm-boot-"):
+        return None
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        return None
+    return Path(d)
+
+
+def settle() -> None:
+    """Work from the private folder (or /), and remove it when the installer that bootstrap.py started
+    ends (a child installer, such as the egress audit's, leaves it to its parent)."""
+    d = folder()
+    os.chdir(d or "/")
+    if d is not None and not os.environ.get("AIRGAP_LLM_BOOT_CHILD"):
+        atexit.register(shutil.rmtree, str(d), True)
+
+
+def installer_argv() -> list[str]:
+    """This installer started again (the egress audit's child), from the same checked copies."""
+    return [sys.executable, "-I", "-c", RUN]
+
+
+def installer_env() -> dict[str, str]:
+    env = dict(os.environ, AIRGAP_LLM_BOOT_CHILD="1")
+    if "AIRGAP_LLM_BOOT_PATH" not in env:  # started without bootstrap.py (tests, a checkout): where we are
+        pkg = str(Path(__file__).resolve().parents[2])
+        env["AIRGAP_LLM_BOOT_PATH"] = os.pathsep.join([pkg, *(p for p in sys.path if p and p != pkg)])
+    return env
+
+
+def read(bundle: Path, name: str, limit: int) -> bytes | None:
+    """A file of the bundle's trust root (manifest.json, its signature, signer.pub): the copy
+    bootstrap.py checked where there is one, else read once from the bundle. None if missing."""
+    d = folder()
+    path = (d / name) if d is not None else bundle / name  # what bootstrap.py did not find stays missing
+    try:
+        return policy.read_once(path, limit)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BundlerError(f"{path}: cannot be read ({e.strerror})", hint="copy the bundle again from its source")
+
+
+def manifest(bundle: Path) -> tuple[dict, bytes]:
+    """The manifest as bootstrap.py checked it (or as read once here), parsed, with its bytes."""
+    import json
+
+    data = read(bundle, "manifest.json", policy.MAX_MANIFEST)
+    if data is None:
+        raise BundlerError(f"{bundle / 'manifest.json'}: no manifest here", hint="run this from an unpacked bundle")
+    try:
+        doc = json.loads(data)
+        name = doc["name"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundlerError(f"{bundle / 'manifest.json'}: damaged manifest ({e})",
+                           hint="copy the bundle again from its source")
+    if not isinstance(name, str) or not policy.NAME_RE.match(name):
+        raise BundlerError(f"{bundle / 'manifest.json'} names the bundle {name!r}, which is not a plain name; nothing "
+                           "was changed", hint="copy the bundle again from its source")
+    return doc, data
