@@ -151,6 +151,14 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
     return Result(final, tar_path, size, time.monotonic() - t0)
 
 
+def bootstrap_script(ctx: dict[str, Any]) -> str:
+    """bootstrap.py: the first Python install.sh runs, with the Ed25519 verifier and the trust policy
+    embedded verbatim (contract/)."""
+    contract = Path(__file__).parent / "contract"
+    return render("bootstrap.py.j2", dict(ctx, ed25519=embedded(contract / "ed25519.py", first=True),
+                                          policy=embedded(contract / "trust.py"), bootstrap=repr(list(BOOTSTRAP))))
+
+
 def unpacker(name: str) -> str:
     """NAME.unpack.py: the stdlib-only checker/extractor carried beside the tar."""
     here = Path(__file__).parent
@@ -342,11 +350,7 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
            "host": spec.service.host, "pythons": pythons, "bootstrap": BOOTSTRAP}
     (stage / "install.sh").write_text(render("install.sh.j2", ctx))
     (stage / "install.sh").chmod(0o755)
-    contract = Path(__file__).parent / "contract"
-    (stage / "bootstrap.py").write_text(render("bootstrap.py.j2", dict(ctx, ed25519=embedded(contract / "ed25519.py",
-                                                                                              first=True),
-                                                                     policy=embedded(contract / "trust.py"),
-                                                                     bootstrap=repr(list(BOOTSTRAP)))))
+    (stage / "bootstrap.py").write_text(bootstrap_script(ctx))
     (stage / "README.txt").write_text(render("README.txt.j2", dict(ctx, engines=engines, models=models)))
     return meta
 

@@ -24,14 +24,16 @@ RUN = ('import os, sys; sys.path[:0] = os.environ["AIRGAP_LLM_BOOT_PATH"].split(
 def folder() -> Path | None:
     """The private folder bootstrap.py made, if this installer was started by it and it is safe."""
     d = os.environ.get("AIRGAP_LLM_BOOT_DIR", "")
-    if not d or not os.path.basename(d).startswith("airgap-llm-boot-"):
+    if not d:
         return None
     try:
         st = os.lstat(d)
     except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        return None
+        st = None
+    if (st is None or not os.path.basename(d).startswith("airgap-llm-boot-") or not stat.S_ISDIR(st.st_mode)
+            or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077):
+        raise BundlerError(f"AIRGAP_LLM_BOOT_DIR={d} is not the private folder bootstrap.py makes; nothing was changed",
+                           hint="run ./install.sh, which starts the installer through bootstrap.py")
     return Path(d)
 
 

@@ -45,8 +45,9 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
         raise BundlerError(f"{d.why}; nothing was changed" if "nothing was changed" not in d.why else d.why,
                            hint=d.hint)
     else:
-        shout(f"NOT VOUCHED FOR BY A TRUSTED KEY: {d.why}; installing anyway (--allow-unsigned), recorded in "
-              f"{layout.accepted}")
+        loud = ("INSTALLING AN UNSIGNED BUNDLE: nothing proves who made it" if d.unsigned else
+                f"NOT VOUCHED FOR BY A KEY THIS BOX TRUSTS: {d.why}")
+        shout(f"{loud}; installing anyway (--allow-unsigned), recorded in {layout.accepted}")
         record["unsigned"] = True
     return _check_downgrade(doc, layout, opts, record)
 

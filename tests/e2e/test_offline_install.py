@@ -405,6 +405,7 @@ def test_a_port_held_by_another_program_is_refused(bundle_dir, netns, tmp_path):
         r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--port", "18084"])
         assert r.returncode == 1
         assert "port 18084 on 127.0.0.1 is taken" in r.stderr and "--port 18085" in r.stderr
+        assert f"pid {holder.pid} (user root" in r.stderr  # its holder, named
         assert not (tmp_path / "p").exists()
     finally:
         holder.kill()

@@ -12,6 +12,7 @@ import pytest
 from bundler import manifest
 
 pytestmark = pytest.mark.e2e
+B = "gemma3-270m-cpu"  # the default bundle's name: its folder in a prefix
 
 
 def copy(bundle_dir, dest):
@@ -103,7 +104,8 @@ def test_yes_alone_pins_nothing_and_a_fingerprint_pins_only_its_key(bundle_dir, 
     assert not prefix.exists()
     r = dry(netns, bundle_dir, prefix, "--trust-fingerprint", "0000000000000000", trust=False)
     assert r.returncode == 1 and "not 0000000000000000" in r.stderr and not prefix.exists()
-    r = dry(netns, bundle_dir, prefix, "--trust-fingerprint", fingerprint(bundle_dir).lower(), trust=False)
+    assert fingerprint(bundle_dir).startswith("SHA256:")
+    r = dry(netns, bundle_dir, prefix, "--trust-fingerprint", fingerprint(bundle_dir), trust=False)
     assert r.returncode == 0, r.stderr
 
 
@@ -189,3 +191,212 @@ def test_no_code_from_a_changed_bundle_runs_before_the_signature_holds(bundle_di
     r = subprocess.run(["runuser", "-u", "nobody", "--", str(good / "install.sh"), "--help"], capture_output=True,
                        text=True, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and "unvouched for" in r.stderr and "--prefix" in r.stdout, r.stderr
+
+
+# ---- round 2: the classes, not the instances ------------------------------------------------
+
+def _forged(bundle, dest):
+    """The bundle re-signed by a new key that carries the real key's minisign ID, with a planted
+    installer: what round 1's review did."""
+    import hashlib
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from bundler.contract import trust as policy
+
+    b = copy(bundle, dest)
+    real = policy.parse_public_key((b / "signer.pub").read_text())
+    priv = Ed25519PrivateKey.generate()
+    forged = policy.PublicKey(real.key_id, priv.public_key().public_bytes_raw())
+    data = (b / "manifest.json").read_bytes()
+    sig = priv.sign(hashlib.blake2b(data, digest_size=64).digest())
+    trusted = f"timestamp:{int(time.time())}\tfile:manifest.json\thashed"
+    (b / "manifest.json.minisig").unlink()
+    (b / "manifest.json.minisig").write_bytes(
+        policy.signature_text(b"ED" + forged.key_id + sig, trusted, priv.sign(sig + trusted.encode())))
+    (b / "signer.pub").unlink()
+    (b / "signer.pub").write_text(forged.to_text())
+    return b, real, forged
+
+
+def test_a_key_is_known_by_its_bytes_not_its_copyable_id(bundle_dir, netns, tmp_path):
+    """Round 1: a new key given the real key's 8-byte ID was accepted with --trust-fingerprint <the
+    real ID>, pinned, and then refused the genuine bundle. Now the fingerprint is the key's SHA-256."""
+    b, real, forged = _forged(bundle_dir, tmp_path / "b")
+    prefix = tmp_path / "p"
+    r = dry(netns, b, prefix, "--trust-fingerprint", real.label, trust=False)
+    assert r.returncode == 1 and forged.fingerprint in r.stderr and "none of the bundle's code was run" in r.stderr
+    r = dry(netns, b, prefix, "--trust-fingerprint", real.fingerprint, trust=False)
+    assert r.returncode == 1 and forged.fingerprint in r.stderr and real.fingerprint in r.stderr
+    # the real key given (or pinned): a key with its ID and other bytes is refused, both named
+    r = dry(netns, b, prefix, "--trust-fingerprint", forged.fingerprint)
+    assert r.returncode == 1 and "label anyone can copy" in r.stderr
+    assert real.fingerprint in r.stderr and forged.fingerprint in r.stderr
+    assert not prefix.exists()  # nothing pinned, nothing made
+    r = dry(netns, bundle_dir, prefix)  # and the genuine bundle is still welcome
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.10"])
+def test_nothing_from_the_current_folder_or_the_environment_runs_before_the_signature(bundle_dir, netns, tmp_path,
+                                                                                       version):
+    """Round 1: bootstrap re-executed Python in the operator's folder (the bundle's, in the README's
+    flow), and on 3.9/3.10 a runpy.py placed there ran as root before any file was verified. The whole
+    class: the current folder, PYTHON* variables, site and user customisation."""
+    exe = next(iter(sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))), None)
+    if exe is None:
+        pytest.skip(f"no python{version} here")
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    (evil / "bundler").mkdir(parents=True)
+    payload = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    for name in ("runpy.py", "sitecustomize.py", "usercustomize.py", "json.py", "fnmatch.py", "tempfile.py",
+                 "startup.py", "bundler/__init__.py", "bundler/box.py"):
+        (evil / name).write_text(payload)
+    env = dict(os.environ, AIRGAP_LLM_PYTHON=str(exe), PYTHONPATH=str(evil), PYTHONSTARTUP=str(evil / "startup.py"),
+               PYTHONUSERBASE=str(evil), PYTHONINSPECT="", PYTHONHOME="")
+    env.pop("PYTHONHOME")
+    env.pop("PYTHONINSPECT")
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"], env=env,
+                  cwd=evil, stdin=subprocess.DEVNULL)
+    assert not marker.exists(), marker.read_text()
+    assert r.returncode == 0, r.stderr
+    # the README's flow: the operator's current folder is the bundle's; a module planted there
+    b = copy(bundle_dir, tmp_path / "b")
+    (b / "runpy.py").write_text(payload)
+    r = netns.run([str(b / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"], env=env, cwd=b,
+                  stdin=subprocess.DEVNULL)
+    assert not marker.exists(), marker.read_text()
+    assert r.returncode == 1 and "runpy.py" in r.stderr  # the extra file is named by the verification
+
+
+def test_a_bundle_folder_someone_else_can_write_is_refused_before_any_code_runs(bundle_dir, netns, tmp_path):
+    """Round 1: the owner of the bundle folder (the README had the operator unpack as themselves, then
+    sudo) swapped an installer wheel between its check and its use, and --uninstall followed a swapped
+    manifest out of the prefix. Whoever else can write the folder could do either: refused, and how to
+    fix it said."""
+    nobody = 65534
+    for target in ("", "wheels", "manifest.json", "install.sh"):
+        b = copy(bundle_dir, tmp_path / f"b-{target or 'top'}")
+        path = b / target if target else b
+        if path.is_file():  # a real copy, not a hard link to the session's bundle
+            data = path.read_bytes()
+            path.unlink()
+            path.write_bytes(data)
+            path.chmod(0o755 if target == "install.sh" else 0o644)
+        os.chown(path, nobody, nobody)
+        for action in (["--dry-run"], ["--uninstall"]):
+            r = netns.run([str(b / "install.sh"), "--prefix", str(tmp_path / "p"), *action],
+                          stdin=subprocess.DEVNULL)
+            assert r.returncode == 1, (target, r.stderr)
+            assert "can be changed by someone other than root" in r.stderr and "belongs to user nobody" in r.stderr
+            assert "chown -R root:root" in r.stderr and "none of the bundle's code was run" in r.stderr
+    assert not (tmp_path / "p").exists()
+    above = tmp_path / "home"  # a folder above the bundle that another user owns could swap the bundle whole
+    above.mkdir()
+    b = copy(bundle_dir, above / "b")
+    os.chown(above, nobody, nobody)
+    r = netns.run([str(b / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"], stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and f"{above} belongs to user nobody" in r.stderr
+
+
+def test_bundler_verify_checks_sha256sums_and_a_tars_signature(bundle_dir, tmp_path):
+    """A flipped byte in SHA256SUMS passed `bundler verify DIR` while `sha256sum -c` failed, and
+    `bundler verify TAR --trust KEY` ignored the key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from bundler.contract import trust as policy
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "bundler.cli", "verify", *map(str, args)], capture_output=True,
+                              text=True)
+
+    b = copy(bundle_dir, tmp_path / "b")
+    sums = b / "SHA256SUMS"
+    text = sums.read_bytes()
+    sums.unlink()
+    sums.write_bytes(text[:10] + (b"0" if text[10:11] != b"0" else b"1") + text[11:])
+    r = cli(b)
+    assert r.returncode == 1 and "SHA256SUMS" in r.stderr
+    tar = bundle_dir.parent / f"{bundle_dir.name}.tar"
+    key = os.environ["AIRGAP_LLM_TRUST"]
+    other = tmp_path / "other.pub"
+    other.write_text(policy.PublicKey(os.urandom(8), Ed25519PrivateKey.generate().public_key()
+                                      .public_bytes_raw()).to_text())
+    r = cli(tar, "--trust", other)
+    assert r.returncode == 1 and "does not verify manifest.json" in r.stderr
+    r = cli(tar, "--trust", key)
+    assert r.returncode == 0 and "signed by a key given with --trust" in r.stdout, r.stderr
+
+
+FAKE = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def _any(self):
+        with open(sys.argv[2], 'a') as f:
+            f.write(self.path + ' ' + str(self.headers.get('Authorization')) + '\\n')
+        self.send_response(200); self.send_header('Content-Type', 'application/json'); self.end_headers()
+        self.wfile.write(b'{}')
+    do_GET = do_POST = _any
+    def log_message(self, *a): pass
+http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_the_key_goes_only_to_the_services_own_listener(bundle_dir, netns, tmp_path):
+    """Round 1: a local user who bound the service port first got the real key in the smoke test, and
+    during a `ctl restart` every client's while `ctl status` said "running"; the printed curl put the
+    key on a command line. Also: under umask 000 the release was world-writable."""
+    import time
+
+    from bundler.box.layout import Layout
+
+    prefix, port = tmp_path / "p", 18140
+    r = netns.run(["sh", "-c", 'umask 000; exec "$0" "$@"', str(bundle_dir / "install.sh"), "--prefix", str(prefix),
+                   "--port", str(port), "--json"], stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    key = next(ln.split("=", 1)[1] for ln in Path(out["api_key_file"]).read_text().splitlines()
+               if ln.startswith("LLAMA_API_KEY="))
+    release = Path(out["release"])
+    loose = [str(p) for p in release.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o022]
+    assert loose == [], loose[:5]
+    # the printed command works as pasted, and reads the key at run time (never in its own text or argv)
+    assert key not in out["curl"] and "max_tokens" in out["curl"]
+    c = netns.run(["sh", "-c", out["curl"]])
+    assert c.returncode == 0 and json.loads(c.stdout)["choices"], c.stdout + c.stderr
+
+    ctl = prefix / B / "current" / "bin" / "ctl"
+    assert netns.run([str(ctl), "stop"]).returncode == 0
+    seen = tmp_path / "seen.txt"
+    seen.write_text("")
+    seen.chmod(0o666)
+    fake = netns.popen(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", FAKE, str(port), str(seen)])
+    assert fake.poll() is None
+    try:
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)"
+        for _ in range(100):
+            if netns.run([sys.executable, "-c", probe]).returncode == 0 or fake.poll() is not None:
+                break
+            time.sleep(0.1)
+        # installing again: refused before anything changes, naming who holds the port
+        r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--port", str(port)],
+                      stdin=subprocess.DEVNULL)
+        assert r.returncode == 1 and f"port {port} on 127.0.0.1 is taken" in r.stderr
+        assert f"pid {fake.pid}" in r.stderr or "(user nobody" in r.stderr, r.stderr
+        # the service started while another program holds its port: status says so instead of "running"
+        assert netns.run([str(ctl), "start"]).returncode == 0
+        st = netns.run([str(ctl), "status"])
+        assert st.returncode == 4 and "user nobody" in st.stderr and "clients' keys would go to it" in st.stderr
+        # the check the installer makes before the smoke test sends the key
+        check = ("import sys; from pathlib import Path; from bundler.box import listener; "
+                 "from bundler.box.layout import Layout; p = Path(sys.argv[1]); "
+                 "listener.require_ours(Layout(p, p / 'etc', sys.argv[2]), 'process', [int(sys.argv[3])])")
+        done = netns.run([sys.executable, "-c", check, str(prefix), B, str(port)])
+        assert done.returncode == 1 and "user nobody" in done.stderr and "the API key was not sent" in done.stderr
+        assert Layout(prefix, prefix / "etc", B).pidfile.exists()
+    finally:
+        fake.kill()
+        netns.run([str(ctl), "stop"])
+    assert key not in seen.read_text() and "Bearer" not in seen.read_text(), seen.read_text()

@@ -185,3 +185,47 @@ def test_vllm_launch_keeps_compiled_kernels_in_the_prefix_or_systemds_cache_dire
     as_unit = seen(CACHE_DIRECTORY="/var/cache/airgap-llm-b")
     assert as_unit["VLLM_CACHE_ROOT"] == "/var/cache/airgap-llm-b/vllm"
     assert "LLAMA_API_KEY" not in as_unit  # the key comes from systemd or the supervisor, never the script
+
+
+def test_a_wheel_swapped_after_its_check_is_never_installed(tmp_path):
+    """The installer hashed a wheel in the bundle, then unpacked it from the bundle again: whoever
+    owned the folder swapped it in between, and root ran the planted code at every start. What is
+    unpacked now is the copy that was hashed."""
+    import hashlib
+
+    from bundler.box import wheels
+
+    folder = tmp_path / "bundle" / "wheels"
+    folder.mkdir(parents=True)
+    whl = _wheel(folder, "tinyengine", "1.0", "SERVES = True\n")
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(f"tinyengine==1.0 --hash=sha256:{hashlib.sha256(whl.read_bytes()).hexdigest()}\n")
+    chosen = wheels.select(lock, folder, tmp_path / "copies")
+    assert [p.parent for p in chosen] == [tmp_path / "copies"]
+    planted = _wheel(tmp_path, "tinyengine", "1.0", "SERVES = 'planted'\n")
+    whl.write_bytes(planted.read_bytes())  # swapped between the check and the unpacking
+    wheels.install(chosen, tmp_path / "site")
+    assert (tmp_path / "site" / "tinyengine.py").read_text() == "SERVES = True\n"
+
+
+def test_the_installer_takes_the_manifest_bootstrap_checked_and_a_plain_name_only(tmp_path, monkeypatch):
+    """--uninstall read manifest.json again, unchecked: a swapped one named a folder outside the prefix,
+    and root removed it. The installer reads bootstrap.py's checked copy, and a name must be plain."""
+    import json
+
+    from bundler.box import boot
+
+    bundle, stage = tmp_path / "bundle", tmp_path / "airgap-llm-boot-x"
+    bundle.mkdir()
+    stage.mkdir(mode=0o700)
+    (stage / "manifest.json").write_text(json.dumps({"name": "checked", "files": []}))
+    (bundle / "manifest.json").write_text(json.dumps({"name": "swapped", "files": []}))
+    monkeypatch.setenv("AIRGAP_LLM_BOOT_DIR", str(stage))
+    assert boot.manifest(bundle)[0]["name"] == "checked"
+    for bad in ("../../victim", "/etc", "a/b", ".hidden", ""):
+        (stage / "manifest.json").write_text(json.dumps({"name": bad, "files": []}))
+        with pytest.raises(BundlerError, match="not a plain name"):
+            boot.manifest(bundle)
+    stage.chmod(0o755)  # a folder others could have changed is not taken for bootstrap.py's
+    with pytest.raises(BundlerError, match="not the private folder"):
+        boot.manifest(bundle)

@@ -97,3 +97,76 @@ def test_the_unpack_script_runs_alone(bundle, tmp_path):
     r = subprocess.run([sys.executable, "-I", str(script), str(tar), str(dest)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (dest / "b" / "manifest.json").is_file()
+
+
+def test_one_normalisation_for_the_check_and_the_write(bundle, tmp_path):
+    """The top-folder check read 'b//x' as b/x while the write joined '/x' onto the folder: a file
+    landed outside it. A manifest naming an absolute path made the folder walk loop forever."""
+    import json
+
+    for name in ("b//evil", "./b/evil", "b/./evil", "b/evil/", "b\\\\evil"):
+        def add(tf, name=name):
+            _file(name)(tf)
+        tar = make_tar(bundle, tmp_path / "t.tar", extra=add)
+        assert safetar.check(tar, tmp_path) != []
+    doc = json.loads((bundle / "manifest.json").read_text())
+    doc["files"].append({"path": "/abs/evil", "size": 1, "sha256": "0" * 64})
+    (bundle / "manifest.json").write_text(json.dumps(doc))
+    import signal
+
+    def timeout(*_):
+        raise TimeoutError("the check did not end")
+
+    signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(10)
+    try:
+        problems = safetar.check(make_tar(bundle, tmp_path / "abs.tar"), tmp_path)
+    finally:
+        signal.alarm(0)
+    assert any("'/abs/evil': refused: absolute path" in p for p in problems), problems
+
+
+def test_fuzzed_member_names_and_manifest_paths_never_write_outside_and_always_end(tmp_path):
+    """Random names from the characters that matter ('/', '.', '..', '\\\\', NUL, spaces), as tar members
+    and as manifest paths: every run ends (within seconds), and nothing lands outside DEST/TOP."""
+    import hashlib
+    import json
+    import random
+    import signal
+
+    rng = random.Random(20261207)
+    atoms = ["b", "x", ".", "..", "", "/", "//", "\\\\", "\x00", " ", "é", "models", "manifest.json", "a" * 300]
+
+    def name():
+        return "/".join(rng.choice(atoms) for _ in range(rng.randint(1, 5)))
+
+    def timeout(*_):
+        raise TimeoutError
+
+    signal.signal(signal.SIGALRM, timeout)
+    for trial in range(300):
+        box = tmp_path / f"t{trial}"
+        dest = box / "dest"
+        dest.mkdir(parents=True)
+        body = b"data"
+        files = [{"path": name() if rng.random() < 0.5 else "models/m", "size": 4,
+                  "sha256": hashlib.sha256(body).hexdigest()} for _ in range(rng.randint(1, 3))]
+        man = json.dumps({"name": "b", "files": files}).encode()
+        sums = f"{hashlib.sha256(man).hexdigest()}  manifest.json\n".encode()
+        tar = box / "t.tar"
+        with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+            for n, data in [("b/manifest.json", man), ("b/SHA256SUMS", sums)] + [
+                    (rng.choice(["b/", ""]) + name(), body) for _ in range(rng.randint(1, 4))]:
+                info = tarfile.TarInfo(n)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        signal.alarm(10)
+        try:
+            problems = safetar.check(tar, dest)
+        finally:
+            signal.alarm(0)
+        top = dest / "b"
+        outside = sorted(str(p) for p in box.rglob("*") if p not in (tar, dest, top) and top not in p.parents)
+        assert outside == [], (trial, problems)
+        if problems:
+            assert list(dest.iterdir()) == [], trial  # nothing written on any doubt
