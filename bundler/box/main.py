@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = audit_egress(opts, raw) if opts.audit_egress else run(opts)
     except BundlerError as e:
+        if opts.json:  # a script reading stdout learns why, not only that it failed
+            print(json.dumps({"error": e.message, "hint": e.hint or ""}))
         return report(e)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -170,3 +170,28 @@ def test_fuzzed_member_names_and_manifest_paths_never_write_outside_and_always_e
         assert outside == [], (trial, problems)
         if problems:
             assert list(dest.iterdir()) == [], trial  # nothing written on any doubt
+
+
+def test_a_truncated_tar_is_named_without_a_traceback(bundle, tmp_path):
+    """The likeliest failure when carrying a bundle: the unpacker and `bundler verify`/`unpack`
+    answered a cut tar with a traceback."""
+    import subprocess
+    import sys
+
+    from bundler.bundle import unpacker
+
+    tar = make_tar(bundle, tmp_path / "b.tar")
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2 + 100])
+    problems = safetar.check(tar, tmp_path)
+    assert len(problems) == 1 and "truncated" in problems[0] and not (tmp_path / "b").exists()
+    script = tmp_path / "b.unpack.py"
+    script.write_text(unpacker("b"))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    for cmd in ([sys.executable, "-I", str(script), str(tar), str(dest)],
+                [sys.executable, "-m", "bundler.cli", "unpack", str(tar), str(dest)],
+                [sys.executable, "-m", "bundler.cli", "verify", str(tar)]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 1 and "truncated" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
+    assert list(dest.iterdir()) == []
