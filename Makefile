@@ -31,7 +31,8 @@ unit: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check bundler tests
-	sh -n bundler/engines/build_llama_server.sh
+	sh -n bundler/engines/llama_cpp/build_llama_server.sh
+	$(PY) tools/check_layers.py
 
 clean:
 	rm -rf $(OUT) build

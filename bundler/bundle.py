@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, lock, manifest, sources
+from . import __version__, boxlock, lock, manifest, sources, toolchains
 from .contract import embedded
 from .engines import exllama, llama_cpp
+from .engines.exllama import build as exllama_build
+from .engines.llama_cpp import build as llama_build
+from .engines.vllm import build as vllm_build
 from .errors import BundlerError
 from .modelinfo import inspect_gguf
-from .planner import version_tuple
+from .versions import version_tuple
 from .render import render
 from .spec import SPLIT_RE, Spec, split_names
 from .staging import staged_dir
@@ -270,7 +273,7 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
         _step(log, f"llama-server ({backend})")
         sdist = _fetch_sdist(spec, log)
         archs = _cuda_archs(spec, target) if backend == "cuda" else ""
-        b = llama_cpp.build(sdist, spec.llama_cpp.sha256, backend, archs, log=log)
+        b = llama_build.build(sdist, spec.llama_cpp.sha256, backend, archs, log=log)
         log(f"llama-server ({backend}): {'cached build' if b.cached else f'built in {b.seconds:.0f}s'} ({b.path})")
         edir = stage / "engines" / f"llama.cpp-{backend}"
         # cpu: one static binary per x86 instruction-set level (bin/llama-server-LEVEL); cuda: bin/llama-server
@@ -364,7 +367,7 @@ def _cuda_runtime(target: Any, reuse_installed: bool, lib_dir: Path, log) -> lis
             dirs = [f"{sp}/nvidia/cu13/lib" for sp in target.site_packages]
             log(f"CUDA runtime and cuBLAS: reusing the box's (nvidia-cublas {have['nvidia-cublas']}) in {dirs[0]}")
             return dirs
-    root, _ = llama_cpp.cuda_wheel_root([llama_cpp.CUBLAS_REQ, llama_cpp.CUDART_REQ], log=log)
+    root, _ = toolchains.cuda_wheel_root([toolchains.CUBLAS_REQ, toolchains.CUDART_REQ], log=log)
     lib_dir.mkdir(parents=True, exist_ok=True)
     for pattern in ("libcudart.so.*", "libcublas.so.*", "libcublasLt.so.*"):
         for so in (root / "lib").glob(pattern):
@@ -386,7 +389,6 @@ def _exllama(spec: Spec, gen: exllama.Gen, stage: Path, target: Any, reuse_insta
     """ExLlama (gen: exllama.V2 or V3) + TabbyAPI for the box: the locked wheels, the extension built for
     the box, TabbyAPI's source files (engines/exllamavN/tabbyapi/, each hashed by the manifest); for
     ExLlamaV3, whose attention is Triton's, a C compiler and the Python headers as for vLLM."""
-    from .engines import vllm
 
     _needs_box(target, reuse_installed, gen.label)
     x = getattr(spec, gen.spec_key)
@@ -399,29 +401,29 @@ def _exllama(spec: Spec, gen: exllama.Gen, stage: Path, target: Any, reuse_insta
 
         archive = sources.fetch(ModelSpec(name="tabbyapi", source=x.tabbyapi, sha256=sha, format="tar.gz",
                                           file=f"tabbyAPI-{sha[:12]}.tar.gz"), log=log)
-    files = exllama.read_archive(archive, sha, gen)
+    files = exllama_build.read_archive(archive, sha, gen)
     edir = stage / "engines" / gen.name
     for rel, data in sorted(files.items()):
         (edir / "tabbyapi" / rel).parent.mkdir(parents=True, exist_ok=True)
         (edir / "tabbyapi" / rel).write_bytes(data)
     with tempfile.TemporaryDirectory(prefix="airgap-exl-") as td:
-        carry, summary = vllm.lock_requirements(exllama.requirements(files, x.version, gen), target, Path(td),
+        carry, summary = boxlock.lock_requirements(exllama_build.requirements(files, x.version, gen), target, Path(td),
                                                 f"{gen.name}=={x.version} + TabbyAPI", log=log)
     if gen.name not in carry:
         raise BundlerError(f"the lock carries no {gen.name} for the box ({summary})", hint="bundle again")
     hashes = carry[gen.name][1]  # its one py3-none-any wheel: the extension is built from its sources
-    _, folder, why = exllama.ext_inputs(hashes[0].rsplit(":", 1)[1] if len(hashes) == 1 else "", target, gen)
-    if why and exllama.cached_ext(folder, gen) is None:
-        exllama.refuse_unbuildable(target, why, gen)
-    wheels = vllm.download(carry, target, lock.wheel_cache() / "exllama", log=log)
+    _, folder, why = exllama_build.ext_inputs(hashes[0].rsplit(":", 1)[1] if len(hashes) == 1 else "", target, gen)
+    if why and exllama_build.cached_ext(folder, gen) is None:
+        exllama_build.refuse_unbuildable(target, why, gen)
+    wheels = boxlock.download(carry, target, lock.wheel_cache() / "exllama", log=log)
     exl = next(w for w in wheels if w.name.startswith(f"{gen.name}-"))
-    ext = exllama.ext_wheel(exl, target, gen, log=log)
+    ext = exllama_build.ext_wheel(exl, target, gen, log=log)
     (edir / "wheels").mkdir(parents=True)
     for w in [*wheels, ext]:
         _link_or_copy(w, edir / "wheels" / w.name)
     headers = ""
     if gen.triton:  # Triton's launchers (see _vllm)
-        from .engines.llama_cpp import zig_wheel
+        from .toolchains import zig_wheel
 
         zw = zig_wheel(target.arch, log)
         _link_or_copy(zw, edir / "wheels" / zw.name)
@@ -430,7 +432,8 @@ def _exllama(spec: Spec, gen: exllama.Gen, stage: Path, target: Any, reuse_insta
     reused = summary.pop("reuses")
     return {"name": gen.name, "backend": "cuda", "version": x.version, "dir": f"engines/{gen.name}",
             "tabbyapi": f"engines/{gen.name}/tabbyapi", "tabbyapi_sha256": sha, "extension": ext.name,
-            "python": summary["python"], "arch": target.arch, "glibc": "2.28", "cuda": exllama.box_cuda(target) or "13",
+            "python": summary["python"], "arch": target.arch, "glibc": "2.28",
+            "cuda": exllama_build.box_cuda(target) or "13",
             "lock": summary, "reuses": reused, "cpu_flags": [], "python_headers": headers}
 
 
@@ -441,15 +444,15 @@ def _vllm(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> d
     _step(log, f"vLLM {spec.vllm.version} for the box")
     edir = stage / "engines" / "vllm"
     with tempfile.TemporaryDirectory(prefix="airgap-vllm-") as td:
-        carry, summary = vllm.lock_for_box(spec.vllm.version, target, Path(td), log=log)
-    wheels = vllm.download(carry, target, lock.wheel_cache() / "vllm", log=log)
+        carry, summary = vllm_build.lock_for_box(spec.vllm.version, target, Path(td), log=log)
+    wheels = boxlock.download(carry, target, lock.wheel_cache() / "vllm", log=log)
     (edir / "wheels").mkdir(parents=True)
     for w in wheels:
         _link_or_copy(w, edir / "wheels" / w.name)
     # Triton compiles a C launcher for each kernel at first use: a C compiler for boxes without one
     # (Zig's clang, from its wheel, into the engine's site) and, where this machine has them, the
     # headers of the box's Python
-    from .engines.llama_cpp import zig_wheel
+    from .toolchains import zig_wheel
 
     zw = zig_wheel(target.arch, log)
     _link_or_copy(zw, edir / "wheels" / zw.name)
@@ -482,7 +485,7 @@ def _python_headers(spec: Spec, target: Any, edir: Path, log) -> str:
     else those of a pythonX.Y of the same version on this machine (the running one, or one on PATH).
     Returns the folder in the bundle, or "" (then a box without them must have its pythonX.Y-dev
     package: the installer says so)."""
-    from .engines.llama_cpp import zig_toolchain
+    from .toolchains import zig_toolchain
 
     py = ".".join(target.python.split(".")[:2])
     root = Path(spec.vllm.python_headers) if spec.vllm.python_headers else _local_headers(py)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
-import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,8 +21,7 @@ from pathlib import Path
 from .cache import cache_root
 from .errors import BundlerError
 
-LOCK_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
-WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<ver>[^-]+)(-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
+from .contract.locks import WHEEL_RE, normalize, parse  # noqa: F401 - lock.WHEEL_RE and lock.normalize, as before
 
 
 def wheel_cache() -> Path:
@@ -31,10 +30,6 @@ def wheel_cache() -> Path:
         return Path(env)
 
     return cache_root() / "wheels"
-
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _run(cmd: list[str], what: str, hint: str, extra_env: dict[str, str] | None = None) -> str:
@@ -63,18 +58,14 @@ def compile_lock(requirements: list[str], out: Path) -> list[tuple[str, str]]:
 
 
 def pins(lock_file: Path) -> list[tuple[str, str]]:
-    result = []
-    for line in lock_file.read_text().splitlines():
-        m = LOCK_LINE.match(line.strip())
-        if m:
-            result.append((normalize(m.group(1)), m.group(2)))
-    return result
+    try:
+        return [(n, v) for n, (v, _) in parse(lock_file.read_text()).items()]
+    except ValueError as e:
+        raise BundlerError(f"{lock_file}: {e}", hint="delete it and bundle again")
 
 
 def local_pythons(py: str) -> list[str]:
     """The pythonX.Y (py = "X.Y") executables on this machine: on PATH, then pyenv's versions of it."""
-    import shutil
-
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
     found = [shutil.which(f"python{py}"), *map(str, sorted(pyenv.glob(f"{py}.*/bin/python{py}")))]
     return [exe for exe in found if exe]
@@ -143,6 +134,9 @@ def build_own_wheel(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("airgap_llm-*.whl"):
         old.unlink()
+    # setuptools copies into build/lib and never removes what is gone from the source: a module
+    # deleted or turned into a package would still ship in the installer's wheel
+    shutil.rmtree(root / "build" / "lib", ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="airgap-wheel-") as td:
         # SOURCE_DATE_EPOCH: the same source gives the same wheel bytes, so re-bundling
         # unchanged code gives the same manifest and the box sees "nothing changed". Only for

@@ -4,11 +4,25 @@ needs no parser. GGUF headers are read with the `gguf` package."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import BundlerError
+
+
+# llama.cpp's split GGUF names (gguf-split): NAME-00001-of-00003.gguf
+SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_names(first: str) -> list[str]:
+    """The other parts' names of a split GGUF whose first part is `first` ([] if it is not one)."""
+    m = SPLIT_RE.match(first)
+    if not m or int(m["no"]) != 1:
+        return []
+    n = int(m["count"])
+    return [f"{m['stem']}-{i:05d}-of-{n:05d}.gguf" for i in range(2, n + 1)]
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,6 @@ def _field(reader, key: str, default: Any = None) -> Any:
 def inspect_gguf(path: Path) -> ModelInfo:
     """A GGUF file's facts; for the first part of a split GGUF, the whole model's (its other parts
     must lie beside it, as llama-server loads them)."""
-    from .spec import split_names
 
     others = [path.with_name(n) for n in split_names(path.name)]
     missing = [p.name for p in others if not p.is_file()]

@@ -41,6 +41,7 @@ from typing import Any
 from .errors import PlanRefused
 from .modelinfo import ModelInfo, fallback_template
 from .probe import Gpu, Hardware
+from .versions import version_tuple  # noqa: F401 - planner.version_tuple, as before
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -139,11 +140,6 @@ def _gib(n: float) -> str:
 
 def _r(n: float) -> float:
     return round(n / GiB, 2)
-
-
-def version_tuple(v: str) -> tuple[int, ...]:
-    """'580.159.04' → (580, 159, 4); '2.39' → (2, 39): for comparing driver, glibc and release versions."""
-    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in str(v).split("."))
 
 
 def vllm_default_max_num_seqs(gpu: Gpu) -> int:

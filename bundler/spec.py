@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .engines import exllama
+from .modelinfo import SPLIT_RE, split_names
 from .errors import SpecError
 
 FORMATS = ("gguf", "safetensors", "exl2", "exl3")
@@ -18,17 +19,6 @@ TASKS = ("chat", "embed")  # what a model serves: text generation, or /v1/embedd
 SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|modelscope://|file://|box:/|/|\./|\.\./|~)")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-# llama.cpp's split GGUF names (gguf-split): NAME-00001-of-00003.gguf
-SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-def split_names(first: str) -> list[str]:
-    """The other parts' names of a split GGUF whose first part is `first` ([] if it is not one)."""
-    m = SPLIT_RE.match(first)
-    if not m or int(m["no"]) != 1:
-        return []
-    n = int(m["count"])
-    return [f"{m['stem']}-{i:05d}-of-{n:05d}.gguf" for i in range(2, n + 1)]
 
 
 @dataclass(frozen=True)

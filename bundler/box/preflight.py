@@ -13,7 +13,7 @@ from typing import Any
 from .. import planner, probe
 from ..engines import exllama
 from ..errors import BundlerError
-from ..planner import version_tuple
+from ..versions import version_tuple
 from .layout import Layout
 
 
@@ -58,7 +58,7 @@ def preflight(doc: dict[str, Any], hw: probe.Hardware, layout: Layout) -> None:
 def wheels_glibc(doc: dict[str, Any], python: str) -> tuple[str, str]:
     """The newest glibc any bundled wheel for this Python needs (a wheel with several tags
     needs the oldest of them), and that wheel's name."""
-    from ..lock import WHEEL_RE
+    from ..contract.locks import WHEEL_RE
 
     tag = "cp" + "".join(python.split(".")[:2])
     worst, name = (0, 0), ""

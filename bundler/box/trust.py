@@ -23,9 +23,7 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
     signer.pub as bootstrap.py read them once (else read here, once). The decision is
     contract/trust.py's, the same code bootstrap.py ran. Returns what to record once the install
     succeeded (key to pin, version accepted)."""
-    from .. import signing
-
-    given = [signing.read_public_key(p) for p in opts.trust]
+    given = [_given_key(p) for p in opts.trust]
     pinned = [k for p, k in policy.pinned_keys(layout.trusted) if k is not None]
     if sig_blob is None:
         sig_blob = _read_or_none(bundle / policy.SIGNATURE, 4096)
@@ -50,6 +48,17 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
         shout(f"{loud}; installing anyway (--allow-unsigned), recorded in {layout.accepted}")
         record["unsigned"] = True
     return _check_downgrade(doc, layout, opts, record)
+
+
+def _given_key(path: Path) -> policy.PublicKey:
+    raw = _read_or_none(path, 4096)
+    if raw is None:
+        raise BundlerError(f"{path}: cannot read the public key (no such file)",
+                           hint="pass the .pub file the bundle's maker gave you, e.g. --trust signing-key.pub")
+    pub = policy.parse_public_key(raw.decode("utf-8", "replace"))
+    if pub is None:
+        raise BundlerError(f"{path}: not a minisign public key", hint="use the .pub file `bundler keygen` printed")
+    return pub
 
 
 def _read_or_none(path: Path, limit: int) -> bytes | None:

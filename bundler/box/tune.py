@@ -28,6 +28,7 @@ from ..engines import exllama, vllm
 from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from ..probe import Hardware
+from ..versions import version_tuple
 from . import listener
 from .health import LogWatch, wait_healthy
 from .layout import Layout
@@ -79,7 +80,7 @@ def candidates(plan: planner.Plan, facts: ModelInfo, hw: Hardware, engine_versio
         if plan.data_parallel == 1 and hw.cpus >= 16:
             out.append(Candidate("plan, 4 API servers", replace(plan, api_servers=4),
                                  "more front-end processes for streaming and detokenizing many requests"))
-        if planner.version_tuple(engine_version or vllm.DEFAULT_VERSION)[:2] >= (0, 26):
+        if version_tuple(engine_version or vllm.DEFAULT_VERSION)[:2] >= (0, 26):
             out.append(Candidate("plan + throughput mode",
                                  replace(plan, extra_args=("--performance-mode", "throughput")),
                                  "vLLM's throughput mode: twice the batched tokens per step"))

@@ -8,29 +8,24 @@ unpacked on every core (zlib and file writes release the GIL)."""
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import BundlerError
-from ..lock import WHEEL_RE
-from ..lock import normalize as _norm
+from ..contract import locks
+from ..contract.locks import WHEEL_RE
+from ..contract.locks import normalize as _norm
 
 
 def read_lock(lock: Path) -> dict[str, tuple[str, set[str]]]:
     """{normalized name: (version, {sha256, …})} from `name==version --hash=sha256:…` lines."""
-    out: dict[str, tuple[str, set[str]]] = {}
-    for raw in lock.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        m = re.match(r"^([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)\s*$", line)
-        if not m:
-            raise BundlerError(f"{lock}: cannot read the line {raw!r}", hint="copy the bundle again")
-        out[_norm(m.group(1))] = (m.group(2), set(re.findall(r"sha256:([0-9a-f]{64})", m.group(3))))
-    return out
+    try:
+        pins = locks.parse(lock.read_text())
+    except ValueError as e:
+        raise BundlerError(f"{lock}: {e}", hint="copy the bundle again")
+    return {n: (v, set(hs)) for n, (v, hs) in pins.items()}
 
 
 def compatible(filename: str, python: tuple[int, int] = sys.version_info[:2], machine: str = "") -> bool:

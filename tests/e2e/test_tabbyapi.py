@@ -21,6 +21,8 @@ from bundler import egress, lock
 from bundler.box import wheels
 from bundler.box.health import GUARDED
 from bundler.engines import exllama, vllm
+from bundler import boxlock
+from bundler.engines.exllama import build as exllama_build
 
 pytestmark = pytest.mark.e2e
 KEY = "k-" + "7" * 40
@@ -62,15 +64,15 @@ def tabby_site(request, tmp_path_factory):
     exl2-checkpoint (ExLlamaV2) and main (ExLlamaV3)."""
     gen = request.param
     root = tmp_path_factory.mktemp(f"tabby-{gen.name}")
-    files = exllama.read_archive(gen.tabby_archive, gen.tabby_sha256, gen)
+    files = exllama_build.read_archive(gen.tabby_archive, gen.tabby_sha256, gen)
     for rel, data in files.items():
         (root / "tabbyapi" / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / "tabbyapi" / rel).write_bytes(data)
     here = types.SimpleNamespace(python=".".join(map(str, sys.version_info[:3])), glibc="2.36", arch="x86_64",
                                  installed={})
-    reqs = [r for r in exllama.requirements(files, gen.version, gen) if not r.startswith(gen.name)]
-    carry, _ = vllm.lock_requirements(reqs, here, root, "TabbyAPI", log=lambda *_: None)
-    got = vllm.download(carry, here, lock.wheel_cache() / "exllama", log=lambda *_: None)
+    reqs = [r for r in exllama_build.requirements(files, gen.version, gen) if not r.startswith(gen.name)]
+    carry, _ = boxlock.lock_requirements(reqs, here, root, "TabbyAPI", log=lambda *_: None)
+    got = boxlock.download(carry, here, lock.wheel_cache() / "exllama", log=lambda *_: None)
     wheels.install(got, root / "site")
     return gen, root
 

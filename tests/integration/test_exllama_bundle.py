@@ -9,6 +9,8 @@ import pytest
 
 from bundler import bundle, spec
 from bundler.engines import exllama
+from bundler import boxlock
+from bundler.engines.exllama import build as exllama_build
 from bundler.errors import BundlerError
 from bundler.probe import Hardware
 from tests.conftest import ROOT
@@ -42,12 +44,10 @@ def test_exllama_is_locked_for_the_box_and_refused_where_its_extension_cannot_be
 
 
 def test_the_bundle_requires_of_the_box_only_the_gpu_stack_packages_its_lock_reuses(tmp_path):
-    from bundler.engines import vllm
-
     box = Hardware.from_dict(json.loads((ROOT / "tests/data/boxes/device-h200x2-probe.json").read_text()))
-    files = exllama.read_archive(exllama.V2.tabby_archive, exllama.V2.tabby_sha256, exllama.V2)
-    carry, summary = vllm.lock_requirements(exllama.requirements(files, "0.3.2", exllama.V2), box, tmp_path, "x",
-                                            log=lambda *_: None)
+    files = exllama_build.read_archive(exllama.V2.tabby_archive, exllama.V2.tabby_sha256, exllama.V2)
+    reqs = exllama_build.requirements(files, "0.3.2", exllama.V2)
+    carry, summary = boxlock.lock_requirements(reqs, box, tmp_path, "x", log=lambda *_: None)
     reuses = summary["reuses"]
     assert reuses["torch"] == "2.11.0" and "exllamav2" in carry
     # the box has them, but neither exllamav2 nor TabbyAPI imports them: the installer must not refuse a

@@ -14,6 +14,7 @@ import pytest
 
 from bundler import planner, spec
 from bundler.engines import exllama, tabby_run
+from bundler.engines.exllama import build as exllama_build
 from bundler.errors import BundlerError, SpecError
 from tests.unit.test_planner import _cards, _exl
 
@@ -62,10 +63,10 @@ def _targz(members: dict[str, bytes], links: tuple[str, ...] = ()) -> bytes:
 
 
 def test_the_pinned_archive_gives_the_server_and_its_requirements():
-    files = exllama.read_archive(exllama.V2.tabby_archive, exllama.V2.tabby_sha256, exllama.V2)
+    files = exllama_build.read_archive(exllama.V2.tabby_archive, exllama.V2.tabby_sha256, exllama.V2)
     assert "main.py" in files and "common/auth.py" in files and "LICENSE" in files
     assert not any(f.startswith(("docs/", "colab/", "docker/")) for f in files)  # only what the server runs
-    reqs = exllama.requirements(files, "0.3.2", exllama.V2)
+    reqs = exllama_build.requirements(files, "0.3.2", exllama.V2)
     assert reqs[0] == "exllamav2==0.3.2"
     assert any(r.startswith("fastapi-slim") for r in reqs) and not any(r.startswith("winloop") for r in reqs)
 
@@ -75,31 +76,31 @@ def test_an_archive_that_is_not_the_pinned_one_or_not_plain_is_refused(tmp_path)
     a = tmp_path / "t.tar.gz"
     a.write_bytes(_targz(good))
     with pytest.raises(BundlerError) as e:
-        exllama.read_archive(a, "0" * 64, exllama.V2)
+        exllama_build.read_archive(a, "0" * 64, exllama.V2)
     assert str(a) in e.value.message and "0" * 64 in e.value.message
     from hashlib import sha256
 
     a.write_bytes(_targz(good, links=("tabbyAPI-x/common/auth.py",)))
     with pytest.raises(BundlerError, match="not a regular file"):
-        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest(), exllama.V2)
+        exllama_build.read_archive(a, sha256(a.read_bytes()).hexdigest(), exllama.V2)
     a.write_bytes(_targz({"tabbyAPI-x/README.md": b"x"}))
     with pytest.raises(BundlerError, match="not a TabbyAPI source archive"):
-        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest(), exllama.V2)
+        exllama_build.read_archive(a, sha256(a.read_bytes()).hexdigest(), exllama.V2)
     a.write_bytes(_targz({**good, "tabbyAPI-x/../../evil.py": b"x"}))
     with pytest.raises(BundlerError, match="not a path inside one top folder"):
-        exllama.read_archive(a, sha256(a.read_bytes()).hexdigest(), exllama.V2)
+        exllama_build.read_archive(a, sha256(a.read_bytes()).hexdigest(), exllama.V2)
     with pytest.raises(BundlerError, match="no such file") as e:
-        exllama.read_archive(tmp_path / "missing.tar.gz", "0" * 64, exllama.V2)
+        exllama_build.read_archive(tmp_path / "missing.tar.gz", "0" * 64, exllama.V2)
     assert "git -C tabbyAPI archive" in e.value.hint
 
 
 def test_the_extension_is_rebuilt_when_any_input_changes():
     base = ("a" * 64, "3.12", "2.11.0", "13", "9.0", "b" * 64)
-    key = exllama.ext_key(*base)
+    key = exllama_build.ext_key(*base)
     for i in range(len(base)):
         other = list(base)
         other[i] = other[i] + "x"
-        assert exllama.ext_key(*other) != key
+        assert exllama_build.ext_key(*other) != key
 
 
 def test_spec_engines_exllama(write_spec):
@@ -198,22 +199,22 @@ def test_the_cuda_toolkit_is_found_behind_an_nvcc_wrapper_script(tmp_path, monke
     monkeypatch.setenv("PATH", str(wrapper.parent))
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
-    assert exllama.cuda_home() == str(kit) and exllama.find_nvcc() == str(kit / "bin" / "nvcc")
+    assert exllama_build.cuda_home() == str(kit) and exllama_build.find_nvcc() == str(kit / "bin" / "nvcc")
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))  # one without the toolkit is passed over
-    assert exllama.cuda_home() == str(kit)
+    assert exllama_build.cuda_home() == str(kit)
 
 
 # ---- ExLlamaV3 (EXL3): TabbyAPI's main, exllamav3 from PyPI, batching with Triton ------------------
 
 def test_the_exllamav3_archive_is_tabbyapis_main_and_its_lock_leaves_out_the_github_pins():
-    files = exllama.read_archive(exllama.V3.tabby_archive, exllama.V3.tabby_sha256, exllama.V3)
+    files = exllama_build.read_archive(exllama.V3.tabby_archive, exllama.V3.tabby_sha256, exllama.V3)
     assert "backends/exllamav3/model.py" in files and "backends/exllamav2/model.py" not in files
-    reqs = exllama.requirements(files, exllama.V3.version, exllama.V3)
+    reqs = exllama_build.requirements(files, exllama.V3.version, exllama.V3)
     assert reqs[0] == "exllamav3==1.4.2"
     # its extras pin torch and exllamav3 by download address: the box's torch is kept, exllamav3 is PyPI's
     assert not any("@" in r or r.startswith("torch") for r in reqs), reqs
     with pytest.raises(BundlerError) as e:  # the other generation's pin does not open it
-        exllama.read_archive(exllama.V3.tabby_archive, exllama.V2.tabby_sha256, exllama.V3)
+        exllama_build.read_archive(exllama.V3.tabby_archive, exllama.V2.tabby_sha256, exllama.V3)
     assert "engines.exllamav3.tabbyapi" in e.value.message
 
 

@@ -1,19 +1,12 @@
-"""ExLlama behind TabbyAPI, its own OpenAI-compatible server, on NVIDIA GPUs, in two generations:
-ExLlamaV2 for EXL2 models (TabbyAPI's branch exl2-checkpoint: its main dropped EXL2) and ExLlamaV3
-for EXL3 (TabbyAPI's main). The model's quant_method names the generation (GENS, by format).
-
-Bundle side, for the box in the probe file (as for vLLM, the box's torch is reused, never carried):
-- exllamavN and TabbyAPI's dependencies locked with uv for the box's Python, keeping its CUDA stack;
+"""ExLlama, bundle side, for the box in the probe file (as for vLLM, the box's torch is reused):
+- exllamavN and TabbyAPI's dependencies locked with uv for the box's Python (bundler/boxlock.py);
 - exllamavN's CUDA extension, which its wheel compiles at first import (nvcc, gcc, ninja: none of
   which a bare box has), built here as its own wheel for the box's Python, torch and GPU
-  architectures (exl_ext_build.py, run by ext_wheel), cached by those inputs;
+  architectures (ext_build.py, run by ext_wheel), cached by those inputs;
 - TabbyAPI's source, pinned by the sha256 of an archive, unpacked file by file into the bundle so
   the manifest hashes each one;
 - ExLlamaV3 attends with Triton kernels, which compile a C launcher at first use: as for vLLM, Zig's
   C compiler and the box Python's headers come along.
-Box side: the wheels go into PREFIX/engines like vLLM's; tabby_run.py starts TabbyAPI with a config
-and key written at start into a private folder (config.yml and api_tokens.yml are read from the
-working directory).
 """
 
 from __future__ import annotations
@@ -22,56 +15,18 @@ import hashlib
 import io
 import re
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import BundlerError
-
-THIRD_PARTY = Path(__file__).resolve().parents[2] / "third_party"
-
-
-@dataclass(frozen=True)
-class Gen:
-    """One ExLlama generation: its engine name (in plans and manifests, and TabbyAPI's `backend`), the
-    model format it loads, its spec table, and the TabbyAPI commit that serves it (as `git archive
-    --prefix=tabbyAPI-COMMIT7/` writes it; third_party/README.md says how to make it again)."""
-
-    name: str
-    label: str
-    fmt: str
-    spec_key: str
-    version: str  # the release bundled unless the spec pins another
-    tabby_commit: str
-    tabby_sha256: str
-    tabby_branch: str
-    build_time: str  # of the extension on this 2-core machine, as measured
-    triton: bool  # attends with Triton kernels, which compile a C launcher at first use (as vLLM's)
-
-    @property
-    def tabby_archive(self) -> Path:
-        return THIRD_PARTY / f"tabbyAPI-{self.tabby_commit[:7]}.tar.gz"
-
-    @property
-    def ext_module(self) -> str:
-        return f"{self.name}_ext"
+from ...errors import BundlerError
+from . import Gen
 
 
-V2 = Gen("exllamav2", "ExLlamaV2", "exl2", "exllama", "0.3.2",  # 0.3.2: the last release (EXL2 is frozen)
-         "79126f904c2e00aece026b36bb70bbb87e4892b2",
-         "1d3d83324ac115f815e9e0f53dc2ba1b7dfb6e3463b7b21bdb303ba29b4c0ca4", "exl2-checkpoint", "15–20 min",
-         triton=False)
-# 1.4.2: the release TabbyAPI's main pins (its own wheels are on GitHub only; PyPI has the sources)
-V3 = Gen("exllamav3", "ExLlamaV3", "exl3", "exllamav3", "1.4.2",
-         "e632af41eba68abeadc3437c62674360f2f8cbf1",
-         "f0b6c886c85822d3045d709c47eec38c572dc7b5d2c561f8f0e0e572bb566041", "main", "about 21 min",
-         triton=True)
-GENS = {g.name: g for g in (V2, V3)}
-BY_FORMAT = {g.fmt: g for g in (V2, V3)}
-FORMATS = tuple(BY_FORMAT)
 # What the server needs of the TabbyAPI tree; the rest (docs, notebooks, Docker, CI) stays out.
 TABBY_KEEP = ("main.py", "pyproject.toml", "LICENSE", "common/", "endpoints/", "backends/", "templates/",
               "sampler_overrides/")
+
+
 # Requirements TabbyAPI lists that the server never imports on Linux, or that only its own updater uses.
 TABBY_DROP = ("winloop",)
 
@@ -130,36 +85,6 @@ def requirements(files: dict[str, bytes], version: str, gen: Gen) -> list[str]:
     return [f"{gen.name}=={version}", *keep]
 
 
-def tabby_config(plan: Any, model_path: str, name: str, host: str, port: int) -> dict[str, Any]:
-    """TabbyAPI's config for the plan (config_sample.yml names each key). JSON is YAML, so the file
-    it reads is written with json; `airgap_llm` holds what tabby_run.py uses and removes."""
-    model: dict[str, Any] = {
-        "model_dir": "models", "model_name": name, "backend": plan.engine,
-        "max_seq_len": plan.context_per_slot,
-        # the KV cache holds every slot's context: TabbyAPI's cache_size is in tokens, all requests together
-        # (ExLlama's cache is paged in 256 tokens: rounded up to whole pages)
-        "cache_size": -(-plan.context_per_slot * max(1, plan.slots) // 256) * 256, "max_batch_size": max(1, plan.slots),
-        "cache_mode": "FP16", "inline_model_loading": False, "use_dummy_models": False,
-    }
-    if plan.engine_defaults:  # what a user writes by hand: the model, nothing sized (--tune's reference)
-        model = {k: model[k] for k in ("model_dir", "model_name", "backend")}
-    elif plan.tensor_parallel > 1:
-        model.update(tensor_parallel=True, tensor_parallel_backend="native", gpu_split_auto=True)
-    elif plan.gpu_split_gib:
-        model.update(gpu_split_auto=False, gpu_split=list(plan.gpu_split_gib))
-    else:
-        model.update(gpu_split_auto=True)
-    return {
-        # fetch requests: TabbyAPI downloads images named by URL in chat messages; never on an air-gapped box
-        "network": {"host": host, "port": port, "disable_auth": False, "disable_fetch_requests": True,
-                    "send_tracebacks": False, "api_servers": ["OAI"]},
-        "logging": {"log_prompt": False, "log_generation_params": False, "log_requests": False},
-        "model": model,
-        "developer": {"unsafe_launch": False},
-        "airgap_llm": {"model_path": model_path},
-    }
-
-
 def ext_key(exllama_sha256: str, python: str, torch: str, cuda: str, archs: str, builder_sha256: str) -> str:
     """What the extension wheel depends on: a build is reused only when all of these are the same."""
     text = "\n".join([exllama_sha256, python, torch, cuda, archs, builder_sha256])
@@ -182,7 +107,7 @@ def local_python(py: str) -> str:
     """A python of version py (X.Y) on this machine that can make a venv: on PATH, else one of pyenv's."""
     import subprocess
 
-    from ..lock import local_pythons
+    from ...lock import local_pythons
 
     return next((exe for exe in local_pythons(py)
                  if subprocess.run([exe, "-c", "import venv"], capture_output=True).returncode == 0), "")
@@ -215,7 +140,7 @@ def find_nvcc() -> str:
     return str(Path(home) / "bin" / "nvcc") if home else ""
 
 
-BUILDER = Path(__file__).with_name("exl_ext_build.py")
+BUILDER = Path(__file__).with_name("ext_build.py")
 
 
 def _build_for(box: Any) -> tuple[str, str, str, str]:
@@ -227,7 +152,7 @@ def _build_for(box: Any) -> tuple[str, str, str, str]:
 def ext_inputs(exl_sha256: str, box: Any, gen: Gen) -> tuple[str, Path, list[str]]:
     """(cache key, cache folder, why it cannot be built here: [] when it can) of exllamavN's extension
     for the box; checked before anything is downloaded."""
-    from ..cache import cache_root
+    from ...cache import cache_root
 
     py, torch, cuda, archs = _build_for(box)
     key = ext_key(exl_sha256, py, torch, cuda, archs, _sha256(BUILDER.read_bytes()))
@@ -263,8 +188,8 @@ def ext_wheel(exl_wheel: Path, box: Any, gen: Gen, log=print) -> Path:
     import subprocess
     import time
 
-    from ..cache import cache_root
-    from ..lock import _run
+    from ...cache import cache_root
+    from ...lock import _run
 
     key, done, why = ext_inputs(_sha256(exl_wheel.read_bytes()), box, gen)
     py, torch, cuda, archs = _build_for(box)

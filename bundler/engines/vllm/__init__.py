@@ -1,0 +1,81 @@
+"""vLLM for safetensors models on NVIDIA GPUs, box side: its command line for a plan, its offline
+environment, its cache folders, the log lines after which it never becomes healthy, and the
+tensor-parallel flags that are safe where NVLink multicast is off. vLLM runs on the box's own python
+with PYTHONPATH pointing at the wheels the installer unpacked (a venv with --system-site-packages does
+not see a venv's torch). The bundle side is engines/vllm/build.py and bundler/boxlock.py.
+"""
+
+from __future__ import annotations
+
+from ...versions import version_tuple
+NAME = "vllm"
+FORMATS = ("safetensors",)
+DEFAULT_VERSION = "0.26.0"  # the newest that pins torch 2.11.0 (DESIGN.md)
+GPU_STACK = ("torch", "torchvision", "torchaudio", "triton", "nvidia-")
+
+
+# Flags that avoid the all-reduce paths which crashed with tensor parallel where
+# NVLink multicast is off (VMs, PCIe cards, the GPU test boxes): vLLM's custom
+# all-reduce, and the all-reduce + RMSNorm fusion of its compiler. On 2×H200 with
+# vLLM 0.26.0, TP 2 died with "illegal memory access" in torch's symmetric-memory
+# all-reduce right after "Enabled custom fusions: allreduce_rms" (docs/BENCHMARKS.md);
+# DESIGN.md saw the same class of crash with 0.33, whose switch is named differently.
+def safe_tp_flags(version: str) -> list[str]:
+
+    key = "fuse_allreduce_rms" if version_tuple(version)[:2] < (0, 33) else "enable_fi_allreduce_fusion"
+    return ["--disable-custom-all-reduce", "--compilation-config", f'{{"pass_config": {{"{key}": false}}}}']
+
+
+# Log lines after which a starting vLLM never becomes healthy (its API server can
+# hang on after the engine died, so the process alone does not tell).
+FATAL_LOG = ("Engine core initialization failed", "an illegal memory access was encountered",
+             "CUBLAS_STATUS_INTERNAL_ERROR", "Worker failed with error", "CUDA out of memory")
+
+
+# Where these say NVLink multicast is off (shared GPU hosts, VMs), TP > 1 starts with the safe flags at
+# once instead of after a crash, and the launch script keeps them for the service (a systemd unit
+# does not inherit the installer's environment).
+MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multicast_env(environ: dict[str, str]) -> dict[str, str]:
+    """The multicast switches set in `environ`, to pass on to the engine."""
+    return {k: environ[k] for k in MULTICAST_ENV if k in environ}
+
+
+def multicast_off(environ: dict[str, str]) -> bool:
+    return any(environ.get(k, "").strip() == off for k, off in MULTICAST_ENV.items())
+
+
+# Compiled kernels go under one cache directory, not the HOME of whoever started the engine: vLLM's
+# first start JIT-compiles for minutes (FlashInfer, Triton, torch.compile) and every later release on
+# the box reuses them. Variable → subdirectory of that cache.
+CACHE_VARS = {"VLLM_CACHE_ROOT": "vllm", "FLASHINFER_WORKSPACE_BASE": "", "TRITON_CACHE_DIR": "triton",
+              "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               "VLLM_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def launch_argv(python: str, model_path: str, name: str, host: str, port: int, plan, safe: bool,
+                version: str = DEFAULT_VERSION) -> list[str]:
+    # `vllm serve` itself (its CLI module): what a user runs by hand, so the plan starts from the same
+    # defaults, e.g. one API server process per data-parallel replica (the bare api_server module
+    # runs one for all of them)
+    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", model_path, "--served-model-name", name,
+            "--host", host, "--port", str(port)]
+    if plan.engine_defaults:  # `vllm serve MODEL` (the key from VLLM_API_KEY, as vLLM reads it): a reference
+        return argv
+    argv += ["--tensor-parallel-size", str(plan.tensor_parallel),
+             "--data-parallel-size", str(plan.data_parallel), "--max-model-len", str(plan.max_model_len),
+             "--max-num-seqs", str(plan.max_num_seqs), "--gpu-memory-utilization", str(plan.gpu_memory_utilization),
+             "--uvicorn-log-level", "warning",
+             # vLLM's own key guards /v1 only: every route but /health behind it (vllm_auth.py)
+             "--middleware", "bundler.engines.vllm_auth.KeyOnEveryRoute"]
+    if plan.task == "embed":  # /v1/embeddings: vLLM's pooling runner (a causal LM is converted to embed)
+        argv += ["--runner", "pooling"]
+    if getattr(plan, "api_servers", 0) > 1:
+        argv += ["--api-server-count", str(plan.api_servers)]
+    argv += list(plan.extra_args)
+    if safe and plan.tensor_parallel > 1:
+        argv += safe_tp_flags(version)
+    return argv

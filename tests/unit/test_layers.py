@@ -1,0 +1,77 @@
+"""The layers the code keeps (tools/check_layers.py, run by `make lint`): the box never imports the
+bundle side, the contract imports nothing of ours; and the box's entry point loads without any of
+the bundling side's third-party packages."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("check_layers", ROOT / "tools" / "check_layers.py")
+layers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(layers)
+
+
+def test_the_tree_keeps_its_layers():
+    assert layers.problems() == []
+
+
+def _copy(tmp_path):
+    dst = tmp_path / "tree"
+    shutil.copytree(ROOT / "bundler", dst / "bundler", ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def test_a_planted_bundle_side_import_fails_make_lint(tmp_path):
+    """An import of the bundle side from the box, even one deferred into a function, fails the check
+    (and so `make lint`), naming the line and how the box reaches it."""
+    tree = _copy(tmp_path)
+    health = tree / "bundler" / "box" / "health.py"
+    health.write_text(health.read_text() + "\n\ndef _planted():\n    from .. import spec  # noqa: F401\n")
+    found = layers.problems(tree)
+    assert len(found) == 1 and "bundler/box/health.py:" in found[0] and "bundler.spec" in found[0], found
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layers.py"), str(tree)], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "bundler.spec" in r.stderr
+    # reached through another module (a core module that starts importing the bundle side) counts too
+    tree = _copy(tmp_path / "2")
+    mi = tree / "bundler" / "modelinfo.py"
+    mi.write_text(mi.read_text() + "\n\ndef _planted():\n    from .lock import pins  # noqa: F401\n")
+    found = layers.problems(tree)
+    assert found and "bundler.lock" in found[0] and "modelinfo.py" in found[0]
+    # and the contract may import nothing of ours
+    tree = _copy(tmp_path / "3")
+    tr = tree / "bundler" / "contract" / "trust.py"
+    tr.write_text(tr.read_text() + "\nfrom ..errors import BundlerError  # noqa: E402,F401\n")
+    assert any("the contract imports bundler.errors" in p for p in layers.problems(tree))
+
+
+BLOCK = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'requests', 'piptools', 'huggingface_hub', 'cryptography', 'gguf', 'uv', 'pip',
+                                  'matplotlib', 'tomli', 'setuptools'}:
+            raise ImportError('the box has no ' + name)
+sys.meta_path.insert(0, Block())
+import pkgutil, importlib, bundler
+names = []
+for m in pkgutil.walk_packages(bundler.__path__, 'bundler.'):
+    if m.name.startswith(('bundler.box', 'bundler.contract', 'bundler.engines.tabby_run', 'bundler.engines.vllm_auth',
+                          'bundler.supervise', 'bundler.guard', 'bundler.egress', 'bundler.planner')) or \\
+            m.name in ('bundler.engines.llama_cpp', 'bundler.engines.vllm', 'bundler.engines.exllama'):
+        if m.name.endswith('__main__'):
+            continue
+        importlib.import_module(m.name)
+        names.append(m.name)
+from bundler.box.main import main
+print(len(names))
+"""
+
+
+def test_the_box_side_loads_without_the_bundling_sides_packages():
+    r = subprocess.run([sys.executable, "-c", BLOCK], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) >= 20

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""The layers of `bundler`, checked (make lint; tests/unit/test_layers.py):
+
+  contract  bundler/contract/: standard library only, nothing else of ours (bootstrap.py and
+            NAME.unpack.py embed it verbatim)
+  core      the planner, model and hardware facts, versions, errors, manifest: import contract
+  box       bundler/box/ and what keeps running on the box (supervise, guard, egress, the engines'
+  runtime   launch sides, tabby_run, vllm_auth): import core and contract, never the bundle side
+  bundle    the online side: cli, bundle, spec, lock, sources/, signing, cache, toolchains, boxlock,
+            each engine's build.py
+
+Every import counts, also one inside a function (149 of them sit there: deferring an import hides
+it from the interpreter, not from this check). Exit 1 naming each import that breaks a rule and
+the chain that reaches it.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = "bundler"
+BOX_ROOTS = ("bundler.box", "bundler.supervise", "bundler.guard", "bundler.egress", "bundler.engines.tabby_run",
+             "bundler.engines.vllm_auth", "bundler.engines.llama_cpp", "bundler.engines.vllm",
+             "bundler.engines.exllama")
+BUNDLE_SIDE = ("bundler.bundle", "bundler.cli", "bundler.spec", "bundler.lock", "bundler.sources", "bundler.signing",
+               "bundler.cache", "bundler.toolchains", "bundler.boxlock", "bundler.engines.llama_cpp.build",
+               "bundler.engines.vllm.build", "bundler.engines.exllama.build", "bundler.engines.exllama.ext_build")
+
+
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    out = {}
+    for p in (root / PKG).rglob("*.py"):
+        parts = list(p.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def imports(name: str, mods: dict[str, Path]) -> list[tuple[str, int]]:
+    """(module of ours, line) for every import in module `name`, at any depth."""
+    p = mods[name]
+    pkg = name if p.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = []
+    for n in ast.walk(ast.parse(p.read_text(), str(p))):
+        if isinstance(n, ast.ImportFrom):
+            if n.level:
+                base = pkg.split(".")[: len(pkg.split(".")) - (n.level - 1)]
+                mod = ".".join(base + ([n.module] if n.module else []))
+            else:
+                mod = n.module or ""
+            for c in [mod, *(f"{mod}.{a.name}" for a in n.names)]:
+                if c in mods:
+                    found.append((c, n.lineno))
+        elif isinstance(n, ast.Import):
+            found += [(a.name, n.lineno) for a in n.names if a.name in mods]
+    return found
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def problems(root: Path = ROOT) -> list[str]:
+    mods = modules(root)
+    out = []
+    for name in sorted(mods):
+        if _under(name, ("bundler.contract",)):
+            for dep, line in imports(name, mods):
+                if not _under(dep, ("bundler.contract",)):
+                    out.append(f"{mods[name].relative_to(root)}:{line}: the contract imports {dep} (standard library "
+                               "and bundler.contract only: bootstrap.py embeds it)")
+    # everything the box side reaches, with the first chain that reaches it
+    via: dict[str, tuple[str, int]] = {}
+    todo = [m for m in mods if _under(m, BOX_ROOTS) and not _under(m, BUNDLE_SIDE)]
+    seen = set(todo)
+    while todo:
+        m = todo.pop()
+        for dep, line in imports(m, mods):
+            if dep not in seen:
+                seen.add(dep)
+                via[dep] = (m, line)
+                if not _under(dep, BUNDLE_SIDE):  # the crossing is what is named, not what lies beyond it
+                    todo.append(dep)
+    for dep in sorted(seen):
+        if _under(dep, BUNDLE_SIDE):
+            chain, cur = [], dep
+            while cur in via:
+                parent, line = via[cur]
+                chain.append(f"{mods[parent].relative_to(root)}:{line}")
+                cur = parent
+            out.append(f"{chain[0]}: the box side imports {dep}, a bundle-side module (via "
+                       f"{' <- '.join(chain)}); move what the box needs into core or contract")
+    return out
+
+
+def main() -> int:
+    found = problems(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)
+    for p in found:
+        print(p, file=sys.stderr)
+    if found:
+        print(f"layers: {len(found)} import(s) break the rules in tools/check_layers.py", file=sys.stderr)
+        return 1
+    print("layers: contract <- core <- box/runtime, apart from the bundle side: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
