@@ -310,7 +310,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="bundler", description="Bundle an LLM service for an offline box.")
+    p.add_argument("--version", action="version", version=f"airgap-llm bundler {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bundle", help="build a bundle from a spec (make bundle)")
     b.add_argument("spec", nargs="?", default="bundle.toml", help="bundle spec (TOML), default bundle.toml")

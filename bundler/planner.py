@@ -94,6 +94,21 @@ class Intent:
     concurrency: int
     context: int  # tokens per request
 
+    def __post_init__(self) -> None:
+        """The one check of a load to plan for (the spec, install.sh and `bundler plan` all build one)."""
+        from .errors import BundlerError
+
+        for what, v, lo, hi, eg in (("concurrency", self.concurrency, 1, MAX_CONCURRENCY, "--concurrency 32"),
+                                    ("context", self.context, 1, MAX_CONTEXT, "--context 4096")):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                unit = "requests served at once" if what == "concurrency" else "tokens per request"
+                raise BundlerError(f"{what} {v!r} is outside {lo}..{hi} ({unit})",
+                                   hint=f"give a whole number in that range, e.g. {eg}")
+
+
+MAX_CONCURRENCY = 4096  # requests at once a plan is made for (vLLM's own cap on one replica is 1024 seqs)
+MAX_CONTEXT = 1 << 20
+
 
 @dataclass(frozen=True)
 class Plan:

@@ -424,7 +424,8 @@ exl2_direct() {  # issue #14 in one short call (a session with ~4 device minutes
 import json, types
 from pathlib import Path
 from bundler.engines import exllama
-for rel, data in exllama.read_archive(exllama.TABBY_ARCHIVE, exllama.TABBY_SHA256).items():
+from bundler.engines.exllama.build import read_archive
+for rel, data in read_archive(exllama.V2.tabby_archive, exllama.V2.tabby_sha256, exllama.V2).items():
     p = Path("/tmp/tabbyapi") / rel
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(data)

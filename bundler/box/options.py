@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .. import __version__
+
 DEFAULT_PREFIX = "/opt/airgap-llm"
 DEFAULT_USER = "airgap-llm"
 
@@ -73,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
                "AIRGAP_LLM_TRUST (--trust), AIRGAP_LLM_USER (--user). "
                "Exit status: 0 done, 1 error, 2 usage, 3 the model cannot be served on this box.")
     p.add_argument("--bundle", required=True, help=argparse.SUPPRESS)
+    p.add_argument("--version", action="version", version=f"airgap-llm installer {__version__}")
     p.add_argument("--prefix", default=env("AIRGAP_LLM_PREFIX"),
                    help=f"install under this directory (default {DEFAULT_PREFIX}, which needs root); several "
                         "bundles can live in one prefix, each under PREFIX/NAME")

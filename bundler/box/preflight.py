@@ -4,6 +4,7 @@ packages it reuses, the driver, the port), before anything changes."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
 import sys
@@ -160,3 +161,52 @@ def triton_toolchain(doc: dict[str, Any], name: str = "vllm", say: bool = True) 
             info(f"no {'nvcc' if not nvcc else 'C++ compiler'} on this box, which FlashInfer compiles its sampling "
                  "kernels with at the first start: vLLM samples with PyTorch instead (VLLM_USE_FLASHINFER_SAMPLER=0)")
     return out
+
+
+_READ_CHECK = """
+import os, sys
+root = sys.argv[1]
+p = os.path.dirname(root)
+while True:
+    if not os.access(p, os.X_OK):
+        print(p + ": a folder above the model it cannot enter"); sys.exit(1)
+    if p == os.path.dirname(p):
+        break
+    p = os.path.dirname(p)
+todo = [root]
+while todo:
+    p = todo.pop()
+    if os.path.isdir(p):
+        if not os.access(p, os.R_OK | os.X_OK):
+            print(p + ": a folder it cannot list"); sys.exit(1)
+        todo += [os.path.join(p, n) for n in sorted(os.listdir(p))]
+    elif not os.access(p, os.R_OK):
+        print(p + ": a file it cannot read"); sys.exit(1)
+"""
+
+
+def check_readable_by_engine(path: Path, user: str, mode: str) -> None:
+    """The engine runs as another account: every file and folder of a model on the box must be
+    readable by it, checked before anything changes (a root-owned 0600 safetensors shard, as torch's
+    writer makes them, made vLLM fail after 80 s with "file not found"). Under systemd the engine's
+    account is made at each start (DynamicUser=): it reads what any other user may."""
+    import pwd
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not (user or mode == "systemd"):
+        return  # the engine runs as the installing user
+    try:
+        pw = pwd.getpwnam(user) if user else None
+    except KeyError:
+        pw = None  # made at install: a new system account, with no group of the model's
+    uid, gid = (pw.pw_uid, pw.pw_gid) if pw else (65534, 65534)
+    groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw else []
+    r = subprocess.run([sys.executable, "-I", "-c", _READ_CHECK, str(path)], user=uid, group=gid,
+                       extra_groups=groups, capture_output=True, text=True, cwd="/")
+    if r.returncode != 0:
+        who = f"the account {user}" if user else "the service's own account (systemd DynamicUser)"
+        raise BundlerError(f"the engine runs as {who} and cannot read the model: {r.stdout.strip() or r.stderr.strip()}"
+                           "; nothing was changed",
+                           hint=f"let it read the model: chmod -R a+rX {path} (and a+x on the folders above it), "
+                                f"or copy the model where it can")

@@ -204,7 +204,7 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
         site = engine_site(bundle, doc, engine, layout)
         argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], host, port, plan, safe, engine["version"])
         # the engine's wheels, then the release's own site (the middleware that guards every route)
-        extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV,
+        extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV, **vllm.host_ip_env(host),
                      **vllm.multicast_env(dict(os.environ))}
         cache_vars = dict(vllm.CACHE_VARS)
         tools = triton_toolchain(doc, engine["name"], say=False)

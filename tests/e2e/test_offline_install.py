@@ -565,3 +565,26 @@ def test_dry_run_plans_for_a_described_box(bundle_dir, tmp_path):
     assert r.returncode == 1 and "nope.json: no such file" in r.stderr and "--probe > box.json" in r.stderr
     r = subprocess.run([str(bundle_dir / "install.sh"), "--box", str(box)], capture_output=True, text=True)
     assert r.returncode == 2 and "--box goes with --dry-run" in r.stderr
+
+
+def test_a_model_the_engine_user_cannot_read_is_refused_before_anything_changes(bundle_dir, netns, tmp_path):
+    """The engine runs as another account: a root-owned 0600 model (what torch's writer makes) failed
+    only after the engine's start, with the engine's own misleading "file not found"."""
+    models = tmp_path / "models"
+    models.mkdir()
+    model = models / "m.gguf"
+    shutil.copy(bundle_dir / MODEL, model)
+    model.chmod(0o600)
+    prefix = tmp_path / "p"
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--model", str(model), "--dry-run"])
+    assert r.returncode == 1, r.stderr
+    assert "cannot read the model" in r.stderr and f"{model}: a file it cannot read" in r.stderr
+    assert "account nobody" in r.stderr and f"chmod -R a+rX {model}" in r.stderr
+    assert not prefix.exists()
+    models.chmod(0o700)  # the file readable, a folder above it not
+    model.chmod(0o644)
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--model", str(model), "--dry-run"])
+    assert r.returncode == 1 and f"{models}: a folder above the model it cannot enter" in r.stderr, r.stderr
+    models.chmod(0o755)
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--model", str(model), "--dry-run"])
+    assert r.returncode == 0, r.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bundler.engines.llama_cpp import zig_toolchain
+from bundler.toolchains import zig_toolchain
 from bundler.render import render
 
 pytestmark = pytest.mark.e2e

@@ -229,3 +229,26 @@ def test_the_installer_takes_the_manifest_bootstrap_checked_and_a_plain_name_onl
     stage.chmod(0o755)  # a folder others could have changed is not taken for bootstrap.py's
     with pytest.raises(BundlerError, match="not the private folder"):
         boot.manifest(bundle)
+
+
+@pytest.mark.parametrize("host, ip", [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("10.1.2.3", "10.1.2.3")])
+def test_vllm_starts_with_its_host_ip_set_so_it_looks_nothing_up(host, ip, tmp_path, monkeypatch):
+    """vLLM's get_ip() opens a UDP socket towards 8.8.8.8 and, with no route, falls back to 0.0.0.0 after
+    two reverse lookups of '0.0.0.0.in-addr.arpa': the egress audit failed the GPU install on them."""
+    from bundler import planner
+    from bundler.box import release
+    from bundler.box.layout import Layout
+
+    monkeypatch.setattr(release, "engine_site", lambda *a: tmp_path / "site")
+    monkeypatch.setattr(release, "triton_toolchain", lambda *a, **k: {"cc": "/usr/bin/cc", "headers": "",
+                                                                        "flashinfer_jit": ""})
+    (tmp_path / "stage" / "bin").mkdir(parents=True)
+    plan = planner.Plan(engine="vllm", backend="cuda", model="m", threads=0, slots=8, context_per_slot=4096,
+                        gpu_layers=0, total_layers=32, max_model_len=4096, max_num_seqs=256,
+                        gpu_memory_utilization=0.9)
+    doc = {"engines": [{"name": "vllm", "dir": "engines/vllm", "version": "0.26.0"}], "files": []}
+    script = release._engine_script(tmp_path / "bundle", doc, {"name": "m", "file": "/srv/m", "on_box": True}, plan,
+                                    Layout(tmp_path / "p", tmp_path / "etc", "svc"), "r1", tmp_path / "final",
+                                    tmp_path / "stage", host, 8000, False, {})
+    assert f"VLLM_HOST_IP={ip}" in script.replace("'", "")
+    assert "VLLM_NO_USAGE_STATS=1" in script.replace("'", "")

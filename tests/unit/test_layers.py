@@ -75,3 +75,12 @@ def test_the_box_side_loads_without_the_bundling_sides_packages():
     r = subprocess.run([sys.executable, "-c", BLOCK], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) >= 20
+
+
+def test_both_commands_say_their_version():
+    from bundler import __version__
+
+    r = subprocess.run([sys.executable, "-m", "bundler", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == f"airgap-llm bundler {__version__}"
+    r = subprocess.run([sys.executable, "-m", "bundler.box", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == f"airgap-llm installer {__version__}"

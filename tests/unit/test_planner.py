@@ -375,3 +375,13 @@ def test_a_gpu_embedding_model_beside_an_exllama_or_cuda_llama_chat_model_leaves
     assert (embed.engine, embed.backend) == ("vllm", "cuda")
     taken = sum(embed.memory_per_gpu_gib)
     assert both.usable_per_gpu_gib[0] < alone.usable_per_gpu_gib[0] - taken * 0.9
+
+
+@pytest.mark.parametrize("concurrency, context", [(0, 4096), (-5, 4096), (100000, 4096), (8, -1), (8, 0),
+                                                  (8, 1 << 21), (True, 4096)])
+def test_a_load_that_makes_no_sense_is_refused_with_the_range(concurrency, context):
+    from bundler.errors import BundlerError
+
+    with pytest.raises(BundlerError) as e:
+        planner.Intent(concurrency=concurrency, context=context)
+    assert "is outside" in e.value.message and "e.g." in e.value.hint

@@ -56,6 +56,13 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAG
                "VLLM_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
+def host_ip_env(host: str) -> dict[str, str]:
+    """VLLM_HOST_IP for one box: vLLM's get_ip() otherwise opens a UDP socket towards 8.8.8.8 and, with no
+    route, falls back to 0.0.0.0 after two reverse lookups of '0.0.0.0.in-addr.arpa' (the egress audit
+    recorded both on the GPU box). The address the service listens on where it is one, else loopback."""
+    return {"VLLM_HOST_IP": host if host and host not in ("0.0.0.0", "::", "localhost") else "127.0.0.1"}
+
+
 def launch_argv(python: str, model_path: str, name: str, host: str, port: int, plan, safe: bool,
                 version: str = DEFAULT_VERSION) -> list[str]:
     # `vllm serve` itself (its CLI module): what a user runs by hand, so the plan starts from the same
