@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import sys
 import threading
 import time
 import urllib.parse
@@ -114,11 +113,11 @@ def one_request(url: str, key: str, model: str, prompt: str, max_tokens: int, ti
 
 def run_level(url: str, key: str, model: str, concurrency: int, requests: int, prompt_tokens: int,
               max_tokens: int, timeout: float = 600.0, progress: bool = True) -> Level:
-    from tqdm import tqdm
+    from .progress import bar as tqdm
 
     samples: list[Sample] = []
     lock = threading.Lock()
-    bar = tqdm(total=requests, desc=f"concurrency {concurrency}", unit="req", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=requests, desc=f"concurrency {concurrency}", unit="req", disable=not progress)
 
     def task(i: int) -> None:
         s = one_request(url, key, model, prompt_of(prompt_tokens, i), max_tokens, timeout)

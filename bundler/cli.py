@@ -32,6 +32,7 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
     if sys.version_info < (3, 10):
         raise BundlerError("bundling needs Python >= 3.10", hint="run make bundle with a newer python3")
+    _need_bundle_extra()
     from .probe import load_probe
 
     s = spec.load(a.spec)
@@ -60,6 +61,20 @@ def cmd_bundle(a: argparse.Namespace) -> int:
           + ("" if a.unsigned else f"\n  (signed: give the box {pub} by another way, once)")
           + _out_of_band(r.directory))
     return 0
+
+
+BUNDLE_SIDE = {"piptools": "pip-tools", "requests": "requests", "huggingface_hub": "huggingface_hub", "gguf": "gguf",
+               "uv": "uv", "cryptography": "cryptography"}
+
+
+def _need_bundle_extra() -> None:
+    """Bundling needs the [bundle] extra; without it pip-compile failed with a hint about the index."""
+    import importlib.util
+
+    missing = [pkg for mod, pkg in BUNDLE_SIDE.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise BundlerError(f"bundling needs packages this Python lacks: {', '.join(missing)}",
+                           hint="install the bundling side: pip install -e '.[bundle]' (make bundle does it in .venv)")
 
 
 def _out_of_band(d: Path) -> str:

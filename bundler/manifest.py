@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -427,13 +426,12 @@ def _progress(total: int, desc: str, show: bool) -> Callable[[int | None], None]
     if not show:
         return lambda n: None
     try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is always bundled
+        from .progress import bar
+    except ImportError:  # pragma: no cover - progress.py is beside this file
         return lambda n: None
     import threading
 
-    t = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=True,
-             file=sys.stderr, mininterval=0.3)
+    t = bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=True, mininterval=0.3)
     lock = threading.Lock()
 
     def update(n: int | None) -> None:

@@ -4,7 +4,7 @@ Pure: no I/O. Every number it sets comes with a reason a person can check, and
 every engine it did not pick is listed with why. Intent is the load to serve:
 target concurrency and tokens per request (prompt + answer).
 
-Engines (DESIGN.md):
+Engines (docs/DESIGN.md):
 - GGUF → llama.cpp's llama-server: all layers on the GPUs when weights + KV for
   the target load fit; else partial offload (-ngl); no usable GPU → CPU.
 - safetensors → vLLM: smallest tensor-parallel size that fits weights + KV for

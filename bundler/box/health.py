@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -77,12 +76,12 @@ def _reason(e: BaseException) -> int:
 
 def wait_healthy(base: str, timeout: float, log_hint: str, alive: Callable[[], bool],
                  watch: LogWatch | None = None) -> float:
-    from tqdm import tqdm
+    from ..progress import bar as tqdm
 
     t0 = time.monotonic()
     unreachable = 0
     with tqdm(total=None, desc="waiting for the engine to load", unit="s", bar_format="{desc}: {elapsed}",
-              file=sys.stderr, mininterval=0.5) as bar:
+              mininterval=0.5) as bar:
         while True:
             try:
                 code, _ = http_json(base + "/health", timeout=2)

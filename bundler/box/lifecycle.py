@@ -29,7 +29,8 @@ from .preflight import TRITON_ENGINES, check_port, check_readable_by_engine, pre
 from .release import Member, Target, build_release, local_address, read_target
 from .report import info, warn
 from .service import (check_reachable, ctl, engine_alive, engine_user, ensure_env_file, ensure_user, give_to_user,
-                      is_running, read_key, remove_unit, remove_user, service_mode, start, stop_command)
+                      is_running, read_key, remove_unit, remove_user, service_mode, start, state, stop_command)
+from .service import RUNNING
 from .trust import check_trust, remember
 from .verify import join_split_files, verify_bundle
 
@@ -265,7 +266,7 @@ def _same_release(previous: Path, layout: Layout, doc: dict[str, Any], m: dict[s
                   svc: Service, opts: Options) -> dict[str, Any]:
     """The release this bundle and plan make is the current one: leave it, or start it if it is down."""
     t = svc.target
-    if is_running(previous):
+    if state(previous) == RUNNING:  # running and holding its own port (ctl status)
         code, _ = http_json(svc.base + "/health")
         if code == 200:
             info(f"release {previous.name} is installed and healthy; nothing changed")
@@ -417,6 +418,43 @@ def _members_of(release: Path) -> tuple[Member, ...]:
     except FileNotFoundError:
         return ()
     return tuple(Member({"name": r["model"]}, _plan_of(r["plan"]), int(r["port"])) for r in rows)
+
+
+# ---- what is installed ---------------------------------------------------------------
+
+def list_services(opts: Options) -> list[dict[str, Any]]:
+    """Every service installed in the prefix: its state (ctl status), model, engine, endpoint, release."""
+    prefix = layout_for(opts, "x").prefix
+    rows = []
+    for name in lay.installed_bundles(prefix):
+        layout = layout_for(opts, name)
+        release = _current_release(layout)
+        if release is None:
+            continue
+        try:
+            plan = json.loads((release / "plan.json").read_text())
+            t = read_target(release)
+            doc = json.loads((release / "manifest.json").read_text())
+        except (OSError, ValueError, TypeError) as e:
+            rows.append({"name": name, "state": f"unreadable ({e})", "release": release.name})
+            continue
+        st = state(release)
+        rows.append({"name": name, "version": doc.get("version", ""), "state": {RUNNING: "running", 3: "stopped",
+                     4: "running, port taken by another program"}.get(st, f"unknown (ctl status {st})"),
+                     "model": plan.get("model", ""), "engine": plan.get("engine", ""),
+                     "endpoint": f"http://{local_address(t.host)}:{t.port}/v1", "mode": t.mode,
+                     "release": release.name, "ctl": str(layout.current / "bin" / "ctl")})
+    return rows
+
+
+def services_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no service is installed in this prefix"
+    cols = ("name", "version", "state", "model", "engine", "endpoint", "release")
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 # ---- uninstall -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -18,7 +19,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  endpoint:     {s['endpoint']}",
         f"  API key in:   {s['api_key_file']}",
         f"  service:      {s['service']}",
-        f"  control:      {s['ctl']} start|stop|restart|status|logs",
+        f"  control:      {shlex.quote(s['ctl'])} start|stop|restart|status|logs [-f]",
         f"  stop with:    {s['stop_command']}",
         f"  try it:       {s['curl']}",
     ]
@@ -39,6 +40,13 @@ def run(opts: options.Options) -> dict[str, Any] | None:
         return None
     if opts.action == "uninstall":
         lifecycle.uninstall(opts)
+        return None
+    if opts.action == "list":
+        rows = lifecycle.list_services(opts)
+        if opts.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(lifecycle.services_table(rows))
         return None
     if opts.action == "rollback":
         return lifecycle.rollback(opts)

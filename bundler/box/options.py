@@ -17,7 +17,7 @@ DEFAULT_USER = "airgap-llm"
 @dataclass(frozen=True)
 class Options:
     bundle: Path
-    action: str  # install | dry-run | probe | rollback | uninstall
+    action: str  # install | dry-run | probe | rollback | uninstall | list
     prefix: Optional[Path] = None
     config_dir: Optional[Path] = None
     host: Optional[str] = None
@@ -153,12 +153,14 @@ def parser() -> argparse.ArgumentParser:
                         "--trust KEY.pub or --trust-fingerprint (never the key the bundle carries on its own word)")
     p.add_argument("--trust-fingerprint", default=env("AIRGAP_LLM_TRUST_FINGERPRINT"), metavar="FP",
                    help="pin the key the bundle carries if its fingerprint is FP, as its maker told you out of band "
-                        "(what `make bundle` printed, e.g. 756D2CF875D02C67)")
+                        "(what `make bundle` printed: SHA256:… , the hash of the key itself)")
     p.add_argument("--rollback", action="store_true",
                    help="switch back to the release installed before the current one and start it")
     p.add_argument("--uninstall", action="store_true",
                    help="stop the service and remove what the installer made for this bundle: its releases, unit, "
                         "env file and logs (models are kept; directories that were there before are left)")
+    p.add_argument("--list", action="store_true",
+                   help="list every service installed in the prefix: state, model, engine, endpoint, release")
     p.add_argument("--purge", action="store_true",
                    help="with --uninstall: remove the stored models, pinned keys, accepted versions and the service "
                         "user the installer made too")
@@ -193,7 +195,7 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         p.error(f"--tune-budget {a.tune_budget!r}: give a time such as 900s, 20m or 1h")
     if a.baseline and not a.bench:
         p.error("--baseline goes with --bench (it compares the installed service with the engine's defaults)")
-    actions = [n for n in ("dry_run", "probe", "rollback", "uninstall") if getattr(a, n)]
+    actions = [n for n in ("dry_run", "probe", "rollback", "uninstall", "list") if getattr(a, n)]
     if len(actions) > 1:
         p.error("choose one of " + ", ".join("--" + n.replace("_", "-") for n in actions))
     if a.box_file and not a.dry_run:

@@ -44,13 +44,13 @@ def _copy_hashing(src: Path, dst: Path, sha256: str, label: str | None) -> None:
     """Copy src to dst through a .incomplete file, hashing what is written; refuse on mismatch."""
     import hashlib
 
-    from tqdm import tqdm
+    from ..progress import bar as tqdm
 
     tmp = dst.with_name(dst.name + ".incomplete")
     size = src.stat().st_size
     h = hashlib.sha256()
     with open(src, "rb") as fi, open(tmp, "wb") as fo, tqdm(total=size, unit="B", unit_scale=True,
-                                                            unit_divisor=1024, desc=label, file=sys.stderr,
+                                                            unit_divisor=1024, desc=label,
                                                             mininterval=0.3, disable=label is None) as bar:
         while True:
             block = fi.read(8 << 20)

@@ -145,8 +145,17 @@ def ctl(release: Path, action: str) -> int:
     return subprocess.run([str(release / "bin" / "ctl"), action], stdout=sys.stderr, stderr=sys.stderr).returncode
 
 
+# `ctl status`: 0 running, 3 stopped, 4 running while another program holds its port
+RUNNING, STOPPED, PORT_TAKEN = 0, 3, 4
+
+
+def state(release: Path) -> int:
+    return subprocess.run([str(release / "bin" / "ctl"), "status"], capture_output=True).returncode
+
+
 def is_running(release: Path) -> bool:
-    return subprocess.run([str(release / "bin" / "ctl"), "status"], capture_output=True).returncode == 0
+    """The release's service is up (its own port or not: either way it must be stopped to stop it)."""
+    return state(release) in (RUNNING, PORT_TAKEN)
 
 
 def start(release: Path, mode: str, layout: Layout) -> None:

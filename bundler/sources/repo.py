@@ -209,7 +209,7 @@ def _download(url: str, tmp: Path, headers: dict[str, str], label: str, log, tri
 def fetch_files(r: Resolved, log=print) -> tuple[Resolved, dict[str, Path]]:
     """Every file of `r` as a verified local copy (path in the repo → cached blob). Returns the
     resolution with the sha256 of files the hub gave none for filled in."""
-    from tqdm import tqdm
+    from ..progress import bar as tqdm
 
     scheme = parse(r.source)[0]
     out: dict[str, Path] = {}

@@ -18,7 +18,7 @@ def download(url: str, tmp: Path, *, headers: dict[str, str] | None = None, labe
              timeout: float = 30.0, quiet: bool = False) -> None:
     """Download url into tmp, resuming from tmp's current size when the server allows it."""
     import requests
-    from tqdm import tqdm
+    from ..progress import bar as tqdm
 
     headers = dict(headers or {})
     have = tmp.stat().st_size if tmp.exists() else 0

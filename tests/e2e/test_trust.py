@@ -367,8 +367,14 @@ def test_the_key_goes_only_to_the_services_own_listener(bundle_dir, netns, tmp_p
     c = netns.run(["sh", "-c", out["curl"]])
     assert c.returncode == 0 and json.loads(c.stdout)["choices"], c.stdout + c.stderr
 
+    # every service in the prefix, with its state (install.sh --list)
+    rows = json.loads(netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--list", "--json"],
+                                stdin=subprocess.DEVNULL).stdout)
+    assert [(r["name"], r["state"], r["endpoint"]) for r in rows] == [(B, "running", out["endpoint"])]
     ctl = prefix / B / "current" / "bin" / "ctl"
     assert netns.run([str(ctl), "stop"]).returncode == 0
+    table = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--list"], stdin=subprocess.DEVNULL)
+    assert table.returncode == 0 and B in table.stdout and "stopped" in table.stdout, table.stderr
     seen = tmp_path / "seen.txt"
     seen.write_text("")
     seen.chmod(0o666)
@@ -389,6 +395,9 @@ def test_the_key_goes_only_to_the_services_own_listener(bundle_dir, netns, tmp_p
         assert netns.run([str(ctl), "start"]).returncode == 0
         st = netns.run([str(ctl), "status"])
         assert st.returncode == 4 and "user nobody" in st.stderr and "clients' keys would go to it" in st.stderr
+        rows = json.loads(netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--list", "--json"],
+                                    stdin=subprocess.DEVNULL).stdout)
+        assert rows[0]["state"] == "running, port taken by another program"
         # the check the installer makes before the smoke test sends the key
         check = ("import sys; from pathlib import Path; from bundler.box import listener; "
                  "from bundler.box.layout import Layout; p = Path(sys.argv[1]); "

@@ -84,3 +84,20 @@ def test_both_commands_say_their_version():
     assert r.returncode == 0 and r.stdout.strip() == f"airgap-llm bundler {__version__}"
     r = subprocess.run([sys.executable, "-m", "bundler.box", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == f"airgap-llm installer {__version__}"
+
+
+def test_bundling_without_the_bundle_extra_says_which_packages_and_how():
+    """After a plain `pip install -e .`, `bundler bundle` failed with a hint blaming the package index."""
+    code = ("import importlib.abc, sys\n"
+            "class B(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('piptools', 'huggingface_hub'): raise ImportError(name)\n"
+            "sys.meta_path.insert(0, B())\n"
+            "import importlib.util\n"
+            "real = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda n, *a: None if n in ('piptools', 'huggingface_hub') else real(n, *a)\n"
+            "from bundler.cli import main\n"
+            "sys.exit(main(['bundle', 'bundle.toml', '--out', sys.argv[1]]))")
+    r = subprocess.run([sys.executable, "-c", code, "/nonexistent-out"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "pip-tools, huggingface_hub" in r.stderr and ".[bundle]" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ...versions import version_tuple
 NAME = "vllm"
 FORMATS = ("safetensors",)
-DEFAULT_VERSION = "0.26.0"  # the newest that pins torch 2.11.0 (DESIGN.md)
+DEFAULT_VERSION = "0.26.0"  # the newest that pins torch 2.11.0 (docs/DESIGN.md)
 GPU_STACK = ("torch", "torchvision", "torchaudio", "triton", "nvidia-")
 
 
@@ -19,7 +19,7 @@ GPU_STACK = ("torch", "torchvision", "torchaudio", "triton", "nvidia-")
 # all-reduce, and the all-reduce + RMSNorm fusion of its compiler. On 2×H200 with
 # vLLM 0.26.0, TP 2 died with "illegal memory access" in torch's symmetric-memory
 # all-reduce right after "Enabled custom fusions: allreduce_rms" (docs/BENCHMARKS.md);
-# DESIGN.md saw the same class of crash with 0.33, whose switch is named differently.
+# docs/DESIGN.md saw the same class of crash with 0.33, whose switch is named differently.
 def safe_tp_flags(version: str) -> list[str]:
 
     key = "fuse_allreduce_rms" if version_tuple(version)[:2] < (0, 33) else "enable_fi_allreduce_fusion"
