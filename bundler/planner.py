@@ -378,6 +378,11 @@ def _plan_gguf(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
             return p
     else:
         rejected.append({"engine": "llama.cpp (cuda)", "why": gpu_why})
+    if "cpu" not in engines:
+        why = "; ".join(r["why"] for r in rejected) or "no llama.cpp build"
+        raise PlanRefused(f"{name}: GGUF is served by llama.cpp, and this bundle carries no llama.cpp build that can "
+                          f"serve it here ({why})",
+                          hint='bundle it with [engines.llama_cpp] backends = ["cpu"] (and/or "cuda")')
     return _plan_llama_cpu(name, info, hw, intent.concurrency, ctx, notes, rejected, cpu_flags_needed)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from .engines import exllama
 from .modelinfo import SPLIT_RE, split_names
+from .contract.trust import version_key
 from .errors import SpecError
 
 FORMATS = ("gguf", "safetensors", "exl2", "exl3")
@@ -182,6 +183,33 @@ def _tname(typ: type | tuple[type, ...]) -> str:
     return names.get(typ, typ.__name__)
 
 
+def _is_address(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return host == "localhost"
+
+
+def _is_local(source: str) -> bool:
+    return not source.startswith(("pypi:", "http://", "https://", "hf://", "modelscope://", "box:"))
+
+
+def _local_source(r: _Reader, i: int, spec_path: Path, source: str) -> str:
+    """A model file on this machine, from the spec's own folder when relative, checked now (before the
+    engine builds, not after them)."""
+    raw = source[len("file://"):] if source.startswith("file://") else source
+    p = Path(raw).expanduser()
+    if not p.is_absolute():
+        p = spec_path.resolve().parent / p
+    if not p.is_file():
+        r.fail(f"models[{i}].source", f"{raw!r}: no such file ({p})",
+               "a relative path is read from the spec's folder; give the model file's path")
+    return str(p)
+
+
 def default_file_name(source: str) -> str:
     """The file name a source delivers when the spec gives none."""
     if source.startswith("hf://"):
@@ -256,6 +284,11 @@ def load(path: str | Path) -> Spec:
         bundle.fail("bundle.name", f"{name!r} is not a valid name",
                     "use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
     version = bundle.get("version", str, "1.0.0")
+    if version_key(version) is None:
+        bundle.fail("bundle.version", f"{version!r} is not a PEP 440 version",
+                    "e.g. version = \"1.2.0\" (the box refuses an older version than it accepted last)")
+    # a bundle that carries models for another bundle's engines (install.sh --model), serving none itself
+    models_only = bundle.get("models_only", bool, False)
     bundle.done()
 
     raw_models = top.get("models", list, hint="add at least one [[models]] table with source and sha256")
@@ -276,6 +309,11 @@ def load(path: str | Path) -> Spec:
         from .sources.repo import is_repo
 
         repo = is_repo(source)
+        if source.startswith(("hf://", "modelscope://")) and "@" in source and not source.rsplit("@", 1)[1].strip():
+            r.fail(f"models[{i}].source", f"{source!r} names an empty revision",
+                   "pin a branch, tag or commit after '@', e.g. @main (the lock records the commit)")
+        if _is_local(source):
+            source = _local_source(r, i, path, source)
         if source.startswith(("hf://", "modelscope://")) and not repo:
             rest = source.split("://", 1)[1]
             if "@" not in rest or rest.count("/") < 2:
@@ -343,6 +381,10 @@ def load(path: str | Path) -> Spec:
 
     s = _Reader(path, "service", top.get("service", dict, {}))
     host = s.get("host", str, "127.0.0.1")
+    if not _is_address(host):
+        s.fail("service.host", f"{host!r} is not an IP address of the box",
+               "the box has no name service to ask: give 127.0.0.1 (this box only), 0.0.0.0 (every interface) or "
+               "one of its addresses")
     service = ServiceSpec(
         port=s.int_in("port", 8080, 1, 65535),
         host=host,
@@ -390,6 +432,16 @@ def load(path: str | Path) -> Spec:
     vl.done()
     exl = {key: _exllama_spec(path, engines, key, default) for key, default in EXLLAMA_DEFAULTS.items()}
     engines.done()
+    for i, m in enumerate([] if models_only else models):  # every model needs an engine in the bundle
+        if m.format == "gguf" and not backends:
+            raise SpecError(f"{path}: models[{i}] ({m.name}) is GGUF, which only llama.cpp serves, and "
+                            "[engines.llama_cpp] backends is empty", hint='build it: backends = ["cpu"] (and/or '
+                            '"cuda"), or bundle a safetensors build of the model for vLLM')
+        if m.format == "safetensors" and not vversion:
+            raise SpecError(f"{path}: models[{i}] ({m.name}) is safetensors, which vLLM serves, and the spec bundles "
+                            "no vLLM", hint='add [engines.vllm] version = "0.26.0" and bundle for the box: make '
+                            "bundle TARGET=box.json REUSE=1 (box.json from ./install.sh --probe there); or, to carry "
+                            "the model for another bundle's engines, [bundle] models_only = true")
 
     t = _Reader(path, "target", top.get("target", dict, {}))
     platform = t.get("platform", str, "host")

@@ -163,26 +163,58 @@ def triton_toolchain(doc: dict[str, Any], name: str = "vllm", say: bool = True) 
     return out
 
 
-_READ_CHECK = """
-import os, sys
-root = sys.argv[1]
-p = os.path.dirname(root)
-while True:
-    if not os.access(p, os.X_OK):
-        print(p + ": a folder above the model it cannot enter"); sys.exit(1)
-    if p == os.path.dirname(p):
-        break
-    p = os.path.dirname(p)
-todo = [root]
-while todo:
-    p = todo.pop()
-    if os.path.isdir(p):
-        if not os.access(p, os.R_OK | os.X_OK):
-            print(p + ": a folder it cannot list"); sys.exit(1)
-        todo += [os.path.join(p, n) for n in sorted(os.listdir(p))]
-    elif not os.access(p, os.R_OK):
-        print(p + ": a file it cannot read"); sys.exit(1)
-"""
+def _first_unreadable(root: str) -> str:
+    """The first path of a model the current user cannot reach: '' when every one can be read."""
+    p = os.path.dirname(root)
+    while True:
+        if not os.access(p, os.X_OK):
+            return f"{p}: a folder above the model it cannot enter"
+        if p == os.path.dirname(p):
+            break
+        p = os.path.dirname(p)
+    todo = [root]
+    while todo:
+        p = todo.pop()
+        if os.path.isdir(p):
+            if not os.access(p, os.R_OK | os.X_OK):
+                return f"{p}: a folder it cannot list"
+            todo += [os.path.join(p, n) for n in sorted(os.listdir(p))]
+        elif not os.access(p, os.R_OK):
+            return f"{p}: a file it cannot read"
+    return ""
+
+
+def _as_user(uid: int, gid: int, groups: list[int], fn, *args) -> str:
+    """fn(*args) in a forked child that runs as uid/gid (no exec: the box's python may be one that
+    account cannot start); its string result comes back through a pipe."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the account, answer, and leave without running anything else
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            os.write(w, fn(*args).encode("utf-8", "replace")[:4000])
+        except BaseException as e:  # noqa: BLE001 - anything goes back as text, nothing escapes the child
+            try:
+                os.write(w, f"cannot check as uid {uid}: {e}".encode()[:4000])
+            except OSError:
+                pass
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    out = b""
+    while True:
+        block = os.read(r, 4096)
+        if not block:
+            break
+        out += block
+    os.close(r)
+    os.waitpid(pid, 0)
+    return out.decode("utf-8", "replace")
 
 
 def check_readable_by_engine(path: Path, user: str, mode: str) -> None:
@@ -191,8 +223,6 @@ def check_readable_by_engine(path: Path, user: str, mode: str) -> None:
     writer makes them, made vLLM fail after 80 s with "file not found"). Under systemd the engine's
     account is made at each start (DynamicUser=): it reads what any other user may."""
     import pwd
-    import subprocess
-    import sys
 
     if os.geteuid() != 0 or not (user or mode == "systemd"):
         return  # the engine runs as the installing user
@@ -202,11 +232,9 @@ def check_readable_by_engine(path: Path, user: str, mode: str) -> None:
         pw = None  # made at install: a new system account, with no group of the model's
     uid, gid = (pw.pw_uid, pw.pw_gid) if pw else (65534, 65534)
     groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw else []
-    r = subprocess.run([sys.executable, "-I", "-c", _READ_CHECK, str(path)], user=uid, group=gid,
-                       extra_groups=groups, capture_output=True, text=True, cwd="/")
-    if r.returncode != 0:
+    why = _as_user(uid, gid, groups, _first_unreadable, str(path))
+    if why:
         who = f"the account {user}" if user else "the service's own account (systemd DynamicUser)"
-        raise BundlerError(f"the engine runs as {who} and cannot read the model: {r.stdout.strip() or r.stderr.strip()}"
-                           "; nothing was changed",
+        raise BundlerError(f"the engine runs as {who} and cannot read the model: {why}; nothing was changed",
                            hint=f"let it read the model: chmod -R a+rX {path} (and a+x on the folders above it), "
                                 f"or copy the model where it can")

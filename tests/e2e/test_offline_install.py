@@ -575,16 +575,20 @@ def test_a_model_the_engine_user_cannot_read_is_refused_before_anything_changes(
     model = models / "m.gguf"
     shutil.copy(bundle_dir / MODEL, model)
     model.chmod(0o600)
+    facts = tmp_path / "facts.json"  # the box has no gguf package to read the header with
+    facts.write_text(json.dumps(json.loads((bundle_dir / "manifest.json").read_text())["models"][0]["facts"]))
     prefix = tmp_path / "p"
-    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--model", str(model), "--dry-run"])
+    dry = [str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--model", str(model), "--model-facts", str(facts),
+           "--dry-run"]
+    r = netns.run(dry)
     assert r.returncode == 1, r.stderr
     assert "cannot read the model" in r.stderr and f"{model}: a file it cannot read" in r.stderr
     assert "account nobody" in r.stderr and f"chmod -R a+rX {model}" in r.stderr
     assert not prefix.exists()
     models.chmod(0o700)  # the file readable, a folder above it not
     model.chmod(0o644)
-    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--model", str(model), "--dry-run"])
+    r = netns.run(dry)
     assert r.returncode == 1 and f"{models}: a folder above the model it cannot enter" in r.stderr, r.stderr
     models.chmod(0o755)
-    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--model", str(model), "--dry-run"])
+    r = netns.run(dry)
     assert r.returncode == 0, r.stderr

@@ -32,7 +32,8 @@ def _env(tmp_path: Path, hub: Hub) -> dict[str, str]:
 
 def _spec(tmp_path: Path, source: str, extra: str = "") -> Path:
     spec = tmp_path / "repo.toml"
-    spec.write_text(f'[bundle]\nname = "tiny-repo"\n[[models]]\nname = "tiny"\nsource = "{source}"\n{extra}\n'
+    spec.write_text('[bundle]\nname = "tiny-repo"\nmodels_only = true\n'  # carried for another bundle's vLLM
+                    f'[[models]]\nname = "tiny"\nsource = "{source}"\n{extra}\n'
                     '[engines.llama_cpp]\nbackends = []\n[target]\npythons = ["3.11"]\n')
     return spec
 

@@ -151,3 +151,42 @@ def test_one_file_named_twice_must_be_the_same_file(write_spec):
         spec.load(write_spec(text))
     assert "models[1].file" in e.value.message
     assert spec.load(write_spec(text.replace("b" * 64, SHA))).models[1].file == "m.gguf"
+
+
+@pytest.mark.parametrize("text, key, fix", [
+    (GOOD.replace("pypi:some-model==1.0", "./models/missing.gguf"), "'./models/missing.gguf': no such file",
+     "spec's folder"),
+    (GOOD.replace("pypi:some-model==1.0", "hf://org/repo/m.gguf@"), "names an empty revision", "@main"),
+    (GOOD.replace("pypi:some-model==1.0", "hf://org/repo@"), "names an empty revision", "@main"),
+    (GOOD + "\n[engines.llama_cpp]\nbackends = []\n", "GGUF, which only llama.cpp serves", 'backends = ["cpu"]'),
+    (GOOD + '\n[service]\nhost = "my-server"\n', "service.host 'my-server' is not an IP address", "0.0.0.0"),
+    (GOOD.replace('name = "demo"', 'name = "demo"\nversion = "one"'), "not a PEP 440 version", "1.2.0"),
+])
+def test_what_failed_only_after_the_build_now_fails_at_once(write_spec, text, key, fix):
+    """Issue 24: these passed the spec check and failed minutes later (after the llama-server build),
+    or built a bundle that could not be installed."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(SpecError) as e:
+        spec.load(write_spec(text))
+    assert time.monotonic() - t0 < 2
+    assert key in e.value.message and fix in (e.value.hint or ""), (e.value.message, e.value.hint)
+
+
+def test_a_safetensors_model_needs_vllm_in_the_bundle_or_models_only(write_spec):
+    repo = GOOD.replace("pypi:some-model==1.0", "hf://org/repo@main").replace(f'sha256 = "{SHA}"', "").replace(
+        'file = "m.gguf"', "")
+    with pytest.raises(SpecError) as e:
+        spec.load(write_spec(repo))
+    assert "no vLLM" in e.value.message and "[engines.vllm]" in e.value.hint and "models_only" in e.value.hint
+    spec.load(write_spec(repo.replace('name = "demo"', 'name = "demo"\nmodels_only = true')))
+
+
+def test_a_relative_model_path_is_read_from_the_specs_folder(tmp_path, monkeypatch):
+    (tmp_path / "specs" / "models").mkdir(parents=True)
+    (tmp_path / "specs" / "models" / "m.gguf").write_bytes(b"GGUF")
+    p = tmp_path / "specs" / "s.toml"
+    p.write_text(GOOD.replace("pypi:some-model==1.0", "./models/m.gguf"))
+    monkeypatch.chdir(tmp_path)  # not the spec's folder
+    assert spec.load(p).models[0].source == str(tmp_path / "specs" / "models" / "m.gguf")
