@@ -239,11 +239,35 @@ def _tree_id(files: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
+def check(spec: Spec, target: Any = None, reuse_installed: bool = False) -> list[str]:
+    """What can be known before any download or build (the spec itself was checked whole when it
+    loaded): each engine's needs of the box, the box's Python. Raises BundlerError; returns what the
+    bundle will hold, a line each. `bundler check` and the first step of `bundler bundle`."""
+    labels = sorted({exllama.BY_FORMAT[m.format].label for m in spec.models if m.format in exllama.BY_FORMAT})
+    if spec.vllm.version:
+        labels.append("vLLM")
+    for label in labels:
+        _needs_box(target, reuse_installed, label)
+    if target is not None:
+        py = ".".join(target.python.split(".")[:2])
+        if py not in ("3.9", "3.10", "3.11", "3.12", "3.13"):
+            raise BundlerError(f"the box's python is {target.python}; the installer runs on 3.9 to 3.13",
+                               hint="point the probe at a supported python3 there (AIRGAP_LLM_PYTHON) and probe again")
+    lines = [f"{spec.name} {spec.version}: {len(spec.models)} model(s)"]
+    for m in spec.models:
+        lines.append(f"  {m.name}: {m.format} ({m.task}) from {m.source}")
+    engines = [f"llama.cpp ({', '.join(spec.llama_cpp.backends)})"] if spec.llama_cpp.backends else []
+    engines += [f"vLLM {spec.vllm.version}"] if spec.vllm.version else []
+    engines += labels[: len(labels) - (1 if spec.vllm.version else 0)]
+    lines.append(f"  engines: {', '.join(engines) or 'none (models only)'}")
+    if target is not None:
+        lines.append(f"  for the box: Python {target.python}, glibc {target.glibc}, {len(target.gpus)} GPU(s)")
+    return lines
+
+
 def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: bool = False,
           upgrade_models: bool = False) -> dict[str, Any]:
-    for m in spec.models:
-        if m.format in exllama.BY_FORMAT:
-            _needs_box(target, reuse_installed, exllama.BY_FORMAT[m.format].label)
+    check(spec, target, reuse_installed)  # before any download or build
     wheels_dir = stage / "wheels"
     cache = lock.wheel_cache()
     pythons = spec.target.pythons

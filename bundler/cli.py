@@ -90,6 +90,20 @@ def _out_of_band(d: Path) -> str:
     return "\n".join(lines)
 
 
+def cmd_check(a: argparse.Namespace) -> int:
+    """The whole spec and what bundling it for the target needs, in seconds: nothing is downloaded or built."""
+    from . import bundle, spec
+    from .probe import load_probe
+
+    t0 = time.monotonic()
+    s = spec.load(a.spec)
+    target = load_probe(a.target, "--target") if a.target else None
+    for line in bundle.check(s, target, a.reuse_installed):
+        print(line)
+    print(f"{a.spec}: ok ({time.monotonic() - t0:.1f}s); make bundle SPEC={a.spec} builds it")
+    return 0
+
+
 def cmd_verify(a: argparse.Namespace) -> int:
     from . import manifest, safetar
 
@@ -351,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("tar")
     u.add_argument("dest", nargs="?", default=".")
     u.set_defaults(func=cmd_unpack)
+    c = sub.add_parser("check", help="check a spec whole, before any download or build (seconds)")
+    c.add_argument("spec", nargs="?", default="bundle.toml", help="bundle spec (TOML), default bundle.toml")
+    c.add_argument("--target", help="the box's probe file (./install.sh --probe > box.json there)")
+    c.add_argument("--reuse-installed", action="store_true", help="as make bundle REUSE=1")
+    c.set_defaults(func=cmd_check)
     v = sub.add_parser("verify", help="check a bundle (directory or tar) against its manifest")
     v.add_argument("path")
     v.add_argument("--trust", action="append", default=[], metavar="KEY.pub",

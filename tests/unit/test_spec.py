@@ -190,3 +190,35 @@ def test_a_relative_model_path_is_read_from_the_specs_folder(tmp_path, monkeypat
     p.write_text(GOOD.replace("pypi:some-model==1.0", "./models/m.gguf"))
     monkeypatch.chdir(tmp_path)  # not the spec's folder
     assert spec.load(p).models[0].source == str(tmp_path / "specs" / "models" / "m.gguf")
+
+
+def test_bundler_check_says_what_a_bundle_needs_in_seconds(tmp_path):
+    """`bundler check` (and the first step of `bundler bundle`): the spec whole and what bundling it for
+    the target needs, before any download or build; a cold cache changes nothing."""
+    import subprocess
+    import sys
+    import time
+
+    env = {"AIRGAP_LLM_CACHE": str(tmp_path / "cold"), "PATH": "/usr/bin:/bin"}
+
+    def check(*args):
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "bundler", "check", *args], capture_output=True, text=True,
+                           cwd=ROOT, env=env)
+        assert time.monotonic() - t0 < 10 and "Traceback" not in r.stderr
+        return r
+
+    r = check("bundle.toml")
+    assert r.returncode == 0 and "engines: llama.cpp (cpu)" in r.stdout and "ok" in r.stdout
+    r = check("examples/llama-3.1-8b-instruct-exl2.toml")
+    assert r.returncode == 1 and "needs the box's probe file" in r.stderr and "TARGET=box.json" in r.stderr
+    r = check("docs/device/gpu-box-exl2.toml", "--target", "tests/data/boxes/device-h200x2-probe.json")
+    assert r.returncode == 1 and "--reuse-installed" in r.stderr
+    r = check("docs/device/gpu-box-exl2.toml", "--target", "tests/data/boxes/device-h200x2-probe.json",
+              "--reuse-installed")
+    assert r.returncode == 0 and "ExLlamaV2" in r.stdout and "Python 3.12" in r.stdout
+    bad = tmp_path / "s.toml"
+    bad.write_text((ROOT / "bundle.toml").read_text().replace('backends = ["cpu"]', "backends = []"))
+    r = check(str(bad))
+    assert r.returncode == 1 and "GGUF, which only llama.cpp serves" in r.stderr
+    assert not (tmp_path / "cold").exists()  # nothing fetched, nothing built
