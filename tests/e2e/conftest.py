@@ -15,6 +15,7 @@ import pytest
 from bundler import egress
 
 ROOT = Path(__file__).resolve().parents[2]
+GEMMA = ROOT / "tests" / "data" / "gemma3-270m-cpu.toml"  # the base model the end-to-end tests install
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,7 +54,7 @@ def signing_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory, signing_home) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "bundle.toml"), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(GEMMA), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "next:" in r.stdout and "install.sh" in r.stdout
@@ -64,7 +65,7 @@ def bundle_dir(tmp_path_factory, signing_home) -> Path:
 def parts_bundle_dir(tmp_path_factory, signing_home) -> Path:
     """The default bundle split for a transfer gateway that takes files of at most 60 MiB."""
     out = tmp_path_factory.mktemp("dist-parts")
-    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "bundle.toml"), "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(GEMMA), "--out", str(out),
                         "--part-size", "60M"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no file in" in r.stdout
@@ -76,7 +77,7 @@ def second_bundle_dir(tmp_path_factory, signing_home) -> Path:
     """The default bundle under another name: a second service for the same prefix."""
     d = tmp_path_factory.mktemp("second")
     spec = d / "second.toml"
-    spec.write_text((ROOT / "bundle.toml").read_text().replace('name = "gemma3-270m-cpu"', 'name = "second-cpu"'))
+    spec.write_text((GEMMA).read_text().replace('name = "gemma3-270m-cpu"', 'name = "second-cpu"'))
     r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(spec), "--out", str(d / "dist")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

