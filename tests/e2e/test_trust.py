@@ -409,3 +409,20 @@ def test_the_key_goes_only_to_the_services_own_listener(bundle_dir, netns, tmp_p
         fake.kill()
         netns.run([str(ctl), "stop"])
     assert key not in seen.read_text() and "Bearer" not in seen.read_text(), seen.read_text()
+
+
+def test_as_root_a_python_someone_else_can_replace_is_refused(bundle_dir, netns, tmp_path):
+    """Which python3 runs first as root is part of what runs before the signature holds: one in a folder
+    others can write (a PATH entry, AIRGAP_LLM_PYTHON) could be swapped for anything."""
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    os.symlink(sys.executable, loose / "python3")
+    env = dict(os.environ, AIRGAP_LLM_PYTHON=str(loose / "python3"))
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"], env=env,
+                  stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and f"{loose} can be changed by a user other than root" in r.stderr, r.stderr
+    loose.chmod(0o755)  # the same python, from a folder only root can change
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"], env=env,
+                  stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
