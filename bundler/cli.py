@@ -311,7 +311,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     key = a.api_key or ""
     if a.api_key_file:
-        text = Path(a.api_key_file).read_text()
+        try:
+            text = Path(a.api_key_file).read_text()
+        except (OSError, UnicodeError) as e:
+            raise BundlerError(f"--api-key-file {a.api_key_file}: cannot be read ({getattr(e, 'strerror', e)})",
+                               hint="give the service's env file (install.sh printed its path; reading it may "
+                                    "need sudo), or --api-key")
         key = next((line.split("=", 1)[1].strip() for line in text.splitlines()
                     if line.startswith(("LLAMA_API_KEY=", "VLLM_API_KEY=", "API_KEY="))), text.strip())
     try:
@@ -432,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one boundary: no traceback reaches a user
+        from .errors import unexpected
+
+        return unexpected(e, "bundler")
 
 
 if __name__ == "__main__":

@@ -56,12 +56,41 @@ class Hardware:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Hardware:
+        """From a probe file's JSON; a field of the wrong type is a TypeError naming it (it was a
+        traceback deep in the planner)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a JSON object, got {type(d).__name__}")
         d = dict(d)
-        d["gpus"] = tuple(Gpu(**g) for g in d.get("gpus", ()))
-        d["cpu_flags"] = tuple(d.get("cpu_flags", ()))
-        d["site_packages"] = tuple(d.get("site_packages", ()))
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        gpus = d.get("gpus", ())
+        if not isinstance(gpus, (list, tuple)) or not all(isinstance(g, dict) for g in gpus):
+            raise TypeError(f"field gpus must be a list of objects, got {gpus!r:.80}")
+        d["gpus"] = tuple(_typed(Gpu, g, f"gpus[{i}].") for i, g in enumerate(gpus))
+        for key in ("cpu_flags", "site_packages"):
+            d[key] = tuple(d.get(key, ())) if isinstance(d.get(key, ()), (list, tuple)) else d[key]
+        return _typed(cls, d)
+
+
+_CHECK = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "str": lambda v: isinstance(v, str),
+          "bool": lambda v: isinstance(v, bool),
+          "tuple[str, ...]": lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
+          "dict[str, str]": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values())}
+
+
+def _typed(cls: Any, d: dict[str, Any], where: str = "") -> Any:
+    """cls(**d) for the fields cls knows, each of the type it declares (the others pass as given)."""
+    import dataclasses
+
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kept = {k: v for k, v in d.items() if k in known}
+    for k, v in kept.items():
+        check = _CHECK.get(str(known[k].type))
+        if check is not None and not check(v):
+            raise TypeError(f"field {where}{k} must be {known[k].type}, got {v!r:.80}")
+    missing = [k for k, f in known.items() if k not in kept and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise TypeError(f"fields missing: {', '.join(where + k for k in missing)}")
+    return cls(**kept)
 
 
 def load_probe(path: str, option: str) -> Hardware:

@@ -131,6 +131,10 @@ def _load_toml(path: Path) -> dict[str, Any]:
                         hint="pass an existing TOML file: make bundle SPEC=path/to/spec.toml")
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}", hint="fix the syntax at the line shown")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not a text file (byte {e.start} is not UTF-8)", hint="a spec is TOML text")
+    except OSError as e:
+        raise SpecError(f"{path}: cannot be read ({e.strerror})", hint="pass a readable TOML file")
 
 
 class _Reader:

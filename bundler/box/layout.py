@@ -154,6 +154,22 @@ def check_not_writable_by_others(path: Path, what: str) -> None:
         p, first = p.parent, False
 
 
+def check_writable(path: Path, what: str) -> None:
+    """`path` is a folder we can make or write into: its first existing part is a folder we may
+    write (a file given as --prefix, or a read-only file system, failed with a traceback mid-install
+    after --dry-run had approved it)."""
+    p = path
+    while not os.path.lexists(p) and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise BundlerError(f"{what} {path}: {p} is a file, not a folder; nothing was changed",
+                           hint="give a folder (it is made if missing), e.g. --prefix $HOME/airgap-llm")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise BundlerError(f"{what} {path}: {p} cannot be written here (a read-only file system, or not this "
+                           "user's); nothing was changed", hint="choose another --prefix, or run as a user who may "
+                           "write there")
+
+
 def check_layout_owned(layout: Layout) -> None:
     """Everything an install would trust or run: the prefix, this bundle's folder, the config
     folder, the env file, the pinned keys and the record of accepted versions."""

@@ -56,6 +56,9 @@ def install(opts: Options) -> dict[str, Any] | None:
     doc, data = verify_bundle(opts.bundle)
     layout = layout_for(opts, doc["name"])
     check_layout_owned(layout)
+    if not opts.box_file:  # a plan for a described box installs nothing here
+        lay.check_writable(layout.prefix, "--prefix")
+        lay.check_writable(layout.etc, "the config folder")
     trust = check_trust(opts.bundle, doc, layout, opts, data, *_staged_trust(opts.bundle))
     hw = described_box(opts.box_file) if opts.box_file else probe.probe(layout.prefix)
     preflight(doc, hw, layout)

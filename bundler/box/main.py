@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one boundary: no traceback reaches a user
+        from ..errors import unexpected
+
+        if opts.json:
+            print(json.dumps({"error": f"{type(e).__name__}: {e}", "hint": "see the report named on stderr"}))
+        return unexpected(e, "install")
     if result is not None:
         if opts.json:
             print(json.dumps(result, indent=2))
