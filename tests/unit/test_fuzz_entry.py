@@ -67,10 +67,9 @@ def test_the_bundlers_commands_never_show_a_traceback(tmp_path, capsys):
             assert "Traceback" not in err and "this is a bug" not in err, (data[:200], err)
             if rc:
                 assert "error:" in err, err
-    for i, data in enumerate(_mutations(rng, SPEC.encode()) + [SPEC.replace("8080", '"x"').encode(),
-                                                              SPEC.replace("concurrency = 4", "concurrency = -5").encode(),
-                                                              SPEC.replace('version = "1.0.0"', "version = 1").encode(),
-                                                              SPEC.replace("[[models]]", "[models]").encode()]):
+    typed = [SPEC.replace("8080", '"x"'), SPEC.replace("concurrency = 4", "concurrency = -5"),
+             SPEC.replace('version = "1.0.0"', "version = 1"), SPEC.replace("[[models]]", "[models]")]
+    for i, data in enumerate(_mutations(rng, SPEC.encode()) + [t.encode() for t in typed]):
         f = tmp_path / f"spec{i}.toml"
         f.write_bytes(data)
         rc, err = _run(["check", str(f)], capsys)
