@@ -56,6 +56,7 @@ def install(opts: Options) -> dict[str, Any] | None:
     doc, data = verify_bundle(opts.bundle)
     layout = layout_for(opts, doc["name"])
     check_layout_owned(layout)
+    opts = inherit_options(opts, layout)
     if not opts.box_file:  # a plan for a described box installs nothing here
         lay.check_writable(layout.prefix, "--prefix")
         lay.check_writable(layout.etc, "the config folder")
@@ -99,6 +100,36 @@ def install(opts: Options) -> dict[str, Any] | None:
     with PrefixLock(layout.prefix):
         record_made(layout, made_prefix)
         return _install_locked(opts, doc, data, layout, trust, m, plan, svc, hw)
+
+
+def inherit_options(opts: Options, layout: Layout) -> Options:
+    """Running the installer again without the options of the installed release kept them (re-planning
+    silently on port 8080 and another account was the surprise): the installed release's address, port,
+    service kind and engine account are the defaults, and what is taken or changed is said."""
+    import dataclasses
+
+    current = _current_release(layout)
+    if current is None or opts.box_file:
+        return opts
+    try:
+        t = read_target(current)
+    except (OSError, ValueError, TypeError):
+        return opts
+    given = {"host": opts.host, "port": opts.port, "user": opts.user,
+             "service": None if opts.service == "auto" else opts.service}
+    was = {"host": t.host, "port": t.port, "user": t.user or None, "service": t.mode}
+    taken, changed = {}, []
+    for k, v in given.items():
+        if v is None and was[k] is not None:
+            taken[k] = was[k]
+        elif v is not None and was[k] is not None and v != was[k]:
+            changed.append(f"--{k} {v} (was {was[k]})")
+    if taken:
+        info("as installed (release " + current.name + "): " + ", ".join(f"--{k} {v}" for k, v in taken.items())
+             + "; pass the option to change it")
+    if changed:
+        info("changing the installed release's " + ", ".join(changed))
+    return dataclasses.replace(opts, **taken)
 
 
 def _staged_trust(bundle: Path) -> tuple[bytes | None, str]:

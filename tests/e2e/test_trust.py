@@ -367,6 +367,10 @@ def test_the_key_goes_only_to_the_services_own_listener(bundle_dir, netns, tmp_p
     c = netns.run(["sh", "-c", out["curl"]])
     assert c.returncode == 0 and json.loads(c.stdout)["choices"], c.stdout + c.stderr
 
+    # run again without --port: the installed release's options are the defaults, and that is said
+    again = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--json"], stdin=subprocess.DEVNULL)
+    assert again.returncode == 0 and "as installed" in again.stderr and f"--port {port}" in again.stderr, again.stderr
+    assert json.loads(again.stdout)["endpoint"] == out["endpoint"] and json.loads(again.stdout)["changed"] is False
     # every service in the prefix, with its state (install.sh --list)
     rows = json.loads(netns.run([str(bundle_dir / "install.sh"), "--prefix", str(prefix), "--list", "--json"],
                                 stdin=subprocess.DEVNULL).stdout)
