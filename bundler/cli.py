@@ -280,11 +280,10 @@ def _explain(p, explain: bool) -> None:
     if p.memory_per_gpu_gib:
         head += f"; GiB per GPU {list(p.memory_per_gpu_gib)} of {list(p.usable_per_gpu_gib)}"
     print(head)
-    if explain:
-        for r in p.reasons:
-            print(f"  because: {r}")
-        for r in p.rejected:
-            print(f"  not {r['engine']}: {r['why']}")
+    from .planner import explain as why
+
+    for line in why(p, reasons=explain):
+        print(line)
     print()
 
 

@@ -140,6 +140,9 @@ class Plan:
     pooling: str = ""  # llama.cpp --pooling for an embedding model whose GGUF names none
     reasons: tuple[str, ...] = ()
     rejected: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    # what the plan cannot give of what was asked (part of the load at once, one request at a time, a
+    # partial offload): printed as warnings and in --json, so a shortfall is never silent
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -147,6 +150,15 @@ class Plan:
             if isinstance(v, tuple):
                 d[k] = list(v)
         return d
+
+
+def explain(p: Plan, reasons: bool = True) -> list[str]:
+    """The one wording of a plan's why: its warnings (always), its reasons and the engines it rejected."""
+    lines = [f"  warning: {w}" for w in p.warnings]
+    if reasons:
+        lines += [f"  because: {r}" for r in p.reasons]
+        lines += [f"  not {r['engine']}: {r['why']}" for r in p.rejected]
+    return lines
 
 
 def _gib(n: float) -> str:
@@ -388,6 +400,7 @@ def _plan_gguf(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
 
 def _plan_llama_cpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: int, notes: list[str],
                     rejected: list[dict[str, str]], cpu_flags_needed: tuple[str, ...]) -> Plan:
+    want_slots, want_ctx = slots, ctx
     missing_flags = [f for f in cpu_flags_needed if hw.cpu_flags and f not in hw.cpu_flags]
     if missing_flags:
         raise PlanRefused(f"this CPU lacks {', '.join(missing_flags)}, which the bundled llama-server needs",
@@ -436,9 +449,14 @@ def _plan_llama_cpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: i
     template, why = _template_reason(info)
     if why:
         reasons.append(why)
+    warns = []
+    if slots < want_slots:
+        warns.append(f"{slots} of the {want_slots} target requests are served at once (RAM); the rest queue")
+    if ctx < want_ctx:
+        warns.append(f"context per request cut to {ctx} tokens from {want_ctx} to fit RAM")
     return Plan(engine="llama.cpp", backend="cpu", model=name, threads=threads, slots=slots, context_per_slot=ctx,
                 gpu_layers=0, total_layers=info.layers, ram_bytes=need, chat_template=template,
-                reasons=tuple(reasons), rejected=tuple(rejected))
+                reasons=tuple(reasons), rejected=tuple(rejected), warnings=tuple(warns))
 
 
 def _plan_llama_gpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: int, notes: list[str],
@@ -506,7 +524,9 @@ def _plan_llama_gpu(name: str, info: ModelInfo, hw: Hardware, slots: int, ctx: i
                 memory_per_gpu_gib=tuple(_r(b) for b in per_gpu),
                 usable_per_gpu_gib=tuple(_r(u + LLAMA_GPU_OVERHEAD) for u in usable),
                 chat_template=template, tensor_split=split, single_gpu=single, reasons=tuple(reasons),
-                rejected=tuple(rejected))
+                rejected=tuple(rejected),
+                warnings=(f"partial offload: {ngl} of {L} layers on the GPU, the rest on the CPU (much slower)",)
+                if ngl < L else ())
 
 
 # ---- safetensors: vLLM ----------------------------------------------------------
@@ -685,7 +705,10 @@ def _plan_vllm(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines
                 data_parallel=dp, memory_per_gpu_gib=tuple(_r(est) for _ in range(used)),
                 usable_per_gpu_gib=tuple(_r(gpu_bytes * utilization) for _ in range(used)),
                 max_model_len=ctx, max_num_seqs=seqs, gpu_memory_utilization=utilization, api_servers=api,
-                reasons=tuple(reasons), rejected=tuple(rejected))
+                reasons=tuple(reasons), rejected=tuple(rejected),
+                warnings=(f"{min(per_replica, full_fit) * dp} of the {conc} target requests fit at full length "
+                          f"({ctx} tokens) at once; the rest queue (shorter requests pack more)",)
+                if min(per_replica, full_fit) * dp < conc else ())
 
 
 # ---- EXL2 / EXL3: ExLlamaV2 / ExLlamaV3 ------------------------------------------
@@ -751,4 +774,7 @@ def _plan_exl(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines:
                 context_per_slot=ctx, gpu_layers=info.layers, total_layers=info.layers, tensor_parallel=tp,
                 memory_per_gpu_gib=tuple(_r(b) for b in used),
                 usable_per_gpu_gib=tuple(_r(u + EXL2_OVERHEAD) for u in usable[:len(used)]),
-                gpu_split_gib=split, reasons=tuple(reasons), rejected=tuple(rejected))
+                gpu_split_gib=split, reasons=tuple(reasons), rejected=tuple(rejected),
+                warnings=(f"{label} serves one request at a time (no flash-attn to batch with): the other "
+                          f"{intent.concurrency - 1} of the {intent.concurrency} target requests wait",)
+                if batch_note else ())

@@ -573,6 +573,7 @@ def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planne
     return {
         "models": models,
         "endpoint": endpoint,
+        "warnings": [w for pl in [plan, *(x.plan for x in extra)] for w in pl.warnings],
         "api_key_file": str(layout.env_file),
         "model": m["name"],
         "engine": plan.engine,

@@ -27,6 +27,8 @@ def print_summary(s: dict[str, Any]) -> None:
         lines.append(f"  also:         {o['model']} ({o['task']}, {o['engine']}) at {o['endpoint']}, the same key")
     if s.get("answer"):
         lines.append(f"  model said:   {s['answer']}")
+    for w in s.get("warnings", []):
+        lines.append(f"  warning:      {w}")
     print("\n".join(lines))
 
 

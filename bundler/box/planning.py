@@ -140,10 +140,8 @@ def print_plan(plan: planner.Plan, hw: probe.Hardware, others: list[planner.Plan
     for p, port in [(plan, 0), *zip(others, ports)]:
         head = f"plan for {p.model} ({p.task}" + (f", port {port})" if port else ")") if others else "plan"
         info(f"{head}: {p.engine} ({p.backend}), {p.threads} threads, {p.slots} slots × {p.context_per_slot} tokens")
-        for r in p.reasons:
-            info(f"  because: {r}")
-        for r in p.rejected:
-            info(f"  not {r['engine']}: {r['why']}")
+        for line in planner.explain(p):
+            info(line)
 
 
 def release_id(manifest_sha: str, model_file: str, plan: planner.Plan, host: str, port: int, mode: str,
@@ -152,7 +150,7 @@ def release_id(manifest_sha: str, model_file: str, plan: planner.Plan, host: str
     h = hashlib.sha256((manifest_sha + model_file).encode())
 
     def decided(p: planner.Plan) -> dict[str, Any]:  # the reasons quote free RAM, which moves between runs
-        return {k: v for k, v in p.to_dict().items() if k not in ("reasons", "rejected", "ram_bytes")}
+        return {k: v for k, v in p.to_dict().items() if k not in ("reasons", "rejected", "ram_bytes", "warnings")}
 
     h.update(json.dumps([decided(plan), host, port, mode, user], sort_keys=True).encode())
     if others:

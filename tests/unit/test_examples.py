@@ -70,6 +70,10 @@ def test_the_70b_awq_takes_tensor_parallel_4_on_four_24gb_cards():
     assert (p.engine, p.tensor_parallel, p.data_parallel) == ("vllm", 4, 1)
     assert any("AWQ 4-bit, group size 128" in r for r in p.reasons)
     assert all(used <= usable for used, usable in zip(p.memory_per_gpu_gib, p.usable_per_gpu_gib))
+    # the shortfall is said, not hidden (issue 24): not all 32 target requests fit at full length at once
+    assert len(p.warnings) == 1 and f"of the {s.service.concurrency} target requests fit at full length" in \
+        p.warnings[0], p.warnings
+    assert p.warnings[0] in "\n".join(planner.explain(p, reasons=False))
     with pytest.raises(planner.PlanRefused):  # two of those cards do not hold it
         _plans(s, _box(32, 128, gpus=2, mib=24564, links="pcie"))
 
@@ -90,6 +94,7 @@ def test_the_exl2_example_plans_exllama_on_one_24gb_card_and_bundles_only_for_a_
     assert s.models[0].source.endswith("@4.0bpw") and s.models[0].format == "exl2"
     [p] = _plans(s, _box(16, 64, gpus=1, mib=24564))
     assert (p.engine, p.tensor_parallel) == ("exllamav2", 1)
+    assert len(p.warnings) == 1 and "one request at a time" in p.warnings[0]  # said, not silent (issue 24)
     # ExLlamaV2 is bundled for the box its probe file describes (its Python, torch, GPUs): without one,
     # refused before anything is fetched, saying what to run
     r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(ROOT / "examples" / s.path.split("/")[-1]),
@@ -104,4 +109,4 @@ def test_the_exl3_example_batches_its_load_on_one_24gb_card():
     [p] = _plans(s, _box(16, 64, gpus=1, mib=24564))
     # ExLlamaV3 batches: all 16 requests of the target load at once, unlike EXL2's one at a time
     assert (p.engine, p.tensor_parallel, p.slots) == ("exllamav3", 1, 16)
-    assert not any("ONE request" in r for r in p.reasons)
+    assert not any("ONE request" in r for r in p.reasons) and p.warnings == ()
