@@ -151,6 +151,12 @@ class Plan:
                 d[k] = list(v)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """A plan as to_dict wrote it (plan.json of a release); keys this version does not know are left out."""
+        known = cls.__dataclass_fields__
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
 
 def explain(p: Plan, reasons: bool = True) -> list[str]:
     """The one wording of a plan's why: its warnings (always), its reasons and the engines it rejected."""

@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..contract import trust as policy
 from ..errors import BundlerError
 from .options import DEFAULT_PREFIX, Options
 
-CONFIG_ROOT = Path("/etc/airgap-llm")
+CONFIG_ROOT = Path(policy.CONFIG_ROOT)
 UNIT_DIR = Path("/etc/systemd/system")
 
 
@@ -111,12 +112,8 @@ def layout_for(opts: Options, name: str) -> Layout:
     else:
         raise BundlerError(f"installing under {DEFAULT_PREFIX} needs root",
                            hint="run `sudo ./install.sh`, or `./install.sh --prefix $HOME/airgap-llm`")
-    if opts.config_dir:
-        etc = opts.config_dir
-    elif root and not opts.prefix:
-        etc = CONFIG_ROOT
-    else:
-        etc = prefix / "etc"
+    # derived where bootstrap.py derives it, by the one function both run (it found the pinned keys there)
+    etc = Path(policy.config_dir(str(prefix) if opts.prefix else "", opts.config_dir or "", os.geteuid()))
     return Layout(prefix, etc, name)
 
 

@@ -132,6 +132,18 @@ def inherit_options(opts: Options, layout: Layout) -> Options:
     return dataclasses.replace(opts, **taken)
 
 
+SAFE_SUFFIX = "-safe"  # a vLLM release retried with the safe all-reduce flags: the same release otherwise
+
+
+def release_name(rid: str, safe: bool) -> str:
+    return rid + (SAFE_SUFFIX if safe else "")
+
+
+def same_release(installed: str, rid: str) -> bool:
+    """Whether the installed release (by folder name) is what this bundle and plan make (`rid`)."""
+    return installed == rid or installed == release_name(rid, True)
+
+
 def _staged_trust(bundle: Path) -> tuple[bytes | None, str]:
     """The signature and signer.pub as bootstrap.py read them (once), for the same decision."""
     from . import boot
@@ -196,7 +208,7 @@ def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Lay
             raise
     rid = release_id(hashlib.sha256(data).hexdigest(), m["file"], plan, t.host, t.port, t.mode, t.user,
                      [(x.plan, x.port) for x in svc.extra])
-    if previous is not None and previous.name.split("-safe")[0] == rid:
+    if previous is not None and same_release(previous.name, rid):
         result = _same_release(previous, layout, doc, m, plan, svc, opts)
         return _after(opts, doc, data, layout, m, plan, svc, result, tuned)
     running = previous is not None and (stopped or is_running(previous))
@@ -325,7 +337,7 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
         info("tensor parallel with the safe all-reduce flags from the start (" +
              ("--safe-all-reduce" if opts.safe_all_reduce else "NVLink multicast is off in this environment") + ")")
     for safe in tries:
-        release = build_release(opts.bundle, doc, data, m, plan, layout, rid + ("-safe" if safe else ""), t,
+        release = build_release(opts.bundle, doc, data, m, plan, layout, release_name(rid, safe), t,
                                 safe=safe, extra=svc.extra)
         info(f"release {release.name} built at {release}")
         t0 = time.monotonic()
@@ -441,8 +453,7 @@ def rollback(opts: Options) -> dict[str, Any]:
 
 
 def _plan_of(d: dict[str, Any]) -> planner.Plan:
-    return planner.Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
-                           if k in planner.Plan.__dataclass_fields__})
+    return planner.Plan.from_dict(d)
 
 
 def _members_of(release: Path) -> tuple[Member, ...]:

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 from .. import __version__
+from ..contract import trust as policy
 
-DEFAULT_PREFIX = "/opt/airgap-llm"
+DEFAULT_PREFIX = policy.DEFAULT_PREFIX
 DEFAULT_USER = "airgap-llm"
 
 

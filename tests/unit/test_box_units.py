@@ -242,3 +242,30 @@ def test_triton_toolchain_uses_the_box_or_the_bundle_and_refuses_a_box_with_neit
     assert triton_toolchain(_vllm_doc(zig=False, headers=""), say=False) == {"cc": "/usr/bin/gcc", "headers": "",
                                                                             "flashinfer_jit": ""}
     assert triton_toolchain({"engines": [{"name": "llama.cpp"}], "files": []}, say=False) == {}
+
+
+def test_the_install_transactions_decisions_are_pure():
+    """"Is this the same release" was a split("-safe") inline; a plan came back from JSON through
+    __dataclass_fields__ in the lifecycle."""
+    from bundler import planner
+    from bundler.box.lifecycle import release_name, same_release
+
+    assert same_release("abc123", "abc123") and same_release(release_name("abc123", True), "abc123")
+    assert not same_release("abc123-safe-x", "abc123") and not same_release("abc12", "abc123")
+    assert not same_release("abc123", "abc123-safe")
+    p = planner.Plan(engine="vllm", backend="cuda", model="m", threads=4, slots=8, context_per_slot=4096,
+                     gpu_layers=32, total_layers=32, memory_per_gpu_gib=(1.5, 2.0), warnings=("w",))
+    d = p.to_dict()
+    d["a_field_of_a_later_version"] = 1
+    assert planner.Plan.from_dict(d) == p
+
+
+def test_the_installer_and_bootstrap_find_the_pinned_keys_in_one_place(tmp_path):
+    from bundler.box.layout import layout_for
+    from bundler.box.options import Options
+    from bundler.contract import trust as policy
+
+    for prefix, config in ((tmp_path / "p", None), (tmp_path / "p", tmp_path / "c"), (None, None)):
+        opts = Options(bundle=tmp_path, action="install", prefix=prefix, config_dir=config)
+        lay = layout_for(opts, "b")
+        assert str(lay.etc) == policy.config_dir(str(prefix or ""), str(config or ""), 0)
