@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from ..engines import exllama
+from .. import engines
 from ..errors import BundlerError
 
 # a connect that fails with these will fail the same way until someone fixes the network setup
@@ -106,23 +106,12 @@ def wait_healthy(base: str, timeout: float, log_hint: str, alive: Callable[[], b
             time.sleep(0.5)
 
 
-# Routes each engine serves that must refuse a request without the key (every one but /health);
-# vLLM's own key guarded /v1 only, so its are the ones that were open before vllm_auth.py.
-GUARDED = {
-    "llama.cpp": (("GET", "/v1/models"), ("GET", "/props"), ("GET", "/slots"), ("GET", "/metrics"),
-                  ("POST", "/completion"), ("POST", "/tokenize")),
-    "vllm": (("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"), ("POST", "/pooling"),
-             ("GET", "/metrics"), ("GET", "/openapi.json")),
-    # TabbyAPI's own auth guards its API routes; tabby_run.py's middleware adds /docs and /openapi.json
-    **{g: (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
-           ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")) for g in exllama.GENS},
-}
 
 
 def open_routes(base: str, engine: str) -> list[str]:
     """The guarded routes that answered without the key with anything but 401."""
     found = []
-    for method, path in GUARDED.get(engine, GUARDED["llama.cpp"]):
+    for method, path in engines.get(engine).guarded:  # each engine's own (engines/*/__init__.py)
         req = urllib.request.Request(base + path, data=b"{}" if method == "POST" else None, method=method,
                                      headers={"Content-Type": "application/json"})
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

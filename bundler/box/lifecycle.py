@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import planner, probe
-from ..engines import exllama, vllm
+from .. import engines
+from ..engines import vllm
 from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from . import layout as lay
@@ -75,7 +76,7 @@ def install(opts: Options) -> dict[str, Any] | None:
                     engine_user(opts, mode))
     extra = tuple(Member(o, p, o["port"]) for o, p in zip(others, oplans))
     # vLLM compiles kernels at its first start; TabbyAPI loads a large model layer by layer
-    slow = any(p.engine in ("vllm", *exllama.GENS) for p in [plan, *oplans])
+    slow = any(engines.get(p.engine).slow_start for p in [plan, *oplans])
     svc = Service(target, opts.timeout or (900.0 if slow else 300.0), extra)
     if target.user:
         check_reachable(layout.prefix, target.user)
@@ -331,7 +332,7 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
     # vLLM with tensor parallel can crash in its all-reduce paths where NVLink multicast is
     # off (VMs, PCIe cards): a crashed start is retried once with the safe flags, and said so.
     t = svc.target
-    tries = [False, True] if plan.engine == "vllm" and plan.tensor_parallel > 1 else [False]
+    tries = [False, True] if engines.get(plan.engine).tp_retry and plan.tensor_parallel > 1 else [False]
     if len(tries) > 1 and (opts.safe_all_reduce or vllm.multicast_off(opts.environ)):
         tries = [True]
         info("tensor parallel with the safe all-reduce flags from the start (" +
@@ -341,7 +342,7 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
                                 safe=safe, extra=svc.extra)
         info(f"release {release.name} built at {release}")
         t0 = time.monotonic()
-        patterns = vllm.FATAL_LOG if "vllm" in (plan.engine, *(x.plan.engine for x in svc.extra)) else ()
+        patterns = tuple(line for p in [plan, *(x.plan for x in svc.extra)] for line in engines.get(p.engine).fatal_log)
         watch = LogWatch(patterns, unit=layout.unit) if t.mode == "systemd" else LogWatch(patterns, layout.logfile)
         try:
             start(release, t.mode, layout)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import planner, probe
-from ..engines import exllama
+from .. import engines
 from ..errors import BundlerError
 from ..versions import version_tuple
 from .layout import Layout
@@ -111,7 +111,7 @@ def check_port(host: str, port: int, ours_running: bool) -> None:
 
 
 # the engines whose kernels are Triton's, by name → label
-TRITON_ENGINES = {"vllm": "vLLM", **{g.name: g.label for g in exllama.GENS.values() if g.triton}}
+TRITON_ENGINES = {e.name: e.label for e in engines.registry().values() if e.triton}
 
 
 def triton_toolchain(doc: dict[str, Any], name: str = "vllm", say: bool = True) -> dict[str, str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import manifest as mf
 from .. import planner
+from .. import engines
 from ..engines import exllama, llama_cpp, vllm
 from ..errors import BundlerError
 from ..render import render
@@ -93,9 +94,6 @@ def store_model(bundle: Path, m: dict[str, Any], layout: Layout) -> Path:
     return stored
 
 
-ENGINE_LABEL = {vllm.NAME: "vLLM", **{g.name: g.label for g in exllama.GENS.values()}}
-
-
 def engine_site(bundle: Path, doc: dict[str, Any], engine: dict[str, Any], layout: Layout) -> Path:
     """A Python engine's wheels (vLLM's, ExLlamaV2's) installed once per lock under PREFIX/engines and
     shared by the releases that use that lock: a re-plan (other TP/DP, context, port) or a rollback
@@ -106,7 +104,7 @@ def engine_site(bundle: Path, doc: dict[str, Any], engine: dict[str, Any], layou
         raise BundlerError(f"the manifest lists no {lock_rel}", hint="bundle it again")
     name = engine["name"]
     home = layout.engines / f"{name}-{engine['version']}-{lock_sha[:16]}"
-    label = f"{ENGINE_LABEL.get(name, name)} {engine['version']}"
+    label = f"{engines.get(name).label} {engine['version']}"
     if (home / "complete").is_file():
         info(f"{label}: reusing {home} (same lock)")
         return home / "site"
@@ -283,7 +281,7 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
                                                                    target.host, x.port, False, copied))
             # the other models first, each healthy before the next starts where vLLM is one of them
             # (group.sh.j2 says why); the main model last
-            serial = any(p.engine == "vllm" for p in [plan, *(x.plan for x in extra)])
+            serial = any(engines.get(p.engine).serial_start for p in [plan, *(x.plan for x in extra)])
             members = [(x.m["name"], str(final / "bin" / f"launch-{i}"),
                         f"http://{local_address(target.host)}:{x.port}/health" if serial else "")
                        for i, x in enumerate(extra, 1)]

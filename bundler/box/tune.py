@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import planner
-from ..engines import exllama, vllm
+from .. import engines
+from ..engines import vllm
 from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from ..probe import Hardware
@@ -50,10 +51,8 @@ class Candidate:
 
 def reference(plan: planner.Plan) -> Candidate:
     """The engine as a user starts it by hand, with the same model, port and key."""
-    tabby = "TabbyAPI with only the model named in its config"
-    how = {"vllm": "`vllm serve MODEL`", **{g: tabby for g in exllama.GENS}}
     return Candidate("engine defaults", replace(plan, engine_defaults=True, extra_args=()),
-                     how.get(plan.engine or "", "`llama-server -m MODEL`"), reference=True)
+                     engines.get(plan.engine).reference, reference=True)
 
 
 def candidates(plan: planner.Plan, facts: ModelInfo, hw: Hardware, engine_version: str = "") -> list[Candidate]:
@@ -117,7 +116,7 @@ class Runner:
                                "flags": flags_of(c.plan), "levels": [], "error": ""}
         t0 = time.monotonic()
         release = self.build(c.plan, rid)
-        patterns = vllm.FATAL_LOG if c.plan.engine == "vllm" else ()
+        patterns = engines.get(c.plan.engine).fatal_log
         watch = (LogWatch(patterns, unit=self.layout.unit) if self.mode == "systemd"
                  else LogWatch(patterns, self.layout.logfile))
         try:

@@ -101,3 +101,23 @@ def test_bundling_without_the_bundle_extra_says_which_packages_and_how():
     r = subprocess.run([sys.executable, "-c", code, "/nonexistent-out"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "pip-tools, huggingface_hub" in r.stderr and ".[bundle]" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_core_and_box_ask_engines_their_capabilities():
+    """Engine facts live in each engine package (engines.base.Engine); the box reads them from the registry
+    instead of comparing names (which guarded routes, whose kernels need a C compiler, who starts slowly)."""
+    from bundler import engines, spec
+    from bundler.box.preflight import TRITON_ENGINES
+
+    reg = engines.registry()
+    assert sorted(reg) == ["exllamav2", "exllamav3", "llama.cpp", "vllm"]
+    assert set(TRITON_ENGINES) == {"vllm", "exllamav3"}
+    assert {f for e in reg.values() for f in e.formats} == set(spec.FORMATS)
+    assert all(e.guarded and e.reference and e.label for e in reg.values())
+    assert [n for n, e in reg.items() if e.tp_retry] == ["vllm"]
+    import pytest
+
+    from bundler.errors import BundlerError
+
+    with pytest.raises(BundlerError, match="no engine named"):
+        engines.get("ollama")

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..base import Engine
 THIRD_PARTY = Path(__file__).resolve().parents[3] / "third_party"
 
 
@@ -53,6 +55,12 @@ V3 = Gen("exllamav3", "ExLlamaV3", "exl3", "exllamav3", "1.4.2",
          "f0b6c886c85822d3045d709c47eec38c572dc7b5d2c561f8f0e0e572bb566041", "main", "about 21 min",
          triton=True)
 GENS = {g.name: g for g in (V2, V3)}
+# TabbyAPI's own auth guards its API routes; tabby_run.py's middleware adds /docs and /openapi.json
+ENGINES = tuple(Engine(g.name, g.label, (g.fmt,), triton=g.triton, slow_start=True,
+                       reference="TabbyAPI with only the model named in its config",
+                       guarded=(("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
+                                ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")))
+                for g in (V2, V3))
 BY_FORMAT = {g.fmt: g for g in (V2, V3)}
 FORMATS = tuple(BY_FORMAT)
 

@@ -3,8 +3,14 @@ build ggml loads on a box. The build (online) is engines/llama_cpp/build.py; not
 """
 
 from __future__ import annotations
+
+from ..base import Engine
 FORMATS = ("gguf",)
 NAME = "llama.cpp"
+ENGINE = Engine(NAME, "llama.cpp", FORMATS, reference="`llama-server -m MODEL`",
+                # llama-server guards every route but /health itself
+                guarded=(("GET", "/v1/models"), ("GET", "/props"), ("GET", "/slots"), ("GET", "/metrics"),
+                         ("POST", "/completion"), ("POST", "/tokenize")))
 CPU_GLIBC_TARGET = "2.28"
 
 

@@ -8,6 +8,7 @@ not see a venv's torch). The bundle side is engines/vllm/build.py and bundler/bo
 from __future__ import annotations
 
 from ...versions import version_tuple
+from ..base import Engine
 NAME = "vllm"
 FORMATS = ("safetensors",)
 DEFAULT_VERSION = "0.26.0"  # the newest that pins torch 2.11.0 (docs/DESIGN.md)
@@ -35,6 +36,11 @@ FATAL_LOG = ("Engine core initialization failed", "an illegal memory access was 
 # Where these say NVLink multicast is off (shared GPU hosts, VMs), TP > 1 starts with the safe flags at
 # once instead of after a crash, and the launch script keeps them for the service (a systemd unit
 # does not inherit the installer's environment).
+ENGINE = Engine(NAME, "vLLM", FORMATS, triton=True, slow_start=True, fatal_log=FATAL_LOG, serial_start=True,
+                tp_retry=True, reference="`vllm serve MODEL`",
+                # vLLM's own key guarded /v1 only: these were open before vllm_auth.py
+                guarded=(("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"),
+                         ("POST", "/pooling"), ("GET", "/metrics"), ("GET", "/openapi.json")))
 MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
