@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o022)  # what the release holds is read by the engine's user and written by no one else
     raw = list(sys.argv[1:] if argv is None else argv)
     opts = options.parse(argv)
-    boot.settle()  # options read (relative paths made absolute): from here on, work from the private folder
     try:
+        boot.settle()  # options read (relative paths made absolute): from here on, work from the private folder
         result = audit_egress(opts, raw) if opts.audit_egress else run(opts)
     except BundlerError as e:
         if opts.json:  # a script reading stdout learns why, not only that it failed
