@@ -298,10 +298,10 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
         for f in bindir.iterdir():
             f.chmod(0o755)
         plans = [plan, *(x.plan for x in extra)]
-        engines = sorted({p.engine or "" for p in plans})
+        names_used = sorted({p.engine or "" for p in plans})
         (stage / "systemd").mkdir()
         (stage / "systemd" / layout.unit).write_text(render("unit.service.j2", {
-            "name": layout.name, "engine": "+".join(engines),
+            "name": layout.name, "engine": "+".join(names_used),
             "model": ", ".join([m["name"], *(x.m["name"] for x in extra)]),
             "prefix": str(layout.prefix), "release": rid, "release_dir": str(final), "env_file": str(layout.env_file),
             "gpus": any(p.backend == "cuda" for p in plans)}))
