@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, boxlock, lock, manifest, sources, toolchains
+from . import __version__, boxlock, lock, manifest, sbom, sources, toolchains
 from .contract import embedded
 from .engines import exllama, llama_cpp
 from .engines.exllama import build as exllama_build
@@ -123,6 +123,9 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
     with staged_dir(final, out_dir / f".{spec.name}.partial") as stage:
         (stage / "wheels").mkdir()
         meta = _fill(spec, stage, log, target, reuse_installed, upgrade_models)
+        _step(log, "software bill of materials (sbom.cdx.json) and license inventory (LICENSES.txt)")
+        for line in sbom.write(stage, meta):  # before the manifest: the signature covers both
+            log(line)
         if sign:
             from . import signing
 

@@ -26,8 +26,9 @@ BOX_ROOTS = ("bundler.box", "bundler.supervise", "bundler.guard", "bundler.egres
              "bundler.engines.vllm_auth", "bundler.engines.llama_cpp", "bundler.engines.vllm",
              "bundler.engines.exllama")
 BUNDLE_SIDE = ("bundler.bundle", "bundler.cli", "bundler.spec", "bundler.lock", "bundler.sources", "bundler.signing",
-               "bundler.cache", "bundler.toolchains", "bundler.boxlock", "bundler.engines.llama_cpp.build",
-               "bundler.engines.vllm.build", "bundler.engines.exllama.build", "bundler.engines.exllama.ext_build")
+               "bundler.cache", "bundler.toolchains", "bundler.boxlock", "bundler.sbom",
+               "bundler.engines.llama_cpp.build", "bundler.engines.vllm.build", "bundler.engines.exllama.build",
+               "bundler.engines.exllama.ext_build")
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
