@@ -63,7 +63,11 @@ def read(bundle: Path, name: str, limit: int) -> bytes | None:
     """A file of the bundle's trust root (manifest.json, its signature, signer.pub): the copy
     bootstrap.py checked where there is one, else read once from the bundle. None if missing."""
     d = folder()
-    path = (d / name) if d is not None else bundle / name  # what bootstrap.py did not find stays missing
+    return read_or_none((d / name) if d is not None else bundle / name, limit)  # not found by bootstrap: missing
+
+
+def read_or_none(path: Path, limit: int) -> bytes | None:
+    """A small file's bytes through one descriptor that follows no link; None if it is missing."""
     try:
         return policy.read_once(path, limit)
     except FileNotFoundError:

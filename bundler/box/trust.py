@@ -12,6 +12,7 @@ from typing import Any
 from ..contract import trust as policy
 from ..errors import BundlerError
 from ..files import atomic_write
+from .boot import read_or_none
 from .layout import Layout, make_dirs, record_made
 from .options import Options
 from .report import ask, info, shout
@@ -26,9 +27,9 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
     given = [_given_key(p) for p in opts.trust]
     pinned = [k for p, k in policy.pinned_keys(layout.trusted) if k is not None]
     if sig_blob is None:
-        sig_blob = _read_or_none(bundle / policy.SIGNATURE, 4096)
+        sig_blob = read_or_none(bundle / policy.SIGNATURE, 4096)
     if offered_text is None:
-        raw = _read_or_none(bundle / policy.SIGNER_PUB, 4096)
+        raw = read_or_none(bundle / policy.SIGNER_PUB, 4096)
         offered_text = raw.decode("utf-8", "replace") if raw is not None else ""
     offered = policy.parse_public_key(offered_text) if offered_text else None
     wanted = [opts.trust_fingerprint] if opts.trust_fingerprint else []
@@ -51,7 +52,7 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
 
 
 def _given_key(path: Path) -> policy.PublicKey:
-    raw = _read_or_none(path, 4096)
+    raw = read_or_none(path, 4096)
     if raw is None:
         raise BundlerError(f"{path}: cannot read the public key (no such file)",
                            hint="pass the .pub file the bundle's maker gave you, e.g. --trust signing-key.pub")
@@ -59,15 +60,6 @@ def _given_key(path: Path) -> policy.PublicKey:
     if pub is None:
         raise BundlerError(f"{path}: not a minisign public key", hint="use the .pub file `bundler keygen` printed")
     return pub
-
-
-def _read_or_none(path: Path, limit: int) -> bytes | None:
-    try:
-        return policy.read_once(path, limit)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise BundlerError(f"{path}: cannot be read ({e.strerror})", hint="copy the bundle again from its source")
 
 
 def version_key(v: str) -> tuple:
