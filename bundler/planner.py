@@ -143,6 +143,8 @@ class Plan:
     # what the plan cannot give of what was asked (part of the load at once, one request at a time, a
     # partial offload): printed as warnings and in --json, so a shortfall is never silent
     warnings: tuple[str, ...] = ()
+    nodes: int = 1  # servers the one service spans (vLLM's own multi-node: --nnodes)
+    pipeline_parallel: int = 1  # vLLM, across servers: each server holds 1/PP of the layers
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -784,3 +786,87 @@ def _plan_exl(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines:
                 warnings=(f"{label} serves one request at a time (no flash-attn to batch with): the other "
                           f"{intent.concurrency - 1} of the {intent.concurrency} target requests wait",)
                 if batch_note else ())
+
+
+# ---- several servers, one service (vLLM's own multi-node) ----------------------------------------
+
+def _node_shape(hw: Hardware) -> tuple:
+    return tuple(sorted((g.name, g.memory_total_mib, g.compute_capability) for g in hw.gpus))
+
+
+def plan_cluster(name: str, info: ModelInfo, nodes: list[Hardware], intent: Intent,
+                 engines_available: tuple[str, ...] = ("vllm",), cuda: str = "13",
+                 utilization: float = VLLM_UTILIZATION) -> Plan:
+    """One model served by vLLM over `nodes` servers (each's probe), all alike. Where the model fits
+    one server, one replica per server (data parallel across servers: nothing but requests crosses the
+    network); where it does not, tensor parallel within a server (NVLink or PCIe) × pipeline parallel
+    across servers (only activations between stages cross the network: vLLM's own advice). Refuses
+    unequal servers and a model that no number of these servers would hold, naming what would."""
+    if len(nodes) < 2:
+        raise PlanRefused(f"{name}: a cluster plan needs two servers or more, got {len(nodes)}",
+                          hint="plan one server with bundler plan --box BOX.json")
+    shapes = [_node_shape(hw) for hw in nodes]
+    if any(sh != shapes[0] for sh in shapes[1:]):
+        def say(i: int) -> str:
+            gs = nodes[i].gpus
+            return f"server {i}: {len(gs)} × " + (f"{gs[0].name} ({gs[0].memory_total_mib} MiB)" if gs else "no GPU")
+        odd = next(i for i, sh in enumerate(shapes) if sh != shapes[0])
+        raise PlanRefused(f"{name}: the servers differ ({say(0)}; {say(odd)}); vLLM splits a model evenly over "
+                          "them", hint="use servers with the same GPUs, or serve on the ones that match")
+    if info.format not in ("safetensors",):
+        raise PlanRefused(f"{name}: serving across servers is vLLM's, which serves safetensors; this model is "
+                          f"{info.format}", hint="a safetensors build of the model, or one server")
+    hw = nodes[0]
+    n, N, conc = len(hw.gpus), len(nodes), intent.concurrency
+    try:  # one replica per server when one server holds the model for its share of the load
+        one = _plan_vllm(name, info, hw, Intent(math.ceil(conc / N), intent.context), engines_available, cuda,
+                         utilization)
+    except PlanRefused:
+        one = None
+    if one is not None:
+        why = (f"across {N} servers: {name} fits one ({one.reasons[0]}), so each server runs "
+               f"{one.data_parallel} replica(s) of tensor parallel {one.tensor_parallel}: data parallel "
+               f"{one.data_parallel * N} in all, ~{math.ceil(conc / N)} of the {conc} requests on each server; "
+               "only requests cross the network (a pipeline over servers would send every token's activations "
+               "between them)")
+        return replace(one, nodes=N, slots=conc, data_parallel=one.data_parallel * N,
+                       reasons=(why, *one.reasons[1:]),
+                       warnings=tuple(w.replace("target requests", "requests of one server's share")
+                                      for w in one.warnings))
+    ctx = min(intent.context, info.context_length or intent.context)
+    gpu_bytes = min(g.memory_total_mib for g in hw.gpus) * MiB
+    usable = gpu_bytes * utilization - VLLM_OVERHEAD
+    tps, _ = tp_candidates(info, n)
+    tp = max(t for t in tps if t <= n) if tps else 1
+    if info.layers and info.layers < N:
+        raise PlanRefused(f"{name}: {info.layers} layers cannot be split over {N} servers", hint="fewer servers")
+    weights = info.file_size / (tp * N)
+    kv_tok = kv_per_gpu_per_token(info, tp) / N
+    full = int((usable - weights) // (kv_tok * ctx)) if usable > weights else 0
+    if full < 1:
+        per_gpu = info.file_size / (tp * N) + kv_tok * ctx + VLLM_OVERHEAD
+        need_nodes = math.ceil(info.file_size / (tp * max(1.0, usable - kv_tok * ctx * N)))
+        raise PlanRefused(f"{name} does not fit {N} servers of {n} × {hw.gpus[0].name}: each GPU would need "
+                          f"{_gib(per_gpu)} for weights, one request of {ctx} tokens and vLLM's overhead, "
+                          f"{_gib(gpu_bytes * utilization)} allowed",
+                          hint=f"about {max(N + 1, need_nodes)} such servers, a quantized build (AWQ/GPTQ/FP8), "
+                               "or a shorter --context")
+    est = weights + kv_tok * min(conc, full) * ctx + VLLM_OVERHEAD
+    seqs, seqs_why = vllm_max_num_seqs(min(hw.gpus, key=lambda g: g.memory_total_mib), conc)
+    reasons = (f"vLLM across {N} servers: {name} ({_gib(info.file_size)}) does not fit one server of {n} × "
+               f"{hw.gpus[0].name}; tensor parallel {tp} within each server × pipeline parallel {N} across them "
+               f"(vLLM's advice: TP over the fast links inside a server, PP over the network, which carries only "
+               f"activations between stages): {_gib(weights)} of weights per GPU",
+               f"KV for {min(conc, full)} requests × {ctx} tokens at once fits beside them "
+               f"({_gib(kv_tok * 1024)} per 1,024 tokens per GPU)", seqs_why,
+               f"--max-model-len {ctx}, --gpu-memory-utilization {utilization:g}; estimate {_gib(est)} per GPU of "
+               f"{_gib(gpu_bytes * utilization)} allowed")
+    warns = (f"{full} of the {conc} target requests fit at full length ({ctx} tokens) at once; the rest queue",) \
+        if full < conc else ()
+    return Plan(engine="vllm", backend="cuda", model=name, threads=max(1, hw.cpus), slots=conc, context_per_slot=ctx,
+                gpu_layers=info.layers, total_layers=info.layers, tensor_parallel=tp, data_parallel=1,
+                pipeline_parallel=N, nodes=N, memory_per_gpu_gib=tuple(_r(est) for _ in range(tp)),
+                usable_per_gpu_gib=tuple(_r(gpu_bytes * utilization) for _ in range(tp)), max_model_len=ctx,
+                max_num_seqs=seqs, gpu_memory_utilization=utilization, reasons=reasons,
+                rejected=({"engine": "llama.cpp", "why": "serves GGUF only, and its RPC backend across servers "
+                           "calls itself fragile and insecure"},), warnings=warns)

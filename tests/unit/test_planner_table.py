@@ -220,3 +220,51 @@ def test_cli_gpus_spec_parsing():
     with pytest.raises(BundlerError) as e:
         parse_gpus("eight", "")
     assert "COUNTxMEMORY" in e.value.hint or "COUNTxMEMORY" in e.value.message
+
+
+# ---- several servers, one service (issue 25: the planner's part) ------------------------------------
+
+def test_a_70b_in_bf16_over_two_servers_of_four_24gb_cards_is_tp_4_by_pp_2():
+    nodes = [box("4x24GiB@8.9"), box("4x24GiB@8.9")]
+    with pytest.raises(PlanRefused):  # one such server does not hold it
+        planner.plan("llama-70b", model("70b", "bf16"), nodes[0], planner.Intent(8, 4096),
+                     engines_available=planner.ALL_ENGINES)
+    p = planner.plan_cluster("llama-70b", model("70b", "bf16"), nodes, planner.Intent(8, 4096))
+    assert (p.engine, p.tensor_parallel, p.pipeline_parallel, p.nodes, p.data_parallel) == ("vllm", 4, 2, 2, 1)
+    assert "pipeline parallel 2 across them" in p.reasons[0]
+    assert all(used <= usable for used, usable in zip(p.memory_per_gpu_gib, p.usable_per_gpu_gib))
+    from bundler.engines import vllm
+
+    head, worker = (vllm.cluster_args(p, r, "10.0.0.1", 29500) for r in (0, 1))
+    assert head == ["--pipeline-parallel-size", "2", "--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1",
+                    "--master-port", "29500"]
+    assert worker[-1] == "--headless" and worker[worker.index("--node-rank") + 1] == "1"
+    assert vllm.cluster_env("10.0.0.2", "eth1") == {"VLLM_HOST_IP": "10.0.0.2", "NCCL_SOCKET_IFNAME": "eth1",
+                                                    "GLOO_SOCKET_IFNAME": "eth1"}
+
+
+@pytest.mark.parametrize("load", [50, 200])
+def test_an_8b_on_two_servers_of_one_gpu_runs_a_replica_on_each(load):
+    nodes = [box("1x80GiB@9.0"), box("1x80GiB@9.0")]
+    p = planner.plan_cluster("llama-8b", model("8b", "bf16"), nodes, planner.Intent(load, 4096))
+    assert (p.tensor_parallel, p.pipeline_parallel, p.data_parallel, p.nodes, p.slots) == (1, 1, 2, 2, load)
+    assert "only requests cross the network" in p.reasons[0]
+    from bundler.engines import vllm
+
+    assert vllm.cluster_args(p, 1, "10.0.0.1", 29550) == [
+        "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1", "--data-parallel-address", "10.0.0.1",
+        "--data-parallel-rpc-port", "29550", "--headless"]
+
+
+def test_unequal_servers_and_a_model_no_two_servers_hold_are_refused_naming_what_would():
+    with pytest.raises(PlanRefused) as e:
+        planner.plan_cluster("llama-70b", model("70b", "bf16"), [box("4x24GiB@8.9"), box("2x24GiB@8.9")],
+                             planner.Intent(8, 4096))
+    assert "servers differ" in e.value.message and "server 1: 2 ×" in e.value.message
+    with pytest.raises(PlanRefused) as e:
+        planner.plan_cluster("llama-70b", model("70b", "bf16"), [box("1x24GiB@8.9"), box("1x24GiB@8.9")],
+                             planner.Intent(8, 4096))
+    assert "does not fit 2 servers" in e.value.message and "such servers" in e.value.hint
+    with pytest.raises(PlanRefused, match="vLLM's, which serves safetensors"):
+        planner.plan_cluster("q", model("70b", "Q4_K_M"), [box("1x80GiB@9.0"), box("1x80GiB@9.0")],
+                             planner.Intent(8, 4096))

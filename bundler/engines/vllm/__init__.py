@@ -92,3 +92,25 @@ def launch_argv(python: str, model_path: str, name: str, host: str, port: int, p
     if safe and plan.tensor_parallel > 1:
         argv += safe_tp_flags(version)
     return argv
+
+
+def cluster_args(plan, rank: int, master_addr: str, master_port: int) -> list[str]:
+    """vLLM's own multi-node flags (>= 0.11.1, no Ray) for server `rank` of a plan over plan.nodes servers:
+    pipeline parallel across servers (--nnodes/--node-rank/--master-addr), or data-parallel replicas
+    across them (--data-parallel-size-local/-start-rank/-address); every server but the first headless."""
+    if plan.nodes <= 1:
+        return []
+    if plan.pipeline_parallel > 1:
+        args = ["--pipeline-parallel-size", str(plan.pipeline_parallel), "--nnodes", str(plan.nodes),
+                "--node-rank", str(rank), "--master-addr", master_addr, "--master-port", str(master_port)]
+    else:
+        local = max(1, plan.data_parallel // plan.nodes)
+        args = ["--data-parallel-size-local", str(local), "--data-parallel-start-rank", str(rank * local),
+                "--data-parallel-address", master_addr, "--data-parallel-rpc-port", str(master_port)]
+    return args + (["--headless"] if rank else [])
+
+
+def cluster_env(address: str, interface: str) -> dict[str, str]:
+    """What each server's vLLM needs offline: the address it advertises (get_ip() would probe 8.8.8.8 and
+    fall back to 0.0.0.0) and the interface NCCL and Gloo use (Gloo otherwise takes loopback)."""
+    return {"VLLM_HOST_IP": address, "NCCL_SOCKET_IFNAME": interface, "GLOO_SOCKET_IFNAME": interface}
