@@ -181,64 +181,102 @@ def _levels(opts: Options, plan: planner.Plan) -> tuple[int, ...]:
     return opts.bench_levels or tuple(sorted({1, plan.slots}))
 
 
+def undo_action(previous: bool, stopped: bool, mode: str) -> str:
+    """What putting the box back takes when an install fails: 'restart' the previous release that this
+    install stopped, 'remove-unit' a first systemd install left (no unit behind a failure), or 'nothing'."""
+    if previous and stopped:
+        return "restart"
+    if mode == "systemd":
+        return "remove-unit"
+    return "nothing"
+
+
+class Transaction:
+    """One install's changes to what serves: it stops the previous release (arming the detached guard
+    first where a new release will replace it, so that a killed installer still brings it back), and on
+    any failure puts the box back as it was (undo_action); commit() switches `current`."""
+
+    def __init__(self, layout: Layout, mode: str, previous: Path | None):
+        self.layout, self.mode, self.previous = layout, mode, previous
+        self.stopped = False
+        self.done: Path | None = None  # the guard's marker: touched once there is nothing left to undo
+
+    def stop_previous(self, why: str, replacement: Path | None = None) -> None:
+        if self.previous is None or self.stopped or not is_running(self.previous):
+            return
+        if replacement is not None:
+            self._guard(replacement)
+        info(why.format(name=self.previous.name))
+        ctl(self.previous, "stop")
+        self.stopped = True
+
+    def arm_guard(self, replacement: Path) -> None:
+        """The previous release was stopped earlier (--tune): guard the replacement's start the same way."""
+        if self.stopped and self.done is None:
+            self._guard(replacement)
+
+    def _guard(self, replacement: Path) -> None:
+        """Detached: if this installer dies before commit or undo, start the previous release again and
+        remove the half-started replacement."""
+        assert self.previous is not None
+        self.done = self.layout.home / f".upgrade-{os.getpid()}.done"  # read (and removed) by the guard only
+        subprocess.Popen([sys.executable, "-s", "-m", "bundler.guard", "--pid", str(os.getpid()), "--done",
+                          str(self.done), "--ctl", str(self.previous / "bin" / "ctl"), "--remove", str(replacement)],
+                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, cwd="/")
+
+    def undo(self) -> None:
+        action = undo_action(self.previous is not None, self.stopped, self.mode)
+        if action == "restart":
+            assert self.previous is not None
+            warn(f"restarting the previous release {self.previous.name}")
+            start(self.previous, read_target(self.previous).mode, self.layout)
+        elif action == "remove-unit":
+            remove_unit(self.layout)  # a first install that failed leaves no unit behind
+        self._release_guard()
+
+    def commit(self, release: Path) -> None:
+        self._release_guard()  # healthy and answering: from here on the guard must not undo it
+        switch_current(self.layout, release)
+
+    def _release_guard(self) -> None:
+        if self.done is not None:
+            self.done.touch()
+
+
 def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, trust: dict[str, Any],
                     m: dict[str, Any], plan: planner.Plan, svc: Service, hw: probe.Hardware) -> dict[str, Any]:
     t = svc.target
-    previous = _current_release(layout)
-    stopped = False  # the previous release, stopped here for --tune
+    tx = Transaction(layout, t.mode, _current_release(layout))
     tuned: dict[str, Any] | None = None
     if opts.tune:
         key = _prepare(layout, t)
-        if previous is not None and is_running(previous):
-            info(f"--tune: stopping the running release {previous.name} while the candidates run (one set of GPUs "
-                 "or RAM cannot hold two); the chosen one is installed and started afterwards")
-            ctl(previous, "stop")
-            stopped = True
+        tx.stop_previous("--tune: stopping the running release {name} while the candidates run (one set of GPUs or "
+                         "RAM cannot hold two); the chosen one is installed and started afterwards")
         try:
             version = next((e.get("version", "") for e in doc["engines"] if e["name"] == plan.engine), "")
             plan, tuned = tune.tune(_runner(opts, doc, data, layout, m, svc, key, _levels(opts, plan)),
                                     tune.candidates(plan, ModelInfo.from_dict(m["facts"]), hw, version),
                                     opts.tune_budget, plan.slots)
         except BaseException:
-            if stopped:
-                assert previous is not None
-                warn(f"restarting the previous release {previous.name}")
-                start(previous, read_target(previous).mode, layout)
-            elif t.mode == "systemd":
-                remove_unit(layout)
+            tx.undo()
             raise
     rid = release_id(hashlib.sha256(data).hexdigest(), m["file"], plan, t.host, t.port, t.mode, t.user,
                      [(x.plan, x.port) for x in svc.extra])
-    if previous is not None and same_release(previous.name, rid):
-        result = _same_release(previous, layout, doc, m, plan, svc, opts)
+    if tx.previous is not None and same_release(tx.previous.name, rid):
+        result = _same_release(tx.previous, layout, doc, m, plan, svc, opts)
         return _after(opts, doc, data, layout, m, plan, svc, result, tuned)
-    running = previous is not None and (stopped or is_running(previous))
     key = _prepare(layout, t)
-    done = layout.home / f".upgrade-{os.getpid()}.done"  # read (and removed) by the guard only
-    if running:
-        assert previous is not None
-        # if this process dies from here on, the guard brings the previous release back
-        subprocess.Popen([sys.executable, "-s", "-m", "bundler.guard", "--pid", str(os.getpid()), "--done",
-                          str(done), "--ctl", str(previous / "bin" / "ctl"), "--remove", str(layout.releases / rid)],
-                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, close_fds=True, cwd="/")
-        if not stopped:
-            info(f"stopping the previous release {previous.name} (one set of GPUs or RAM cannot hold both)")
-            ctl(previous, "stop")
+    # if this process dies from here on, the guard brings the previous release back
+    tx.arm_guard(layout.releases / rid)
+    tx.stop_previous("stopping the previous release {name} (one set of GPUs or RAM cannot hold both)",
+                     replacement=layout.releases / rid)
     try:
         release, answer, t0 = _start_new_release(opts, doc, data, m, plan, layout, rid, svc, key)
     except BaseException:
-        if running:  # the box as it was: the previous release serving again
-            assert previous is not None
-            warn(f"restarting the previous release {previous.name}")
-            start(previous, read_target(previous).mode, layout)
-            done.touch()
-        elif t.mode == "systemd":
-            remove_unit(layout)  # a first install that failed leaves no unit behind
+        tx.undo()
         raise
-    if running:
-        done.touch()  # healthy and answering: from here on the guard must not undo it
-    switch_current(layout, release)
+    tx.commit(release)
     remember(layout, doc["name"], trust)
     info(f"first answer {time.monotonic() - t0:.1f}s after start")
     result = summary(layout, doc, m, plan, t, answer, changed=True, extra=svc.extra)

@@ -269,3 +269,13 @@ def test_the_installer_and_bootstrap_find_the_pinned_keys_in_one_place(tmp_path)
         opts = Options(bundle=tmp_path, action="install", prefix=prefix, config_dir=config)
         lay = layout_for(opts, "b")
         assert str(lay.etc) == policy.config_dir(str(prefix or ""), str(config or ""), 0)
+
+
+def test_what_a_failed_install_undoes_is_one_decision():
+    from bundler.box.lifecycle import undo_action
+
+    assert undo_action(previous=True, stopped=True, mode="process") == "restart"
+    assert undo_action(previous=True, stopped=True, mode="systemd") == "restart"
+    assert undo_action(previous=False, stopped=False, mode="systemd") == "remove-unit"  # no unit left behind
+    assert undo_action(previous=False, stopped=False, mode="process") == "nothing"
+    assert undo_action(previous=True, stopped=False, mode="process") == "nothing"  # it was not serving
