@@ -118,7 +118,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         if problems:
             raise BundlerError(f"{a.path}: {len(problems)} problem(s) found", hint="copy the tar again from its source")
         print(f"{a.path}: every member matches the manifest" + (", signed by a key given with --trust" if a.trust
-                                                                  else "") + f" ({time.monotonic() - t0:.1f}s)")
+                                                                  else "; the signature was NOT checked (--trust "
+                                                                  "KEY.pub)") + f" ({time.monotonic() - t0:.1f}s)")
         return 0
     root = Path(a.path)
     data = manifest.read_bytes(root)
@@ -135,7 +136,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
     if a.trust:
         print(f"{a.path}: manifest.json signed by a key given with --trust")
     print(f"{a.path}: {len(doc['files'])} files, {_size(total)} verified in {secs:.1f}s "
-          f"({total / max(secs, 1e-9) / 1e9:.2f} GB/s)")
+          f"({total / max(secs, 1e-9) / 1e9:.2f} GB/s)"
+          + ("" if a.trust else "; the signature was NOT checked: whoever changed the files could have rewritten "
+             "the manifest too (pass --trust KEY.pub)"))
     return 0
 
 

@@ -165,9 +165,9 @@ def write(root: Path, meta: dict[str, Any], entries: list[ManifestEntry]) -> Pat
     doc = dict(meta)
     doc["files"] = [e.to_dict() for e in entries]
     mpath = root / MANIFEST
-    tmp = mpath.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, mpath)
+    from .files import atomic_write  # the box imports this module from its checked copies too
+
+    atomic_write(mpath, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
     (root / SUMS).write_text(_sums_text(entries, sha256_file(mpath)))
     return mpath
 
@@ -262,7 +262,10 @@ def join_parts(root: Path, e: ManifestEntry) -> None:
     dest = root / e.path
     tmp = dest.with_name(dest.name + ".joining")
     h = hashlib.sha256()
-    with open(tmp, "wb") as out:
+    if os.path.lexists(tmp):  # a left-over of a killed join, or something planted: never written through
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
         for p in e.parts:
             with open(root / p.path, "rb") as f:
                 while True:

@@ -63,8 +63,14 @@ def check(tar_path, dest=None, signed_by=None):
     try:
         with tarfile.open(tar_path, "r:") as tf:
             return _check(tf, tar_path, dest, signed_by)
-    except (tarfile.TarError, EOFError, OSError, UnicodeError) as e:
+    except (tarfile.TarError, EOFError, UnicodeError) as e:
         return [f"{tar_path}: not a whole tar ({e.__class__.__name__}: {e}); it may be truncated"]
+    except ValueError as e:  # a member that changed between its check and its extraction (_write)
+        return [f"{tar_path}: {e}; nothing was written"]
+    except OSError as e:
+        if e.filename is None or str(e.filename) == str(tar_path):
+            return [f"{tar_path}: cannot be read ({e.strerror or e})"]
+        raise  # the destination: main() says so
 
 
 def _check(tf, tar_path, dest, signed_by):
@@ -75,6 +81,8 @@ def _check(tf, tar_path, dest, signed_by):
         p = parts_of(m.name, m.isdir())
         if isinstance(p, str):
             problems.append(f"{m.name!r}: refused: {p}")
+        elif m.issparse():
+            problems.append(f"{m.name}: refused: a sparse member (it would expand far beyond its size in the tar)")
         elif not (m.isreg() or m.isdir()):
             kind = "symlink" if m.issym() else "hard link" if m.islnk() else "device or special file"
             problems.append(f"{m.name}: refused: a {kind}")
@@ -160,7 +168,7 @@ def _check(tf, tar_path, dest, signed_by):
         problems.append(f"{top}/{rel}: missing (the manifest lists it)")
     if problems or dest is None:
         return problems
-    _write(tf, by_rel, top, Path(dest))
+    _write(tf, by_rel, top, Path(dest), expected)
     return []
 
 
@@ -187,9 +195,11 @@ def _blocks(tf: tarfile.TarFile, m: tarfile.TarInfo):
         yield block
 
 
-def _write(tf, by_rel, top, dest):
+def _write(tf, by_rel, top, dest, expected):
     """Every regular member at dest/.TOP.unpacking/REL (its path from the one normalisation above),
-    each file new (O_EXCL, no link followed), then the folder renamed to dest/TOP."""
+    each file new (O_EXCL, no link followed) and hashed as it is written: the tar is read a second time
+    here, and a file changed since its check (a share that answers twice differently) is refused; then
+    the folder renamed to dest/TOP."""
     root = dest / top
     if root.exists() or root.is_symlink():
         raise FileExistsError(f"{root} exists already; remove it or unpack elsewhere")
@@ -202,9 +212,14 @@ def _write(tf, by_rel, top, dest):
             out = tmp.joinpath(*rel.split("/"))
             os.makedirs(out.parent, mode=0o755, exist_ok=True)
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            h = hashlib.sha256()
             with os.fdopen(fd, "wb") as f:
                 for block in _blocks(tf, m):
+                    h.update(block)
                     f.write(block)
+            if rel in expected and h.hexdigest() != expected[rel][1]:
+                raise ValueError(f"{m.name} changed between its check and its extraction (sha256 {h.hexdigest()}, "
+                                 f"expected {expected[rel][1]})")
             os.chmod(out, 0o755 if m.mode & 0o111 else 0o644)
         os.replace(tmp, root)
     except BaseException:

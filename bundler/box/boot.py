@@ -16,7 +16,8 @@ from pathlib import Path
 from ..contract import trust as policy
 from ..errors import BundlerError
 
-# the installer from the checked copies only: -I leaves the current folder and PYTHON* variables out
+# the installer from the checked copies only: -I leaves the current folder and PYTHON* variables out, -S
+# site-packages (and any .pth file in them)
 RUN = ('import os, sys; sys.path[:0] = os.environ["AIRGAP_LLM_BOOT_PATH"].split(os.pathsep); '
        'import runpy; runpy.run_module("bundler.box", run_name="__main__", alter_sys=True)')
 
@@ -48,7 +49,7 @@ def settle() -> None:
 
 def installer_argv() -> list[str]:
     """This installer started again (the egress audit's child), from the same checked copies."""
-    return [sys.executable, "-I", "-c", RUN]
+    return [sys.executable, "-I", "-S", "-c", RUN]
 
 
 def installer_env() -> dict[str, str]:

@@ -25,8 +25,9 @@ def http_json(url: str, body: Any = None, key: str | None = None, timeout: float
     req.add_header("Content-Type", "application/json")
     if key:
         req.add_header("Authorization", f"Bearer {key}")
-    # The box has no network and must never try: no proxy, loopback or the given host only.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    # The box has no network and must never try: no proxy, loopback or the given host only; and no redirect,
+    # which would carry the key to wherever the answer points
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
     try:
         with opener.open(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -35,6 +36,11 @@ def http_json(url: str, body: Any = None, key: str | None = None, timeout: float
             return e.code, json.loads(e.read() or b"null")
         except ValueError:
             return e.code, None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        return None
 
 
 class LogWatch:

@@ -87,14 +87,30 @@ def under(root_pid: int) -> Callable[[int], bool]:
     return ours
 
 
+def unit_cgroup(unit: str) -> str:
+    """The unit's own control group as systemd names it (/system.slice/UNIT): a user's
+    `systemd-run --user --unit=UNIT` ends with the same name under user.slice."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["systemctl", "show", "-p", "ControlGroup", "--value", unit], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out or f"/system.slice/{unit}"
+
+
 def in_unit(unit: str) -> Callable[[int], bool]:
-    """Ours: a process in the systemd unit's cgroup."""
+    """Ours: a process in exactly the systemd unit's control group (or one below it)."""
+    group = unit_cgroup(unit)
+
     def ours(pid: int) -> bool:
         try:
             text = Path(f"/proc/{pid}/cgroup").read_text()
         except OSError:
             return False
-        return any(line.rstrip().endswith("/" + unit) for line in text.splitlines())
+        paths = [line.split(":", 2)[2].rstrip() for line in text.splitlines() if line.count(":") >= 2]
+        return any(p == group or p.startswith(group + "/") for p in paths)
     return ours
 
 
@@ -138,10 +154,16 @@ def require_ours(layout, mode: str, ports: list[int]) -> None:
 
 
 def supervisor_pid(pidfile: Path) -> Optional[int]:
+    """The service's supervisor by its pid file, if that process is still our supervisor for that pid
+    file (a stale file whose pid was reused by another program names nobody)."""
     try:
-        return int(pidfile.read_text().strip())
+        pid = int(pidfile.read_text().strip())
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
+    if b"bundler.supervise" not in cmd or str(pidfile).encode() not in cmd:
+        return None
+    return pid
 
 
 def main(argv: Optional[list[str]] = None) -> int:

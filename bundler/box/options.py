@@ -68,7 +68,7 @@ def parse_duration(text: str) -> float | None:
 def parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = argparse.ArgumentParser(
-        prog="install.sh",
+        prog="install.sh", allow_abbrev=False,  # bootstrap.py reads --prefix, --trust… by their full names
         description="Verify this bundle, plan the engine for this box, install it and start an "
                     "OpenAI-compatible service, then prove it answers. Never uses the network.",
         epilog="Environment: AIRGAP_LLM_PYTHON (python3 to use), AIRGAP_LLM_PREFIX (--prefix), "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import envfile, probe
 from ..errors import BundlerError
+from ..files import atomic_write
 from ..render import render
 from .layout import Layout, make_dirs
 from .options import DEFAULT_USER, Options
@@ -106,10 +107,11 @@ def give_to_user(layout: Layout, user: str) -> None:
 
     pw = pwd.getpwnam(user)
     make_dirs(layout.cache, 0o700)
-    for root, _dirs, files in os.walk(layout.cache):
-        os.chown(root, pw.pw_uid, pw.pw_gid)
-        for f in files:
-            os.chown(os.path.join(root, f), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    # never through a link: the account owns what is below and could put one there to get /etc chowned
+    for root, dirs, files, dfd in os.fwalk(layout.cache, follow_symlinks=False):
+        os.chown(dfd, pw.pw_uid, pw.pw_gid)
+        for f in [*files, *(d for d in dirs if os.path.islink(os.path.join(root, d)))]:
+            os.chown(f, pw.pw_uid, pw.pw_gid, dir_fd=dfd, follow_symlinks=False)
 
 
 # ---- the key ------------------------------------------------------------------------
@@ -123,12 +125,7 @@ def ensure_env_file(layout: Layout) -> str:
             return key
     key = "sk-" + secrets.token_urlsafe(32)
     make_dirs(path.parent, 0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(render("env.j2", {"name": layout.name, "api_key": key}))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write(path, render("env.j2", {"name": layout.name, "api_key": key}).encode(), 0o600)
     return key
 
 

@@ -4,6 +4,7 @@ recorded), and not older than the last version accepted for the bundle's name.""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
     contract/trust.py's, the same code bootstrap.py ran. Returns what to record once the install
     succeeded (key to pin, version accepted)."""
     given = [_given_key(p) for p in opts.trust]
-    pinned = [k for p, k in policy.pinned_keys(layout.trusted) if k is not None]
+    pinned = [k for d in policy.trust_folders(str(layout.etc), os.geteuid()) for _, k in policy.pinned_keys(d)
+              if k is not None]
     if sig_blob is None:
         sig_blob = read_or_none(bundle / policy.SIGNATURE, 4096)
     if offered_text is None:
@@ -40,7 +42,7 @@ def check_trust(bundle: Path, doc: dict[str, Any], layout: Layout, opts: Options
     if d.ok:
         record["key"] = d.key.fingerprint
         record["pin"] = d.pin.to_text() if d.pin is not None else None
-    elif not opts.allow_unsigned:
+    elif not opts.allow_unsigned or not d.unsigned:  # never over a wrong signature or an untrusted key
         raise BundlerError(f"{d.why}; nothing was changed" if "nothing was changed" not in d.why else d.why,
                            hint=d.hint)
     else:

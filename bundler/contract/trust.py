@@ -286,6 +286,34 @@ def config_dir(prefix, config, euid):
     return CONFIG_ROOT if euid == 0 else ""
 
 
+def trust_folders(folder, euid):
+    """Where keys pinned on this box live: the config folder's trusted.d, and as root always the box-wide
+    one too (a new --prefix must not look like a box that trusts nothing)."""
+    out = [os.path.join(folder, "trusted.d")] if folder else []
+    box = os.path.join(CONFIG_ROOT, "trusted.d")
+    if euid == 0 and box not in out:
+        out.append(box)
+    return out
+
+
+def trust_store_problems(folder, euid):
+    """Why the keys and the accepted-versions record this decision would read cannot be trusted: a
+    folder or file of them that someone other than this user or root can change ('' when none)."""
+    paths = [os.path.join(folder, "accepted.json")] if folder else []
+    for d in trust_folders(folder, euid):
+        paths.append(d)
+        try:
+            paths += [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".pub")]
+        except OSError:
+            pass
+    for p in paths:
+        if os.path.lexists(p):
+            why = writable_by_others(p, euid)
+            if why:
+                return f"{p}: {why}"
+    return ""
+
+
 def pinned_keys(folder):
     """[(path, PublicKey)] of the .pub files in trusted.d; a file that is no key is returned as (path, None)."""
     out = []

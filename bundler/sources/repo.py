@@ -26,6 +26,7 @@ from typing import Any
 
 from ..cache import cache_root
 from ..errors import BundlerError
+from ..files import atomic_write
 from ..manifest import sha256_file
 from . import url as url_source
 
@@ -166,10 +167,7 @@ def read_lock(spec_path: Path) -> dict[str, Any]:
 
 
 def write_lock(spec_path: Path, lock: dict[str, Any]) -> None:
-    path = lock_path(spec_path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(lock_path(spec_path), (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode())
 
 
 def locked(lock: dict[str, Any], name: str, source: str, include: tuple[str, ...],

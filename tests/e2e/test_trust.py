@@ -421,12 +421,35 @@ def test_as_root_a_python_someone_else_can_replace_is_refused(bundle_dir, netns,
     loose = tmp_path / "loose"
     loose.mkdir()
     loose.chmod(0o777)
-    os.symlink(sys.executable, loose / "python3")
+    marker = tmp_path / "ran"
+    (loose / "python3").write_text(f"#!/bin/sh\ntouch {marker}\nexec {sys.executable} \"$@\"\n")
+    (loose / "python3").chmod(0o755)
     env = dict(os.environ, AIRGAP_LLM_PYTHON=str(loose / "python3"))
     r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"], env=env,
                   stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and f"{loose} can be changed by a user other than root" in r.stderr, r.stderr
+    assert not marker.exists()  # refused before it ran even once (it used to be asked its version first)
     loose.chmod(0o755)  # the same python, from a folder only root can change
     r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"], env=env,
                   stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
+
+
+def test_keys_pinned_where_others_can_write_are_not_trusted_and_allow_unsigned_covers_no_forgery(bundle_dir, netns,
+                                                                                                  tmp_path):
+    """A key planted in a config folder another user can write made bootstrap run that key's bundle as
+    root (the folder's owner was checked only later, by the bundle's own code); --allow-unsigned also
+    waved through a signature by a key that copied the trusted key's ID."""
+    b, real, forged = _forged(bundle_dir, tmp_path / "b")
+    prefix = tmp_path / "p"
+    trusted = prefix / "etc" / "trusted.d"
+    trusted.mkdir(parents=True)
+    (trusted / "attacker.pub").write_text(forged.to_text())
+    os.chown(prefix / "etc", 65534, 65534)
+    r = dry(netns, b, prefix, trust=False)
+    assert r.returncode == 1 and "what this box trusts can be changed by someone other than root" in r.stderr, r.stderr
+    assert "none of the bundle's code was run" in r.stderr
+    os.chown(prefix / "etc", 0, 0)
+    (trusted / "attacker.pub").unlink()
+    r = dry(netns, b, prefix, "--allow-unsigned")  # the real key given: the forged one is no unsigned bundle
+    assert r.returncode == 1 and "never one whose signature is wrong" in r.stderr, r.stderr

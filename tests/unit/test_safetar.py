@@ -195,3 +195,36 @@ def test_a_truncated_tar_is_named_without_a_traceback(bundle, tmp_path):
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 1 and "truncated" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
     assert list(dest.iterdir()) == []
+
+
+def test_a_member_that_changes_between_its_check_and_its_extraction_is_not_written(bundle, tmp_path, monkeypatch):
+    """The tar is read twice (check, then write): a share that answers the second read differently
+    got unchecked bytes written, and "unpacked and verified" said."""
+    tar = make_tar(bundle, tmp_path / "b.tar")
+    real = safetar._blocks
+    seen: dict[str, int] = {}
+
+    def second_read_lies(tf, m):
+        seen[m.name] = seen.get(m.name, 0) + 1
+        if m.name.endswith("m.gguf") and seen[m.name] > 1:
+            yield b"X" * m.size
+            return
+        yield from real(tf, m)
+
+    monkeypatch.setattr(safetar, "_blocks", second_read_lies)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    problems = safetar.check(tar, dest)
+    assert len(problems) == 1 and "changed between its check and its extraction" in problems[0], problems
+    assert list(dest.iterdir()) == []
+
+
+def test_a_sparse_member_is_refused(bundle, tmp_path):
+    def add(tf):
+        info = tarfile.TarInfo("b/models/sparse.bin")
+        info.type = tarfile.GNUTYPE_SPARSE
+        info.size = 0
+        tf.addfile(info)
+    tar = make_tar(bundle, tmp_path / "s.tar", extra=add)
+    problems = safetar.check(tar, tmp_path)
+    assert any("sparse" in p for p in problems), problems
