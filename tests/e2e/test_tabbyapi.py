@@ -19,7 +19,7 @@ import pytest
 
 from bundler import egress, lock
 from bundler.box import wheels
-from bundler.box.health import GUARDED
+from bundler import engines
 from bundler.engines import exllama, vllm
 from bundler import boxlock
 from bundler.engines.exllama import build as exllama_build
@@ -97,7 +97,7 @@ def test_tabbyapi_serves_behind_the_key_from_a_private_folder_and_reaches_nowher
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             r = subprocess.run(ns.argv([sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}", KEY,
-                                        json.dumps(GUARDED[gen.name])]), capture_output=True, text=True,
+                                        json.dumps(engines.get(gen.name).guarded)]), capture_output=True, text=True,
                                timeout=180)
             assert r.returncode == 0, r.stderr + (tmp_path / "engine.log").read_text()[-3000:]
             got = json.loads(r.stdout)
