@@ -20,7 +20,6 @@ import errno
 import fcntl
 import json
 import os
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,34 +120,20 @@ def layout_for(opts: Options, name: str) -> Layout:
 
 def check_not_writable_by_others(path: Path, what: str) -> None:
     """Refuse to trust `path` (and the directories above it) if anyone but us or root could have
-    written it: root installing into a folder another user made would run that user's code."""
-    me = os.geteuid()
+    written it: root installing into a folder another user made would run that user's code. The one
+    test is the trust policy's (owners, mode bits, groups with other members, ACLs), as bootstrap.py
+    runs it on the bundle."""
     p = path
-    first = True
-    while True:
-        try:
-            st = p.lstat()
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if stat.S_ISLNK(st.st_mode) and first:
-                raise BundlerError(f"{p} ({what}) is a symbolic link; refusing to follow it",
-                                   hint="remove it, or pass a real directory")
-            sticky_root = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and not first
-            if st.st_uid not in (me, 0):
-                raise BundlerError(f"{p} ({what}) belongs to uid {st.st_uid}, not to this user or root; refusing "
-                                   "to trust what another user could have planted there; nothing was changed",
-                                   hint=f"remove it or `chown {me} {p}`, or install into another --prefix")
-            # group-writable is fine where the group is our own (umask 002 with per-user groups)
-            bad = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != os.getegid())
-            if bad and not sticky_root and not stat.S_ISLNK(st.st_mode):
-                who = "everyone" if st.st_mode & 0o002 else f"group {st.st_gid}"
-                raise BundlerError(f"{p} ({what}) can be written by {who} (mode {stat.S_IMODE(st.st_mode):o}); "
-                                   "refusing to trust what others could have planted there; nothing was changed",
-                                   hint=f"chmod go-w {p}, or install into another --prefix")
-        if p.parent == p:
-            return
-        p, first = p.parent, False
+    while not os.path.lexists(p) and p.parent != p:  # what does not exist yet is made by us: its parents count
+        p = p.parent
+    why = policy.writable_by_others(p, os.geteuid())
+    if why:
+        fix = (f"chown {os.geteuid()} {p}, chmod go-w {p} (and remove any ACL: setfacl -b {p})" if "symbolic link"
+               not in why else f"remove the link {p}, or pass a real directory")
+        where = f"{p} ({what})" + (f" above {path}" if p != path else "")
+        rest = why[len(str(p)):].strip() if why.startswith(str(p)) else why
+        raise BundlerError(f"{where} {rest}; refusing to trust what others could have planted there; nothing was "
+                           "changed", hint=f"{fix}, or install into another --prefix")
 
 
 def check_writable(path: Path, what: str) -> None:

@@ -355,6 +355,34 @@ def _group_is_only(gid, uids):
     return all(p.pw_uid in uids or p.pw_uid == 0 for p in pwd.getpwall() if p.pw_gid == gid)
 
 
+_ACL_USER, _ACL_GROUP, _ACL_GROUP_OBJ, _ACL_MASK = 0x02, 0x08, 0x04, 0x10
+
+
+def acl_writers(path, uids, gid, follow=False):
+    """Who other than `uids` a POSIX ACL on `path` lets write (named users and groups, the owning group
+    under the mask), '' when nobody: the mode bits alone showed the mask, not who holds it."""
+    import struct
+
+    try:
+        raw = os.getxattr(path, "system.posix_acl_access", follow_symlinks=follow)
+    except OSError:
+        return ""  # no ACL (or none the file system keeps): the mode bits say it all
+    if len(raw) < 4 or (len(raw) - 4) % 8:
+        return f"{path} has an ACL this check cannot read"
+    entries = [struct.unpack_from("<HHI", raw, off) for off in range(4, len(raw), 8)]
+    mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 7)
+    for tag, perm, ident in entries:
+        if not perm & mask & 2:
+            continue
+        if tag == _ACL_USER and ident not in uids:
+            return f"{path} can be written by {_user(ident)} (ACL)"
+        if tag in (_ACL_GROUP, _ACL_GROUP_OBJ):
+            g = gid if tag == _ACL_GROUP_OBJ else ident
+            if not _group_is_only(g, uids):
+                return f"{path} can be written by group {_group(g)} (ACL)"
+    return ""
+
+
 def writable_by_others(path, euid, follow=False):
     """Why someone other than user `euid` or root could change `path`, or ''. The path itself and
     every folder above it (a folder above can rename what is below; a sticky one, like /tmp, lets
@@ -376,8 +404,11 @@ def writable_by_others(path, euid, follow=False):
             return f"{p} belongs to {who}"
         if mode & 0o002 and not sticky:
             return f"{p} can be written by everyone (mode {stat.S_IMODE(mode):o})"
-        if mode & 0o020 and not sticky and st.st_gid != 0 and not _group_is_only(st.st_gid, uids):
+        if mode & 0o020 and not sticky and not _group_is_only(st.st_gid, uids):
             return f"{p} can be written by group {_group(st.st_gid)} (mode {stat.S_IMODE(mode):o})"
+        acl = "" if sticky or stat.S_ISLNK(mode) else acl_writers(p, uids, st.st_gid, follow)
+        if acl:
+            return acl
         parent = os.path.dirname(p)
         if parent == p:
             return ""
@@ -403,9 +434,12 @@ def tree_writable_by_others(root, euid):
                 problems.append(f"{p} is a symbolic link")
             elif st.st_uid not in uids:
                 problems.append(f"{p} belongs to {_user(st.st_uid)}")
-            elif st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0
-                                        and not _group_is_only(st.st_gid, uids)):
+            elif st.st_mode & 0o002 or (st.st_mode & 0o020 and not _group_is_only(st.st_gid, uids)):
                 problems.append(f"{p} can be written by others (mode {stat.S_IMODE(st.st_mode):o})")
+            else:
+                acl = acl_writers(p, uids, st.st_gid)
+                if acl:
+                    problems.append(acl)
             if len(problems) >= 5:
                 return problems
     return problems

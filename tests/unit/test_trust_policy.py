@@ -150,3 +150,33 @@ def test_the_policy_runs_on_every_box_python(python, tmp_path):
     r = subprocess.run([str(exe), "-I", str(script)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.split() == ["True", pub.fingerprint], r.stderr
     assert sys.version_info >= (3, 9)
+
+
+def _grant_acl(path, uid):
+    """user::rwx, user:UID:rwx, group::r-x, mask::rwx, other::r-x (what `setfacl -m u:UID:rwx` writes)."""
+    import struct
+
+    ents = [(0x01, 7, 0xFFFFFFFF), (0x02, 7, uid), (0x04, 5, 0xFFFFFFFF), (0x10, 7, 0xFFFFFFFF), (0x20, 5, 0xFFFFFFFF)]
+    os.setxattr(path, "system.posix_acl_access",
+                struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in ents))
+
+
+def test_write_granted_by_an_acl_is_seen(tmp_path):
+    """The review set `u:nobody:rwx` on the bundle's parent folder: the mode bits (775, group root) hid it,
+    and nobody swapped the bundle folder."""
+    from bundler.box.layout import check_not_writable_by_others
+    from bundler.errors import BundlerError
+
+    d = tmp_path / "parent"
+    (d / "bundle").mkdir(parents=True)
+    try:
+        _grant_acl(d, 65534)
+    except OSError:
+        pytest.skip("this file system keeps no POSIX ACLs")
+    assert "can be written by user nobody (uid 65534) (ACL)" in policy.writable_by_others(d / "bundle", 0)
+    assert "(ACL)" in policy.tree_writable_by_others(d, 0)[0]
+    with pytest.raises(BundlerError, match=r"\(ACL\)"):
+        check_not_writable_by_others(d / "bundle", "the install prefix")
+    os.removexattr(d, "system.posix_acl_access")
+    d.chmod(0o755)
+    assert policy.writable_by_others(d / "bundle", 0) == ""
