@@ -141,9 +141,14 @@ def run_level(url: str, key: str, model: str, concurrency: int, requests: int, p
 
 
 def sweep(url: str, key: str, model: str, levels: list[int], requests: int | None, prompt_tokens: int,
-          max_tokens: int, timeout: float = 600.0, progress: bool = True, min_requests: int = 4) -> dict[str, Any]:
+          max_tokens: int, timeout: float = 600.0, progress: bool = True, min_requests: int = 4,
+          before_level: Any = None) -> dict[str, Any]:
+    """Every level in turn; before_level(concurrency), when given, runs first each time (the installer
+    checks there that the port is still its service's before the key goes out again)."""
     results = []
     for c in levels:
+        if before_level is not None:
+            before_level(c)
         n = requests if requests else max(c, min_requests)  # one full wave at each level
         results.append(run_level(url, key, model, c, n, prompt_tokens, max_tokens, timeout, progress))
     return {"endpoint": url, "model": model, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,

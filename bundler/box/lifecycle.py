@@ -301,7 +301,8 @@ def _after(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, m: d
     key = read_key(layout)
     levels = _levels(opts, plan)
     report = bench.sweep(svc.base + "/v1", key, m["name"], list(levels), None, tune.PROMPT_TOKENS,
-                         opts.bench_max_tokens, min_requests=tune.MIN_REQUESTS)
+                         opts.bench_max_tokens, min_requests=tune.MIN_REQUESTS,
+                         before_level=lambda _c: listener.require_ours(layout, svc.target.mode, [svc.target.port]))
     info(bench.table(report))
     result["bench"] = report
     if opts.baseline:
@@ -638,7 +639,9 @@ def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planne
         "answer": answer,
         # the key read from the env file at run time and given to curl on its standard input: never on
         # a command line, where every local user can read it in /proc
-        "curl": (f"sed -n 's/^LLAMA_API_KEY=/Authorization: Bearer /p' {shlex.quote(str(layout.env_file))} | "
+        # and only once `ctl status` has seen the service's own engine holding the port
+        "curl": (f"{shlex.quote(str(layout.current / 'bin' / 'ctl'))} status && "
+                 f"sed -n 's/^LLAMA_API_KEY=/Authorization: Bearer /p' {shlex.quote(str(layout.env_file))} | "
                  f"curl -s {shlex.quote(endpoint + '/chat/completions')} -H @- -H 'Content-Type: application/json' "
                  "-d " + shlex.quote(json.dumps({"model": m["name"], "max_tokens": 64, "messages": [
                      {"role": "user", "content": "What is the capital of France? Answer with one word."}]}))),

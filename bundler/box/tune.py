@@ -123,10 +123,12 @@ class Runner:
             start(release, self.mode, self.layout)
             row["start_s"] = round(wait_healthy(self.base, self.timeout, self.layout.log_hint(self.mode),
                                                 lambda: engine_alive(release, self.layout, self.mode), watch), 1)
-            listener.require_ours(self.layout, self.mode, [int(self.base.rsplit(":", 1)[1])])
+            port = int(self.base.rsplit(":", 1)[1])
+            listener.require_ours(self.layout, self.mode, [port])
             report = bench.sweep(self.base + "/v1", self.key, self.model, list(self.levels), None, PROMPT_TOKENS,
                                  self.max_tokens, progress=False,
-                                 min_requests=MIN_REQUESTS)
+                                 min_requests=MIN_REQUESTS,
+                                 before_level=lambda _c: listener.require_ours(self.layout, self.mode, [port]))
             row["levels"] = report["levels"]
             bad = [lv for lv in report["levels"] if lv["errors"]]
             if bad:
