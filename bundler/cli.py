@@ -100,6 +100,11 @@ def cmd_check(a: argparse.Namespace) -> int:
     target = load_probe(a.target, "--target") if a.target else None
     for line in bundle.check(s, target, a.reuse_installed):
         print(line)
+    if not a.offline:  # where each model comes from, asked cheaply: metadata, not bytes
+        from . import sources
+
+        for m in s.models:
+            print("  source: " + sources.resolve(m))
     print(f"{a.spec}: ok ({time.monotonic() - t0:.1f}s); make bundle SPEC={a.spec} builds it")
     return 0
 
@@ -376,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("spec", nargs="?", default="bundle.toml", help="bundle spec (TOML), default bundle.toml")
     c.add_argument("--target", help="the box's probe file (./install.sh --probe > box.json there)")
     c.add_argument("--reuse-installed", action="store_true", help="as make bundle REUSE=1")
+    c.add_argument("--offline", action="store_true", help="skip asking each source whether it has the model")
     c.set_defaults(func=cmd_check)
     v = sub.add_parser("verify", help="check a bundle (directory or tar) against its manifest")
     v.add_argument("path")

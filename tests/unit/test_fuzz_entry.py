@@ -59,7 +59,7 @@ def test_the_bundlers_commands_never_show_a_traceback(tmp_path, capsys):
         f = tmp_path / f"probe{i}.json"
         f.write_bytes(data)
         for argv in (["plan", "--box", str(f), "--model", str(ROOT / "tests/data/models/Llama-3.1-8B-Instruct")],
-                     ["check", str(ROOT / "docs/device/gpu-box-exl2.toml"), "--target", str(f),
+                     ["check", "--offline", str(ROOT / "docs/device/gpu-box-exl2.toml"), "--target", str(f),
                       "--reuse-installed"]):
             rc, err = _run(argv, capsys)
             cases += 1
@@ -72,7 +72,7 @@ def test_the_bundlers_commands_never_show_a_traceback(tmp_path, capsys):
     for i, data in enumerate(_mutations(rng, SPEC.encode()) + [t.encode() for t in typed]):
         f = tmp_path / f"spec{i}.toml"
         f.write_bytes(data)
-        rc, err = _run(["check", str(f)], capsys)
+        rc, err = _run(["check", "--offline", str(f)], capsys)
         cases += 1
         assert rc in (0, 1, 2) and "Traceback" not in err and "this is a bug" not in err, err
         assert rc == 0 or "error:" in err, err  # a flip inside a comment leaves a valid spec
