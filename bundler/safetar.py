@@ -73,9 +73,16 @@ def check(tar_path, dest=None, signed_by=None):
         raise  # the destination: main() says so
 
 
+MAX_MEMBERS = 200_000  # a bundle has hundreds; a tar of millions of headers is an attempt to exhaust memory
+
+
 def _check(tf, tar_path, dest, signed_by):
     problems = []
-    members = tf.getmembers()
+    members = []
+    for m in tf:  # read the headers one by one, and stop at the limit instead of loading them all
+        members.append(m)
+        if len(members) > MAX_MEMBERS:
+            return [f"{tar_path}: more than {MAX_MEMBERS} members; a bundle has far fewer: refused"]
     norm = {}  # member → its parts, for every member whose name is plain
     for m in members:
         p = parts_of(m.name, m.isdir())

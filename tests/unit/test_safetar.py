@@ -228,3 +228,9 @@ def test_a_sparse_member_is_refused(bundle, tmp_path):
     tar = make_tar(bundle, tmp_path / "s.tar", extra=add)
     problems = safetar.check(tar, tmp_path)
     assert any("sparse" in p for p in problems), problems
+
+
+def test_a_tar_of_too_many_members_is_refused_before_they_are_all_read(bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(safetar, "MAX_MEMBERS", 3)
+    problems = safetar.check(make_tar(bundle, tmp_path / "b.tar"), tmp_path)
+    assert problems == [f"{tmp_path / 'b.tar'}: more than 3 members; a bundle has far fewer: refused"]
