@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .errors import BundlerError, report
 
@@ -105,8 +106,29 @@ def cmd_check(a: argparse.Namespace) -> int:
 
         for m in s.models:
             print("  source: " + sources.resolve(m))
+        if target is not None:
+            _plan_for_target(s, target)
     print(f"{a.spec}: ok ({time.monotonic() - t0:.1f}s); make bundle SPEC={a.spec} builds it")
     return 0
+
+
+def _plan_for_target(s: Any, target: Any) -> None:
+    """The plan each model gets on the target box, where its facts are cheap to know (a local GGUF's
+    header, a repository's config and listing); the others are planned on the box itself."""
+    from . import planner, sources
+
+    engines = [*s.llama_cpp.backends, *(["vllm"] if s.vllm.version else []), "exllamav2", "exllamav3"]
+    intent = planner.Intent(s.service.concurrency, s.service.context)
+    for m in s.models:
+        info = sources.facts_cheaply(m)
+        if info is None:
+            print(f"  plan: {m.name}: planned on the box (its facts come with its bytes)")
+            continue
+        p = planner.plan(m.name, info, target, intent, engines_available=tuple(engines))
+        print(f"  plan: {m.name}: {p.engine} ({p.backend}), tensor parallel {p.tensor_parallel} × data parallel "
+              f"{p.data_parallel}, {p.slots} requests × {p.context_per_slot} tokens")
+        for line in planner.explain(p, reasons=False):
+            print("  " + line)
 
 
 def cmd_verify(a: argparse.Namespace) -> int:

@@ -3,9 +3,11 @@ and checks the pinned sha256 of every byte it delivers."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ..cache import cache_root
 from ..errors import BundlerError
@@ -129,3 +131,33 @@ def resolve(model: ModelSpec) -> str:
         raise BundlerError(f"{model.name}: {src}: cannot be reached ({getattr(e, 'reason', e)})",
                            hint="check the address and this machine's access to it (proxy settings)")
     return f"{model.name}: {src} answers" + (f" ({int(size) / 2**20:.1f} MiB)" if size and size.isdigit() else "")
+
+
+def facts_cheaply(model: ModelSpec) -> Any:
+    """A model's facts (modelinfo.ModelInfo) from what is cheap to read, or None: a local GGUF's header;
+    a repository's config files (a few KiB) and its listing's file sizes. The weights are never fetched."""
+    import tempfile
+    import urllib.request
+
+    from .. import modelinfo
+    from .repo import _headers, file_url, is_repo
+    from .repo import parse as repo_parse
+    from .repo import resolve as resolve_repo
+
+    src = model.source
+    if model.format == "gguf" and not src.startswith(("pypi:", "http://", "https://", "hf://", "modelscope://",
+                                                      "box:")):
+        return modelinfo.inspect_gguf(Path(src))
+    if not is_repo(src) or model.format not in ("safetensors", "exl2", "exl3"):
+        return None
+    r = resolve_repo(src, model.include, model.exclude)
+    names = {f.path for f in r.files}
+    with tempfile.TemporaryDirectory(prefix="airgap-facts-") as td:
+        for name in ("config.json", "tokenizer_config.json"):
+            if name in names:
+                req = urllib.request.Request(file_url(src, r.commit, name), headers=_headers(repo_parse(src)[0]))
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    Path(td, name).write_bytes(resp.read(4 << 20))
+        size = sum(f.size for f in r.files if f.path.endswith(".safetensors"))
+        Path(td, "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size}}))
+        return modelinfo.inspect_hf(Path(td))

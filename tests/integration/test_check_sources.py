@@ -44,3 +44,22 @@ def test_hub_sources_are_listed_not_downloaded(tmp_path):
         assert not any(hub.downloads.values())  # nothing but the listing was asked for
     finally:
         hub.stop()
+
+
+def test_with_a_target_the_plan_is_computed_from_the_repositorys_config_alone(tmp_path):
+    hub = Hub(repos={"org/tiny": tiny_llama_repo()}).start()
+    try:
+        env = {"HF_ENDPOINT": hub.url, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        spec = tmp_path / "s.toml"
+        spec.write_text('[bundle]\nname = "t"\n[[models]]\nname = "tiny"\nsource = "hf://org/tiny@main"\n'
+                        '[engines.llama_cpp]\nbackends = []\n[engines.vllm]\nversion = "0.26.0"\n')
+        r = subprocess.run([sys.executable, "-m", "bundler", "check", str(spec), "--target",
+                            str(ROOT / "tests/data/boxes/device-h200x2-probe.json"), "--reuse-installed"],
+                           capture_output=True, text=True, cwd=ROOT, env=dict(__import__("os").environ, **env),
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "plan: tiny: vllm (cuda)" in r.stdout, r.stdout
+        weights = [p for p in hub.downloads if p.endswith(".safetensors")]
+        assert weights == [], weights  # the config was read, the weights were not
+    finally:
+        hub.stop()
