@@ -643,6 +643,6 @@ def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planne
         "curl": (f"{shlex.quote(str(layout.current / 'bin' / 'ctl'))} status && "
                  f"sed -n 's/^LLAMA_API_KEY=/Authorization: Bearer /p' {shlex.quote(str(layout.env_file))} | "
                  f"curl -s {shlex.quote(endpoint + '/chat/completions')} -H @- -H 'Content-Type: application/json' "
-                 "-d " + shlex.quote(json.dumps({"model": m["name"], "max_tokens": 64, "messages": [
+                 "-d " + shlex.quote(json.dumps({"model": m["name"], "max_tokens": 64, "temperature": 0, "messages": [
                      {"role": "user", "content": "What is the capital of France? Answer with one word."}]}))),
     }
