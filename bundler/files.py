@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 SUFFIX = ".incomplete"
 
@@ -33,3 +34,20 @@ def atomic_write(path: Path | str, data: bytes, mode: int = 0o644) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def copy_hashing(src: Path | str, dst: Path | str, on_block: Any = None) -> str:
+    """Copy src to a new dst (O_EXCL, no link followed on either side) and return the sha256 of the bytes
+    written: what is hashed is what was copied, so the copy is what gets used. on_block(n) after each block."""
+    import hashlib
+
+    h = hashlib.sha256()
+    fi = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fi, "rb") as r, os.fdopen(fo, "wb") as w:
+        for block in iter(lambda: r.read(8 << 20), b""):
+            h.update(block)
+            w.write(block)
+            if on_block is not None:
+                on_block(len(block))
+    return h.hexdigest()

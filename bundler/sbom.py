@@ -99,12 +99,10 @@ def _model_license(stage: Path, m: dict[str, Any]) -> str:
     src = str(m.get("source", ""))
     if src.startswith("pypi:"):
         from .lock import wheel_cache
+        from .sources.pypi import own_wheels
 
-        name, _, version = src[5:].partition("==")
-        stem = f"{normalize(name).replace('-', '_')}-{version}-"
-        for w in sorted((wheel_cache() / "models").glob("*.whl")):
-            if w.name.lower().startswith(stem.lower()):
-                return _wheel_component(w)["licenses"][0]["license"]["name"]
+        for w in own_wheels(src[5:], wheel_cache() / "models"):
+            return _wheel_component(w)["licenses"][0]["license"]["name"]
     if m.get("dir"):
         card = stage / m["file"] / "README.md"
         if card.is_file():

@@ -202,18 +202,17 @@ class Transaction:
         self.done: Path | None = None  # the guard's marker: touched once there is nothing left to undo
 
     def stop_previous(self, why: str, replacement: Path | None = None) -> None:
-        if self.previous is None or self.stopped or not is_running(self.previous):
+        """Stop the previous release if it serves; with a replacement to start, arm the guard first (also
+        when an earlier step, --tune, already stopped it)."""
+        if self.previous is None:
             return
-        if replacement is not None:
+        running = not self.stopped and is_running(self.previous)
+        if replacement is not None and self.done is None and (self.stopped or running):
             self._guard(replacement)
-        info(why.format(name=self.previous.name))
-        ctl(self.previous, "stop")
-        self.stopped = True
-
-    def arm_guard(self, replacement: Path) -> None:
-        """The previous release was stopped earlier (--tune): guard the replacement's start the same way."""
-        if self.stopped and self.done is None:
-            self._guard(replacement)
+        if running:
+            info(why.format(name=self.previous.name))
+            ctl(self.previous, "stop")
+            self.stopped = True
 
     def _guard(self, replacement: Path) -> None:
         """Detached: if this installer dies before commit or undo, start the previous release again and
@@ -268,7 +267,6 @@ def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Lay
         return _after(opts, doc, data, layout, m, plan, svc, result, tuned)
     key = _prepare(layout, t)
     # if this process dies from here on, the guard brings the previous release back
-    tx.arm_guard(layout.releases / rid)
     tx.stop_previous("stopping the previous release {name} (one set of GPUs or RAM cannot hold both)",
                      replacement=layout.releases / rid)
     try:

@@ -43,26 +43,18 @@ def local_address(host: str) -> str:
 
 def _copy_hashing(src: Path, dst: Path, sha256: str, label: str | None) -> None:
     """Copy src to dst through a .incomplete file, hashing what is written; refuse on mismatch."""
-    import hashlib
-
+    from ..files import copy_hashing
     from ..progress import bar as tqdm
 
     tmp = dst.with_name(dst.name + ".incomplete")
-    size = src.stat().st_size
-    h = hashlib.sha256()
-    with open(src, "rb") as fi, open(tmp, "wb") as fo, tqdm(total=size, unit="B", unit_scale=True,
-                                                            unit_divisor=1024, desc=label,
-                                                            mininterval=0.3, disable=label is None) as bar:
-        while True:
-            block = fi.read(8 << 20)
-            if not block:
-                break
-            h.update(block)
-            fo.write(block)
-            bar.update(len(block))
-    if h.hexdigest() != sha256:
+    if os.path.lexists(tmp):  # a killed install's left-over
+        os.unlink(tmp)
+    with tqdm(total=src.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=label, mininterval=0.3,
+              disable=label is None) as bar:
+        digest = copy_hashing(src, tmp, bar.update)
+    if digest != sha256:
         tmp.unlink()
-        raise BundlerError(f"{src} changed while it was copied (sha256 {h.hexdigest()}, expected {sha256}); "
+        raise BundlerError(f"{src} changed while it was copied (sha256 {digest}, expected {sha256}); "
                            "nothing was installed", hint="copy the bundle again, to a folder only root can write")
     os.chmod(tmp, 0o644)
     os.replace(tmp, dst)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import BundlerError
+from ..files import copy_hashing
 from ..contract import locks
 from ..contract.locks import WHEEL_RE
 from ..contract.locks import normalize as _norm
@@ -74,7 +75,7 @@ def select(lock: Path, folder: Path, into: Path) -> list[Path]:
         path = cands[0]
         into.mkdir(mode=0o700, parents=True, exist_ok=True)
         copy = into / path.name
-        digest = copy_hashing(path, copy)
+        digest = copy_hashing(path, copy)  # the copy is what gets installed
         if digest not in hashes:
             copy.unlink()
             raise BundlerError(f"{path}: sha256 {digest} is not one {lock} pins for {name} {version}",
@@ -82,18 +83,6 @@ def select(lock: Path, folder: Path, into: Path) -> list[Path]:
         chosen.append(copy)
     return chosen
 
-
-def copy_hashing(src: Path, dst: Path) -> str:
-    """Copy src to dst (new, not through a link) and return the sha256 of the bytes written."""
-    import hashlib
-
-    h = hashlib.sha256()
-    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as fi, open(dst, "xb") as fo:
-        for block in iter(lambda: fi.read(4 << 20), b""):
-            h.update(block)
-            fo.write(block)
-    return h.hexdigest()
 
 
 def install(wheels: list[Path], site: Path, scripts: Path | None = None, workers: int | None = None) -> float:

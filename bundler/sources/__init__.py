@@ -3,6 +3,7 @@ and checks the pinned sha256 of every byte it delivers."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -76,6 +77,14 @@ def copy_into_cache(path: Path, model: ModelSpec) -> Path:
     return check_and_place(tmp, model, str(path))
 
 
+@functools.cache
+def _listing(source: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> Any:
+    """A repository's listing, asked of the hub once per command (resolve and facts_cheaply both need it)."""
+    from .repo import resolve as resolve_repo
+
+    return resolve_repo(source, include, exclude)
+
+
 def resolve(model: ModelSpec) -> str:
     """Where the model's bytes will come from, asked cheaply (metadata, never the bytes): the package
     index's release list, a HEAD request, the hub's listing. Returns a line saying what was found;
@@ -105,9 +114,7 @@ def resolve(model: ModelSpec) -> str:
     from .repo import is_repo
 
     if is_repo(src):
-        from .repo import resolve as resolve_repo
-
-        r = resolve_repo(src, model.include, model.exclude)
+        r = _listing(src, model.include, model.exclude)
         return f"{model.name}: {src} is commit {r.commit[:12]}, {len(r.files)} file(s) selected"
     if src.startswith("hf://"):
         from huggingface_hub import hf_hub_url
@@ -142,7 +149,6 @@ def facts_cheaply(model: ModelSpec) -> Any:
     from .. import modelinfo
     from .repo import _headers, file_url, is_repo
     from .repo import parse as repo_parse
-    from .repo import resolve as resolve_repo
 
     src = model.source
     if model.format == "gguf" and not src.startswith(("pypi:", "http://", "https://", "hf://", "modelscope://",
@@ -150,7 +156,7 @@ def facts_cheaply(model: ModelSpec) -> Any:
         return modelinfo.inspect_gguf(Path(src))
     if not is_repo(src) or model.format not in ("safetensors", "exl2", "exl3"):
         return None
-    r = resolve_repo(src, model.include, model.exclude)
+    r = _listing(src, model.include, model.exclude)
     names = {f.path for f in r.files}
     with tempfile.TemporaryDirectory(prefix="airgap-facts-") as td:
         for name in ("config.json", "tokenizer_config.json"):

