@@ -453,3 +453,19 @@ def test_keys_pinned_where_others_can_write_are_not_trusted_and_allow_unsigned_c
     (trusted / "attacker.pub").unlink()
     r = dry(netns, b, prefix, "--allow-unsigned")  # the real key given: the forged one is no unsigned bundle
     assert r.returncode == 1 and "never one whose signature is wrong" in r.stderr, r.stderr
+
+
+def test_the_private_folder_goes_away_even_after_a_killed_installer(bundle_dir, netns, tmp_path):
+    """bootstrap's checked copies live in a private folder the installer removes when it ends; one that a
+    killed installer left (SIGKILL runs no cleanup) is removed by the next start, a live one's is not."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(mode=0o700)
+    dead = tmp / "airgap-llm-boot-999999999-abc"  # no such pid
+    live = tmp / f"airgap-llm-boot-{os.getpid()}-abc"
+    for d in (dead, live):
+        d.mkdir(mode=0o700)
+        (d / "manifest.json").write_text("{}")
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"],
+                  env=dict(os.environ, TMPDIR=str(tmp)), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp.iterdir()) == [live.name]
