@@ -299,14 +299,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def _explain(p, explain: bool) -> None:
-    head = f"{p.model}: {p.engine} ({p.backend})"
-    if p.engine == "vllm":
-        head += f", tensor parallel {p.tensor_parallel} × data parallel {p.data_parallel}, " \
-                f"--max-num-seqs {p.max_num_seqs}, --max-model-len {p.max_model_len}"
-    elif p.engine == "llama.cpp":
-        head += f", {p.gpu_layers}/{p.total_layers} layers on GPU, {p.slots} slots × {p.context_per_slot} tokens"
-    else:
-        head += f", TP {p.tensor_parallel}, split {list(p.gpu_split_gib)}, {p.slots} × {p.context_per_slot} tokens"
+    from .engines import get
+
+    summary = get(p.engine).summary
+    head = f"{p.model}: {p.engine} ({p.backend})" + (f", {summary(p)}" if summary else "")
     if p.memory_per_gpu_gib:
         head += f"; GiB per GPU {list(p.memory_per_gpu_gib)} of {list(p.usable_per_gpu_gib)}"
     print(head)

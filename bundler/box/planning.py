@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
-from .. import planner, probe
-from ..engines import exllama, llama_cpp
+from .. import engines, planner, probe
+from ..engines import llama_cpp
 from ..errors import BundlerError, VerifyError
 from ..modelinfo import ModelInfo
 from .options import Options
@@ -98,39 +97,16 @@ def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: 
 
 
 def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware, opts: Options) -> planner.Plan:
-    """--tensor-parallel / --data-parallel replace the planner's choice (vLLM; ExLlama: tensor
-    parallel over every GPU or none), within what fits."""
+    """--tensor-parallel / --data-parallel replace the planner's choice, within what fits, as the
+    engine allows (vLLM: any split that fits; ExLlama: tensor parallel over every GPU or none)."""
     if opts.tensor_parallel is None and opts.data_parallel is None:
         return plan
-    if plan.engine in exllama.GENS:
-        tp = opts.tensor_parallel or plan.tensor_parallel
-        if (opts.data_parallel or 1) != 1 or tp not in (1, len(hw.gpus)):
-            label = exllama.GENS[plan.engine].label
-            raise BundlerError(f"{label} (TabbyAPI) runs one replica, tensor parallel over all "
-                               f"{len(hw.gpus)} GPU(s) "
-                               f"or on one with a layer split; --tensor-parallel {tp}"
-                               + (f" --data-parallel {opts.data_parallel}" if opts.data_parallel else "")
-                               + " is neither",
-                               hint=f"use --tensor-parallel {len(hw.gpus)} or 1, without --data-parallel")
-        return replace(plan, tensor_parallel=tp, gpu_split_gib=() if tp > 1 else plan.gpu_split_gib,
-                       reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp}"))
-    if plan.engine != "vllm":
-        raise BundlerError(f"--tensor-parallel/--data-parallel apply to vLLM; this plan uses {plan.engine}",
+    engine = engines.get(plan.engine)
+    if engine.override is None:
+        raise BundlerError(f"--tensor-parallel/--data-parallel do not apply to {engine.label}, which this plan uses",
                            hint="drop the option")
-    facts = ModelInfo.from_dict(m["facts"])
-    tp = opts.tensor_parallel or plan.tensor_parallel
-    dp = opts.data_parallel or max(1, len(hw.gpus) // tp)
-    ok, _ = planner.tp_candidates(facts, len(hw.gpus))
-    if tp not in ok or tp * dp > len(hw.gpus):
-        raise BundlerError(f"tensor parallel {tp} × data parallel {dp} does not fit this model on {len(hw.gpus)} "
-                           "GPU(s)", hint=f"tensor-parallel sizes that work here: {', '.join(map(str, ok))}")
-    share = max(1, -(-plan.slots // dp))
-    seqs, _ = planner.vllm_max_num_seqs(min(hw.gpus, key=lambda g: g.memory_total_mib), share)
-    return replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs,
-                   api_servers=planner.vllm_api_servers(hw, dp),
-                   reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp} × data parallel "
-                                           f"{dp}, ~{share} of the {plan.slots} requests per replica, --max-num-seqs "
-                                           f"{seqs}"))
+    facts = ModelInfo.from_dict(m["facts"]) if m.get("facts") else None
+    return engine.override(plan, facts, hw, opts.tensor_parallel, opts.data_parallel)
 
 
 def print_plan(plan: planner.Plan, hw: probe.Hardware, others: list[planner.Plan] = (),

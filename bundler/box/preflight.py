@@ -114,7 +114,7 @@ def check_port(host: str, port: int, ours_running: bool) -> None:
 TRITON_ENGINES = {e.name: e.label for e in engines.registry().values() if e.triton}
 
 
-def triton_toolchain(doc: dict[str, Any], name: str = "vllm", say: bool = True) -> dict[str, str]:
+def triton_toolchain(doc: dict[str, Any], name: str, say: bool = True) -> dict[str, str]:
     """What Triton (the kernels of engine `name`: vLLM, ExLlamaV3) compiles its launchers with on this
     box: {"cc": the box's compiler or "" for the bundle's Zig, "headers": "" for the box's Python.h or
     the bundle's folder of them}. A box with neither refuses here, naming what to install, not at the
@@ -157,7 +157,7 @@ def triton_toolchain(doc: dict[str, Any], name: str = "vllm", say: bool = True) 
         where = f"{inc} (this box)" if not out["headers"] else f"from the bundle ({inc} has none)"
         info(f"Triton's C compiler: {cc + ' (this box)' if cc else 'Zig clang from the bundle (this box has none)'}; "
              f"Python headers: {where}")
-        if not out["flashinfer_jit"] and name == "vllm":
+        if not out["flashinfer_jit"] and engines.get(name).flashinfer:
             info(f"no {'nvcc' if not nvcc else 'C++ compiler'} on this box, which FlashInfer compiles its sampling "
                  "kernels with at the first start: vLLM samples with PyTorch instead (VLLM_USE_FLASHINFER_SAMPLER=0)")
     return out

@@ -9,14 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
 from .. import planner
 from .. import engines
-from ..engines import exllama, llama_cpp, vllm
 from ..errors import BundlerError
 from ..render import render
 from ..staging import staged_dir
@@ -116,26 +115,6 @@ def engine_site(bundle: Path, doc: dict[str, Any], engine: dict[str, Any], layou
     return home / "site"
 
 
-def prove_extension(site: Path, engine: dict[str, Any]) -> None:
-    """ExLlama's prebuilt extension imports with this box's torch (else exllamavN would try to compile
-    it at the engine's start, with a compiler the box may not have, and fail long after the install)."""
-    gen = exllama.GENS[engine["name"]]
-    code = (f"import torch, {gen.ext_module}, {gen.name}.ext as e; "
-            f"print(torch.__version__, torch.version.cuda, e.{gen.ext_module}.__file__)")
-    try:
-        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)),
-                           capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        raise BundlerError(f"importing {gen.label}'s extension took over 10 minutes", hint="is the box very loaded?")
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        raise BundlerError(f"{gen.label}'s extension ({engine.get('extension', gen.ext_module)}) does not import with "
-                           f"this box's python {sys.executable}: {' | '.join(tail)}; nothing was started",
-                           hint="the bundle was made for another Python, torch or CUDA: make the probe file here "
-                                "(./install.sh --probe > box.json) and bundle again with TARGET=box.json")
-    info(f"{gen.label}'s extension imports (torch, CUDA, file: {r.stdout.strip()})")
-
-
 def copy_verified(bundle: Path, doc: dict[str, Any], folder: str, dest: Path) -> None:
     """The files the manifest lists under `folder`, copied into dest and hashed as they are written
     (a file swapped in the bundle after the check is refused, not run)."""
@@ -179,70 +158,76 @@ class Member:
     port: int
 
 
+@dataclass
+class LaunchContext:
+    """What an engine's launch(ctx) gets from the release being written: the plan, the model and address,
+    its entry in the manifest, and the release's helpers (copies hashed against the manifest)."""
+
+    bundle: Path
+    doc: dict[str, Any]
+    entry: dict[str, Any]  # the engine's entry in the manifest (its build for the plan's backend)
+    plan: planner.Plan
+    model_path: str
+    name: str  # the model's name, as clients ask for it
+    host: str
+    port: int
+    safe: bool  # tensor parallel with the safe all-reduce flags
+    final: Path  # the release's folder once committed: paths in the launch script point here
+    stage: Path  # the release's folder while it is written
+    layout: Layout
+    copied: dict[str, str]  # engine build folder in the bundle → its folder in the release
+    python: str = sys.executable
+    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def site(self) -> Path:
+        """A Python engine's wheels, installed once per lock under PREFIX/engines."""
+        return engine_site(self.bundle, self.doc, self.entry, self.layout)
+
+    def engine_dir(self) -> str:
+        """The engine's build folder copied into the release once per build: its folder name there."""
+        folder = self.copied.get(self.entry["dir"])
+        if folder is None:
+            folder = "engine" if not self.copied else f"engine-{self.entry['backend']}"
+            copy_verified(self.bundle, self.doc, self.entry["dir"], self.stage / folder)
+            self.copied[self.entry["dir"]] = folder
+        return folder
+
+    def copy(self, folder: str, name: str) -> Path:
+        """A folder of the bundle copied (hashed) into the release once, as `name`: its final path."""
+        if not (self.stage / name).is_dir():
+            copy_verified(self.bundle, self.doc, folder, self.stage / name)
+        return self.final / name
+
+    def write(self, name: str, text: str) -> Path:
+        (self.stage / name).write_text(text)
+        return self.final / name
+
+    def triton_tools(self) -> dict[str, str]:
+        return triton_toolchain(self.doc, self.entry["name"], say=False)
+
+    def triton_cc(self, tools: dict[str, str], site: Path, env: dict[str, str], cache_vars: dict[str, str]) -> None:
+        _triton_cc(self.bundle, self.doc, tools, site, self.final, self.stage, env, cache_vars)
+
+    def say(self, line: str) -> None:
+        info(line)
+
+
 def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
                    rid: str, final: Path, stage: Path, host: str, port: int, safe: bool, copied: dict[str, str]
                    ) -> str:
-    """The launch script of one engine serving one model (rendered text); the engine's files are
-    copied into the release once per engine build (`copied`: build dir → folder in the release)."""
+    """The launch script of one engine serving one model (rendered text): the engine says how it starts."""
     model_path = Path(m["file"]) if m.get("on_box") else store_model(bundle, m, layout)
-    lib_dirs: list[str] = []
-    banner = ""
-    extra_env: dict[str, str] = {}
-    cache_vars: dict[str, str] = {}
-    if plan.engine == "vllm":
-        engine = next(e for e in doc["engines"] if e["name"] == vllm.NAME)
-        site = engine_site(bundle, doc, engine, layout)
-        argv = vllm.launch_argv(sys.executable, str(model_path), m["name"], host, port, plan, safe, engine["version"])
-        # the engine's wheels, then the release's own site (the middleware that guards every route)
-        extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV, **vllm.host_ip_env(host),
-                     **vllm.multicast_env(dict(os.environ))}
-        cache_vars = dict(vllm.CACHE_VARS)
-        tools = triton_toolchain(doc, engine["name"], say=False)
-        if not tools["flashinfer_jit"]:
-            extra_env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
-        _triton_cc(bundle, doc, tools, site, final, stage, extra_env, cache_vars)
-    elif plan.engine in exllama.GENS:
-        engine = next(e for e in doc["engines"] if e["name"] == plan.engine)
-        site = engine_site(bundle, doc, engine, layout)
-        prove_extension(site, engine)
-        if not (stage / "tabbyapi").is_dir():
-            copy_verified(bundle, doc, engine["tabbyapi"], stage / "tabbyapi")
-        conf = stage / f"tabbyapi-{port}.json"
-        conf.write_text(json.dumps(exllama.tabby_config(plan, str(model_path), m["name"], host, port), indent=2) + "\n")
-        argv = [sys.executable, "-m", "bundler.engines.tabby_run", str(final / "tabbyapi"), str(final / conf.name)]
-        # the engine's wheels (the box's torch stays where it is), then the release's own site (tabby_run)
-        extra_env = {"PYTHONPATH": f"{site}:{final / 'site'}", **vllm.OFFLINE_ENV}
-        # TabbyAPI's working folder of each start (tabby_run.py), and ExLlama's own kernel caches
-        cache_vars = {"AIRGAP_LLM_RUN_DIR": "run", "TRITON_CACHE_DIR": "triton", "TORCH_EXTENSIONS_DIR": "torch-ext"}
-        gen = exllama.GENS[plan.engine]
-        if gen is exllama.V2:
-            # no bundle carries flash-attn, yet exllamav2 leaves its config's no_flash_attn off without it, so
-            # TabbyAPI picks the paged generator and the load fails on cc >= 8 ("Paged attention required Flash
-            # Attention 2.5.7", ../shared/EXLLAMA.md); with this set TabbyAPI serves in its compatibility mode,
-            # one request at a time, as the plan says
-            extra_env["EXLLAMA_NO_FLASH_ATTN"] = "1"
-        if gen.triton:  # ExLlamaV3 attends with Triton kernels, which compile a C launcher at first use
-            _triton_cc(bundle, doc, triton_toolchain(doc, engine["name"], say=False), site, final, stage, extra_env,
-                       cache_vars)
-    else:
-        engine = next(e for e in doc["engines"] if e["name"] == llama_cpp.NAME and e["backend"] == plan.backend)
-        folder = copied.get(engine["dir"])
-        if folder is None:
-            folder = "engine" if not copied else f"engine-{plan.backend}"
-            copy_verified(bundle, doc, engine["dir"], stage / folder)
-            copied[engine["dir"]] = folder
-        # a CPU build carries one binary per instruction-set level: the one the plan chose for this CPU
-        exe = f"llama-server-{plan.cpu_variant}" if plan.cpu_variant else "llama-server"
-        if not (stage / folder / "bin" / exe).is_file():
-            raise BundlerError(f"the bundle has no {exe} for the plan's CPU level", hint="bundle again")
-        argv = llama_cpp.launch_argv(str(final / folder / "bin" / exe), str(model_path), m["name"], host, port, plan)
-        level = next((r for r in plan.reasons if r.startswith("CPU backend")), "")
-        banner = f"airgap-llm: starting {exe}" + (f"; {level}" if level else "")
-        lib_dirs = [str(final / folder / "lib"), *engine.get("box_lib_dirs", [])]
+    engine = engines.get(plan.engine)
+    entry = next((e for e in doc["engines"] if e["name"] == plan.engine and e.get("backend") == plan.backend), None)
+    if entry is None or engine.launch is None:
+        raise BundlerError(f"this bundle has no {engine.label} build for the {plan.backend} backend the plan chose",
+                           hint="bundle again with that engine")
+    run = engine.launch(LaunchContext(bundle, doc, entry, plan, str(model_path), m["name"], host, port, safe, final,
+                                      stage, layout, copied))
     return render("launch.sh.j2", {
         "engine": plan.engine, "name": layout.name, "release": rid, "env_file": str(layout.env_file),
-        "argv": argv, "lib_dir": ":".join(lib_dirs), "extra_env": extra_env, "cache_dir": str(layout.cache),
-        "cache_vars": cache_vars, "banner": banner})
+        "argv": run.argv, "lib_dir": ":".join(run.lib_dirs), "extra_env": run.env, "cache_dir": str(layout.cache),
+        "cache_vars": run.cache_vars, "banner": run.banner})
 
 
 def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, Any], plan: planner.Plan,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -25,11 +24,9 @@ from typing import Any, Callable
 
 from .. import planner
 from .. import engines
-from ..engines import vllm
 from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from ..probe import Hardware
-from ..versions import version_tuple
 from . import listener
 from .health import LogWatch, wait_healthy
 from .layout import Layout
@@ -58,38 +55,9 @@ def reference(plan: planner.Plan) -> Candidate:
 def candidates(plan: planner.Plan, facts: ModelInfo, hw: Hardware, engine_version: str = "") -> list[Candidate]:
     """The plan first, then the engine's defaults, then the alternatives worth a start on this box."""
     out = [Candidate("plan", plan, "as planned"), reference(plan)]
-    if plan.engine == "vllm":
-        n = len(hw.gpus)
-        gpu = min(hw.gpus, key=lambda g: g.memory_total_mib)
-        usable = gpu.memory_total_mib * planner.MiB * planner.VLLM_UTILIZATION - planner.VLLM_OVERHEAD
-        for tp in planner.tp_candidates(facts, n)[0]:
-            dp = n // tp
-            if (tp, dp) == (plan.tensor_parallel, plan.data_parallel):
-                continue
-            if facts.file_size / tp + planner.kv_per_gpu_per_token(facts, tp) * plan.max_model_len > usable:
-                continue  # one request of full length does not fit
-            seqs, _ = planner.vllm_max_num_seqs(gpu, math.ceil(plan.slots / dp))
-            api = plan.api_servers if dp == 1 else 0
-            out.append(Candidate(f"TP {tp} x DP {dp}", replace(plan, tensor_parallel=tp, data_parallel=dp,
-                                                               max_num_seqs=seqs, api_servers=api),
-                                 "another split of the GPUs"))
-        if plan.data_parallel == 1 and plan.api_servers > 1:
-            out.append(Candidate("plan, 1 API server", replace(plan, api_servers=0),
-                                 "one front-end process, as vLLM starts by default"))
-        if plan.data_parallel == 1 and hw.cpus >= 16:
-            out.append(Candidate("plan, 4 API servers", replace(plan, api_servers=4),
-                                 "more front-end processes for streaming and detokenizing many requests"))
-        if version_tuple(engine_version or vllm.DEFAULT_VERSION)[:2] >= (0, 26):
-            out.append(Candidate("plan + throughput mode",
-                                 replace(plan, extra_args=("--performance-mode", "throughput")),
-                                 "vLLM's throughput mode: twice the batched tokens per step"))
-    elif plan.engine == "llama.cpp":
-        out.append(Candidate("plan, KV per slot", replace(plan, extra_args=("--no-kv-unified",)),
-                             "a KV buffer per slot instead of one shared by all"))
-        if plan.backend == "cpu":
-            more = replace(plan, slots=plan.slots * 2)
-            if planner.ram_needed(facts, more.slots, plan.context_per_slot) <= hw.ram_available * planner.RAM_FRACTION:
-                out.append(Candidate(f"{more.slots} slots", more, "twice the slots: larger batches per step"))
+    engine = engines.get(plan.engine)
+    if engine.alternatives is not None:
+        out += [Candidate(label, p, why) for label, p, why in engine.alternatives(plan, facts, hw, engine_version)]
     return out
 
 
@@ -145,12 +113,8 @@ class Runner:
 def flags_of(plan: planner.Plan) -> str:
     if plan.engine_defaults:
         return "(the engine's own defaults)"
-    if plan.engine == "vllm":
-        s = (f"TP {plan.tensor_parallel} x DP {plan.data_parallel}, --max-num-seqs {plan.max_num_seqs}, "
-             f"--max-model-len {plan.max_model_len}"
-             + (f", --api-server-count {plan.api_servers}" if plan.api_servers > 1 else ""))
-    else:
-        s = f"--parallel {plan.slots}, --ctx-size {plan.slots * plan.context_per_slot}"
+    summary = engines.get(plan.engine).summary
+    s = summary(plan) if summary else "as planned"
     return s + (" " + " ".join(plan.extra_args) if plan.extra_args else "")
 
 

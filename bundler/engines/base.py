@@ -3,7 +3,12 @@ compare engine names for them. Each engine package defines its own (ENGINE, or o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# Every Python engine loads its model from a folder, never a hub: Hugging Face's libraries offline, no telemetry
+HUB_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                   "DO_NOT_TRACK": "1"}
 
 
 @dataclass(frozen=True)
@@ -18,3 +23,25 @@ class Engine:
     serial_start: bool = False  # sizes its cache from the memory it sees used while starting: start it alone
     tp_retry: bool = False  # a crashed tensor-parallel start is retried once with the safe all-reduce flags
     reference: str = ""  # how a user starts it by hand: --tune's and --baseline's reference
+    flashinfer: bool = False  # samples with FlashInfer kernels that nvcc compiles at its first start
+    # box side, as functions of the engine's package (None: the engine has no such step):
+    #   launch(ctx) -> Launch: its start for one model; ctx is the release being written (box/release.py's
+    #       LaunchContext: the plan, model path, address, the engine's manifest entry and the release's helpers)
+    #   alternatives(plan, facts, hw, version) -> [(label, plan, why)]: what --tune starts beside the plan
+    #   override(plan, facts, hw, tp, dp) -> plan: --tensor-parallel/--data-parallel applied, or BundlerError
+    #   summary(plan) -> str: its sizing in a few words, with its own flags' names
+    launch: Callable[[Any], Launch] | None = None
+    alternatives: Callable[..., list[tuple[str, Any, str]]] | None = None
+    override: Callable[..., Any] | None = None
+    summary: Callable[[Any], str] | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """An engine's start for one model, as the release's launch script runs it."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # set for the engine (the key comes from the env file)
+    cache_vars: dict[str, str] = field(default_factory=dict)  # variable → its folder under the box's engine cache
+    lib_dirs: list[str] = field(default_factory=list)  # LD_LIBRARY_PATH
+    banner: str = ""  # printed to the log at each start

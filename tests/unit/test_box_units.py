@@ -232,16 +232,16 @@ def test_triton_toolchain_uses_the_box_or_the_bundle_and_refuses_a_box_with_neit
     monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(inc)})
     monkeypatch.setattr(shutil, "which", lambda c: None)  # no cc, gcc or clang
     with pytest.raises(BundlerError) as e:
-        triton_toolchain(_vllm_doc(zig=False, headers=""), say=False)
+        triton_toolchain(_vllm_doc(zig=False, headers=""), "vllm", say=False)
     assert "no C compiler" in e.value.message and "install gcc" in e.value.message
     assert "python3." in e.value.message and "-dev" in e.value.message  # what to install, by name
-    assert triton_toolchain(_vllm_doc(zig=True, headers="engines/vllm/include"), say=False) == {
+    assert triton_toolchain(_vllm_doc(zig=True, headers="engines/vllm/include"), "vllm", say=False) == {
         "cc": "", "headers": "engines/vllm/include", "flashinfer_jit": ""}
     (inc / "Python.h").write_text("")
     monkeypatch.setattr(shutil, "which", lambda c: "/usr/bin/gcc" if c == "gcc" else None)
-    assert triton_toolchain(_vllm_doc(zig=False, headers=""), say=False) == {"cc": "/usr/bin/gcc", "headers": "",
-                                                                            "flashinfer_jit": ""}
-    assert triton_toolchain({"engines": [{"name": "llama.cpp"}], "files": []}, say=False) == {}
+    assert triton_toolchain(_vllm_doc(zig=False, headers=""), "vllm", say=False) == {
+        "cc": "/usr/bin/gcc", "headers": "", "flashinfer_jit": ""}
+    assert triton_toolchain({"engines": [{"name": "llama.cpp"}], "files": []}, "vllm", say=False) == {}
 
 
 def test_the_install_transactions_decisions_are_pure():

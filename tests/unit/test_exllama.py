@@ -152,7 +152,7 @@ def test_tabbyapis_key_log_line_is_masked():
 
 
 def test_an_extension_that_does_not_import_here_stops_the_install_before_anything_starts(tmp_path):
-    from bundler.box.release import prove_extension
+    from bundler.engines.exllama import prove_extension
 
     site = tmp_path / "site"
     (site / "exllamav2_ext").mkdir(parents=True)  # made for another Python/torch: here it cannot load
@@ -239,7 +239,7 @@ def test_spec_engines_exllamav3(write_spec):
 
 
 def test_an_exllamav3_extension_that_does_not_import_is_named_as_such(tmp_path):
-    from bundler.box.release import prove_extension
+    from bundler.engines.exllama import prove_extension
 
     site = tmp_path / "site"
     (site / "exllamav3_ext").mkdir(parents=True)
@@ -272,14 +272,15 @@ def test_the_launch_sets_each_generations_own_needs(gen, tmp_path, monkeypatch):
     from bundler.box.layout import Layout
 
     monkeypatch.setattr(release, "engine_site", lambda *a: tmp_path / "site")
-    monkeypatch.setattr(release, "prove_extension", lambda *a: None)
+    monkeypatch.setattr(exllama, "prove_extension", lambda *a: "")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no cc, gcc or clang on this "box"
     bundle, stage, final = tmp_path / "bundle", tmp_path / "stage", tmp_path / "final"
     inc = f"engines/{gen.name}/include/python3.12/Python.h"
     (bundle / inc).parent.mkdir(parents=True)
     (bundle / inc).write_text("/* the box python's headers */\n")
     (stage / "bin").mkdir(parents=True)
-    doc = {"engines": [{"name": gen.name, "dir": f"engines/{gen.name}", "tabbyapi": f"engines/{gen.name}/tabbyapi",
+    doc = {"engines": [{"name": gen.name, "backend": "cuda", "dir": f"engines/{gen.name}",
+                        "tabbyapi": f"engines/{gen.name}/tabbyapi",
                         "python_headers": f"engines/{gen.name}/include" if gen is exllama.V3 else ""}],
            "files": [{"path": inc, "sha256": hashlib.sha256((bundle / inc).read_bytes()).hexdigest()},
                      {"path": f"engines/{gen.name}/wheels/ziglang-0.17.1-py3-none-manylinux_2_12_x86_64.whl",

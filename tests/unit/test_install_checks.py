@@ -246,7 +246,7 @@ def test_vllm_starts_with_its_host_ip_set_so_it_looks_nothing_up(host, ip, tmp_p
     plan = planner.Plan(engine="vllm", backend="cuda", model="m", threads=0, slots=8, context_per_slot=4096,
                         gpu_layers=0, total_layers=32, max_model_len=4096, max_num_seqs=256,
                         gpu_memory_utilization=0.9)
-    doc = {"engines": [{"name": "vllm", "dir": "engines/vllm", "version": "0.26.0"}], "files": []}
+    doc = {"engines": [{"name": "vllm", "backend": "cuda", "dir": "engines/vllm", "version": "0.26.0"}], "files": []}
     script = release._engine_script(tmp_path / "bundle", doc, {"name": "m", "file": "/srv/m", "on_box": True}, plan,
                                     Layout(tmp_path / "p", tmp_path / "etc", "svc"), "r1", tmp_path / "final",
                                     tmp_path / "stage", host, 8000, False, {})

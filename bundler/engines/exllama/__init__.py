@@ -9,11 +9,17 @@ extension built for the box, TabbyAPI's pinned archive) is engines/exllama/build
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..base import Engine
+from ...errors import BundlerError
+from ..base import HUB_OFFLINE_ENV, Engine, Launch
+
 THIRD_PARTY = Path(__file__).resolve().parents[3] / "third_party"
 
 
@@ -55,12 +61,6 @@ V3 = Gen("exllamav3", "ExLlamaV3", "exl3", "exllamav3", "1.4.2",
          "f0b6c886c85822d3045d709c47eec38c572dc7b5d2c561f8f0e0e572bb566041", "main", "about 21 min",
          triton=True)
 GENS = {g.name: g for g in (V2, V3)}
-# TabbyAPI's own auth guards its API routes; tabby_run.py's middleware adds /docs and /openapi.json
-ENGINES = tuple(Engine(g.name, g.label, (g.fmt,), triton=g.triton, slow_start=True,
-                       reference="TabbyAPI with only the model named in its config",
-                       guarded=(("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
-                                ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")))
-                for g in (V2, V3))
 BY_FORMAT = {g.fmt: g for g in (V2, V3)}
 FORMATS = tuple(BY_FORMAT)
 
@@ -93,3 +93,73 @@ def tabby_config(plan: Any, model_path: str, name: str, host: str, port: int) ->
         "developer": {"unsafe_launch": False},
         "airgap_llm": {"model_path": model_path},
     }
+
+
+def prove_extension(site: Path, engine: dict[str, Any]) -> str:
+    """ExLlama's prebuilt extension imports with this box's torch (else exllamavN would try to compile
+    it at the engine's start, with a compiler the box may not have, and fail long after the install).
+    Returns what it imported (torch, CUDA, the extension's file)."""
+    gen = GENS[engine["name"]]
+    code = (f"import torch, {gen.ext_module}, {gen.name}.ext as e; "
+            f"print(torch.__version__, torch.version.cuda, e.{gen.ext_module}.__file__)")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)),
+                           capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise BundlerError(f"importing {gen.label}'s extension took over 10 minutes", hint="is the box very loaded?")
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise BundlerError(f"{gen.label}'s extension ({engine.get('extension', gen.ext_module)}) does not import with "
+                           f"this box's python {sys.executable}: {' | '.join(tail)}; nothing was started",
+                           hint="the bundle was made for another Python, torch or CUDA: make the probe file here "
+                                "(./install.sh --probe > box.json) and bundle again with TARGET=box.json")
+    return r.stdout.strip()
+
+
+def launch(ctx) -> Launch:
+    """TabbyAPI (tabby_run.py) with the engine's wheels (the box's torch stays where it is), then the
+    release's own site, and a config for the plan."""
+    gen = GENS[ctx.plan.engine]
+    site = ctx.site()
+    ctx.say(f"{gen.label}'s extension imports (torch, CUDA, file: {prove_extension(site, ctx.entry)})")
+    tabby = ctx.copy(ctx.entry["tabbyapi"], "tabbyapi")
+    conf = ctx.write(f"tabbyapi-{ctx.port}.json", json.dumps(
+        tabby_config(ctx.plan, ctx.model_path, ctx.name, ctx.host, ctx.port), indent=2) + "\n")
+    argv = [ctx.python, "-m", "bundler.engines.tabby_run", str(tabby), str(conf)]
+    env = {"PYTHONPATH": f"{site}:{ctx.final / 'site'}", **HUB_OFFLINE_ENV}
+    # TabbyAPI's working folder of each start (tabby_run.py), and ExLlama's own kernel caches
+    cache = {"AIRGAP_LLM_RUN_DIR": "run", "TRITON_CACHE_DIR": "triton", "TORCH_EXTENSIONS_DIR": "torch-ext"}
+    if gen is V2:
+        # no bundle carries flash-attn, yet exllamav2 leaves its config's no_flash_attn off without it, so
+        # TabbyAPI picks the paged generator and the load fails on cc >= 8 ("Paged attention required Flash
+        # Attention 2.5.7", ../shared/EXLLAMA.md); with this set TabbyAPI serves in its compatibility mode,
+        # one request at a time, as the plan says
+        env["EXLLAMA_NO_FLASH_ATTN"] = "1"
+    if gen.triton:  # ExLlamaV3 attends with Triton kernels, which compile a C launcher at first use
+        ctx.triton_cc(ctx.triton_tools(), site, env, cache)
+    return Launch(argv, env, cache)
+
+
+def override(plan, facts, hw, tp: int | None, dp: int | None):
+    """TabbyAPI runs one replica, tensor parallel over every GPU or on one with a layer split."""
+    tp = tp or plan.tensor_parallel
+    if (dp or 1) != 1 or tp not in (1, len(hw.gpus)):
+        raise BundlerError(f"{GENS[plan.engine].label} (TabbyAPI) runs one replica, tensor parallel over all "
+                           f"{len(hw.gpus)} GPU(s) or on one with a layer split; --tensor-parallel {tp}"
+                           + (f" --data-parallel {dp}" if dp else "") + " is neither",
+                           hint=f"use --tensor-parallel {len(hw.gpus)} or 1, without --data-parallel")
+    return replace(plan, tensor_parallel=tp, gpu_split_gib=() if tp > 1 else plan.gpu_split_gib,
+                   reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp}"))
+
+
+def summary(plan) -> str:
+    return f"TP {plan.tensor_parallel}, split {list(plan.gpu_split_gib)}, {plan.slots} × {plan.context_per_slot} tokens"
+
+
+# TabbyAPI's own auth guards its API routes; tabby_run.py's middleware adds /docs and /openapi.json
+ENGINES = tuple(Engine(g.name, g.label, (g.fmt,), triton=g.triton, slow_start=True,
+                       reference="TabbyAPI with only the model named in its config",
+                       guarded=(("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
+                                ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")),
+                       launch=launch, override=override, summary=summary)
+                for g in (V2, V3))

@@ -4,13 +4,14 @@ build ggml loads on a box. The build (online) is engines/llama_cpp/build.py; not
 
 from __future__ import annotations
 
-from ..base import Engine
+from dataclasses import replace
+
+from ... import planner
+from ...errors import BundlerError
+from ..base import Engine, Launch
+
 FORMATS = ("gguf",)
 NAME = "llama.cpp"
-ENGINE = Engine(NAME, "llama.cpp", FORMATS, reference="`llama-server -m MODEL`",
-                # llama-server guards every route but /health itself
-                guarded=(("GET", "/v1/models"), ("GET", "/props"), ("GET", "/slots"), ("GET", "/metrics"),
-                         ("POST", "/completion"), ("POST", "/tokenize")))
 CPU_GLIBC_TARGET = "2.28"
 
 
@@ -104,3 +105,38 @@ def best_cpu_variant(cpu_flags: tuple[str, ...], variants: tuple[str, ...]) -> s
         if score > best_score:
             best, best_score = v, score
     return best
+
+
+def launch(ctx) -> Launch:
+    """llama-server from the bundle's build for the plan's backend, copied into the release once per build."""
+    folder = ctx.engine_dir()
+    # a CPU build carries one binary per instruction-set level: the one the plan chose for this CPU
+    exe = f"llama-server-{ctx.plan.cpu_variant}" if ctx.plan.cpu_variant else "llama-server"
+    if not (ctx.stage / folder / "bin" / exe).is_file():
+        raise BundlerError(f"the bundle has no {exe} for the plan's CPU level", hint="bundle again")
+    argv = launch_argv(str(ctx.final / folder / "bin" / exe), ctx.model_path, ctx.name, ctx.host, ctx.port, ctx.plan)
+    level = next((r for r in ctx.plan.reasons if r.startswith("CPU backend")), "")
+    return Launch(argv, lib_dirs=[str(ctx.final / folder / "lib"), *ctx.entry.get("box_lib_dirs", [])],
+                  banner=f"airgap-llm: starting {exe}" + (f"; {level}" if level else ""))
+
+
+def alternatives(plan, facts, hw, version: str = "") -> list[tuple[str, object, str]]:
+    out = [("plan, KV per slot", replace(plan, extra_args=("--no-kv-unified",)),
+            "a KV buffer per slot instead of one shared by all")]
+    if plan.backend == "cpu":
+        more = replace(plan, slots=plan.slots * 2)
+        if planner.ram_needed(facts, more.slots, plan.context_per_slot) <= hw.ram_available * planner.RAM_FRACTION:
+            out.append((f"{more.slots} slots", more, "twice the slots: larger batches per step"))
+    return out
+
+
+def summary(plan) -> str:
+    gpu = f"{plan.gpu_layers}/{plan.total_layers} layers on GPU, " if plan.backend == "cuda" else ""
+    return gpu + f"--parallel {plan.slots}, --ctx-size {plan.slots * plan.context_per_slot}"
+
+
+ENGINE = Engine(NAME, "llama.cpp", FORMATS, reference="`llama-server -m MODEL`",
+                # llama-server guards every route but /health itself
+                guarded=(("GET", "/v1/models"), ("GET", "/props"), ("GET", "/slots"), ("GET", "/metrics"),
+                         ("POST", "/completion"), ("POST", "/tokenize")),
+                launch=launch, alternatives=alternatives, summary=summary)

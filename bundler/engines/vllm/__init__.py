@@ -7,8 +7,13 @@ not see a venv's torch). The bundle side is engines/vllm/build.py and bundler/bo
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
+from ... import planner
+from ...errors import BundlerError
 from ...versions import version_tuple
-from ..base import Engine
+from ..base import HUB_OFFLINE_ENV, Engine, Launch
 NAME = "vllm"
 FORMATS = ("safetensors",)
 DEFAULT_VERSION = "0.26.0"  # the newest that pins torch 2.11.0 (docs/DESIGN.md)
@@ -36,11 +41,6 @@ FATAL_LOG = ("Engine core initialization failed", "an illegal memory access was 
 # Where these say NVLink multicast is off (shared GPU hosts, VMs), TP > 1 starts with the safe flags at
 # once instead of after a crash, and the launch script keeps them for the service (a systemd unit
 # does not inherit the installer's environment).
-ENGINE = Engine(NAME, "vLLM", FORMATS, triton=True, slow_start=True, fatal_log=FATAL_LOG, serial_start=True,
-                tp_retry=True, reference="`vllm serve MODEL`",
-                # vLLM's own key guarded /v1 only: these were open before vllm_auth.py
-                guarded=(("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"),
-                         ("POST", "/pooling"), ("GET", "/metrics"), ("GET", "/openapi.json")))
 MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -58,8 +58,7 @@ def multicast_off(environ: dict[str, str]) -> bool:
 # the box reuses them. Variable → subdirectory of that cache.
 CACHE_VARS = {"VLLM_CACHE_ROOT": "vllm", "FLASHINFER_WORKSPACE_BASE": "", "TRITON_CACHE_DIR": "triton",
               "TORCHINDUCTOR_CACHE_DIR": "inductor"}
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-               "VLLM_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+OFFLINE_ENV = {**HUB_OFFLINE_ENV, "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 
 
 def host_ip_env(host: str) -> dict[str, str]:
@@ -114,3 +113,78 @@ def cluster_env(address: str, interface: str) -> dict[str, str]:
     """What each server's vLLM needs offline: the address it advertises (get_ip() would probe 8.8.8.8 and
     fall back to 0.0.0.0) and the interface NCCL and Gloo use (Gloo otherwise takes loopback)."""
     return {"VLLM_HOST_IP": address, "NCCL_SOCKET_IFNAME": interface, "GLOO_SOCKET_IFNAME": interface}
+
+
+def launch(ctx) -> Launch:
+    """vLLM's start: its wheels, then the release's own site (the middleware that guards every route)."""
+    site = ctx.site()
+    argv = launch_argv(ctx.python, ctx.model_path, ctx.name, ctx.host, ctx.port, ctx.plan, ctx.safe,
+                       ctx.entry["version"])
+    env = {"PYTHONPATH": f"{site}:{ctx.final / 'site'}", **OFFLINE_ENV, **host_ip_env(ctx.host),
+           **multicast_env(ctx.environ)}
+    cache = dict(CACHE_VARS)
+    tools = ctx.triton_tools()
+    if not tools["flashinfer_jit"]:
+        env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    ctx.triton_cc(tools, site, env, cache)
+    return Launch(argv, env, cache)
+
+
+def alternatives(plan, facts, hw, version: str = "") -> list[tuple[str, object, str]]:
+    """What --tune starts beside the plan: the other splits of the GPUs that fit, the API server count,
+    vLLM's throughput mode."""
+    out = []
+    n = len(hw.gpus)
+    gpu = min(hw.gpus, key=lambda g: g.memory_total_mib)
+    usable = gpu.memory_total_mib * planner.MiB * planner.VLLM_UTILIZATION - planner.VLLM_OVERHEAD
+    for tp in planner.tp_candidates(facts, n)[0]:
+        dp = n // tp
+        if (tp, dp) == (plan.tensor_parallel, plan.data_parallel):
+            continue
+        if facts.file_size / tp + planner.kv_per_gpu_per_token(facts, tp) * plan.max_model_len > usable:
+            continue  # one request of full length does not fit
+        seqs, _ = planner.vllm_max_num_seqs(gpu, math.ceil(plan.slots / dp))
+        api = plan.api_servers if dp == 1 else 0
+        out.append((f"TP {tp} x DP {dp}", replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs,
+                                                  api_servers=api), "another split of the GPUs"))
+    if plan.data_parallel == 1 and plan.api_servers > 1:
+        out.append(("plan, 1 API server", replace(plan, api_servers=0),
+                    "one front-end process, as vLLM starts by default"))
+    if plan.data_parallel == 1 and hw.cpus >= 16:
+        out.append(("plan, 4 API servers", replace(plan, api_servers=4),
+                    "more front-end processes for streaming and detokenizing many requests"))
+    if version_tuple(version or DEFAULT_VERSION)[:2] >= (0, 26):
+        out.append(("plan + throughput mode", replace(plan, extra_args=("--performance-mode", "throughput")),
+                    "vLLM's throughput mode: twice the batched tokens per step"))
+    return out
+
+
+def override(plan, facts, hw, tp: int | None, dp: int | None):
+    """--tensor-parallel / --data-parallel in place of the planner's split, within what fits."""
+    tp = tp or plan.tensor_parallel
+    dp = dp or max(1, len(hw.gpus) // tp)
+    ok, _ = planner.tp_candidates(facts, len(hw.gpus))
+    if tp not in ok or tp * dp > len(hw.gpus):
+        raise BundlerError(f"tensor parallel {tp} × data parallel {dp} does not fit this model on {len(hw.gpus)} "
+                           "GPU(s)", hint=f"tensor-parallel sizes that work here: {', '.join(map(str, ok))}")
+    share = max(1, -(-plan.slots // dp))
+    seqs, _ = planner.vllm_max_num_seqs(min(hw.gpus, key=lambda g: g.memory_total_mib), share)
+    return replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs,
+                   api_servers=planner.vllm_api_servers(hw, dp),
+                   reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp} × data parallel "
+                                           f"{dp}, ~{share} of the {plan.slots} requests per replica, --max-num-seqs "
+                                           f"{seqs}"))
+
+
+def summary(plan) -> str:
+    return (f"TP {plan.tensor_parallel} x DP {plan.data_parallel}, --max-num-seqs {plan.max_num_seqs}, "
+            f"--max-model-len {plan.max_model_len}"
+            + (f", --api-server-count {plan.api_servers}" if plan.api_servers > 1 else ""))
+
+
+ENGINE = Engine(NAME, "vLLM", FORMATS, triton=True, slow_start=True, fatal_log=FATAL_LOG, serial_start=True,
+                tp_retry=True, flashinfer=True, reference="`vllm serve MODEL`",
+                # vLLM's own key guarded /v1 only: these were open before vllm_auth.py
+                guarded=(("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"),
+                         ("POST", "/pooling"), ("GET", "/metrics"), ("GET", "/openapi.json")),
+                launch=launch, alternatives=alternatives, override=override, summary=summary)
