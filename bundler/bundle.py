@@ -15,23 +15,18 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from . import __version__, boxlock, lock, manifest, sbom, sources, toolchains
+from . import __version__, lock, manifest, sbom, sources
 from .contract import embedded
-from .engines import exllama, llama_cpp
-from .engines.exllama import build as exllama_build
-from .engines.llama_cpp import build as llama_build
-from .engines.vllm import build as vllm_build
+from .engines import for_format
 from .errors import BundlerError
 from .modelinfo import inspect_gguf
-from .versions import version_tuple
 from .render import render
 from .spec import SPLIT_RE, Spec, split_names
 from .staging import staged_dir
@@ -56,6 +51,46 @@ class Result:
 
 def _step(log, title: str) -> None:
     log(f"==> {title}")
+
+
+def engine_builds() -> list[Any]:
+    """Each engine's bundle side (engines/NAME/build.py), in the registry's order: wanted(spec),
+    describe(spec), NEEDS_BOX, bundle(ctx) -> its manifest entries."""
+    import importlib
+
+    from .engines import PACKAGES
+
+    return [importlib.import_module(f"bundler.engines.{name}.build") for name in PACKAGES]
+
+
+@dataclass
+class BuildContext:
+    """What an engine's bundle side gets from the bundle being made: the spec, the folder being
+    filled, the box's probe (or None) and the helpers every engine uses."""
+
+    spec: Spec
+    stage: Path
+    target: Any
+    reuse_installed: bool
+    log: Callable[[str], None]
+
+    def step(self, title: str) -> None:
+        _step(self.log, title)
+
+    def link(self, src: Path, dst: Path) -> None:
+        _link_or_copy(src, dst)
+
+    def needs_box(self, label: str) -> None:
+        _needs_box(self.target, self.reuse_installed, label)
+
+    def python_headers(self, edir: Path) -> str:
+        return _python_headers(self.spec, self.target, edir, self.log)
+
+    def glibc_needed(self, binary: Path) -> str:
+        return _glibc_needed(binary)
+
+    def shared_libs(self, binary: Path) -> list[Path]:
+        return _shared_libs(binary)
 
 
 def _glibc_needed(binary: Path) -> str:
@@ -86,29 +121,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _fetch_sdist(spec: Spec, log) -> Path:
-    name, version = spec.llama_cpp.sdist.split("==", 1)
-    dest = lock.wheel_cache() / "sdists"
-    dest.mkdir(parents=True, exist_ok=True)
-    fname = f"{name.replace('-', '_')}-{version}.tar.gz"
-    path = dest / fname
-    if path.is_file() and manifest.sha256_file(path) == spec.llama_cpp.sha256:
-        return path
-    with tempfile.TemporaryDirectory() as td:
-        req = Path(td) / "sdist.txt"
-        req.write_text(f"{spec.llama_cpp.sdist} --hash=sha256:{spec.llama_cpp.sha256}\n")
-        log(f"downloading {spec.llama_cpp.sdist} sdist (hash-checked by pip)")
-        lock._run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"--no-binary={name}",
-                   "--require-hashes", "--dest", td, "-r", str(req)],
-                  f"downloading {spec.llama_cpp.sdist}",
-                  "check engines.llama_cpp.sdist and sha256 in the spec")
-        got = list(Path(td).glob("*.tar.gz"))
-        if not got:
-            raise BundlerError(f"pip saved no sdist for {spec.llama_cpp.sdist}", hint="check the version exists")
-        os.replace(got[0], path)
-    return path
 
 
 def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_installed: bool = False,
@@ -171,14 +183,6 @@ def unpacker(name: str) -> str:
     return render("unpack.py.j2", {
         "name": name, "ed25519": embedded(here / "contract" / "ed25519.py", first=True),
         "policy": embedded(here / "contract" / "trust.py"), "safetar": embedded(here / "safetar.py")})
-
-
-def _cuda_archs(spec: Spec, target: Any) -> str:
-    if spec.llama_cpp.cuda_archs:
-        return spec.llama_cpp.cuda_archs
-    if target is not None and target.gpus:
-        return ";".join(sorted({g.compute_capability.replace(".", "") for g in target.gpus}))
-    return "80;86;89;90"
 
 
 def _repo_model(spec: Spec, m: Any, stage: Path, upgrade: bool, log) -> dict[str, Any]:
@@ -246,11 +250,10 @@ def check(spec: Spec, target: Any = None, reuse_installed: bool = False) -> list
     """What can be known before any download or build (the spec itself was checked whole when it
     loaded): each engine's needs of the box, the box's Python. Raises BundlerError; returns what the
     bundle will hold, a line each. `bundler check` and the first step of `bundler bundle`."""
-    labels = sorted({exllama.BY_FORMAT[m.format].label for m in spec.models if m.format in exllama.BY_FORMAT})
-    if spec.vllm.version:
-        labels.append("vLLM")
-    for label in labels:
-        _needs_box(target, reuse_installed, label)
+    wanted = [b for b in engine_builds() if b.wanted(spec)]
+    for b in wanted:  # e.g. vLLM and ExLlama are locked against the box's own torch: its probe file
+        if b.NEEDS_BOX:
+            _needs_box(target, reuse_installed, b.describe(spec))
     if target is not None:
         py = ".".join(target.python.split(".")[:2])
         if py not in ("3.9", "3.10", "3.11", "3.12", "3.13"):
@@ -259,9 +262,7 @@ def check(spec: Spec, target: Any = None, reuse_installed: bool = False) -> list
     lines = [f"{spec.name} {spec.version}: {len(spec.models)} model(s)"]
     for m in spec.models:
         lines.append(f"  {m.name}: {m.format} ({m.task}) from {m.source}")
-    engines = [f"llama.cpp ({', '.join(spec.llama_cpp.backends)})"] if spec.llama_cpp.backends else []
-    engines += [f"vLLM {spec.vllm.version}"] if spec.vllm.version else []
-    engines += labels[: len(labels) - (1 if spec.vllm.version else 0)]
+    engines = [b.describe(spec) for b in wanted]
     lines.append(f"  engines: {', '.join(engines) or 'none (models only)'}")
     if target is not None:
         lines.append(f"  for the box: Python {target.python}, glibc {target.glibc}, {len(target.gpus)} GPU(s)")
@@ -295,46 +296,8 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
     if missing:
         raise BundlerError(f"wheels missing from the bundle: {', '.join(sorted(missing))}", hint="re-run make bundle")
 
-    engines = []
-    for backend in spec.llama_cpp.backends:
-        _step(log, f"llama-server ({backend})")
-        sdist = _fetch_sdist(spec, log)
-        archs = _cuda_archs(spec, target) if backend == "cuda" else ""
-        b = llama_build.build(sdist, spec.llama_cpp.sha256, backend, archs, log=log)
-        log(f"llama-server ({backend}): {'cached build' if b.cached else f'built in {b.seconds:.0f}s'} ({b.path})")
-        edir = stage / "engines" / f"llama.cpp-{backend}"
-        # cpu: one static binary per x86 instruction-set level (bin/llama-server-LEVEL); cuda: bin/llama-server
-        own = sorted(f for f in (b.path / "bin").iterdir() if f.is_file() and f.name.startswith("llama-server"))
-        for f in own:
-            _link_or_copy(f, edir / "bin" / f.name)
-        variants = sorted(f.name[len("llama-server-"):] for f in own if f.name.startswith("llama-server-"))
-        binary = b.path / "bin" / ("llama-server-x64" if "x64" in variants else "llama-server")
-        libs = _shared_libs(binary)
-        for lib in libs:  # e.g. libgomp: carried so the box needs no compiler runtime
-            (edir / "lib").mkdir(parents=True, exist_ok=True)
-            shutil.copy2(lib.resolve(), edir / "lib" / lib.name)
-        shutil.copy2(b.path / "build.json", edir / "build.json")
-        box_lib_dirs: list[str] = []
-        if backend == "cuda":
-            box_lib_dirs = _cuda_runtime(target, reuse_installed, edir / "lib", log)
-        engines.append({
-            "box_lib_dirs": box_lib_dirs, "cuda_archs": archs, "cuda": "13" if backend == "cuda" else "",
-            "name": llama_cpp.NAME, "backend": backend, "dir": f"engines/llama.cpp-{backend}",
-            "binary": f"engines/llama.cpp-{backend}/bin/{binary.name}",
-            "libs": [lib.name for lib in libs], "glibc": max((_glibc_needed(f) for f in own), key=version_tuple),
-            "arch": platform.machine(),
-            # the installer runs the best level the box's CPU has; the baseline one runs on any x86-64
-            "cpu_variants": variants,
-            # the one level a CUDA build's CPU side is compiled for: the box's CPU must have these
-            "cpu_flags": list(llama_cpp.CPU_VARIANTS[llama_cpp.CUDA_CPU_LEVEL]) if backend == "cuda" else [],
-            "source": spec.llama_cpp.sdist, "source_sha256": spec.llama_cpp.sha256,
-        })
-
-    if spec.vllm.version:
-        engines.append(_vllm(spec, stage, target, reuse_installed, log))
-    for gen in exllama.GENS.values():
-        if any(m.format == gen.fmt for m in spec.models):
-            engines.append(_exllama(spec, gen, stage, target, reuse_installed, log))
+    ctx = BuildContext(spec, stage, target, reuse_installed, log)
+    engines = [entry for b in engine_builds() if b.wanted(spec) for entry in b.bundle(ctx)]
 
     models = []
     for m in spec.models:
@@ -351,7 +314,8 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
         _link_or_copy(sources.fetch(m, log=log), stage / "models" / m.file)
         for file, sha in m.parts:  # a split GGUF: every part beside the first, as llama-server loads them
             _link_or_copy(sources.fetch(m.part(file, sha), log=log), stage / "models" / file)
-        info = inspect_gguf(stage / "models" / m.file)
+        facts = for_format(m.format).facts or inspect_gguf  # a file: GGUF's header, or its engine's reader
+        info = facts(stage / "models" / m.file)
         models.append({"name": m.name, "file": f"models/{m.file}", "sha256": m.sha256, "format": m.format,
                        "source": m.source, "facts": info.to_dict(),
                        "parts": [{"file": f"models/{f}", "sha256": sha} for f, sha in m.parts]})
@@ -385,24 +349,6 @@ def _fill(spec: Spec, stage: Path, log, target: Any = None, reuse_installed: boo
     return meta
 
 
-def _cuda_runtime(target: Any, reuse_installed: bool, lib_dir: Path, log) -> list[str]:
-    """CUDA runtime and cuBLAS for the CUDA llama-server: the box's own copies (from its
-    python's NVIDIA wheels) with reuse_installed, else carried from NVIDIA's wheels."""
-    if reuse_installed and target is not None:
-        have = {k.lower(): v for k, v in target.installed.items()}
-        if have.get("nvidia-cublas", "").startswith("13.") and have.get("nvidia-cuda-runtime", "").startswith("13."):
-            dirs = [f"{sp}/nvidia/cu13/lib" for sp in target.site_packages]
-            log(f"CUDA runtime and cuBLAS: reusing the box's (nvidia-cublas {have['nvidia-cublas']}) in {dirs[0]}")
-            return dirs
-    root, _ = toolchains.cuda_wheel_root([toolchains.CUBLAS_REQ, toolchains.CUDART_REQ], log=log)
-    lib_dir.mkdir(parents=True, exist_ok=True)
-    for pattern in ("libcudart.so.*", "libcublas.so.*", "libcublasLt.so.*"):
-        for so in (root / "lib").glob(pattern):
-            shutil.copy2(so, lib_dir / so.name)
-    log("CUDA runtime and cuBLAS: carried from NVIDIA's wheels")
-    return []
-
-
 def _needs_box(target: Any, reuse_installed: bool, engine: str) -> None:
     if target is None:
         raise BundlerError(f"bundling {engine} needs the box's probe file (its Python and CUDA stack)",
@@ -410,85 +356,6 @@ def _needs_box(target: Any, reuse_installed: bool, engine: str) -> None:
     if not reuse_installed:
         raise BundlerError(f"bundling {engine} without --reuse-installed would carry torch and CUDA (~4.3 GB)",
                            hint="add REUSE=1 (make) or --reuse-installed (bundler) on a box that has torch")
-
-
-def _exllama(spec: Spec, gen: exllama.Gen, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
-    """ExLlama (gen: exllama.V2 or V3) + TabbyAPI for the box: the locked wheels, the extension built for
-    the box, TabbyAPI's source files (engines/exllamavN/tabbyapi/, each hashed by the manifest); for
-    ExLlamaV3, whose attention is Triton's, a C compiler and the Python headers as for vLLM."""
-
-    _needs_box(target, reuse_installed, gen.label)
-    x = getattr(spec, gen.spec_key)
-    _step(log, f"{gen.label} {x.version} and TabbyAPI ({gen.tabby_branch}) for the box")
-    archive, sha = Path(x.tabbyapi), x.tabbyapi_sha256
-    if not x.tabbyapi:  # the archive this checkout carries (third_party/)
-        archive, sha = gen.tabby_archive, gen.tabby_sha256
-    if x.tabbyapi.startswith("https://"):  # a file pinned by sha256 like a model's: resumed, checked, cached
-        from .spec import ModelSpec
-
-        archive = sources.fetch(ModelSpec(name="tabbyapi", source=x.tabbyapi, sha256=sha, format="tar.gz",
-                                          file=f"tabbyAPI-{sha[:12]}.tar.gz"), log=log)
-    files = exllama_build.read_archive(archive, sha, gen)
-    edir = stage / "engines" / gen.name
-    for rel, data in sorted(files.items()):
-        (edir / "tabbyapi" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (edir / "tabbyapi" / rel).write_bytes(data)
-    with tempfile.TemporaryDirectory(prefix="airgap-exl-") as td:
-        carry, summary = boxlock.lock_requirements(exllama_build.requirements(files, x.version, gen), target, Path(td),
-                                                f"{gen.name}=={x.version} + TabbyAPI", log=log)
-    if gen.name not in carry:
-        raise BundlerError(f"the lock carries no {gen.name} for the box ({summary})", hint="bundle again")
-    hashes = carry[gen.name][1]  # its one py3-none-any wheel: the extension is built from its sources
-    _, folder, why = exllama_build.ext_inputs(hashes[0].rsplit(":", 1)[1] if len(hashes) == 1 else "", target, gen)
-    if why and exllama_build.cached_ext(folder, gen) is None:
-        exllama_build.refuse_unbuildable(target, why, gen)
-    wheels = boxlock.download(carry, target, lock.wheel_cache() / "exllama", log=log)
-    exl = next(w for w in wheels if w.name.startswith(f"{gen.name}-"))
-    ext = exllama_build.ext_wheel(exl, target, gen, log=log)
-    (edir / "wheels").mkdir(parents=True)
-    for w in [*wheels, ext]:
-        _link_or_copy(w, edir / "wheels" / w.name)
-    headers = ""
-    if gen.triton:  # Triton's launchers (see _vllm)
-        from .toolchains import zig_wheel
-
-        zw = zig_wheel(target.arch, log)
-        _link_or_copy(zw, edir / "wheels" / zw.name)
-        headers = _python_headers(spec, target, edir, log)
-    lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
-    reused = summary.pop("reuses")
-    return {"name": gen.name, "backend": "cuda", "version": x.version, "dir": f"engines/{gen.name}",
-            "tabbyapi": f"engines/{gen.name}/tabbyapi", "tabbyapi_sha256": sha, "extension": ext.name,
-            "python": summary["python"], "arch": target.arch, "glibc": "2.28",
-            "cuda": exllama_build.box_cuda(target) or "13",
-            "lock": summary, "reuses": reused, "cpu_flags": [], "python_headers": headers}
-
-
-def _vllm(spec: Spec, stage: Path, target: Any, reuse_installed: bool, log) -> dict[str, Any]:
-    from .engines import vllm
-
-    _needs_box(target, reuse_installed, "vLLM")
-    _step(log, f"vLLM {spec.vllm.version} for the box")
-    edir = stage / "engines" / "vllm"
-    with tempfile.TemporaryDirectory(prefix="airgap-vllm-") as td:
-        carry, summary = vllm_build.lock_for_box(spec.vllm.version, target, Path(td), log=log)
-    wheels = boxlock.download(carry, target, lock.wheel_cache() / "vllm", log=log)
-    (edir / "wheels").mkdir(parents=True)
-    for w in wheels:
-        _link_or_copy(w, edir / "wheels" / w.name)
-    # Triton compiles a C launcher for each kernel at first use: a C compiler for boxes without one
-    # (Zig's clang, from its wheel, into the engine's site) and, where this machine has them, the
-    # headers of the box's Python
-    from .toolchains import zig_wheel
-
-    zw = zig_wheel(target.arch, log)
-    _link_or_copy(zw, edir / "wheels" / zw.name)
-    lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
-    headers = _python_headers(spec, target, edir, log)
-    reused = summary.pop("reuses")
-    return {"name": vllm.NAME, "backend": "cuda", "version": spec.vllm.version, "dir": "engines/vllm",
-            "python": summary["python"], "arch": target.arch, "glibc": "2.28", "cuda": "13",
-            "lock": summary, "reuses": reused, "cpu_flags": [], "python_headers": headers}
 
 
 def _local_headers(py: str) -> Path | None:

@@ -245,6 +245,14 @@ def plan(model_name: str, info: ModelInfo, hw: Hardware, intent: Intent,
         return _with_cpu_variant(p, hw, cpu_variants) if p.backend == "cpu" else p
     if info.format in ("exl2", "exl3"):
         return _plan_exl(model_name, info, hw, intent, engines_available, cuda)
+    from .engines import for_format  # an engine of its own package plans the formats above leave
+
+    engine = for_format(info.format)
+    if engine is not None and engine.plan is not None:
+        if engine.name not in engines_available:
+            raise PlanRefused(f"{model_name}: {info.format} is served by {engine.label}, which this bundle does not "
+                              "carry", hint=f"bundle it with a {info.format} model in the spec")
+        return engine.plan(model_name, info, hw, intent, task)
     raise PlanRefused(f"{model_name}: unknown format {info.format!r}", hint="use GGUF, safetensors, EXL2 or EXL3")
 
 

@@ -10,12 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import engines
 from .engines import exllama
 from .modelinfo import SPLIT_RE, split_names
 from .contract.trust import version_key
 from .errors import SpecError
 
-FORMATS = ("gguf", "safetensors", "exl2", "exl3")
+FORMATS = engines.formats()  # gguf, safetensors, exl2, exl3 and any engine package's own
 TASKS = ("chat", "embed")  # what a model serves: text generation, or /v1/embeddings
 SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|modelscope://|file://|box:/|/|\./|\.\./|~)")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -26,7 +26,8 @@ from .health import LogWatch, http_json, smoke, smoke_embed, wait_healthy
 from .layout import Layout, PrefixLock, check_layout_owned, layout_for, make_dirs, record_made
 from .options import Options
 from .planning import make_plan, print_plan, release_id, resolve_model, resolve_others
-from .preflight import TRITON_ENGINES, check_port, check_readable_by_engine, preflight, triton_toolchain
+from .preflight import (TRITON_ENGINES, check_port, check_readable_by_engine, check_runnable_by_engine, preflight,
+                        triton_toolchain)
 from .release import Member, Target, build_release, local_address, read_target
 from .report import info, warn
 from .service import (check_reachable, ctl, engine_alive, engine_user, ensure_env_file, ensure_user, give_to_user,
@@ -83,6 +84,8 @@ def install(opts: Options) -> dict[str, Any] | None:
     for mm in [m, *others]:
         if mm.get("on_box"):
             check_readable_by_engine(Path(mm["file"]), target.user, mode)
+    if any(engines.get(p.engine).python for p in [plan, *oplans]):
+        check_runnable_by_engine(sys.executable, target.user, mode)
     if dry:
         info(f"dry run: would install release under {layout.releases}, env file {layout.env_file}, service as "
              f"{mode}{' (engine as user ' + target.user + ')' if target.user else ''}, listening on "

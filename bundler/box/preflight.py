@@ -165,13 +165,12 @@ def triton_toolchain(doc: dict[str, Any], name: str, say: bool = True) -> dict[s
 
 def _first_unreadable(root: str) -> str:
     """The first path of a model the current user cannot reach: '' when every one can be read."""
-    p = os.path.dirname(root)
-    while True:
+    above = [os.path.dirname(root)]
+    while above[-1] != os.path.dirname(above[-1]):
+        above.append(os.path.dirname(above[-1]))
+    for p in reversed(above):  # from / down: the first folder it cannot enter is the one to open
         if not os.access(p, os.X_OK):
             return f"{p}: a folder above the model it cannot enter"
-        if p == os.path.dirname(p):
-            break
-        p = os.path.dirname(p)
     todo = [root]
     while todo:
         p = todo.pop()
@@ -217,24 +216,58 @@ def _as_user(uid: int, gid: int, groups: list[int], fn, *args) -> str:
     return out.decode("utf-8", "replace")
 
 
+def _first_unrunnable(exe: str) -> str:
+    """Why the current user cannot start the program `exe` (through any link to it): '' when it can."""
+    for p in dict.fromkeys([exe, os.path.realpath(exe)]):
+        above = [os.path.dirname(p)]
+        while above[-1] != os.path.dirname(above[-1]):
+            above.append(os.path.dirname(above[-1]))
+        for d in reversed(above):  # from / down: the first folder it cannot enter is the one to open
+            if not os.access(d, os.X_OK):
+                return f"{d}: a folder above {p} it cannot enter"
+        if not os.access(p, os.X_OK):
+            return f"{p}: a program it may not run"
+    return ""
+
+
+def _engine_account(user: str, mode: str) -> tuple[int, int, list[int]] | None:
+    """uid, gid and groups of the account the engine runs as, when that is not the installing user."""
+    import pwd
+
+    if os.geteuid() != 0 or not (user or mode == "systemd"):
+        return None  # the engine runs as the installing user
+    try:
+        pw = pwd.getpwnam(user) if user else None
+    except KeyError:
+        pw = None  # made at install: a new system account, with no group of the model's
+    return ((pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)) if pw else (65534, 65534, []))
+
+
+def _who(user: str) -> str:
+    return f"the account {user}" if user else "the service's own account (systemd DynamicUser)"
+
+
+def check_runnable_by_engine(exe: str, user: str, mode: str) -> None:
+    """A Python engine runs on the installer's python, as the engine's account: that account must be
+    able to start it (a python under /root, as pyenv installs one, failed at start with 'Permission denied')."""
+    account = _engine_account(user, mode)
+    why = _as_user(*account, _first_unrunnable, exe) if account else ""
+    if why:
+        raise BundlerError(f"the engine runs as {_who(user)} on this installer's python {exe}, which that account "
+                           f"cannot start: {why}; nothing was changed",
+                           hint="run install.sh with a python3 every account may run, e.g. "
+                                "AIRGAP_LLM_PYTHON=/usr/bin/python3 ./install.sh")
+
+
 def check_readable_by_engine(path: Path, user: str, mode: str) -> None:
     """The engine runs as another account: every file and folder of a model on the box must be
     readable by it, checked before anything changes (a root-owned 0600 safetensors shard, as torch's
     writer makes them, made vLLM fail after 80 s with "file not found"). Under systemd the engine's
     account is made at each start (DynamicUser=): it reads what any other user may."""
-    import pwd
-
-    if os.geteuid() != 0 or not (user or mode == "systemd"):
-        return  # the engine runs as the installing user
-    try:
-        pw = pwd.getpwnam(user) if user else None
-    except KeyError:
-        pw = None  # made at install: a new system account, with no group of the model's
-    uid, gid = (pw.pw_uid, pw.pw_gid) if pw else (65534, 65534)
-    groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw else []
-    why = _as_user(uid, gid, groups, _first_unreadable, str(path))
+    account = _engine_account(user, mode)
+    why = _as_user(*account, _first_unreadable, str(path)) if account else ""
     if why:
-        who = f"the account {user}" if user else "the service's own account (systemd DynamicUser)"
+        who = _who(user)
         raise BundlerError(f"the engine runs as {who} and cannot read the model: {why}; nothing was changed",
                            hint=f"let it read the model: chmod -R a+rX {path} (and a+x on the folders above it), "
                                 f"or copy the model where it can")

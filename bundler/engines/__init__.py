@@ -3,14 +3,17 @@ its build.py the bundle side. `get(name)` answers what core and box code ask of 
 
 from __future__ import annotations
 
+import importlib
+
 from .base import Engine
+
+# The engine packages, in the order the bundle builds them: a new engine is one package and one name here
+PACKAGES = ("llama_cpp", "vllm", "exllama")
 
 
 def registry() -> dict[str, Engine]:
-    """Every engine by name: one line per engine package."""
-    from . import exllama, llama_cpp, vllm
-
-    return {e.name: e for e in (llama_cpp.ENGINE, vllm.ENGINE, *exllama.ENGINES)}
+    """Every engine by name (a package may define several: ExLlama's generations)."""
+    return {e.name: e for pkg in PACKAGES for e in importlib.import_module(f"{__name__}.{pkg}").ENGINES}
 
 
 def get(name: str | None) -> Engine:
@@ -20,3 +23,13 @@ def get(name: str | None) -> Engine:
 
         raise BundlerError(f"no engine named {name!r} in this installer", hint="bundle again with this version")
     return found
+
+
+def for_format(fmt: str) -> Engine | None:
+    """The first engine, in the registry's order, that serves models of this format."""
+    return next((e for e in registry().values() if fmt in e.formats), None)
+
+
+def formats() -> tuple[str, ...]:
+    """Every model format some engine serves, in the registry's order."""
+    return tuple(dict.fromkeys(f for e in registry().values() for f in e.formats))

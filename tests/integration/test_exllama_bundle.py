@@ -29,7 +29,7 @@ def test_exllama_is_locked_for_the_box_and_refused_where_its_extension_cannot_be
     said: list[str] = []
     stage = tmp_path / "stage"
     with pytest.raises(BundlerError) as e:
-        bundle._exllama(s, gen, stage, box, True, said.append)
+        exllama_build.bundle_gen(bundle.BuildContext(s, stage, box, True, said.append), gen)
     assert "no python3.12" in e.value.message and "nothing was downloaded" in e.value.message, e.value.message
     assert "pyenv install 3.12" in e.value.hint
     # the lock was made for the box: exllamav2 and TabbyAPI's dependencies, the box's torch reused

@@ -157,7 +157,7 @@ def summary(plan) -> str:
 
 
 # TabbyAPI's own auth guards its API routes; tabby_run.py's middleware adds /docs and /openapi.json
-ENGINES = tuple(Engine(g.name, g.label, (g.fmt,), triton=g.triton, slow_start=True,
+ENGINES = tuple(Engine(g.name, g.label, (g.fmt,), triton=g.triton, slow_start=True, python=True,
                        reference="TabbyAPI with only the model named in its config",
                        guarded=(("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
                                 ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")),

@@ -15,11 +15,12 @@ import hashlib
 import io
 import re
 import tarfile
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ...errors import BundlerError
-from . import Gen
+from . import GENS, Gen
 
 
 # What the server needs of the TabbyAPI tree; the rest (docs, notebooks, Docker, CI) stays out.
@@ -249,3 +250,77 @@ def ext_wheel(exl_wheel: Path, box: Any, gen: Gen, log=print) -> Path:
                            hint="see its build.log there")
     log(f"{gen.label}'s extension: built {built.name} in {time.monotonic() - t0:.0f}s")
     return built
+
+
+NEEDS_BOX = True  # locked against the box's own torch, its extension built for the box's Python and CUDA
+
+
+def _gens(spec: Any) -> list[Gen]:
+    """The generations the spec's models need (EXL2 → V2, EXL3 → V3)."""
+    return [g for g in GENS.values() if any(m.format == g.fmt for m in spec.models)]
+
+
+def wanted(spec: Any) -> bool:
+    return bool(_gens(spec))
+
+
+def describe(spec: Any) -> str:
+    return ", ".join(g.label for g in _gens(spec))
+
+
+def bundle(ctx: Any) -> list[dict[str, Any]]:
+    return [bundle_gen(ctx, gen) for gen in _gens(ctx.spec)]
+
+
+def bundle_gen(ctx: Any, gen: Gen) -> dict[str, Any]:
+    """ExLlama (gen: V2 or V3) + TabbyAPI for the box: the locked wheels, the extension built for the
+    box, TabbyAPI's source files (engines/exllamavN/tabbyapi/, each hashed by the manifest); for
+    ExLlamaV3, whose attention is Triton's, a C compiler and the Python headers as for vLLM."""
+    from ... import lock, sources
+    from ...boxlock import download, lock_requirements
+    from ...spec import ModelSpec
+
+    target, log = ctx.target, ctx.log
+    ctx.needs_box(gen.label)
+    x = getattr(ctx.spec, gen.spec_key)
+    ctx.step(f"{gen.label} {x.version} and TabbyAPI ({gen.tabby_branch}) for the box")
+    archive, sha = Path(x.tabbyapi), x.tabbyapi_sha256
+    if not x.tabbyapi:  # the archive this checkout carries (third_party/)
+        archive, sha = gen.tabby_archive, gen.tabby_sha256
+    if x.tabbyapi.startswith("https://"):  # a file pinned by sha256 like a model's: resumed, checked, cached
+        archive = sources.fetch(ModelSpec(name="tabbyapi", source=x.tabbyapi, sha256=sha, format="tar.gz",
+                                          file=f"tabbyAPI-{sha[:12]}.tar.gz"), log=log)
+    files = read_archive(archive, sha, gen)
+    edir = ctx.stage / "engines" / gen.name
+    for rel, data in sorted(files.items()):
+        (edir / "tabbyapi" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (edir / "tabbyapi" / rel).write_bytes(data)
+    with tempfile.TemporaryDirectory(prefix="airgap-exl-") as td:
+        carry, summary = lock_requirements(requirements(files, x.version, gen), target, Path(td),
+                                           f"{gen.name}=={x.version} + TabbyAPI", log=log)
+    if gen.name not in carry:
+        raise BundlerError(f"the lock carries no {gen.name} for the box ({summary})", hint="bundle again")
+    hashes = carry[gen.name][1]  # its one py3-none-any wheel: the extension is built from its sources
+    _, folder, why = ext_inputs(hashes[0].rsplit(":", 1)[1] if len(hashes) == 1 else "", target, gen)
+    if why and cached_ext(folder, gen) is None:
+        refuse_unbuildable(target, why, gen)
+    wheels = download(carry, target, lock.wheel_cache() / "exllama", log=log)
+    exl = next(w for w in wheels if w.name.startswith(f"{gen.name}-"))
+    ext = ext_wheel(exl, target, gen, log=log)
+    (edir / "wheels").mkdir(parents=True)
+    for w in [*wheels, ext]:
+        ctx.link(w, edir / "wheels" / w.name)
+    headers = ""
+    if gen.triton:  # Triton's launchers (see vLLM's)
+        from ...toolchains import zig_wheel
+
+        zw = zig_wheel(target.arch, log)
+        ctx.link(zw, edir / "wheels" / zw.name)
+        headers = ctx.python_headers(edir)
+    lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
+    reused = summary.pop("reuses")
+    return {"name": gen.name, "backend": "cuda", "version": x.version, "dir": f"engines/{gen.name}",
+            "tabbyapi": f"engines/{gen.name}/tabbyapi", "tabbyapi_sha256": sha, "extension": ext.name,
+            "python": summary["python"], "arch": target.arch, "glibc": "2.28",
+            "cuda": box_cuda(target) or "13",
+            "lock": summary, "reuses": reused, "cpu_flags": [], "python_headers": headers}

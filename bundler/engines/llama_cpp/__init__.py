@@ -140,3 +140,4 @@ ENGINE = Engine(NAME, "llama.cpp", FORMATS, reference="`llama-server -m MODEL`",
                 guarded=(("GET", "/v1/models"), ("GET", "/props"), ("GET", "/slots"), ("GET", "/metrics"),
                          ("POST", "/completion"), ("POST", "/tokenize")),
                 launch=launch, alternatives=alternatives, summary=summary)
+ENGINES = (ENGINE,)

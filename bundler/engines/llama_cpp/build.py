@@ -20,11 +20,116 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import platform
+import shutil
+import tempfile
+from typing import Any
+
+from ... import lock, manifest
 from ...cache import cache_root
 from ...errors import BundlerError
 from ...staging import staged_dir
 from ...toolchains import CUBLAS_REQ, CUDART_REQ, ZIG_VERSION, cuda_wheel_root, zig_toolchain
-from . import CPU_GLIBC_TARGET
+from ...versions import version_tuple
+from . import CPU_GLIBC_TARGET, CPU_VARIANTS, CUDA_CPU_LEVEL, NAME
+
+NEEDS_BOX = False  # built here for any x86-64 box (CPU) or any CUDA 13 one
+
+
+def wanted(spec: Any) -> bool:
+    return bool(spec.llama_cpp.backends)
+
+
+def describe(spec: Any) -> str:
+    return f"llama.cpp ({', '.join(spec.llama_cpp.backends)})"
+
+
+def bundle(ctx: Any) -> list[dict[str, Any]]:
+    """One llama-server build per backend of the spec, with the libraries it loads."""
+    spec, out = ctx.spec, []
+    for backend in spec.llama_cpp.backends:
+        ctx.step(f"llama-server ({backend})")
+        sdist = fetch_sdist(spec, ctx.log)
+        archs = cuda_archs(spec, ctx.target) if backend == "cuda" else ""
+        b = build(sdist, spec.llama_cpp.sha256, backend, archs, log=ctx.log)
+        ctx.log(f"llama-server ({backend}): {'cached build' if b.cached else f'built in {b.seconds:.0f}s'} ({b.path})")
+        edir = ctx.stage / "engines" / f"llama.cpp-{backend}"
+        # cpu: one static binary per x86 instruction-set level (bin/llama-server-LEVEL); cuda: bin/llama-server
+        own = sorted(f for f in (b.path / "bin").iterdir() if f.is_file() and f.name.startswith("llama-server"))
+        for f in own:
+            ctx.link(f, edir / "bin" / f.name)
+        variants = sorted(f.name[len("llama-server-"):] for f in own if f.name.startswith("llama-server-"))
+        binary = b.path / "bin" / ("llama-server-x64" if "x64" in variants else "llama-server")
+        libs = ctx.shared_libs(binary)
+        for lib in libs:  # e.g. libgomp: carried so the box needs no compiler runtime
+            (edir / "lib").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(lib.resolve(), edir / "lib" / lib.name)
+        shutil.copy2(b.path / "build.json", edir / "build.json")
+        box_lib_dirs: list[str] = []
+        if backend == "cuda":
+            box_lib_dirs = cuda_runtime(ctx.target, ctx.reuse_installed, edir / "lib", ctx.log)
+        out.append({
+            "box_lib_dirs": box_lib_dirs, "cuda_archs": archs, "cuda": "13" if backend == "cuda" else "",
+            "name": NAME, "backend": backend, "dir": f"engines/llama.cpp-{backend}",
+            "binary": f"engines/llama.cpp-{backend}/bin/{binary.name}",
+            "libs": [lib.name for lib in libs], "glibc": max((ctx.glibc_needed(f) for f in own), key=version_tuple),
+            "arch": platform.machine(),
+            # the installer runs the best level the box's CPU has; the baseline one runs on any x86-64
+            "cpu_variants": variants,
+            # the one level a CUDA build's CPU side is compiled for: the box's CPU must have these
+            "cpu_flags": list(CPU_VARIANTS[CUDA_CPU_LEVEL]) if backend == "cuda" else [],
+            "source": spec.llama_cpp.sdist, "source_sha256": spec.llama_cpp.sha256,
+        })
+    return out
+
+
+def fetch_sdist(spec: Any, log) -> Path:
+    name, version = spec.llama_cpp.sdist.split("==", 1)
+    dest = lock.wheel_cache() / "sdists"
+    dest.mkdir(parents=True, exist_ok=True)
+    fname = f"{name.replace('-', '_')}-{version}.tar.gz"
+    path = dest / fname
+    if path.is_file() and manifest.sha256_file(path) == spec.llama_cpp.sha256:
+        return path
+    with tempfile.TemporaryDirectory() as td:
+        req = Path(td) / "sdist.txt"
+        req.write_text(f"{spec.llama_cpp.sdist} --hash=sha256:{spec.llama_cpp.sha256}\n")
+        log(f"downloading {spec.llama_cpp.sdist} sdist (hash-checked by pip)")
+        lock._run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"--no-binary={name}",
+                   "--require-hashes", "--dest", td, "-r", str(req)],
+                  f"downloading {spec.llama_cpp.sdist}",
+                  "check engines.llama_cpp.sdist and sha256 in the spec")
+        got = list(Path(td).glob("*.tar.gz"))
+        if not got:
+            raise BundlerError(f"pip saved no sdist for {spec.llama_cpp.sdist}", hint="check the version exists")
+        os.replace(got[0], path)
+    return path
+
+
+def cuda_archs(spec: Any, target: Any) -> str:
+    if spec.llama_cpp.cuda_archs:
+        return spec.llama_cpp.cuda_archs
+    if target is not None and target.gpus:
+        return ";".join(sorted({g.compute_capability.replace(".", "") for g in target.gpus}))
+    return "80;86;89;90"
+
+
+def cuda_runtime(target: Any, reuse_installed: bool, lib_dir: Path, log) -> list[str]:
+    """CUDA runtime and cuBLAS for the CUDA llama-server: the box's own copies (from its
+    python's NVIDIA wheels) with reuse_installed, else carried from NVIDIA's wheels."""
+    if reuse_installed and target is not None:
+        have = {k.lower(): v for k, v in target.installed.items()}
+        if have.get("nvidia-cublas", "").startswith("13.") and have.get("nvidia-cuda-runtime", "").startswith("13."):
+            dirs = [f"{sp}/nvidia/cu13/lib" for sp in target.site_packages]
+            log(f"CUDA runtime and cuBLAS: reusing the box's (nvidia-cublas {have['nvidia-cublas']}) in {dirs[0]}")
+            return dirs
+    root, _ = cuda_wheel_root([CUBLAS_REQ, CUDART_REQ], log=log)
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in ("libcudart.so.*", "libcublas.so.*", "libcublasLt.so.*"):
+        for so in (root / "lib").glob(pattern):
+            shutil.copy2(so, lib_dir / so.name)
+    log("CUDA runtime and cuBLAS: carried from NVIDIA's wheels")
+    return []
 
 
 BUILD_SCRIPT = Path(__file__).with_name("build_llama_server.sh")

@@ -183,8 +183,9 @@ def summary(plan) -> str:
 
 
 ENGINE = Engine(NAME, "vLLM", FORMATS, triton=True, slow_start=True, fatal_log=FATAL_LOG, serial_start=True,
-                tp_retry=True, flashinfer=True, reference="`vllm serve MODEL`",
+                tp_retry=True, flashinfer=True, python=True, reference="`vllm serve MODEL`",
                 # vLLM's own key guarded /v1 only: these were open before vllm_auth.py
                 guarded=(("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"),
                          ("POST", "/pooling"), ("GET", "/metrics"), ("GET", "/openapi.json")),
                 launch=launch, alternatives=alternatives, override=override, summary=summary)
+ENGINES = (ENGINE,)
