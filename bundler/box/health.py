@@ -146,7 +146,7 @@ def _noise(what: str, asked: str, got: str, expected: str) -> BundlerError:
                              "answer that (e.g. a test model with random weights), pass --smoke-any-answer")
 
 
-def smoke(base: str, model: str, key: str, engine: str = "llama.cpp", expect: str = "chat") -> str:
+def smoke(base: str, model: str, key: str, engine: str, expect: str = "chat") -> str:
     """Prove the service answers with the key, sensibly, and refuses without it. expect: "chat" (an
     instruction-tuned model: the chat answer must name Paris), "completion" (a base model, no chat
     template of its own: a plain completion must continue the weekdays; its chat answer need only
@@ -191,7 +191,7 @@ def _cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b)) / (na * nb) if na and nb else 0.0
 
 
-def smoke_embed(base: str, model: str, key: str, any_answer: bool = False, engine: str = "llama.cpp") -> str:
+def smoke_embed(base: str, model: str, key: str, engine: str, any_answer: bool = False) -> str:
     """Prove an embedding model answers /v1/embeddings with the key, sensibly (finite vectors of one
     size, and unless any_answer, the two sentences that mean the same closer than the third), and
     refuses without it."""

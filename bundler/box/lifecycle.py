@@ -422,10 +422,10 @@ def _smoke(svc: Service, m: dict[str, Any], key: str, plan: planner.Plan, opts: 
         return None
     def one(base: str, mm: dict[str, Any], p: planner.Plan) -> str:
         if p.task == "embed":
-            return smoke_embed(base, mm["name"], key, opts.smoke_any_answer, p.engine or "llama.cpp")
+            return smoke_embed(base, mm["name"], key, p.engine or "", opts.smoke_any_answer)
         expect = "any" if opts.smoke_any_answer else "chat" if (mm.get("facts") or {}).get("has_chat_template") \
             else "completion"
-        return smoke(base, mm["name"], key, p.engine or "llama.cpp", expect)
+        return smoke(base, mm["name"], key, p.engine or "", expect)
 
     answer = one(svc.base, m, plan)
     for x in svc.extra:

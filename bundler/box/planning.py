@@ -10,7 +10,6 @@ from typing import Any
 
 from .. import manifest as mf
 from .. import engines, planner, probe
-from ..engines import llama_cpp
 from ..errors import BundlerError, VerifyError
 from ..modelinfo import ModelInfo
 from .options import Options
@@ -80,15 +79,16 @@ def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: 
     variants: tuple[str, ...] = ()
     available = []
     for e in doc["engines"]:
-        if e["name"] == llama_cpp.NAME:
-            available.append(e["backend"])
-            if e["backend"] == "cpu":
-                flags = tuple(e.get("cpu_flags", ()))
-                variants = tuple(e.get("cpu_variants", ()))
-            else:
-                cuda_flags = tuple(e.get("cpu_flags", ()))
-        else:
+        if not engines.get(e["name"]).offered_as:
             available.append(e["name"])
+            continue
+        # offered by backend (llama.cpp): what each build needs of the CPU, and the CPU levels it carries
+        available.append(e["backend"])
+        if e["backend"] == "cpu":
+            flags = tuple(e.get("cpu_flags", ()))
+            variants = tuple(e.get("cpu_variants", ()))
+        else:
+            cuda_flags = tuple(e.get("cpu_flags", ()))
     plans = planner.plan_models([(x["name"], ModelInfo.from_dict(x["facts"]), x.get("task", "chat"))
                                  for x in [m, *others]], hw, intent,
                                 engines_available=tuple(available), cpu_flags_needed=flags, cpu_variants=variants,

@@ -23,6 +23,9 @@ class Engine:
     serial_start: bool = False  # sizes its cache from the memory it sees used while starting: start it alone
     tp_retry: bool = False  # a crashed tensor-parallel start is retried once with the safe all-reduce flags
     reference: str = ""  # how a user starts it by hand: --tune's and --baseline's reference
+    offered_as: tuple[str, ...] = ()  # its builds are offered to the planner by backend, under these names
+    embeds: bool = False  # serves /v1/embeddings for an embedding model of its formats
+    gpu_share: float = 0.0  # sizes itself to this share of each GPU's total memory (the others' come off it)
     python: bool = False  # runs on the installer's python (the engine's account must be able to start it)
     flashinfer: bool = False  # samples with FlashInfer kernels that nvcc compiles at its first start
     # box side, as functions of the engine's package (None: the engine has no such step):
@@ -31,9 +34,10 @@ class Engine:
     #   alternatives(plan, facts, hw, version) -> [(label, plan, why)]: what --tune starts beside the plan
     #   override(plan, facts, hw, tp, dp) -> plan: --tensor-parallel/--data-parallel applied, or BundlerError
     #   summary(plan) -> str: its sizing in a few words, with its own flags' names
-    # and, for a format the core planner does not know (a model that is one file):
+    #   plan(name, info, hw, intent, task, offer) -> Plan: its plan for a model of its formats on that box
+    #       (engines/NAME/plan.py; offer: what the bundle carries, bundler/sizing.py)
+    # and, for a format of its own that is one file:
     #   facts(path) -> ModelInfo: what planning needs of a model file (the bundle records it)
-    #   plan(name, info, hw, intent, task) -> Plan: its plan for that model on that box
     launch: Callable[[Any], Launch] | None = None
     alternatives: Callable[..., list[tuple[str, Any, str]]] | None = None
     override: Callable[..., Any] | None = None

@@ -148,12 +148,12 @@ def test_the_smoke_test_fails_on_noise_and_passes_on_sense(bundle_dir, tmp_path)
                 time.sleep(0.2)
         base = f"http://127.0.0.1:{port}"
         with pytest.raises(BundlerError) as e:
-            smoke(base, "g", "k", expect="chat")
+            smoke(base, "g", "k", "llama.cpp", expect="chat")
         assert "not sensibly" in e.value.message and "Paris" in e.value.message
         assert "--smoke-any-answer" in e.value.hint
         # the same base model continues a plain completion correctly: what its smoke test asks
-        assert "Thursday" in smoke(base, "g", "k", expect="completion")
-        assert smoke(base, "g", "k", expect="any")
+        assert "Thursday" in smoke(base, "g", "k", "llama.cpp", expect="completion")
+        assert smoke(base, "g", "k", "llama.cpp", expect="any")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -39,6 +39,7 @@ class Gen:
     tabby_branch: str
     build_time: str  # of the extension on this 2-core machine, as measured
     triton: bool  # attends with Triton kernels, which compile a C launcher at first use (as vLLM's)
+    min_cc: float  # the compute capability its kernels need
 
     @property
     def tabby_archive(self) -> Path:
@@ -52,14 +53,14 @@ class Gen:
 V2 = Gen("exllamav2", "ExLlamaV2", "exl2", "exllama", "0.3.2",  # 0.3.2: the last release (EXL2 is frozen)
          "79126f904c2e00aece026b36bb70bbb87e4892b2",
          "1d3d83324ac115f815e9e0f53dc2ba1b7dfb6e3463b7b21bdb303ba29b4c0ca4", "exl2-checkpoint", "15–20 min",
-         triton=False)
+         triton=False, min_cc=7.0)
 
 
 # 1.4.2: the release TabbyAPI's main pins (its own wheels are on GitHub only; PyPI has the sources)
 V3 = Gen("exllamav3", "ExLlamaV3", "exl3", "exllamav3", "1.4.2",
          "e632af41eba68abeadc3437c62674360f2f8cbf1",
          "f0b6c886c85822d3045d709c47eec38c572dc7b5d2c561f8f0e0e572bb566041", "main", "about 21 min",
-         triton=True)
+         triton=True, min_cc=8.0)
 GENS = {g.name: g for g in (V2, V3)}
 BY_FORMAT = {g.fmt: g for g in (V2, V3)}
 FORMATS = tuple(BY_FORMAT)
@@ -156,10 +157,12 @@ def summary(plan) -> str:
     return f"TP {plan.tensor_parallel}, split {list(plan.gpu_split_gib)}, {plan.slots} × {plan.context_per_slot} tokens"
 
 
+from . import plan as xplan  # noqa: E402 - its planner needs the generations above
+
 # TabbyAPI's own auth guards its API routes; tabby_run.py's middleware adds /docs and /openapi.json
 ENGINES = tuple(Engine(g.name, g.label, (g.fmt,), triton=g.triton, slow_start=True, python=True,
                        reference="TabbyAPI with only the model named in its config",
                        guarded=(("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/model/unload"),
                                 ("POST", "/v1/model/load"), ("GET", "/openapi.json"), ("GET", "/docs")),
-                       launch=launch, override=override, summary=summary)
+                       launch=launch, override=override, summary=summary, plan=xplan.plan)
                 for g in (V2, V3))

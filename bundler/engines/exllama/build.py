@@ -264,6 +264,10 @@ def wanted(spec: Any) -> bool:
     return bool(_gens(spec))
 
 
+def offers(spec: Any) -> list[str]:
+    return [g.name for g in _gens(spec)]
+
+
 def describe(spec: Any) -> str:
     return ", ".join(g.label for g in _gens(spec))
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ... import planner
 from ...errors import BundlerError
 from ..base import Engine, Launch
 
@@ -125,7 +124,7 @@ def alternatives(plan, facts, hw, version: str = "") -> list[tuple[str, object, 
             "a KV buffer per slot instead of one shared by all")]
     if plan.backend == "cpu":
         more = replace(plan, slots=plan.slots * 2)
-        if planner.ram_needed(facts, more.slots, plan.context_per_slot) <= hw.ram_available * planner.RAM_FRACTION:
+        if lplan.ram_needed(facts, more.slots, plan.context_per_slot) <= hw.ram_available * lplan.RAM_FRACTION:
             out.append((f"{more.slots} slots", more, "twice the slots: larger batches per step"))
     return out
 
@@ -135,9 +134,12 @@ def summary(plan) -> str:
     return gpu + f"--parallel {plan.slots}, --ctx-size {plan.slots * plan.context_per_slot}"
 
 
+from . import plan as lplan  # noqa: E402 - its planner needs the CPU levels above
+
 ENGINE = Engine(NAME, "llama.cpp", FORMATS, reference="`llama-server -m MODEL`",
                 # llama-server guards every route but /health itself
                 guarded=(("GET", "/v1/models"), ("GET", "/props"), ("GET", "/slots"), ("GET", "/metrics"),
                          ("POST", "/completion"), ("POST", "/tokenize")),
-                launch=launch, alternatives=alternatives, summary=summary)
+                launch=launch, alternatives=alternatives, summary=summary, plan=lplan.plan, embeds=True,
+                offered_as=("cpu", "cuda"))
 ENGINES = (ENGINE,)

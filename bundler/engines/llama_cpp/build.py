@@ -40,6 +40,11 @@ def wanted(spec: Any) -> bool:
     return bool(spec.llama_cpp.backends)
 
 
+def offers(spec: Any) -> list[str]:
+    """The names the planner knows its builds by: one per backend."""
+    return list(spec.llama_cpp.backends)
+
+
 def describe(spec: Any) -> str:
     return f"llama.cpp ({', '.join(spec.llama_cpp.backends)})"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ... import planner
 from ...errors import BundlerError
 from ...versions import version_tuple
 from ..base import HUB_OFFLINE_ENV, Engine, Launch
@@ -136,14 +135,14 @@ def alternatives(plan, facts, hw, version: str = "") -> list[tuple[str, object, 
     out = []
     n = len(hw.gpus)
     gpu = min(hw.gpus, key=lambda g: g.memory_total_mib)
-    usable = gpu.memory_total_mib * planner.MiB * planner.VLLM_UTILIZATION - planner.VLLM_OVERHEAD
-    for tp in planner.tp_candidates(facts, n)[0]:
+    usable = gpu.memory_total_mib * vplan.MiB * vplan.VLLM_UTILIZATION - vplan.VLLM_OVERHEAD
+    for tp in vplan.tp_candidates(facts, n)[0]:
         dp = n // tp
         if (tp, dp) == (plan.tensor_parallel, plan.data_parallel):
             continue
-        if facts.file_size / tp + planner.kv_per_gpu_per_token(facts, tp) * plan.max_model_len > usable:
+        if facts.file_size / tp + vplan.kv_per_gpu_per_token(facts, tp) * plan.max_model_len > usable:
             continue  # one request of full length does not fit
-        seqs, _ = planner.vllm_max_num_seqs(gpu, math.ceil(plan.slots / dp))
+        seqs, _ = vplan.vllm_max_num_seqs(gpu, math.ceil(plan.slots / dp))
         api = plan.api_servers if dp == 1 else 0
         out.append((f"TP {tp} x DP {dp}", replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs,
                                                   api_servers=api), "another split of the GPUs"))
@@ -163,14 +162,14 @@ def override(plan, facts, hw, tp: int | None, dp: int | None):
     """--tensor-parallel / --data-parallel in place of the planner's split, within what fits."""
     tp = tp or plan.tensor_parallel
     dp = dp or max(1, len(hw.gpus) // tp)
-    ok, _ = planner.tp_candidates(facts, len(hw.gpus))
+    ok, _ = vplan.tp_candidates(facts, len(hw.gpus))
     if tp not in ok or tp * dp > len(hw.gpus):
         raise BundlerError(f"tensor parallel {tp} × data parallel {dp} does not fit this model on {len(hw.gpus)} "
                            "GPU(s)", hint=f"tensor-parallel sizes that work here: {', '.join(map(str, ok))}")
     share = max(1, -(-plan.slots // dp))
-    seqs, _ = planner.vllm_max_num_seqs(min(hw.gpus, key=lambda g: g.memory_total_mib), share)
+    seqs, _ = vplan.vllm_max_num_seqs(min(hw.gpus, key=lambda g: g.memory_total_mib), share)
     return replace(plan, tensor_parallel=tp, data_parallel=dp, max_num_seqs=seqs,
-                   api_servers=planner.vllm_api_servers(hw, dp),
+                   api_servers=vplan.vllm_api_servers(hw, dp),
                    reasons=(*plan.reasons, f"overridden on the command line: tensor parallel {tp} × data parallel "
                                            f"{dp}, ~{share} of the {plan.slots} requests per replica, --max-num-seqs "
                                            f"{seqs}"))
@@ -182,10 +181,13 @@ def summary(plan) -> str:
             + (f", --api-server-count {plan.api_servers}" if plan.api_servers > 1 else ""))
 
 
+from . import plan as vplan  # noqa: E402 - its planner needs NAME above
+
 ENGINE = Engine(NAME, "vLLM", FORMATS, triton=True, slow_start=True, fatal_log=FATAL_LOG, serial_start=True,
                 tp_retry=True, flashinfer=True, python=True, reference="`vllm serve MODEL`",
                 # vLLM's own key guarded /v1 only: these were open before vllm_auth.py
                 guarded=(("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"),
                          ("POST", "/pooling"), ("GET", "/metrics"), ("GET", "/openapi.json")),
-                launch=launch, alternatives=alternatives, override=override, summary=summary)
+                launch=launch, alternatives=alternatives, override=override, summary=summary,
+                plan=vplan.plan, embeds=True, gpu_share=vplan.VLLM_UTILIZATION)
 ENGINES = (ENGINE,)

@@ -27,6 +27,10 @@ def wanted(spec: Any) -> bool:
     return bool(spec.vllm.version)
 
 
+def offers(spec: Any) -> list[str]:
+    return [NAME]
+
+
 def describe(spec: Any) -> str:
     return f"vLLM {spec.vllm.version}"
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...errors import PlanRefused
 from ...modelinfo import ModelInfo
-from ...planner import Plan
+from ...sizing import Plan
 from ..base import Engine, Launch
 
 NAME = "toy"
@@ -23,7 +24,9 @@ def facts(path) -> ModelInfo:
                      heads=1, kv_heads=1, head_dim_k=1, head_dim_v=1, context_length=4096, has_chat_template=True)
 
 
-def plan(name, info, hw, intent, task) -> Plan:
+def plan(name, info, hw, intent, task, offer) -> Plan:
+    if NAME not in offer.engines:
+        raise PlanRefused(f"{name} is a toy model but this bundle carries no toy engine", hint="bundle it")
     ctx = min(intent.context, info.context_length)
     return Plan(engine=NAME, backend="cpu", model=name, threads=1, slots=intent.concurrency, context_per_slot=ctx,
                 gpu_layers=0, total_layers=info.layers, task=task,

@@ -14,6 +14,10 @@ def wanted(spec: Any) -> bool:
     return any(m.format == "toy" for m in spec.models)
 
 
+def offers(spec: Any) -> list[str]:
+    return [NAME]
+
+
 def describe(spec: Any) -> str:
     return "Toy"
 
