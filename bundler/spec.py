@@ -5,18 +5,18 @@ Every error names the file, the key and what would fix it.
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import engines
-from .engines import exllama
+from .engines import for_format, formats
 from .modelinfo import SPLIT_RE, split_names
 from .contract.trust import version_key
 from .errors import SpecError
 
-FORMATS = engines.formats()  # gguf, safetensors, exl2, exl3 and any engine package's own
+FORMATS = formats()  # gguf, safetensors, exl2, exl3 and any engine package's own
 TASKS = ("chat", "embed")  # what a model serves: text generation, or /v1/embeddings
 SOURCE_RE = re.compile(r"^(pypi:|https?://|hf://|modelscope://|file://|box:/|/|\./|\.\./|~)")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -66,36 +66,6 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
-class LlamaCppSpec:
-    sdist: str = "llama-cpp-python==0.3.36"
-    sha256: str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-    backends: tuple[str, ...] = ("cpu",)
-    cuda_archs: str = ""  # e.g. "90"; default: the target's GPUs, else 80;86;89;90
-
-
-@dataclass(frozen=True)
-class VllmSpec:
-    version: str = ""  # "" = no vLLM in the bundle
-    # an include root (like /usr/include) holding the target Python's headers (pythonX.Y/Python.h), for
-    # Triton on a box without them, when this machine's Python is another version
-    python_headers: str = ""
-
-
-@dataclass(frozen=True)
-class ExllamaSpec:
-    """ExLlama behind TabbyAPI: [engines.exllama] ExLlamaV2 for EXL2 models, [engines.exllamav3]
-    ExLlamaV3 for EXL3 (each bundled when a model has its format)."""
-
-    version: str = exllama.V2.version  # of exllamav2 (EXLLAMA_DEFAULTS: exllamav3's)
-    # TabbyAPI's source as a .tar.gz (a path, or https://), pinned by sha256; "" = the one in third_party/
-    tabbyapi: str = ""
-    tabbyapi_sha256: str = ""
-
-
-EXLLAMA_DEFAULTS = {g.spec_key: ExllamaSpec(version=g.version) for g in exllama.GENS.values()}
-
-
-@dataclass(frozen=True)
 class TargetSpec:
     # "host" means: like the machine that builds the bundle (its CPU architecture).
     platform: str = "host"
@@ -109,14 +79,30 @@ class Spec:
     version: str
     models: tuple[ModelSpec, ...]
     service: ServiceSpec = field(default_factory=ServiceSpec)
-    llama_cpp: LlamaCppSpec = field(default_factory=LlamaCppSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
-    vllm: VllmSpec = field(default_factory=VllmSpec)
-    exllama: ExllamaSpec = field(default_factory=lambda: EXLLAMA_DEFAULTS["exllama"])
-    exllamav3: ExllamaSpec = field(default_factory=lambda: EXLLAMA_DEFAULTS["exllamav3"])
+    # each [engines.TABLE] as its engine's bundle side reads it (engines/NAME/build.py: SPEC_TABLES, read_spec)
+    engines: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, table: str) -> Any:
+        """spec.llama_cpp, spec.vllm, ...: an engine's table as read, else its defaults."""
+        if table.startswith("__") or table == "engines":
+            raise AttributeError(table)
+        if table in self.engines:
+            return self.engines[table]
+        for b in engine_builds():
+            if table in getattr(b, "SPEC_TABLES", ()):
+                return b.read_spec(table, _Reader(Path(self.path), f"engines.{table}", {}), Path(self.path))
+        raise AttributeError(f"the spec has no [engines.{table}] (no engine package reads one)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def engine_builds() -> list[Any]:
+    """Each engine's bundle side (engines/NAME/build.py), in the registry's order."""
+    from .engines import PACKAGES
+
+    return [importlib.import_module(f"bundler.engines.{name}.build") for name in PACKAGES]
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
@@ -404,49 +390,22 @@ def load(path: str | Path) -> Spec:
             raise SpecError(f"{path}: models[{i}].file: {m.file!r} is another model's file with another sha256",
                             hint="give it its own file name, or the same sha256 if it is the same file")
 
-    engines = _Reader(path, "engines", top.get("engines", dict, {}))
-    lc = _Reader(path, "engines.llama_cpp", engines.get("llama_cpp", dict, {}))
-    d = LlamaCppSpec()
-    sdist = lc.get("sdist", str, d.sdist)
-    if not re.match(r"^llama-cpp-python==\S+$", sdist):
-        lc.fail("engines.llama_cpp.sdist", f"{sdist!r} must be llama-cpp-python==VERSION",
-                "pin the sdist whose vendored llama.cpp is built")
-    lsha = lc.get("sha256", str, d.sha256 if sdist == d.sdist else ...,
-                  hint="a different sdist needs its sha256: pip download --no-binary :all: --no-deps "
-                  f"{sdist} and sha256sum it")
-    backends = tuple(lc.get("backends", list, list(d.backends)))
-    for b in backends:
-        if b not in ("cpu", "cuda"):
-            lc.fail("engines.llama_cpp.backends", f"has {b!r}", "use \"cpu\" and/or \"cuda\"")
-    archs = lc.get("cuda_archs", str, "")
-    if archs and not re.match(r"^[0-9]{2,3}[af]?(;[0-9]{2,3}[af]?)*$", archs):
-        lc.fail("engines.llama_cpp.cuda_archs", f"is {archs!r}", "write CMake CUDA architectures, e.g. \"90\" or "
-                "\"80;86;89;90\"")
-    lc.done()
-    vl = _Reader(path, "engines.vllm", engines.get("vllm", dict, {}))
-    vversion = vl.get("version", str, "")
-    if vversion and not re.match(r"^\d+\.\d+(\.\d+)?$", vversion):
-        vl.fail("engines.vllm.version", f"is {vversion!r}", "pin a release, e.g. version = \"0.26.0\"")
-    headers = vl.get("python_headers", str, "")
-    if headers:
-        headers = str((path.parent / headers).resolve()) if not Path(headers).is_absolute() else headers
-        if not list(Path(headers).glob("python3.*/Python.h")):
-            vl.fail("engines.vllm.python_headers", f"{headers!r} holds no python3.X/Python.h",
-                    "name an include root like /usr/include, with the target Python's headers under python3.X/ "
-                    "(from its python3.X-dev package)")
-    vl.done()
-    exl = {key: _exllama_spec(path, engines, key, default) for key, default in EXLLAMA_DEFAULTS.items()}
-    engines.done()
+    tables = _Reader(path, "engines", top.get("engines", dict, {}))
+    configs: dict[str, Any] = {}
+    builds = engine_builds()
+    for build in builds:  # each engine reads its own [engines.TABLE]
+        for key in getattr(build, "SPEC_TABLES", ()):
+            r = _Reader(path, f"engines.{key}", tables.get(key, dict, {}))
+            configs[key] = build.read_spec(key, r, path)
+            r.done()
+    tables.done()
+    by_engine = {e.name: b for b in builds for e in importlib.import_module(b.__name__.rsplit(".", 1)[0]).ENGINES}
     for i, m in enumerate([] if models_only else models):  # every model needs an engine in the bundle
-        if m.format == "gguf" and not backends:
-            raise SpecError(f"{path}: models[{i}] ({m.name}) is GGUF, which only llama.cpp serves, and "
-                            "[engines.llama_cpp] backends is empty", hint='build it: backends = ["cpu"] (and/or '
-                            '"cuda"), or bundle a safetensors build of the model for vLLM')
-        if m.format == "safetensors" and not vversion:
-            raise SpecError(f"{path}: models[{i}] ({m.name}) is safetensors, which vLLM serves, and the spec bundles "
-                            "no vLLM", hint='add [engines.vllm] version = "0.26.0" and bundle for the box: make '
-                            "bundle TARGET=box.json REUSE=1 (box.json from ./install.sh --probe there); or, to carry "
-                            "the model for another bundle's engines, [bundle] models_only = true")
+        engine = for_format(m.format)
+        lacks = getattr(by_engine[engine.name], "lacks", None) if engine else None
+        why = lacks(configs, m) if lacks else None
+        if why:
+            raise SpecError(f"{path}: models[{i}] ({m.name}) is {why[0]}", hint=why[1])
 
     t = _Reader(path, "target", top.get("target", dict, {}))
     platform = t.get("platform", str, "host")
@@ -459,24 +418,4 @@ def load(path: str | Path) -> Spec:
     t.done()
     top.done()
     return Spec(path=str(path), name=name, version=version, models=tuple(models), service=service,
-                llama_cpp=LlamaCppSpec(sdist=sdist, sha256=lsha.lower(), backends=backends, cuda_archs=archs),
-                target=TargetSpec(platform=platform, pythons=pythons),
-                vllm=VllmSpec(version=vversion, python_headers=headers),
-                exllama=exl["exllama"], exllamav3=exl["exllamav3"])
-
-
-def _exllama_spec(path: Path, engines: _Reader, key: str, default: ExllamaSpec) -> ExllamaSpec:
-    """[engines.exllama] (ExLlamaV2) or [engines.exllamav3]: the release, and TabbyAPI's archive pinned by sha256."""
-    ex = _Reader(path, f"engines.{key}", engines.get(key, dict, {}))
-    xversion = ex.get("version", str, default.version)
-    if not re.match(r"^\d+\.\d+(\.\d+)?$", xversion):
-        ex.fail(f"engines.{key}.version", f"is {xversion!r}", f"pin a release, e.g. version = \"{default.version}\"")
-    tabby = ex.get("tabbyapi", str, "")
-    tsha = ex.get("tabbyapi_sha256", str, ... if tabby else "",
-                  hint="pin the archive: tabbyapi_sha256 = the output of sha256sum ARCHIVE").lower()
-    if tabby and not SHA_RE.match(tsha):
-        ex.fail(f"engines.{key}.tabbyapi_sha256", f"{tsha!r} is not a sha256 (64 hex digits)", "sha256sum ARCHIVE")
-    if tabby and not tabby.startswith("https://"):
-        tabby = str((path.parent / tabby).resolve()) if not Path(tabby).is_absolute() else tabby
-    ex.done()
-    return ExllamaSpec(version=xversion, tabbyapi=tabby, tabbyapi_sha256=tsha)
+                target=TargetSpec(platform=platform, pythons=pythons), engines=configs)

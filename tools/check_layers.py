@@ -9,6 +9,9 @@
   bundle    the online side: cli, bundle, spec, lock, sources/, signing, cache, toolchains, boxlock,
             each engine's build.py
 
+and, one place per fact, no engine's name (as its package defines it) appears as a string outside
+bundler/engines/: code elsewhere asks an engine's capabilities (engines/base.py), never its name.
+
 Every import counts, also one inside a function (149 of them sit there: deferring an import hides
 it from the interpreter, not from this check). Exit 1 naming each import that breaks a rule and
 the chain that reaches it.
@@ -98,14 +101,44 @@ def problems(root: Path = ROOT) -> list[str]:
     return out
 
 
+def engine_names(root: Path = ROOT) -> set[str]:
+    """Each engine's name as its package spells it: NAME = "...", or the first argument of Engine(...)/Gen(...)."""
+    names = set()
+    for p in (root / PKG / "engines").glob("*/__init__.py"):
+        for n in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "NAME" for t in n.targets):
+                if isinstance(n.value, ast.Constant) and isinstance(n.value.value, str):
+                    names.add(n.value.value)
+            elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("Engine", "Gen")
+                  and n.args and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str)):
+                names.add(n.args[0].value)
+    return names
+
+
+def engine_name_uses(root: Path = ROOT) -> list[str]:
+    """Every string equal to an engine's name in the code outside bundler/engines/."""
+    names = engine_names(root)
+    out = []
+    for name, p in sorted(modules(root).items()):
+        if _under(name, ("bundler.engines",)):
+            continue
+        for n in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names:
+                out.append(f"{p.relative_to(root)}:{n.lineno}: the engine name {n.value!r} outside bundler/engines/: "
+                           "ask the engine (bundler/engines/base.py) for what it can do instead")
+    return out
+
+
 def main() -> int:
-    found = problems(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT
+    found = problems(root) + engine_name_uses(root)
     for p in found:
         print(p, file=sys.stderr)
     if found:
-        print(f"layers: {len(found)} import(s) break the rules in tools/check_layers.py", file=sys.stderr)
+        print(f"layers: {len(found)} place(s) break the rules in tools/check_layers.py", file=sys.stderr)
         return 1
-    print("layers: contract <- core <- box/runtime, apart from the bundle side: ok")
+    print("layers: contract <- core <- box/runtime, apart from the bundle side; no engine named outside "
+          "bundler/engines/: ok")
     return 0
 
 

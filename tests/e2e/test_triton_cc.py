@@ -70,9 +70,10 @@ def test_the_bundle_carries_the_box_pythons_headers_when_this_machine_has_that_p
     from types import SimpleNamespace
 
     from bundler.bundle import _python_headers
-    from bundler.spec import Spec, VllmSpec
+    from bundler.engines.vllm.build import VllmSpec
+    from bundler.spec import Spec
 
-    spec = Spec(path="s.toml", name="t", version="1", models=(), vllm=VllmSpec(version="0.26.0"))
+    spec = Spec(path="s.toml", name="t", version="1", models=(), engines={"vllm": VllmSpec(version="0.26.0")})
     said = []
     here = f"{sys.version_info.major}.{sys.version_info.minor}.9"
     edir = tmp_path / "engines" / "exllamav3"  # vLLM's and ExLlamaV3's bundles each carry them

@@ -121,3 +121,18 @@ def test_core_and_box_ask_engines_their_capabilities():
 
     with pytest.raises(BundlerError, match="no engine named"):
         engines.get("ollama")
+
+
+def test_an_engine_name_outside_the_engines_fails_make_lint(tmp_path):
+    """One place per fact: code outside bundler/engines/ asks an engine's capabilities; a planted
+    `plan.engine == "vllm"` in the box's tuner fails the check, naming the line."""
+    assert layers.engine_names() >= {"llama.cpp", "vllm", "exllamav2", "exllamav3"}
+    assert layers.engine_name_uses() == []
+    tree = _copy(tmp_path)
+    tune = tree / "bundler" / "box" / "tune.py"
+    tune.write_text(tune.read_text() + '\n\ndef _planted(plan):\n    return plan.engine == "vllm"\n')
+    found = layers.engine_name_uses(tree)
+    assert len(found) == 1 and "bundler/box/tune.py:" in found[0] and "'vllm'" in found[0], found
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layers.py"), str(tree)], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "the engine name 'vllm'" in r.stderr

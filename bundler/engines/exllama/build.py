@@ -16,6 +16,7 @@ import io
 import re
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -250,6 +251,36 @@ def ext_wheel(exl_wheel: Path, box: Any, gen: Gen, log=print) -> Path:
                            hint="see its build.log there")
     log(f"{gen.label}'s extension: built {built.name} in {time.monotonic() - t0:.0f}s")
     return built
+
+
+# [engines.exllama] (ExLlamaV2) and [engines.exllamav3]: each bundled when a model has its format
+SPEC_TABLES = tuple(g.spec_key for g in GENS.values())
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ExllamaSpec:
+    """ExLlama behind TabbyAPI: the release, and TabbyAPI's source as a .tar.gz (a path, or https://)
+    pinned by sha256 ("" = the one in third_party/)."""
+
+    version: str
+    tabbyapi: str = ""
+    tabbyapi_sha256: str = ""
+
+
+def read_spec(table: str, r: Any, path: Path) -> ExllamaSpec:
+    default = next(g.version for g in GENS.values() if g.spec_key == table)
+    version = r.get("version", str, default)
+    if not re.match(r"^\d+\.\d+(\.\d+)?$", version):
+        r.fail(f"engines.{table}.version", f"is {version!r}", f"pin a release, e.g. version = \"{default}\"")
+    tabby = r.get("tabbyapi", str, "")
+    tsha = r.get("tabbyapi_sha256", str, ... if tabby else "",
+                 hint="pin the archive: tabbyapi_sha256 = the output of sha256sum ARCHIVE").lower()
+    if tabby and not SHA_RE.match(tsha):
+        r.fail(f"engines.{table}.tabbyapi_sha256", f"{tsha!r} is not a sha256 (64 hex digits)", "sha256sum ARCHIVE")
+    if tabby and not tabby.startswith("https://"):
+        tabby = str((path.parent / tabby).resolve()) if not Path(tabby).is_absolute() else tabby
+    return ExllamaSpec(version=version, tabbyapi=tabby, tabbyapi_sha256=tsha)
 
 
 NEEDS_BOX = True  # locked against the box's own torch, its extension built for the box's Python and CUDA

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platform
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -32,6 +33,47 @@ from ...staging import staged_dir
 from ...toolchains import CUBLAS_REQ, CUDART_REQ, ZIG_VERSION, cuda_wheel_root, zig_toolchain
 from ...versions import version_tuple
 from . import CPU_GLIBC_TARGET, CPU_VARIANTS, CUDA_CPU_LEVEL, NAME
+
+SPEC_TABLES = ("llama_cpp",)
+
+
+@dataclass(frozen=True)
+class LlamaCppSpec:
+    """[engines.llama_cpp]: the llama-cpp-python sdist whose vendored llama.cpp is built, per backend."""
+
+    sdist: str = "llama-cpp-python==0.3.36"
+    sha256: str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+    backends: tuple[str, ...] = ("cpu",)
+    cuda_archs: str = ""  # e.g. "90"; default: the target's GPUs, else 80;86;89;90
+
+
+def read_spec(table: str, r: Any, path: Path) -> LlamaCppSpec:
+    d = LlamaCppSpec()
+    sdist = r.get("sdist", str, d.sdist)
+    if not re.match(r"^llama-cpp-python==\S+$", sdist):
+        r.fail("engines.llama_cpp.sdist", f"{sdist!r} must be llama-cpp-python==VERSION",
+               "pin the sdist whose vendored llama.cpp is built")
+    lsha = r.get("sha256", str, d.sha256 if sdist == d.sdist else ...,
+                 hint="a different sdist needs its sha256: pip download --no-binary :all: --no-deps "
+                 f"{sdist} and sha256sum it")
+    backends = tuple(r.get("backends", list, list(d.backends)))
+    for b in backends:
+        if b not in ("cpu", "cuda"):
+            r.fail("engines.llama_cpp.backends", f"has {b!r}", "use \"cpu\" and/or \"cuda\"")
+    archs = r.get("cuda_archs", str, "")
+    if archs and not re.match(r"^[0-9]{2,3}[af]?(;[0-9]{2,3}[af]?)*$", archs):
+        r.fail("engines.llama_cpp.cuda_archs", f"is {archs!r}", "write CMake CUDA architectures, e.g. \"90\" or "
+               "\"80;86;89;90\"")
+    return LlamaCppSpec(sdist=sdist, sha256=lsha.lower(), backends=backends, cuda_archs=archs)
+
+
+def lacks(configs: dict[str, Any], m: Any) -> tuple[str, str] | None:
+    """Why the spec bundles no llama.cpp for a GGUF model (None: it does)."""
+    if configs["llama_cpp"].backends:
+        return None
+    return ("GGUF, which only llama.cpp serves, and [engines.llama_cpp] backends is empty",
+            'build it: backends = ["cpu"] (and/or "cuda"), or bundle a safetensors build of the model for vLLM')
+
 
 NEEDS_BOX = False  # built here for any x86-64 box (CPU) or any CUDA 13 one
 
