@@ -135,6 +135,7 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
     with staged_dir(final, out_dir / f".{spec.name}.partial") as stage:
         (stage / "wheels").mkdir()
         meta = _fill(spec, stage, log, target, reuse_installed, upgrade_models)
+        _check_contract(meta)
         _step(log, "software bill of materials (sbom.cdx.json) and license inventory (LICENSES.txt)")
         for line in sbom.write(stage, meta):  # before the manifest: the signature covers both
             log(line)
@@ -167,6 +168,18 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
     (out_dir / f"{spec.name}.unpack.py").write_text(unpacker(spec.name))
     size = sum(e.size for e in entries)
     return Result(final, tar_path, size, time.monotonic() - t0)
+
+
+def _check_contract(meta: dict[str, Any]) -> None:
+    """What is about to be signed reads as the box reads it (contract/bundle.py): a bundler that writes a
+    manifest its own installer cannot read fails here, not on the box."""
+    from .contract.bundle import BundleDoc, ContractError
+
+    try:
+        BundleDoc.from_json(meta)
+    except ContractError as e:
+        raise BundlerError(f"internal error: the manifest this bundler wrote breaks its own schema ({e})",
+                           hint="report it with the spec; nothing was written")
 
 
 def bootstrap_script(ctx: dict[str, Any]) -> str:

@@ -93,4 +93,12 @@ def manifest(bundle: Path) -> tuple[dict, bytes]:
     if not isinstance(name, str) or not policy.NAME_RE.match(name):
         raise BundlerError(f"{bundle / 'manifest.json'} names the bundle {name!r}, which is not a plain name; nothing "
                            "was changed", hint="copy the bundle again from its source")
+    from ..contract.bundle import BundleDoc, ContractError
+
+    try:
+        BundleDoc.from_json(doc)  # the whole document, before anything reads a key of it
+    except ContractError as e:
+        raise BundlerError(f"{bundle / 'manifest.json'}: {e}; nothing was changed",
+                           hint="install it with the airgap-llm version that made it (its manifest says which: "
+                                f"{doc.get('airgap_llm', 'unknown')}), or bundle it again with this one")
     return doc, data
