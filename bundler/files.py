@@ -36,6 +36,21 @@ def atomic_write(path: Path | str, data: bytes, mode: int = 0o644) -> None:
         os.close(dfd)
 
 
+def atomic_symlink(target: str | Path, path: Path | str) -> None:
+    """Point the link `path` at `target` in one step (a new link beside it, renamed over it), durably."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{SUFFIX}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def copy_hashing(src: Path | str, dst: Path | str, on_block: Any = None) -> str:
     """Copy src to a new dst (O_EXCL, no link followed on either side) and return the sha256 of the bytes
     written: what is hashed is what was copied, so the copy is what gets used. on_block(n) after each block."""

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from .files import atomic_write
+
 
 def _prctl():
     """libc's prctl, looked up in the supervisor: the child, already the engine's account, may not
@@ -86,10 +88,7 @@ def run(cmd: list[str], pidfile: str, logpath: str, env_file: str = "", user: st
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    tmp = f"{pidfile}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, pidfile)
+    atomic_write(pidfile, f"{os.getpid()}\n".encode())
     backoff = 1.0
     restarts = 0
     try:

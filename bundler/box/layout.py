@@ -219,9 +219,9 @@ def record_made(layout: Layout, dirs: list[Path] = (), users: list[str] = ()) ->
     for u in users:
         if u not in d["users"]:
             d["users"].append(u)
-    tmp = layout.made_file.with_name(layout.made_file.name + ".tmp")
-    tmp.write_text(json.dumps(d, indent=2) + "\n")
-    os.replace(tmp, layout.made_file)
+    from ..files import atomic_write
+
+    atomic_write(layout.made_file, (json.dumps(d, indent=2) + "\n").encode())
 
 
 def make_dirs(path: Path, mode: int = 0o755) -> list[Path]:

@@ -434,11 +434,9 @@ def _smoke(svc: Service, m: dict[str, Any], key: str, plan: planner.Plan, opts: 
 
 
 def switch_current(layout: Layout, release: Path) -> None:
-    tmp = layout.home / ".current.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(Path("releases") / release.name, tmp)
-    os.replace(tmp, layout.current)
+    from ..files import atomic_symlink
+
+    atomic_symlink(Path("releases") / release.name, layout.current)
     with open(layout.history_file, "a") as f:  # the order releases went live, for --rollback
         f.write(release.name + "\n")
 

@@ -214,16 +214,17 @@ def test_the_installer_takes_the_manifest_bootstrap_checked_and_a_plain_name_onl
     import json
 
     from bundler.box import boot
+    from tests.unit.test_contract import DOC
 
     bundle, stage = tmp_path / "bundle", tmp_path / "airgap-llm-boot-x"
     bundle.mkdir()
     stage.mkdir(mode=0o700)
-    (stage / "manifest.json").write_text(json.dumps({"name": "checked", "files": []}))
-    (bundle / "manifest.json").write_text(json.dumps({"name": "swapped", "files": []}))
+    (stage / "manifest.json").write_text(json.dumps(dict(DOC, name="checked")))
+    (bundle / "manifest.json").write_text(json.dumps(dict(DOC, name="swapped")))
     monkeypatch.setenv("AIRGAP_LLM_BOOT_DIR", str(stage))
     assert boot.manifest(bundle)[0]["name"] == "checked"
     for bad in ("../../victim", "/etc", "a/b", ".hidden", ""):
-        (stage / "manifest.json").write_text(json.dumps({"name": bad, "files": []}))
+        (stage / "manifest.json").write_text(json.dumps(dict(DOC, name=bad)))
         with pytest.raises(BundlerError, match="not a plain name"):
             boot.manifest(bundle)
     stage.chmod(0o755)  # a folder others could have changed is not taken for bootstrap.py's
