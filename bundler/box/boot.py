@@ -38,13 +38,17 @@ def folder() -> Path | None:
     return Path(d)
 
 
-def settle() -> None:
-    """Work from the private folder (or /), and remove it when the installer that bootstrap.py started
-    ends (a child installer, such as the egress audit's, leaves it to its parent)."""
+def clean_on_exit() -> None:
+    """Remove the private folder when the installer that bootstrap.py started ends, however it ends
+    (--help and a usage error too); a child installer, such as the egress audit's, leaves it to its parent."""
     d = folder()
-    os.chdir(d or "/")
     if d is not None and not os.environ.get("AIRGAP_LLM_BOOT_CHILD"):
         atexit.register(shutil.rmtree, str(d), True)
+
+
+def settle() -> None:
+    """Work from the private folder (or /) once the options are read."""
+    os.chdir(folder() or "/")
 
 
 def installer_argv() -> list[str]:

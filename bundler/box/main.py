@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
     os.umask(0o022)  # what the release holds is read by the engine's user and written by no one else
     raw = list(sys.argv[1:] if argv is None else argv)
+    try:
+        boot.clean_on_exit()
+    except BundlerError as e:
+        return report(e)
     opts = options.parse(argv)
     try:
         boot.settle()  # options read (relative paths made absolute): from here on, work from the private folder

@@ -469,3 +469,9 @@ def test_the_private_folder_goes_away_even_after_a_killed_installer(bundle_dir, 
                   env=dict(os.environ, TMPDIR=str(tmp)), stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp.iterdir()) == [live.name]
+    # --help and a usage error end before any work: their private folder goes too
+    for args, code in ((["--help"], 0), (["--no-such-option"], 2)):
+        r = netns.run([str(bundle_dir / "install.sh"), *args], env=dict(os.environ, TMPDIR=str(tmp)),
+                      stdin=subprocess.DEVNULL)
+        assert r.returncode == code, r.stderr
+        assert sorted(p.name for p in tmp.iterdir()) == [live.name], args
