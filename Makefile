@@ -17,11 +17,12 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # TARGET=box.json (from ./install.sh --probe) bundles for that box; REUSE=1 carries only
-# what its python lacks; PART_SIZE=60M splits large files for size-limited transfers.
+# what its python lacks; PART_SIZE=60M splits large files for size-limited transfers;
+# BASE=old/NAME makes a delta that carries only what that earlier bundle lacks (install.sh --base).
 bundle: $(VENV)/.installed
 	$(VENV)/bin/bundler bundle $(SPEC) --out $(OUT) $(if $(TARGET),--target $(TARGET)) \
 		$(if $(REUSE),--reuse-installed) $(if $(PART_SIZE),--part-size $(PART_SIZE)) \
-		$(if $(UPGRADE_MODELS),--upgrade-models)
+		$(if $(UPGRADE_MODELS),--upgrade-models) $(if $(BASE),--base $(BASE))
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -v -rs $(PYTEST_ARGS)

@@ -9,7 +9,9 @@ whole, so a failed or interrupted run never leaves a half bundle under dist/NAME
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import json
 import os
 import platform
 import re
@@ -124,14 +126,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_installed: bool = False,
-         part_size: int = 0, sign: bool = True, upgrade_models: bool = False) -> Result:
+         part_size: int = 0, sign: bool = True, upgrade_models: bool = False, base: Path | None = None) -> Result:
     """Build the bundle. `target` (a probe.Hardware) bundles for that box: its Python,
     glibc and GPU architectures; with reuse_installed, what its python already has is
-    not carried. part_size splits every larger file into parts of at most that size."""
+    not carried. part_size splits every larger file into parts of at most that size.
+    base (an earlier bundle's folder or manifest.json): a delta bundle that carries only the files
+    the base lacks (by sha256); the box takes the others from the base (install.sh --base)."""
     t0 = time.monotonic()
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / spec.name
+    base_doc = _read_base(base, final) if base is not None else None
     with staged_dir(final, out_dir / f".{spec.name}.partial") as stage:
         (stage / "wheels").mkdir()
         meta = _fill(spec, stage, log, target, reuse_installed, upgrade_models)
@@ -147,15 +152,20 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
             meta["signed_by"] = pub.fingerprint
         _step(log, "writing manifest and SHA256SUMS")
         entries = manifest.scan(stage)
+        from_base: set[str] = set()
+        if base_doc is not None:
+            from_base = _leave_to_base(stage, entries, base_doc, meta, log)
         if part_size:
-            entries = manifest.split_large(stage, entries, part_size, log=log)
+            carried = manifest.split_large(stage, [e for e in entries if e.path not in from_base], part_size, log=log)
+            entries = carried + [e for e in entries if e.path in from_base]
         manifest.write(stage, meta, entries)
         if sign:
             signing.sign(stage, log)
     tar_path = out_dir / f"{spec.name}.tar"
+    size = sum(e.size for e in entries if e.path not in from_base)
     if part_size:  # the directory of small files is what travels; a tar would be one big file again
         tar_path.unlink(missing_ok=True)
-        return Result(final, tar_path, sum(e.size for e in entries), time.monotonic() - t0)
+        return Result(final, tar_path, size, time.monotonic() - t0)
     _step(log, f"writing {tar_path.name}")
     tmp_tar = tar_path.with_suffix(".tar.partial")
     try:
@@ -166,8 +176,57 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
         tmp_tar.unlink(missing_ok=True)
     # a stdlib-only checker/extractor to carry beside the tar (python3 NAME.unpack.py NAME.tar)
     (out_dir / f"{spec.name}.unpack.py").write_text(unpacker(spec.name))
-    size = sum(e.size for e in entries)
     return Result(final, tar_path, size, time.monotonic() - t0)
+
+
+# What a delta bundle always carries: what bootstrap.py and install.sh read before the installer can
+# take anything from the base (the installer's own wheels, the scripts), and the bundle's own papers
+DELTA_KEEP = ("install.sh", "bootstrap.py", "README.txt", "requirements.lock", "sbom.cdx.json", "LICENSES.txt",
+              "signer.pub")
+
+
+def _read_base(base: Path, final: Path) -> dict[str, Any]:
+    """The base bundle's manifest (a bundle folder or its manifest.json), with its sha256."""
+    base = Path(base)
+    path = base / manifest.MANIFEST if base.is_dir() else base
+    try:
+        data = path.read_bytes()
+        doc = json.loads(data)
+        files = doc["files"]
+        name, version = doc["name"], str(doc["version"])
+    except FileNotFoundError:
+        raise BundlerError(f"--base {base}: no manifest.json there", hint="name the earlier bundle's folder (or its "
+                           "manifest.json), as make bundle wrote it")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BundlerError(f"--base {base}: not a bundle manifest ({e})", hint="name the earlier bundle's folder")
+    if path.resolve().parent == final.resolve():
+        raise BundlerError(f"--base {base} is the folder this bundle is written to, which would replace it",
+                           hint="write the delta elsewhere (--out OTHER, make bundle OUT=OTHER), and keep the base")
+    return {"name": name, "version": version, "manifest_sha256": hashlib.sha256(data).hexdigest(),
+            "shas": {f["sha256"] for f in files if isinstance(f, dict) and "sha256" in f}}
+
+
+def _leave_to_base(stage: Path, entries: list[Any], base: dict[str, Any], meta: dict[str, Any], log) -> set[str]:
+    """Remove from the stage every file the base already holds (same sha256), except what must travel;
+    the manifest keeps listing them (the box fills them in from the base and verifies the whole)."""
+    keep_wheels = tuple(f"wheels/{pattern}" for pattern in BOOTSTRAP)
+    from_base = set()
+    for e in entries:
+        if e.sha256 not in base["shas"] or e.path in DELTA_KEEP or any(fnmatch.fnmatch(e.path, k) for k in keep_wheels):
+            continue
+        (stage / e.path).unlink()
+        from_base.add(e.path)
+    for dirpath, _, filenames in os.walk(stage, topdown=False):  # folders left empty go too
+        if not filenames and not os.listdir(dirpath) and Path(dirpath) != stage:
+            os.rmdir(dirpath)
+    total = sum(e.size for e in entries)
+    left = sum(e.size for e in entries if e.path in from_base)
+    meta["delta"] = {"base": {k: base[k] for k in ("name", "version", "manifest_sha256")},
+                     "from_base": sorted(from_base)}
+    log(f"delta over {base['name']} {base['version']}: carries {len(entries) - len(from_base)} of {len(entries)} "
+        f"files ({(total - left) / 2**20:.1f} of {total / 2**20:.1f} MiB); the box takes the rest from that bundle "
+        "(install.sh --base ITS_FOLDER)")
+    return from_base
 
 
 def _check_contract(meta: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ def cmd_bundle(a: argparse.Namespace) -> int:
         raise BundlerError(f"--part-size {a.part_size} is under 1 MiB", hint="e.g. --part-size 60M")
     log(f"bundling {s.name} {s.version} from {a.spec}")
     r = bundle.make(s, Path(a.out), log=log, target=target, reuse_installed=a.reuse_installed, part_size=part,
-                    sign=not a.unsigned, upgrade_models=a.upgrade_models)
+                    sign=not a.unsigned, upgrade_models=a.upgrade_models, base=Path(a.base) if a.base else None)
     pythons = ", ".join(json.loads((r.directory / "manifest.json").read_text())["pythons"])
     from .signing import key_paths
 
@@ -55,7 +55,7 @@ def cmd_bundle(a: argparse.Namespace) -> int:
           f"  the box needs: Linux on this CPU architecture, python3 {pythons}\n"
           + (f"next: copy {r.tar.name} and {r.tar.name.replace('.tar', '.unpack.py')} to the offline box, then:\n"
              f"  python3 {s.name}.unpack.py {'' if a.unsigned else trust + ' '}{r.tar.name} && cd {s.name} && "
-             f"sudo ./install.sh {trust}"
+             f"sudo ./install.sh {trust}" + (" --base FOLDER_OF_THE_BASE_BUNDLE_ON_THE_BOX" if a.base else "")
              if r.tar.exists() else
              f"next: copy the directory {s.name}/ to the offline box, then:\n"
              f"  cd {s.name} && sudo ./install.sh {trust}   (it joins the parts)")
@@ -152,7 +152,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
     root = Path(a.path)
     data = manifest.read_bytes(root)
     doc, problems = manifest.verify(root, data=data)
-    total = sum(f["size"] for f in doc.get("files", []))
+    # a delta bundle's files left to its base are missing by design until install.sh --base fills them in
+    left = set((doc.get("delta") or {}).get("from_base") or ())
+    problems = [p for p in problems if not (p.kind == "missing" and p.path in left)]
+    total = sum(f["size"] for f in doc.get("files", []) if f["path"] not in left)
     secs = time.monotonic() - t0
     lines = [p.describe() for p in problems]
     if a.trust:
@@ -163,7 +166,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
         raise BundlerError(f"{a.path}: {len(lines)} problem(s) found", hint="copy the bundle again from its source")
     if a.trust:
         print(f"{a.path}: manifest.json signed by a key given with --trust")
-    print(f"{a.path}: {len(doc['files'])} files, {_size(total)} verified in {secs:.1f}s "
+    if left:
+        b = doc["delta"]["base"]
+        print(f"{a.path}: a delta over {b['name']} {b['version']}: {len(left)} file(s) come from that bundle on the "
+              "box (install.sh --base ITS_FOLDER)")
+    print(f"{a.path}: {len(doc['files']) - len(left)} files, {_size(total)} verified in {secs:.1f}s "
           f"({total / max(secs, 1e-9) / 1e9:.2f} GB/s)"
           + ("" if a.trust else "; the signature was NOT checked: whoever changed the files could have rewritten "
              "the manifest too (pass --trust KEY.pub)"))
@@ -386,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="resolve hf:// and modelscope:// repositories again (their branch or tag may have moved) "
                         "instead of reusing the commits and files pinned in SPEC.models.lock")
     b.add_argument("--part-size", help="split files larger than this (e.g. 60M) for size-limited transfers")
+    b.add_argument("--base", metavar="OLD_BUNDLE",
+                   help="make a delta bundle: carry only the files this earlier bundle (its folder or manifest.json) "
+                        "lacks; on the box, install.sh --base takes the others from that bundle's folder")
     b.add_argument("--unsigned", action="store_true", help="do not sign the manifest (boxes will refuse it unless "
                    "their installer is given --allow-unsigned)")
     k = sub.add_parser("keygen", help="make the Ed25519 key that signs bundles (in ~/.config/airgap-llm)")

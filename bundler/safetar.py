@@ -125,8 +125,9 @@ def _check(tf, tar_path, dest, signed_by):
             problems.append(f"{top}/manifest.json.minisig: {why}")
     try:
         doc = json.loads(raw)
+        from_base = set((doc.get("delta") or {}).get("from_base") or ())  # a delta's: not in the tar
         listed = [(part["path"], int(part["size"]), str(part["sha256"]))
-                  for f in doc["files"] for part in (f.get("parts") or [f])]
+                  for f in doc["files"] if f["path"] not in from_base for part in (f.get("parts") or [f])]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         return problems + [f"{top}/manifest.json: not a bundle manifest ({e.__class__.__name__}: {e})"]
     if sums is not None and sums.isreg():

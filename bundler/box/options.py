@@ -27,6 +27,7 @@ class Options:
     context: Optional[int] = None
     timeout: Optional[float] = None
     model_path: Optional[Path] = None
+    base: Optional[Path] = None  # a delta bundle's base bundle folder, where the files it does not carry are
     model_facts: Optional[Path] = None
     box_file: Optional[Path] = None  # --dry-run for the box a probe file describes
     model_name: Optional[str] = None
@@ -96,6 +97,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", dest="model_path", default=None,
                    help="serve this model already on the box (a GGUF file or an HF model directory) instead of "
                         "the bundle's; it is not covered by the bundle's manifest")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="for a delta bundle (made with bundler bundle --base): the folder of the earlier bundle it "
+                        "was made over, where the files it does not carry are taken from (each checked against "
+                        "this bundle's signed manifest)")
     p.add_argument("--model-facts", default=None,
                    help="JSON from `bundler inspect` for a --model GGUF when the gguf package is not on the box")
     p.add_argument("--model-name", default=None, help="name clients use for --model (default: its file name)")
@@ -214,6 +219,7 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         action=actions[0].replace("_", "-") if actions else "install",
         prefix=path(a.prefix), config_dir=path(a.config_dir), host=a.host, port=a.port,
         concurrency=a.concurrency, context=a.context, timeout=a.timeout, model_path=path(a.model_path),
+        base=path(a.base),
         model_facts=path(a.model_facts), box_file=path(a.box_file),
         model_name=a.model_name, tensor_parallel=a.tensor_parallel,
         data_parallel=a.data_parallel, safe_all_reduce=a.safe_all_reduce, bench=a.bench,

@@ -10,14 +10,17 @@ from ..errors import VerifyError
 from .report import info
 
 
-def verify_bundle(bundle: Path) -> tuple[dict[str, Any], bytes]:
+def verify_bundle(bundle: Path, base: Path | None = None) -> tuple[dict[str, Any], bytes]:
     """Sizes and sha256 of every file (all problems reported at once), nothing written. Returns the
     manifest and its bytes, read once: the signature is checked over those bytes, and every later
     step uses what they parsed to (a manifest swapped after the check is never read)."""
     from . import boot
 
     info(f"verifying {bundle} against its manifest")
-    _, data = boot.manifest(bundle)  # the bytes bootstrap.py checked the signature of, never read again
+    doc0, data = boot.manifest(bundle)  # the bytes bootstrap.py checked the signature of, never read again
+    from .delta import fill_from_base
+
+    fill_from_base(bundle, doc0, base)  # a delta bundle: what it left to its base, copied in and hashed
     doc, problems = mf.verify(bundle, show_progress=True, data=data)
     if problems:
         lines = "\n".join("  " + p.describe() for p in problems)

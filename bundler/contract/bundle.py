@@ -108,6 +108,30 @@ class Assumptions:
 
 
 @dataclass(frozen=True)
+class Delta:
+    """A delta bundle: it carries only what its base lacked; the files in from_base come from the base
+    bundle (named by its manifest's sha256), each checked against this manifest's own sha256."""
+
+    base_name: str
+    base_version: str
+    base_manifest_sha256: str
+    from_base: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, d: Any, listed: set[str], where: str = "delta") -> Delta:
+        base = _get(d, where, "base", dict)
+        sha = _get(base, f"{where}.base", "manifest_sha256", str)
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ContractError(f"{where}.base.manifest_sha256 is not a sha256")
+        paths = _get(d, where, "from_base", list)
+        odd = [p for p in paths if not isinstance(p, str) or p not in listed]
+        if odd:
+            raise ContractError(f"{where}.from_base names {odd[0]!r}, which the manifest does not list")
+        return cls(_get(base, f"{where}.base", "name", str), str(_get(base, f"{where}.base", "version", (str, int))),
+                   sha, tuple(paths))
+
+
+@dataclass(frozen=True)
 class BundleDoc:
     name: str
     version: str
@@ -117,6 +141,7 @@ class BundleDoc:
     target: Assumptions | None
     pythons: tuple[str, ...]
     schema: int = SCHEMA
+    delta: Delta | None = None
 
     @classmethod
     def from_json(cls, doc: Any) -> BundleDoc:
@@ -135,4 +160,7 @@ class BundleDoc:
                    tuple(EngineEntry.from_json(e, f"engines[{i}]") for i, e in enumerate(engines)),
                    Service.from_json(_get(doc, "", "service", dict)),
                    Assumptions.from_json(target) if target is not None else None,
-                   tuple(_get(doc, "", "pythons", list)), schema)
+                   tuple(_get(doc, "", "pythons", list)), schema,
+                   Delta.from_json(doc["delta"], {f.get("path") for f in _get(doc, "", "files", list, [])
+                                                  if isinstance(f, dict)})
+                   if doc.get("delta") is not None else None)

@@ -56,3 +56,17 @@ def test_the_installer_refuses_such_a_manifest_before_it_plans(tmp_path):
     assert "0.0.9" in e.value.hint
     (tmp_path / "manifest.json").write_text(json.dumps(DOC))
     assert boot.manifest(tmp_path)[0]["name"] == "b"
+
+
+def test_a_delta_names_its_base_by_hash_and_only_files_the_manifest_lists():
+    d = copy.deepcopy(DOC)
+    d["files"] = [{"path": "models/m.gguf", "size": 1, "sha256": "a" * 64}]
+    d["delta"] = {"base": {"name": "b", "version": "1.0.0", "manifest_sha256": "b" * 64},
+                  "from_base": ["models/m.gguf"]}
+    assert BundleDoc.from_json(d).delta.from_base == ("models/m.gguf",)
+    d["delta"]["from_base"] = ["../../etc/passwd"]
+    with pytest.raises(ContractError, match="which the manifest does not list"):
+        BundleDoc.from_json(d)
+    d["delta"] = {"base": {"name": "b", "version": "1", "manifest_sha256": "nope"}, "from_base": []}
+    with pytest.raises(ContractError, match="not a sha256"):
+        BundleDoc.from_json(d)
