@@ -136,3 +136,12 @@ def test_an_engine_name_outside_the_engines_fails_make_lint(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layers.py"), str(tree)], capture_output=True,
                        text=True)
     assert r.returncode == 1 and "the engine name 'vllm'" in r.stderr
+
+
+def test_an_engines_launch_side_importing_its_build_side_fails_make_lint(tmp_path):
+    """Any engine package, a new one too: its __init__ (the box side) never imports its build.py."""
+    tree = _copy(tmp_path)
+    init = tree / "bundler" / "engines" / "vllm" / "__init__.py"
+    init.write_text(init.read_text() + "\n\ndef _planted():\n    from .build import lock_for_box  # noqa: F401\n")
+    found = layers.problems(tree)
+    assert len(found) == 1 and "bundler.engines.vllm.build" in found[0], found
