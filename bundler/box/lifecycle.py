@@ -55,7 +55,7 @@ class Service:
 
 def install(opts: Options) -> dict[str, Any] | None:
     dry = opts.action == "dry-run"
-    doc, data = verify_bundle(opts.bundle, opts.base)
+    doc, data = verify_bundle(opts.bundle, opts.base, dry)
     layout = layout_for(opts, doc["name"])
     check_layout_owned(layout)
     opts = inherit_options(opts, layout)

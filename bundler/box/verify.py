@@ -10,8 +10,9 @@ from ..errors import VerifyError
 from .report import info
 
 
-def verify_bundle(bundle: Path, base: Path | None = None) -> tuple[dict[str, Any], bytes]:
-    """Sizes and sha256 of every file (all problems reported at once), nothing written. Returns the
+def verify_bundle(bundle: Path, base: Path | None = None, dry: bool = False) -> tuple[dict[str, Any], bytes]:
+    """Sizes and sha256 of every file (all problems reported at once); nothing is written but, for a delta
+    bundle, the files it left to its base (copied in from --base, each hashed as it is). Returns the
     manifest and its bytes, read once: the signature is checked over those bytes, and every later
     step uses what they parsed to (a manifest swapped after the check is never read)."""
     from . import boot
@@ -20,13 +21,16 @@ def verify_bundle(bundle: Path, base: Path | None = None) -> tuple[dict[str, Any
     doc0, data = boot.manifest(bundle)  # the bytes bootstrap.py checked the signature of, never read again
     from .delta import fill_from_base
 
-    fill_from_base(bundle, doc0, base)  # a delta bundle: what it left to its base, copied in and hashed
+    # a delta bundle: what it left to its base, copied in and hashed (a dry run hashes it where it lies)
+    checked = fill_from_base(bundle, doc0, base, write=not dry)
     doc, problems = mf.verify(bundle, show_progress=True, data=data)
+    problems = [p for p in problems if not (p.kind == "missing" and p.path in checked)]
     if problems:
         lines = "\n".join("  " + p.describe() for p in problems)
         raise VerifyError(f"the bundle failed verification ({len(problems)} problem(s)); nothing was changed:\n"
                           f"{lines}", hint="copy the bundle again from its source; check it with: "
-                          "sha256sum -c SHA256SUMS")
+                          "sha256sum -c SHA256SUMS" + (" (a delta bundle: once install.sh --base has filled it in)"
+                                                       if doc.get("delta") else ""))
     info(f"verified {len(doc['files'])} files")
     return doc, data
 

@@ -39,8 +39,9 @@ MAX_MANIFEST = 64 << 20
 
 def read_once(path, limit=MAX_MANIFEST):
     """The bytes of a regular file, read through one descriptor that refuses a symbolic link
-    (O_NOFOLLOW) and anything but a regular file. Raises OSError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    (O_NOFOLLOW) and anything but a regular file (opened without blocking, so a FIFO is refused, not
+    waited on). Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(21, "not a regular file", str(path))

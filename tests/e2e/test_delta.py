@@ -108,3 +108,42 @@ def test_a_base_file_that_is_not_what_the_delta_pins_is_refused(bundle_dir, delt
                        capture_output=True, text=True)
     assert r.returncode == 1 and f"{victim} is not what this bundle's manifest pins" in r.stderr, r.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_a_dry_run_checks_the_base_where_it_lies_and_writes_nothing(bundle_dir, delta_dist, tmp_path):
+    import shutil
+
+    new = tmp_path / NAME
+    shutil.copytree(delta_dist / NAME, new)
+    before = sorted(p.relative_to(new) for p in new.rglob("*"))
+    r = subprocess.run([str(new / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run", "--base",
+                        str(bundle_dir)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "dry run: nothing copied" in r.stderr
+    assert sorted(p.relative_to(new) for p in new.rglob("*")) == before
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_base_file_that_is_not_a_regular_file_of_its_size_is_refused_without_reading_it(bundle_dir, delta_dist,
+                                                                                      tmp_path):
+    """The base may belong to anyone: a FIFO (which would hang a reader) or a file larger than pinned (which
+    would fill the disk before its hash is known) is refused on sight."""
+    import shutil
+
+    doc = json.loads((delta_dist / NAME / "manifest.json").read_text())
+    victim = next(p for p in doc["delta"]["from_base"] if p.startswith("models/"))
+    for kind in ("fifo", "larger"):
+        base = tmp_path / kind
+        shutil.copytree(bundle_dir, base, copy_function=os.link)
+        (base / victim).unlink()
+        if kind == "fifo":
+            os.mkfifo(base / victim)
+        else:
+            with open(base / victim, "wb") as f:
+                f.truncate(64 << 30)  # sparse: 64 GiB where a few hundred MiB are pinned
+        new = tmp_path / f"new-{kind}" / NAME
+        shutil.copytree(delta_dist / NAME, new)
+        r = subprocess.run([str(new / "install.sh"), "--prefix", str(tmp_path / "p"), "--base", str(base)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"{victim} is not the regular file of" in r.stderr, r.stderr
+        assert not (new / victim).exists() and not list(new.rglob("*.incomplete"))

@@ -70,3 +70,17 @@ def test_a_delta_names_its_base_by_hash_and_only_files_the_manifest_lists():
     d["delta"] = {"base": {"name": "b", "version": "1", "manifest_sha256": "nope"}, "from_base": []}
     with pytest.raises(ContractError, match="not a sha256"):
         BundleDoc.from_json(d)
+
+
+def test_a_delta_whose_paths_are_unsafe_writes_nothing_before_verification_names_them(tmp_path):
+    """Filling in a delta is the first write into the bundle folder: a manifest path that leaves the folder
+    (only possible when the installer runs without bootstrap's signature check) is left to verification."""
+    from bundler.box.delta import fill_from_base
+
+    outside = tmp_path / "outside" / "victim.conf"
+    d = copy.deepcopy(DOC)
+    d["files"] = [{"path": str(outside), "size": 3, "sha256": "a" * 64}]
+    d["delta"] = {"base": {"name": "b", "version": "1", "manifest_sha256": "b" * 64}, "from_base": [str(outside)]}
+    (tmp_path / "bundle").mkdir()
+    assert fill_from_base(tmp_path / "bundle", d, tmp_path / "base") == set()
+    assert not outside.parent.exists()
