@@ -163,14 +163,20 @@ def triton_toolchain(doc: dict[str, Any], name: str, say: bool = True) -> dict[s
     return out
 
 
-def _first_unreadable(root: str) -> str:
-    """The first path of a model the current user cannot reach: '' when every one can be read."""
-    above = [os.path.dirname(root)]
+def _first_closed_above(path: str) -> str:
+    """The first folder above `path`, from / down, that the current user cannot enter ('' if none):
+    the one to open (a deeper one is closed only because of it)."""
+    above = [os.path.dirname(path)]
     while above[-1] != os.path.dirname(above[-1]):
         above.append(os.path.dirname(above[-1]))
-    for p in reversed(above):  # from / down: the first folder it cannot enter is the one to open
-        if not os.access(p, os.X_OK):
-            return f"{p}: a folder above the model it cannot enter"
+    return next((d for d in reversed(above) if not os.access(d, os.X_OK)), "")
+
+
+def _first_unreadable(root: str) -> str:
+    """The first path of a model the current user cannot reach: '' when every one can be read."""
+    closed = _first_closed_above(root)
+    if closed:
+        return f"{closed}: a folder above the model it cannot enter"
     todo = [root]
     while todo:
         p = todo.pop()
@@ -219,12 +225,9 @@ def _as_user(uid: int, gid: int, groups: list[int], fn, *args) -> str:
 def _first_unrunnable(exe: str) -> str:
     """Why the current user cannot start the program `exe` (through any link to it): '' when it can."""
     for p in dict.fromkeys([exe, os.path.realpath(exe)]):
-        above = [os.path.dirname(p)]
-        while above[-1] != os.path.dirname(above[-1]):
-            above.append(os.path.dirname(above[-1]))
-        for d in reversed(above):  # from / down: the first folder it cannot enter is the one to open
-            if not os.access(d, os.X_OK):
-                return f"{d}: a folder above {p} it cannot enter"
+        closed = _first_closed_above(p)
+        if closed:
+            return f"{closed}: a folder above {p} it cannot enter"
         if not os.access(p, os.X_OK):
             return f"{p}: a program it may not run"
     return ""

@@ -18,6 +18,12 @@ def test_the_tree_keeps_its_layers():
     assert layers.problems() == []
 
 
+def _lint(tree):
+    """tools/check_layers.py as make lint runs it, on another tree."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "check_layers.py"), str(tree)], capture_output=True,
+                          text=True)
+
+
 def _copy(tmp_path):
     dst = tmp_path / "tree"
     shutil.copytree(ROOT / "bundler", dst / "bundler", ignore=shutil.ignore_patterns("__pycache__"))
@@ -32,8 +38,7 @@ def test_a_planted_bundle_side_import_fails_make_lint(tmp_path):
     health.write_text(health.read_text() + "\n\ndef _planted():\n    from .. import spec  # noqa: F401\n")
     found = layers.problems(tree)
     assert len(found) == 1 and "bundler/box/health.py:" in found[0] and "bundler.spec" in found[0], found
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layers.py"), str(tree)], capture_output=True,
-                       text=True)
+    r = _lint(tree)
     assert r.returncode == 1 and "bundler.spec" in r.stderr
     # reached through another module (a core module that starts importing the bundle side) counts too
     tree = _copy(tmp_path / "2")
@@ -133,8 +138,7 @@ def test_an_engine_name_outside_the_engines_fails_make_lint(tmp_path):
     tune.write_text(tune.read_text() + '\n\ndef _planted(plan):\n    return plan.engine == "vllm"\n')
     found = layers.engine_name_uses(tree)
     assert len(found) == 1 and "bundler/box/tune.py:" in found[0] and "'vllm'" in found[0], found
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layers.py"), str(tree)], capture_output=True,
-                       text=True)
+    r = _lint(tree)
     assert r.returncode == 1 and "the engine name 'vllm'" in r.stderr
 
 
