@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, lock, manifest, sbom, sources
+from . import __version__, lock, manifest, sbom, sources, vulns
 from .contract import embedded
 from .engines import for_format
 from .errors import BundlerError
@@ -144,6 +144,8 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
         _step(log, "software bill of materials (sbom.cdx.json) and license inventory (LICENSES.txt)")
         for line in sbom.write(stage, meta):  # before the manifest: the signature covers both
             log(line)
+        _step(log, "vulnerability report (vulnerabilities.json)")
+        vulns.write(stage, spec.policy.vulnerabilities, log)
         if sign:
             from . import signing
 
@@ -182,7 +184,7 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
 # What a delta bundle always carries: what bootstrap.py and install.sh read before the installer can
 # take anything from the base (the installer's own wheels, the scripts), and the bundle's own papers
 DELTA_KEEP = ("install.sh", "bootstrap.py", "README.txt", "requirements.lock", "sbom.cdx.json", "LICENSES.txt",
-              "signer.pub")
+              "vulnerabilities.json", "signer.pub")
 
 
 def _read_base(base: Path, final: Path) -> dict[str, Any]:

@@ -66,6 +66,13 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
+class PolicySpec:
+    # a carried package with a known vulnerability (bundler/vulns.py): "warn" bundles it and says so,
+    # "refuse" makes no bundle (nor while the database cannot be asked)
+    vulnerabilities: str = "warn"
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     # "host" means: like the machine that builds the bundle (its CPU architecture).
     platform: str = "host"
@@ -80,6 +87,7 @@ class Spec:
     models: tuple[ModelSpec, ...]
     service: ServiceSpec = field(default_factory=ServiceSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
+    policy: PolicySpec = field(default_factory=PolicySpec)
     # each [engines.TABLE] as its engine's bundle side reads it (engines/NAME/build.py: SPEC_TABLES, read_spec)
     engines: dict[str, Any] = field(default_factory=dict)
 
@@ -297,9 +305,19 @@ def load(path: str | Path) -> Spec:
 
     configs = _read_engines(path, top, [] if models_only else models)
     target = _read_target(path, top)
+    policy = _read_policy(path, top)
     top.done()
     return Spec(path=str(path), name=name, version=version, models=tuple(models), service=service,
-                target=target, engines=configs)
+                target=target, engines=configs, policy=policy)
+
+
+def _read_policy(path: Path, top: _Reader) -> PolicySpec:
+    r = _Reader(path, "policy", top.get("policy", dict, {}))
+    vulns = r.get("vulnerabilities", str, "warn")
+    if vulns not in ("warn", "refuse"):
+        r.fail("policy.vulnerabilities", f"is {vulns!r}", 'use "warn" (bundle and say so) or "refuse"')
+    r.done()
+    return PolicySpec(vulnerabilities=vulns)
 
 
 def _read_model(path: Path, i: int, raw: Any, seen: set[str]) -> ModelSpec:
@@ -435,5 +453,4 @@ def _read_target(path: Path, top: _Reader) -> TargetSpec:
         if not isinstance(v, str) or not re.match(r"^3\.(9|1[0-9])$", v):
             t.fail("target.pythons", f"has {v!r}", "list Python versions as strings from \"3.9\" up, e.g. [\"3.11\"]")
     t.done()
-    top.done()
     return TargetSpec(platform=platform, pythons=pythons)

@@ -87,6 +87,7 @@ def install(opts: Options) -> dict[str, Any] | None:
     if any(engines.get(p.engine).python for p in [plan, *oplans]):
         check_runnable_by_engine(sys.executable, target.user, mode)
     if dry:
+        _say_vulnerabilities(opts.bundle, doc)
         info(f"dry run: would install release under {layout.releases}, env file {layout.env_file}, service as "
              f"{mode}{' (engine as user ' + target.user + ')' if target.user else ''}, listening on "
              f"{target.host}:{target.port}; nothing was changed")
@@ -431,6 +432,22 @@ def _smoke(svc: Service, m: dict[str, Any], key: str, plan: planner.Plan, opts: 
     for x in svc.extra:
         info(f"{x.m['name']} ({x.plan.task}, port {x.port}): {one(svc.base_of(x.port), x.m, x.plan)}")
     return answer
+
+
+def _say_vulnerabilities(bundle: Path, doc: dict[str, Any]) -> None:
+    """The vulnerability report made when the bundle was (checked as part of the verified bundle)."""
+    from .. import vulns
+
+    if not any(f["path"] == vulns.REPORT for f in doc["files"]):
+        info("vulnerabilities: this bundle carries no report (made by an older airgap-llm)")
+        return
+    try:
+        report = json.loads((bundle / vulns.REPORT).read_text())
+        lines = vulns.summary(report)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        lines = [f"vulnerabilities: the report does not read ({e})"]
+    for line in lines:
+        info(line)
 
 
 def switch_current(layout: Layout, release: Path) -> None:
