@@ -41,17 +41,22 @@ def _engines():
     return engines
 
 
+_VLLM_NAMES = ("VLLM_UTILIZATION", "VLLM_OVERHEAD", "VLLM_QUANT_MIN_CC", "vllm_max_num_seqs",
+               "vllm_default_max_num_seqs", "vllm_api_servers", "plan_cluster")
+
+
 def __getattr__(name: str) -> Any:
     """vLLM's sizing under the planner's old names (planner.vllm_max_num_seqs, planner.plan_cluster, ...):
-    imported on first use, so that the engines' own planners (which import bundler.sizing) load first."""
-    from .engines.vllm import plan as vplan
-
+    imported on first use, so that the engines' own planners (which import bundler.sizing) load first.
+    Any other name is missing at once: the import system asks modules for names such as __path__ (Python
+    3.9's zipimport does, mid-import), and importing anything for those recursed."""
     if name == "ALL_ENGINES":
         return all_engines()
-    if name in ("VLLM_UTILIZATION", "VLLM_OVERHEAD", "VLLM_QUANT_MIN_CC", "vllm_max_num_seqs",
-                "vllm_default_max_num_seqs", "vllm_api_servers", "plan_cluster"):
-        return getattr(vplan, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _VLLM_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .engines.vllm import plan as vplan
+
+    return getattr(vplan, name)
 
 
 def all_engines() -> tuple[str, ...]:
