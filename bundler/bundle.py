@@ -145,7 +145,8 @@ def make(spec: Spec, out_dir: Path, log=print, target: Any = None, reuse_install
         for line in sbom.write(stage, meta):  # before the manifest: the signature covers both
             log(line)
         _step(log, "vulnerability report (vulnerabilities.json)")
-        vulns.write(stage, spec.policy.vulnerabilities, log)
+        vulns.write(stage, spec.policy.vulnerabilities, log,
+                    sources=[e["source"] for e in meta["engines"] if "==" in str(e.get("source", ""))])
         if sign:
             from . import signing
 
@@ -328,6 +329,13 @@ def check(spec: Spec, target: Any = None, reuse_installed: bool = False) -> list
     for b in wanted:  # e.g. vLLM and ExLlama are locked against the box's own torch: its probe file
         if b.NEEDS_BOX:
             _needs_box(target, reuse_installed, b.describe(spec))
+    if spec.policy.vulnerabilities == "refuse":  # no bundle without a report: find out before the build
+        why = vulns.reachable()
+        if why:
+            raise BundlerError(f"the spec's [policy] vulnerabilities = \"refuse\" needs the vulnerability database, "
+                               f"and {why}", hint="set AIRGAP_LLM_OSV_URL to a mirror this machine reaches, or "
+                                                  "vulnerabilities = \"warn\" to bundle with the report saying "
+                                                  "\"not checked\"")
     if target is not None:
         py = ".".join(target.python.split(".")[:2])
         if py not in ("3.9", "3.10", "3.11", "3.12", "3.13"):

@@ -49,16 +49,18 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
     pub = key_paths()[1]
     trust = "--allow-unsigned" if a.unsigned else f"--trust {pub.name}"
+    # a delta: unpacked beside the old bundle, which the installer takes the other files from
+    base = " --base FOLDER_OF_THE_OLD_BUNDLE" if a.base else ""
     carry = (f"  tar: {r.tar} ({_size(r.tar.stat().st_size)})\n" if r.tar.exists() else
              f"  split for transfer: no file in {r.directory} is larger than {a.part_size}; carry the directory\n")
     print(f"\nbundle ready in {r.seconds:.0f}s: {r.directory} ({_size(r.size)})\n{carry}"
           f"  the box needs: Linux on this CPU architecture, python3 {pythons}\n"
           + (f"next: copy {r.tar.name} and {r.tar.name.replace('.tar', '.unpack.py')} to the offline box, then:\n"
              f"  python3 {s.name}.unpack.py {'' if a.unsigned else trust + ' '}{r.tar.name} && cd {s.name} && "
-             f"sudo ./install.sh {trust}" + (" --base FOLDER_OF_THE_BASE_BUNDLE_ON_THE_BOX" if a.base else "")
+             f"sudo ./install.sh {trust}{base}"
              if r.tar.exists() else
              f"next: copy the directory {s.name}/ to the offline box, then:\n"
-             f"  cd {s.name} && sudo ./install.sh {trust}   (it joins the parts)")
+             f"  cd {s.name} && sudo ./install.sh {trust}{base}   (it joins the parts)")
           + ("" if a.unsigned else f"\n  (signed: give the box {pub} by another way, once)")
           + _out_of_band(r.directory))
     return 0
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="check a bundle (directory or tar) against its manifest")
     v.add_argument("path")
     v.add_argument("--trust", action="append", default=[], metavar="KEY.pub",
-                   help="also check manifest.json's signature with this public key (a directory)")
+                   help="also check manifest.json's signature with this public key (a directory or a tar)")
     v.set_defaults(func=cmd_verify)
     pr = sub.add_parser("probe", help="print this machine's facts as JSON")
     pr.add_argument("--prefix", default="/", help="where free disk is measured")

@@ -2,7 +2,8 @@
 carries (each wheel, by name and version) is looked up in the OSV vulnerability database's HTTP API
 (a batch query, then each advisory), and the result is written into the bundle as
 `vulnerabilities.json` before its manifest, so the signature covers it. The box shows it
-(install.sh --dry-run) without any network. Bundle side.
+(install.sh --dry-run) without any network. The lookup runs at bundle time; the box only reads the
+report (summary), so this module imports nothing of the bundle side.
 
 The spec's `[policy] vulnerabilities` decides what a finding does: "warn" (the default: bundled,
 named in the summary and the report), "refuse" (no bundle while a carried package has a known
@@ -32,14 +33,29 @@ BATCH = 500  # queries per request (OSV accepts up to 1000)
 TIMEOUT = 15.0
 
 
-def packages(stage: Path) -> list[tuple[str, str]]:
-    """(name, version) of every wheel the bundle carries, each once, sorted."""
+def packages(stage: Path, sources: list[str] = ()) -> list[tuple[str, str]]:
+    """(name, version) of every wheel the bundle carries and of each NAME==VERSION source it was built
+    from (the llama-cpp-python sdist of llama-server), each once, sorted."""
     found = set()
     for whl in stage.rglob("*.whl"):
         m = WHEEL_RE.match(whl.name)
         if m:
             found.add((normalize(m["name"]), m["ver"]))
+    for src in sources:
+        name, sep, version = src.partition("==")
+        if sep and name and version:
+            found.add((normalize(name), version))
     return sorted(found)
+
+
+def reachable(url: str | None = None) -> str:
+    """Why the database cannot be asked ("" when it answers a query): `bundler check` asks before a
+    bundle whose policy refuses without a report."""
+    url = (url or os.environ.get("AIRGAP_LLM_OSV_URL", DEFAULT_URL)).strip()
+    if url.lower() in ("", "off"):
+        return "the lookup was turned off (AIRGAP_LLM_OSV_URL=off)"
+    report = check([("pip", "24.0")], url)
+    return "" if report["checked"] else report["why"]
 
 
 def _post(url: str, doc: Any) -> Any:
@@ -54,16 +70,22 @@ def _get(url: str) -> Any:
         return json.load(r)
 
 
-def _fixed_in(vuln: dict[str, Any], name: str) -> str:
-    """The first release that fixes it for this package, as the advisory says ("" if none is named)."""
+def _fixed_in(vuln: dict[str, Any], name: str, version: str) -> str:
+    """The first release after `version` that fixes it for this package, as the advisory's ranges say
+    ("" if none is named): an advisory over several branches names a fix in each."""
+    from .contract.trust import version_key
+
+    have = version_key(version)
+    fixes = []
     for a in vuln.get("affected") or []:
         if normalize(str((a.get("package") or {}).get("name", ""))) != name:
             continue
         for r in a.get("ranges") or []:
             for e in r.get("events") or []:
-                if e.get("fixed"):
-                    return str(e["fixed"])
-    return ""
+                key = version_key(e.get("fixed", "")) if e.get("fixed") else None
+                if key is not None and (have is None or key > have):
+                    fixes.append((key, str(e["fixed"])))
+    return min(fixes)[1] if fixes else ""
 
 
 def check(pkgs: list[tuple[str, str]], url: str) -> dict[str, Any]:
@@ -90,7 +112,7 @@ def check(pkgs: list[tuple[str, str]], url: str) -> dict[str, Any]:
                 found.append({"package": name, "version": version, "id": vid,
                               "aliases": sorted(str(a) for a in d.get("aliases") or []),
                               "summary": str(d.get("summary") or d.get("details", "")[:200]),
-                              "fixed_in": _fixed_in(d, name)})
+                              "fixed_in": _fixed_in(d, name, version)})
     except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError, AttributeError) as e:
         why = getattr(e, "reason", None) or e
         return {"checked": False, "why": f"the database at {base} could not be asked ({why})", "source": base,
@@ -99,10 +121,10 @@ def check(pkgs: list[tuple[str, str]], url: str) -> dict[str, Any]:
             "packages": len(pkgs), "vulnerabilities": found}
 
 
-def write(stage: Path, policy: str, log=print) -> dict[str, Any]:
+def write(stage: Path, policy: str, log=print, sources: list[str] = ()) -> dict[str, Any]:
     """vulnerabilities.json into the bundle; applies the spec's policy. Returns the report."""
     url = os.environ.get("AIRGAP_LLM_OSV_URL", DEFAULT_URL).strip()
-    pkgs = packages(stage)
+    pkgs = packages(stage, sources)
     if url.lower() in ("", "off"):
         report = {"checked": False, "why": "the lookup was turned off (AIRGAP_LLM_OSV_URL=off)", "source": "",
                   "packages": len(pkgs), "vulnerabilities": []}

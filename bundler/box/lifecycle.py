@@ -87,12 +87,12 @@ def install(opts: Options) -> dict[str, Any] | None:
     if any(engines.get(p.engine).python for p in [plan, *oplans]):
         check_runnable_by_engine(sys.executable, target.user, mode)
     if dry:
-        _say_vulnerabilities(opts.bundle, doc)
+        report = _say_vulnerabilities(opts.bundle, doc)
         info(f"dry run: would install release under {layout.releases}, env file {layout.env_file}, service as "
              f"{mode}{' (engine as user ' + target.user + ')' if target.user else ''}, listening on "
              f"{target.host}:{target.port}; nothing was changed")
         if opts.json:
-            print(json.dumps({"dry_run": True, "plan": plan.to_dict(), "box": hw.to_dict(),
+            print(json.dumps({"dry_run": True, "plan": plan.to_dict(), "box": hw.to_dict(), "vulnerabilities": report,
                               "others": [{"model": x.m["name"], "task": x.plan.task, "port": x.port,
                                           "plan": x.plan.to_dict()} for x in extra],
                               "prefix": str(layout.prefix), "service": mode, "user": target.user}, indent=2))
@@ -434,20 +434,22 @@ def _smoke(svc: Service, m: dict[str, Any], key: str, plan: planner.Plan, opts: 
     return answer
 
 
-def _say_vulnerabilities(bundle: Path, doc: dict[str, Any]) -> None:
-    """The vulnerability report made when the bundle was (checked as part of the verified bundle)."""
+def _say_vulnerabilities(bundle: Path, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The vulnerability report made when the bundle was (a file of the verified bundle), printed; returned
+    for --json (None when the bundle carries none)."""
     from .. import vulns
 
     if not any(f["path"] == vulns.REPORT for f in doc["files"]):
         info("vulnerabilities: this bundle carries no report (made by an older airgap-llm)")
-        return
+        return None
     try:
         report = json.loads((bundle / vulns.REPORT).read_text())
         lines = vulns.summary(report)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        lines = [f"vulnerabilities: the report does not read ({e})"]
+        report, lines = None, [f"vulnerabilities: the report does not read ({e})"]
     for line in lines:
         info(line)
+    return report
 
 
 def switch_current(layout: Layout, release: Path) -> None:

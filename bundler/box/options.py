@@ -136,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --bench: also bench the engine started with its own defaults (`vllm serve MODEL`, "
                         "`llama-server -m MODEL`) on the same port, then start the service again, and print "
                         "the plan's ratio to it")
-    p.add_argument("--dry-run", action="store_true", help="verify, probe and print the plan; change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="verify, probe, print the plan and the bundle's vulnerability report; change nothing")
     p.add_argument("--box", dest="box_file", default=None, metavar="PROBE.json",
                    help="with --dry-run: plan for the box this file describes (`./install.sh --probe` there) "
                         "instead of this one, e.g. before carrying the bundle to it")

@@ -16,8 +16,10 @@ from tests.conftest import ROOT
 # jinja2 3.1.4 has a published advisory (sandbox breakout through str.format; fixed in 3.1.5), as OSV lists it
 ADVISORY = {"id": "GHSA-q2x7-8rv6-6q7h", "aliases": ["CVE-2024-56326"],
             "summary": "Jinja has a sandbox breakout through indirect reference to format method",
+            # two branches, as advisories often list them: the fix named must be the one after 3.1.4
             "affected": [{"package": {"ecosystem": "PyPI", "name": "jinja2"},
-                          "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "3.1.5"}]}]}]}
+                          "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "2.11.3"}]},
+                                     {"type": "ECOSYSTEM", "events": [{"introduced": "3.0.0"}, {"fixed": "3.1.5"}]}]}]}
 
 
 @pytest.fixture
@@ -82,20 +84,31 @@ def test_a_database_that_cannot_be_asked_is_reported_as_not_checked(tmp_path, mo
         vulns.write(stage, "refuse", lambda _: None)
 
 
-def test_the_policy_is_checked_with_the_spec(write_spec, tmp_path):
+def test_the_policy_is_checked_with_the_spec_and_refuse_asks_the_database_before_the_build(write_spec, tmp_path,
+                                                                                           osv, monkeypatch):
+    from bundler import bundle
+
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     head = '[bundle]\nname = "x"\n[[models]]\nsource = "./m.gguf"\nsha256 = "' + "a" * 64 + '"\n'
     assert spec.load(write_spec(head)).policy.vulnerabilities == "warn"
-    assert spec.load(write_spec(head + '[policy]\nvulnerabilities = "refuse"\n')).policy.vulnerabilities == "refuse"
+    strict = spec.load(write_spec(head + '[policy]\nvulnerabilities = "refuse"\n'))
+    assert strict.policy.vulnerabilities == "refuse"
     with pytest.raises(BundlerError, match="policy.vulnerabilities"):
         spec.load(write_spec(head + '[policy]\nvulnerabilities = "ignore"\n'))
+    # "refuse" with no database to ask: bundler check (and bundle's first step) says so before any build
+    monkeypatch.setenv("AIRGAP_LLM_OSV_URL", "off")
+    with pytest.raises(BundlerError) as e:
+        bundle.check(strict)
+    assert 'vulnerabilities = \"refuse\" needs the vulnerability database' in e.value.message
+    monkeypatch.setenv("AIRGAP_LLM_OSV_URL", osv[0])
+    assert bundle.check(strict)
 
 
 @pytest.mark.e2e
 def test_the_bundle_carries_the_report_under_its_signature_and_the_box_shows_it(osv, tmp_path, signing_home):
     """The default bundle made against the database: the report is in the signed manifest, and
     install.sh --dry-run prints it on the box, with no network."""
-    url, _ = osv
+    url, asked = osv
     from tests.e2e.conftest import GEMMA  # noqa: E402
 
     env = dict(__import__("os").environ, AIRGAP_LLM_OSV_URL=url)
@@ -109,3 +122,10 @@ def test_the_bundle_carries_the_report_under_its_signature_and_the_box_shows_it(
                        text=True, env=env)
     assert d.returncode == 0, d.stderr
     assert "vulnerabilities: none known in the" in d.stderr and "checked " in d.stderr
+    j = subprocess.run([str(b / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run", "--json"],
+                       capture_output=True, text=True, env=env)
+    report = json.loads(j.stdout)["vulnerabilities"]
+    assert report["checked"] and report["policy"] == "warn"
+    # the llama-server's source sdist was looked up beside the wheels
+    assert {"name": "llama-cpp-python", "ecosystem": "PyPI"} in [q["package"] for q in asked]
+    assert report["packages"] == len({(q["package"]["name"], q["version"]) for q in asked})
