@@ -286,12 +286,17 @@ def cmd_plan(a: argparse.Namespace) -> int:
         ram = parse_size(a.ram, "--ram") if a.ram else hw.ram_available
         hw = replace(hw, cpus=a.cpus or hw.cpus, ram_available=ram, ram_total=max(ram, hw.ram_total), gpus=gpus)
     intent = planner.Intent(concurrency=a.concurrency, context=a.context)
+    if not 1 <= a.servers <= 64:
+        raise BundlerError(f"--servers {a.servers} is outside 1..64", hint="e.g. --servers 2")
     results, refused = [], 0
     for m in a.model:
         info = inspect(Path(m))
         name = Path(m).stem if not Path(m).is_dir() else Path(m).name
         try:
-            p = planner.plan(name, info, hw, intent, engines_available=planner.ALL_ENGINES)
+            if a.servers > 1:  # one service over several servers like this one (vLLM's own multi-node)
+                p = planner.plan_cluster(name, info, [hw] * a.servers, intent)
+            else:
+                p = planner.plan(name, info, hw, intent, engines_available=planner.ALL_ENGINES)
             results.append(p.to_dict())
             if not a.json:
                 _explain(p, a.explain)
@@ -434,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--ram", help="RAM available, e.g. 512GiB (default 256GiB with --gpus)")
     pl.add_argument("--cpus", type=int, help="CPU cores (default 32 with --gpus)")
     pl.add_argument("--driver", help="NVIDIA driver version, e.g. 580.65 (default: new enough)")
+    pl.add_argument("--servers", type=int, default=1, metavar="N",
+                    help="plan one service over N servers like the one described (vLLM's multi-node: data parallel "
+                         "across them where one holds the model, else tensor parallel within × pipeline parallel "
+                         "across); what fits, and what would if it does not. Installing across servers is not built "
+                         "yet")
     pl.add_argument("--concurrency", type=int, default=4, help="requests served at once (default 4)")
     pl.add_argument("--context", type=int, default=4096, help="tokens per request (default 4096)")
     out = pl.add_mutually_exclusive_group()

@@ -268,3 +268,24 @@ def test_unequal_servers_and_a_model_no_two_servers_hold_are_refused_naming_what
     with pytest.raises(PlanRefused, match="vLLM's, which serves safetensors"):
         planner.plan_cluster("q", model("70b", "Q4_K_M"), [box("1x80GiB@9.0"), box("1x80GiB@9.0")],
                              planner.Intent(8, 4096))
+
+
+def test_bundler_plan_sizes_a_service_over_several_servers(tmp_path):
+    """`bundler plan --servers N`: how a model spreads over N servers like the one described, or what
+    would hold it when N do not."""
+    import json
+    import subprocess
+    import sys
+
+    facts = tmp_path / "llama-70b.json"
+    facts.write_text(json.dumps(model("70b", "bf16").to_dict()))
+    run = [sys.executable, "-m", "bundler.cli", "plan", "--model", str(facts), "--gpus", "4x24GiB@8.9",
+           "--concurrency", "8"]
+    r = subprocess.run([*run, "--servers", "2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert (p["tensor_parallel"], p["pipeline_parallel"], p["nodes"]) == (4, 2, 2)
+    r = subprocess.run([*run, "--servers", "2"], capture_output=True, text=True)
+    assert "2 servers, PP 2, TP 4 x DP 1" in r.stdout, r.stdout
+    one = subprocess.run([*run, "--servers", "1"], capture_output=True, text=True)
+    assert one.returncode == 3 and "refused" in one.stdout  # one such server does not hold it

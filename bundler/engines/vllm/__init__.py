@@ -176,9 +176,10 @@ def override(plan, facts, hw, tp: int | None, dp: int | None):
 
 
 def summary(plan) -> str:
-    return (f"TP {plan.tensor_parallel} x DP {plan.data_parallel}, --max-num-seqs {plan.max_num_seqs}, "
-            f"--max-model-len {plan.max_model_len}"
-            + (f", --api-server-count {plan.api_servers}" if plan.api_servers > 1 else ""))
+    across = f"{plan.nodes} servers, PP {plan.pipeline_parallel}, " if plan.nodes > 1 else ""
+    api = f", --api-server-count {plan.api_servers}" if plan.api_servers > 1 else ""
+    return (f"{across}TP {plan.tensor_parallel} x DP {plan.data_parallel}, --max-num-seqs {plan.max_num_seqs}, "
+            f"--max-model-len {plan.max_model_len}{api}")
 
 
 from . import plan as vplan  # noqa: E402 - its planner needs NAME above
