@@ -30,7 +30,7 @@ from .engines import for_format
 from .errors import BundlerError
 from .modelinfo import inspect_gguf
 from .render import render
-from .spec import SPLIT_RE, Spec, split_names
+from .spec import SPLIT_RE, Spec, engine_builds, split_names
 from .staging import staged_dir
 
 # Wheels the installer imports straight from the bundle before anything is installed.
@@ -53,16 +53,6 @@ class Result:
 
 def _step(log, title: str) -> None:
     log(f"==> {title}")
-
-
-def engine_builds() -> list[Any]:
-    """Each engine's bundle side (engines/NAME/build.py), in the registry's order: wanted(spec),
-    describe(spec), NEEDS_BOX, bundle(ctx) -> its manifest entries."""
-    import importlib
-
-    from .engines import PACKAGES
-
-    return [importlib.import_module(f"bundler.engines.{name}.build") for name in PACKAGES]
 
 
 @dataclass

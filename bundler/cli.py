@@ -118,7 +118,7 @@ def _plan_for_target(s: Any, target: Any) -> None:
     """The plan each model gets on the target box, where its facts are cheap to know (a local GGUF's
     header, a repository's config and listing); the others are planned on the box itself."""
     from . import planner, sources
-    from .bundle import engine_builds
+    from .spec import engine_builds
 
     engines = [name for b in engine_builds() if b.wanted(s) for name in b.offers(s)]
     intent = planner.Intent(s.service.concurrency, s.service.context)

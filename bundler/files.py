@@ -10,6 +10,15 @@ from typing import Any
 SUFFIX = ".incomplete"
 
 
+def _fsync_dir(folder: Path) -> None:
+    """A rename inside `folder` survives a power cut once the folder itself is synced."""
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def atomic_write(path: Path | str, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to a temporary file beside `path` (same folder, so the rename is atomic),
     fsync it, rename it over `path`, then fsync the folder so the rename survives a power cut."""
@@ -29,11 +38,7 @@ def atomic_write(path: Path | str, data: bytes, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _fsync_dir(path.parent)
 
 
 def atomic_symlink(target: str | Path, path: Path | str) -> None:
@@ -44,11 +49,7 @@ def atomic_symlink(target: str | Path, path: Path | str) -> None:
         os.unlink(tmp)
     os.symlink(target, tmp)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _fsync_dir(path.parent)
 
 
 def copy_hashing(src: Path | str, dst: Path | str, on_block: Any = None) -> str:

@@ -107,7 +107,8 @@ class Spec:
 
 
 def engine_builds() -> list[Any]:
-    """Each engine's bundle side (engines/NAME/build.py), in the registry's order."""
+    """Each engine's bundle side (engines/NAME/build.py), in the registry's order: SPEC_TABLES and
+    read_spec (its spec table), lacks, wanted, offers, describe, NEEDS_BOX, bundle(ctx)."""
     from .engines import PACKAGES
 
     return [importlib.import_module(f"bundler.engines.{name}.build") for name in PACKAGES]

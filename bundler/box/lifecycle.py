@@ -439,11 +439,19 @@ def _say_vulnerabilities(bundle: Path, doc: dict[str, Any]) -> dict[str, Any] | 
     for --json (None when the bundle carries none)."""
     from .. import vulns
 
-    if not any(f["path"] == vulns.REPORT for f in doc["files"]):
+    import hashlib
+
+    from ..contract import trust as policy
+
+    entry = next((f for f in doc["files"] if f["path"] == vulns.REPORT), None)
+    if entry is None:
         info("vulnerabilities: this bundle carries no report (made by an older airgap-llm)")
         return None
-    try:
-        report = json.loads((bundle / vulns.REPORT).read_text())
+    try:  # read once, bounded, and shown only if these are the bytes the manifest pins
+        data = policy.read_once(bundle / vulns.REPORT, policy.MAX_MANIFEST)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ValueError("it changed after the bundle was verified")
+        report = json.loads(data)
         lines = vulns.summary(report)
     except (OSError, ValueError, KeyError, TypeError) as e:
         report, lines = None, [f"vulnerabilities: the report does not read ({e})"]

@@ -30,12 +30,18 @@ def _copy(tmp_path):
     return dst
 
 
+def _planted(tmp_path, rel, code):
+    """A copy of the package with `code` appended to bundler/REL."""
+    tree = _copy(tmp_path)
+    f = tree / "bundler" / rel
+    f.write_text(f.read_text() + code)
+    return tree
+
+
 def test_a_planted_bundle_side_import_fails_make_lint(tmp_path):
     """An import of the bundle side from the box, even one deferred into a function, fails the check
     (and so `make lint`), naming the line and how the box reaches it."""
-    tree = _copy(tmp_path)
-    health = tree / "bundler" / "box" / "health.py"
-    health.write_text(health.read_text() + "\n\ndef _planted():\n    from .. import spec  # noqa: F401\n")
+    tree = _planted(tmp_path, "box/health.py", "\n\ndef _planted():\n    from .. import spec  # noqa: F401\n")
     found = layers.problems(tree)
     assert len(found) == 1 and "bundler/box/health.py:" in found[0] and "bundler.spec" in found[0], found
     r = _lint(tree)
@@ -133,9 +139,7 @@ def test_an_engine_name_outside_the_engines_fails_make_lint(tmp_path):
     `plan.engine == "vllm"` in the box's tuner fails the check, naming the line."""
     assert layers.engine_names() >= {"llama.cpp", "vllm", "exllamav2", "exllamav3"}
     assert layers.engine_name_uses() == []
-    tree = _copy(tmp_path)
-    tune = tree / "bundler" / "box" / "tune.py"
-    tune.write_text(tune.read_text() + '\n\ndef _planted(plan):\n    return plan.engine == "vllm"\n')
+    tree = _planted(tmp_path, "box/tune.py", '\n\ndef _planted(plan):\n    return plan.engine == "vllm"\n')
     found = layers.engine_name_uses(tree)
     assert len(found) == 1 and "bundler/box/tune.py:" in found[0] and "'vllm'" in found[0], found
     r = _lint(tree)
@@ -144,8 +148,7 @@ def test_an_engine_name_outside_the_engines_fails_make_lint(tmp_path):
 
 def test_an_engines_launch_side_importing_its_build_side_fails_make_lint(tmp_path):
     """Any engine package, a new one too: its __init__ (the box side) never imports its build.py."""
-    tree = _copy(tmp_path)
-    init = tree / "bundler" / "engines" / "vllm" / "__init__.py"
-    init.write_text(init.read_text() + "\n\ndef _planted():\n    from .build import lock_for_box  # noqa: F401\n")
+    tree = _planted(tmp_path, "engines/vllm/__init__.py",
+                    "\n\ndef _planted():\n    from .build import lock_for_box  # noqa: F401\n")
     found = layers.problems(tree)
     assert len(found) == 1 and "bundler.engines.vllm.build" in found[0], found
