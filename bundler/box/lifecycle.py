@@ -21,11 +21,12 @@ from ..engines import vllm
 from ..errors import BundlerError
 from ..modelinfo import ModelInfo
 from . import layout as lay
+from . import cluster as clusters
 from . import listener, tune
 from .health import LogWatch, http_json, smoke, smoke_embed, wait_healthy
 from .layout import Layout, PrefixLock, check_layout_owned, layout_for, make_dirs, record_made
 from .options import Options
-from .planning import make_plan, print_plan, release_id, resolve_model, resolve_others
+from .planning import make_cluster_plan, make_plan, print_plan, release_id, resolve_model, resolve_others
 from .preflight import (TRITON_ENGINES, check_port, check_readable_by_engine, check_runnable_by_engine, preflight,
                         triton_toolchain)
 from .release import Member, Target, build_release, local_address, read_target
@@ -42,6 +43,13 @@ class Service:
     target: Target
     timeout: float  # seconds to wait for health
     extra: tuple[Member, ...] = ()  # the bundle's other models, each its own engine and port
+    cluster: clusters.Cluster | None = None  # one service over several servers: this one's place
+    facts: dict[str, Any] | None = None  # what this server answers its peers with (cluster_node.py)
+
+    @property
+    def worker(self) -> bool:
+        """A server of a cluster that runs the engine headless: no API of its own, no key sent to it."""
+        return self.cluster is not None and self.cluster.rank > 0
 
     @property
     def base(self) -> str:
@@ -62,12 +70,18 @@ def install(opts: Options) -> dict[str, Any] | None:
     if not opts.box_file:  # a plan for a described box installs nothing here
         lay.check_writable(layout.prefix, "--prefix")
         lay.check_writable(layout.etc, "the config folder")
+    cluster = clusters.resolve(opts.nodes, opts.node_rank, opts.cluster_port) if opts.nodes else None
     trust = check_trust(opts.bundle, doc, layout, opts, data, *_staged_trust(opts.bundle))
     hw = described_box(opts.box_file) if opts.box_file else probe.probe(layout.prefix)
     preflight(doc, hw, layout)
     m = resolve_model(doc, opts)
     others = resolve_others(doc, opts)
-    plan, oplans = make_plan(doc, m, hw, opts, others)
+    if cluster:
+        info(f"cluster: this server is the {cluster.role} of {len(cluster.nodes)} ({cluster.address} on "
+             f"{cluster.interface}); the engine's traffic between servers stays on that interface")
+        plan, oplans = make_cluster_plan(doc, m, hw, opts, len(cluster.nodes), others), []
+    else:
+        plan, oplans = make_plan(doc, m, hw, opts, others)
     print_plan(plan, hw, oplans, [o["port"] for o in others])
     for name in sorted({p.engine for p in [plan, *oplans]} & set(TRITON_ENGINES)):
         if not opts.box_file:
@@ -78,13 +92,14 @@ def install(opts: Options) -> dict[str, Any] | None:
     extra = tuple(Member(o, p, o["port"]) for o, p in zip(others, oplans))
     # vLLM compiles kernels at its first start; TabbyAPI loads a large model layer by layer
     slow = any(engines.get(p.engine).slow_start for p in [plan, *oplans])
-    svc = Service(target, opts.timeout or (900.0 if slow else 300.0), extra)
+    facts = clusters.facts(cluster, hashlib.sha256(data).hexdigest(), m, plan, hw, "") if cluster else None
+    svc = Service(target, opts.timeout or (900.0 if slow else 300.0), extra, cluster, facts)
     if target.user:
         check_reachable(layout.prefix, target.user)
     for mm in [m, *others]:
         if mm.get("on_box"):
             check_readable_by_engine(Path(mm["file"]), target.user, mode)
-    if any(engines.get(p.engine).python for p in [plan, *oplans]):
+    if cluster or any(engines.get(p.engine).python for p in [plan, *oplans]):  # cluster_node runs on it too
         check_runnable_by_engine(sys.executable, target.user, mode)
     if dry:
         report = _say_vulnerabilities(opts.bundle, doc)
@@ -98,8 +113,13 @@ def install(opts: Options) -> dict[str, Any] | None:
                               "prefix": str(layout.prefix), "service": mode, "user": target.user}, indent=2))
         return None
     previous = _current_release(layout)
-    for port in [target.port, *(x.port for x in extra)]:
-        check_port(target.host, port, previous is not None and is_running(previous))
+    serving = previous is not None and is_running(previous)
+    for port in [] if svc.worker else [target.port, *(x.port for x in extra)]:
+        check_port(target.host, port, serving)
+    if cluster:
+        if not serving:
+            clusters.check_ports_free(cluster)
+        clusters.check_workers(cluster, facts)  # the head: every worker answers as one of this service
     join_split_files(opts.bundle, doc)
     made_prefix = make_dirs(layout.prefix)
     with PrefixLock(layout.prefix):
@@ -265,7 +285,7 @@ def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Lay
             tx.undo()
             raise
     rid = release_id(hashlib.sha256(data).hexdigest(), m["file"], plan, t.host, t.port, t.mode, t.user,
-                     [(x.plan, x.port) for x in svc.extra])
+                     [(x.plan, x.port) for x in svc.extra], svc.cluster)
     if tx.previous is not None and same_release(tx.previous.name, rid):
         result = _same_release(tx.previous, layout, doc, m, plan, svc, opts)
         return _after(opts, doc, data, layout, m, plan, svc, result, tuned)
@@ -281,7 +301,7 @@ def _install_locked(opts: Options, doc: dict[str, Any], data: bytes, layout: Lay
     tx.commit(release)
     remember(layout, doc["name"], trust)
     info(f"first answer {time.monotonic() - t0:.1f}s after start")
-    result = summary(layout, doc, m, plan, t, answer, changed=True, extra=svc.extra)
+    result = summary(layout, doc, m, plan, t, answer, changed=True, extra=svc.extra, cluster=svc.cluster)
     return _after(opts, doc, data, layout, m, plan, svc, result, tuned)
 
 
@@ -297,6 +317,9 @@ def _after(opts: Options, doc: dict[str, Any], data: bytes, layout: Layout, m: d
         info(f"every candidate: {release / 'tune.json'}")
         result["tune"] = tuned
     if not opts.bench:
+        return result
+    if svc.worker:
+        info("--bench: a worker serves no API of its own; bench the head")
         return result
     from .. import bench
 
@@ -355,15 +378,15 @@ def _same_release(previous: Path, layout: Layout, doc: dict[str, Any], m: dict[s
     """The release this bundle and plan make is the current one: leave it, or start it if it is down."""
     t = svc.target
     if state(previous) == RUNNING:  # running and holding its own port (ctl status)
-        code, _ = http_json(svc.base + "/health")
+        code, _ = (200, None) if svc.worker else http_json(svc.base + "/health")
         if code == 200:
             info(f"release {previous.name} is installed and healthy; nothing changed")
-            return summary(layout, doc, m, plan, t, None, changed=False, extra=svc.extra)
+            return summary(layout, doc, m, plan, t, None, changed=False, extra=svc.extra, cluster=svc.cluster)
     info(f"release {previous.name} is installed but not running; starting it")
     start(previous, t.mode, layout)
     _wait_all(svc, layout, previous, None)
     answer = _smoke(svc, m, read_key(layout), plan, opts)
-    return summary(layout, doc, m, plan, t, answer, changed=True, extra=svc.extra)
+    return summary(layout, doc, m, plan, t, answer, changed=True, extra=svc.extra, cluster=svc.cluster)
 
 
 def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[str, Any], plan: planner.Plan,
@@ -379,8 +402,9 @@ def _start_new_release(opts: Options, doc: dict[str, Any], data: bytes, m: dict[
         info("tensor parallel with the safe all-reduce flags from the start (" +
              ("--safe-all-reduce" if opts.safe_all_reduce else "NVLink multicast is off in this environment") + ")")
     for safe in tries:
+        facts = dict(svc.facts, release=release_name(rid, safe)) if svc.facts else None
         release = build_release(opts.bundle, doc, data, m, plan, layout, release_name(rid, safe), t,
-                                safe=safe, extra=svc.extra)
+                                safe=safe, extra=svc.extra, cluster=(svc.cluster, facts) if facts else None)
         info(f"release {release.name} built at {release}")
         t0 = time.monotonic()
         patterns = tuple(line for p in [plan, *(x.plan for x in svc.extra)] for line in engines.get(p.engine).fatal_log)
@@ -407,6 +431,8 @@ def _wait_all(svc: Service, layout: Layout, release: Path, watch: LogWatch | Non
     each port is held by the release's own engine: only then may the key be sent there."""
     t = svc.target
     t0 = time.monotonic()
+    if svc.worker:
+        return _wait_worker(svc, layout, release)
     for base in [svc.base, *(svc.base_of(x.port) for x in svc.extra)]:
         left = max(1.0, svc.timeout - (time.monotonic() - t0))
         wait_healthy(base, left, layout.log_hint(t.mode), lambda r=release: engine_alive(r, layout, t.mode), watch)
@@ -414,13 +440,36 @@ def _wait_all(svc: Service, layout: Layout, release: Path, watch: LogWatch | Non
     return time.monotonic() - t0
 
 
+def _wait_worker(svc: Service, layout: Layout, release: Path) -> float:
+    """A worker serves no API: it is up once its cluster_node answers checks as this release and its
+    engine has not died (the engine itself waits for the head)."""
+    from .. import cluster_node
+
+    c, t0 = svc.cluster, time.monotonic()
+    assert c is not None
+    while time.monotonic() - t0 < 60:
+        if not engine_alive(release, layout, svc.target.mode):
+            raise BundlerError(f"the worker's engine exited while starting ({release.name})",
+                               hint=f"see {layout.log_hint(svc.target.mode)}")
+        try:
+            if cluster_node.ask(c.address, c.check_port).get("release") == release.name:
+                info(f"worker {c.rank}: answering the head's checks on {c.address}:{c.check_port}; its engine "
+                     f"joins the head at {c.head}:{c.port} once the head starts (install there last)")
+                return time.monotonic() - t0
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise BundlerError(f"the worker does not answer checks on {c.address}:{c.check_port} after 60 s",
+                       hint=f"see {layout.log_hint(svc.target.mode)}")
+
 
 def _smoke(svc: Service, m: dict[str, Any], key: str, plan: planner.Plan, opts: Options) -> str | None:
     """The smoke test for each model: a chat question for a model with its own chat template, a
     plain completion for one without (a base model), any text with --smoke-any-answer; for an
     embedding model, vectors in which two sentences that mean the same lie closer than a third."""
-    if not opts.smoke:
+    if not opts.smoke or svc.worker:
         return None
+
     def one(base: str, mm: dict[str, Any], p: planner.Plan) -> str:
         if p.task == "embed":
             return smoke_embed(base, mm["name"], key, p.engine or "", opts.smoke_any_answer)
@@ -503,7 +552,7 @@ def rollback(opts: Options) -> dict[str, Any]:
         info(f"rolling back from {current.name} to {back.name}")
         if is_running(current):
             ctl(current, "stop")
-        svc = Service(t, opts.timeout or 900.0, _members_of(back))
+        svc = Service(t, opts.timeout or 900.0, _members_of(back), *_cluster_of(back))
         start(back, t.mode, layout)
         try:
             _wait_all(svc, layout, back, None)
@@ -515,7 +564,17 @@ def rollback(opts: Options) -> dict[str, Any]:
         info(f"{back.name} is serving again; {current.name} is kept (run --rollback again to return to it)")
         plan = json.loads((back / "plan.json").read_text())
         doc = json.loads((back / "manifest.json").read_text())
-        return summary(layout, doc, {"name": plan["model"]}, _plan_of(plan), t, None, changed=True, extra=svc.extra)
+        return summary(layout, doc, {"name": plan["model"]}, _plan_of(plan), t, None, changed=True, extra=svc.extra,
+                       cluster=svc.cluster)
+
+
+def _cluster_of(release: Path) -> tuple[clusters.Cluster | None, dict[str, Any] | None]:
+    """A cluster release's place in its cluster (cluster.json), or (None, None) for one server's."""
+    try:
+        f = json.loads((release / "cluster.json").read_text())
+    except FileNotFoundError:
+        return None, None
+    return clusters.Cluster(tuple(f["nodes"]), f["rank"], f["check_port"] - 1, ""), f
 
 
 def _plan_of(d: dict[str, Any]) -> planner.Plan:
@@ -642,8 +701,12 @@ def _forget_accepted(layout: Layout) -> None:
 # ---- what the operator sees ---------------------------------------------------------
 
 def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, t: Target,
-            answer: str | None, changed: bool, extra: tuple[Member, ...] = ()) -> dict[str, Any]:
+            answer: str | None, changed: bool, extra: tuple[Member, ...] = (),
+            cluster: clusters.Cluster | None = None) -> dict[str, Any]:
     endpoint = f"http://{local_address(t.host)}:{t.port}/v1"
+    if cluster is not None and cluster.rank > 0:  # a worker: the service answers at the head
+        endpoint = f"http://{cluster.head if t.host in ('0.0.0.0', '::') else local_address(t.host)}:{t.port}/v1 " \
+                   f"(on the head, {cluster.head})"
     models = [{"model": m["name"], "task": plan.task, "engine": plan.engine, "endpoint": endpoint},
               *({"model": x.m["name"], "task": x.plan.task, "engine": x.plan.engine,
                  "endpoint": f"http://{local_address(t.host)}:{x.port}/v1"} for x in extra)]
@@ -663,6 +726,8 @@ def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planne
         "release": str(layout.current.resolve()),
         "changed": changed,
         "answer": answer,
+        **({"cluster": {"nodes": list(cluster.nodes), "rank": cluster.rank, "role": cluster.role,
+                        "port": cluster.port, "check_port": cluster.check_port}} if cluster else {}),
         # the key read from the env file at run time and given to curl on its standard input: never on
         # a command line, where every local user can read it in /proc
         # and only once `ctl status` has seen the service's own engine holding the port

@@ -52,6 +52,9 @@ class Options:
     purge: bool = False
     service: str = "auto"  # auto | systemd | process
     user: Optional[str] = None  # process mode as root: the account the engine runs as
+    nodes: Optional[str] = None  # one service over several servers: their addresses, the head first
+    node_rank: Optional[int] = None
+    cluster_port: Optional[int] = None
     environ: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -177,6 +180,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default=env("AIRGAP_LLM_USER"),
                    help=f"process mode as root: run the engine as this existing account (default: the system user "
                         f"{DEFAULT_USER!r}, made if missing). The engine never runs as root")
+    c = p.add_argument_group("one service over several servers (vLLM's own multi-node)")
+    c.add_argument("--nodes", default=None, metavar="ADDR,ADDR,...",
+                   help="run the same command on every server, workers first: their IPv4 addresses on the private "
+                        "network they share, the head (which serves the API) first. Each server finds its rank by "
+                        "the address it holds; the head refuses to start until every worker answers as one of "
+                        "this service. The engine's traffic between servers is unauthenticated: keep it on that "
+                        "network (README: several servers)")
+    c.add_argument("--node-rank", type=int, default=None,
+                   help="this server's place in --nodes (0 = the head), where its address alone does not tell")
+    c.add_argument("--cluster-port", type=int, default=None,
+                   help="the head's rendezvous port for the engine (vLLM's --master-port, default 29501); every "
+                        "server also answers the others' checks on the next port. Open both between the servers only")
     return p
 
 
@@ -209,6 +224,13 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         p.error("--box goes with --dry-run (a plan for a described box; installing happens on the box itself)")
     if a.purge and not a.uninstall:
         p.error("--purge goes with --uninstall")
+    if a.nodes is None and (a.node_rank is not None or a.cluster_port is not None):
+        p.error("--node-rank and --cluster-port go with --nodes")
+    if a.nodes is not None:
+        clash = [o for o, on in (("--tune", a.tune), ("--baseline", a.baseline), ("--audit-egress", a.audit_egress),
+                                 ("--box", a.box_file)) if on]
+        if clash:
+            p.error(f"{clash[0]} does not go with --nodes yet: it runs on one server")
     if a.user == "root":
         p.error("--user root: the engine never runs as root; name an unprivileged account")
 
@@ -230,6 +252,6 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         trust=tuple(Path(t).expanduser().absolute() for t in a.trust), allow_unsigned=a.allow_unsigned,
         allow_downgrade=a.allow_downgrade, yes=a.yes, purge=a.purge,
         trust_fingerprint=a.trust_fingerprint.strip() if a.trust_fingerprint else None,
-        service=a.service, user=a.user,
+        service=a.service, user=a.user, nodes=a.nodes, node_rank=a.node_rank, cluster_port=a.cluster_port,
         environ=dict(os.environ if environ is None else environ),
     )

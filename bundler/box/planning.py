@@ -96,6 +96,30 @@ def make_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: 
     return override_parallel(plans[0], m, hw, opts), plans[1:]
 
 
+def make_cluster_plan(doc: dict[str, Any], m: dict[str, Any], hw: probe.Hardware, opts: Options, servers: int,
+                      others: list[dict[str, Any]] = ()) -> planner.Plan:
+    """The plan of one model over `servers` servers like this one (each checks the others plan alike
+    before the head starts: bundler/cluster_node.py)."""
+    if others:
+        raise BundlerError(f"--nodes serves one model; this bundle has {1 + len(others)} "
+                           f"({', '.join([m['name'], *(o['name'] for o in others)])})",
+                           hint="bundle the model to spread over the servers alone")
+    info_ = ModelInfo.from_dict(m["facts"])
+    engine = engines.for_format(info_.format)
+    if engine is None or engine.plan_cluster is None:
+        can = [e.label for e in engines.registry().values() if e.plan_cluster]
+        raise BundlerError(f"{m['name']} is {info_.format}, and {engine.label if engine else 'no engine'} serves one "
+                           f"server only; across servers: {', '.join(can) or 'none'}",
+                           hint="leave --nodes out, or bundle a model of a format that can be spread")
+    if engine.name not in {e["name"] for e in doc["engines"]}:
+        raise BundlerError(f"this bundle carries no {engine.label}, which --nodes needs for {m['name']}",
+                           hint="bundle it with that engine")
+    service = doc["service"]
+    intent = planner.Intent(concurrency=opts.concurrency or service["concurrency"],
+                            context=opts.context or service["context"])
+    return engine.plan_cluster(m["name"], info_, [hw] * servers, intent)
+
+
 def override_parallel(plan: planner.Plan, m: dict[str, Any], hw: probe.Hardware, opts: Options) -> planner.Plan:
     """--tensor-parallel / --data-parallel replace the planner's choice, within what fits, as the
     engine allows (vLLM: any split that fits; ExLlama: tensor parallel over every GPU or none)."""
@@ -121,7 +145,7 @@ def print_plan(plan: planner.Plan, hw: probe.Hardware, others: list[planner.Plan
 
 
 def release_id(manifest_sha: str, model_file: str, plan: planner.Plan, host: str, port: int, mode: str,
-               user: str, others: list[tuple[planner.Plan, int]] = ()) -> str:
+               user: str, others: list[tuple[planner.Plan, int]] = (), cluster: Any = None) -> str:
     """The same bundle, model, decisions, address and service mode make the same release."""
     h = hashlib.sha256((manifest_sha + model_file).encode())
 
@@ -131,4 +155,6 @@ def release_id(manifest_sha: str, model_file: str, plan: planner.Plan, host: str
     h.update(json.dumps([decided(plan), host, port, mode, user], sort_keys=True).encode())
     if others:
         h.update(json.dumps([[decided(p), pt] for p, pt in others], sort_keys=True).encode())
+    if cluster is not None:  # the same bundle on another server of the cluster, or another cluster, is another release
+        h.update(json.dumps([list(cluster.nodes), cluster.rank, cluster.port]).encode())
     return h.hexdigest()[:12]

@@ -213,8 +213,8 @@ class LaunchContext:
 
 
 def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: planner.Plan, layout: Layout,
-                   rid: str, final: Path, stage: Path, host: str, port: int, safe: bool, copied: dict[str, str]
-                   ) -> str:
+                   rid: str, final: Path, stage: Path, host: str, port: int, safe: bool, copied: dict[str, str],
+                   cluster: tuple[Any, dict[str, Any]] | None = None) -> str:
     """The launch script of one engine serving one model (rendered text): the engine says how it starts."""
     model_path = Path(m["file"]) if m.get("on_box") else store_model(bundle, m, layout)
     engine = engines.get(plan.engine)
@@ -224,14 +224,26 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
                            hint="bundle again with that engine")
     run = engine.launch(LaunchContext(bundle, doc, entry, plan, str(model_path), m["name"], host, port, safe, final,
                                       stage, layout, copied))
+    argv, env = list(run.argv), dict(run.env)
+    if cluster is not None:  # one server of several: cluster_node answers the others' checks and runs the engine
+        c, facts = cluster
+        if engine.cluster is None:
+            raise BundlerError(f"{engine.label} does not serve across servers", hint="leave --nodes out")
+        more, cenv = engine.cluster(plan, c.rank, c.head, c.port, c.address, c.interface)
+        (stage / "cluster.json").write_text(json.dumps(facts, indent=2) + "\n")
+        argv = [sys.executable, "-s", "-m", "bundler.cluster_node", str(final / "cluster.json"), "--", *argv, *more]
+        env.update(cenv)
+        if str(final / "site") not in env.get("PYTHONPATH", "").split(":"):
+            env["PYTHONPATH"] = ":".join(filter(None, [env.get("PYTHONPATH"), str(final / "site")]))
     return render("launch.sh.j2", {
         "engine": plan.engine, "name": layout.name, "release": rid, "env_file": str(layout.env_file),
-        "argv": run.argv, "lib_dir": ":".join(run.lib_dirs), "extra_env": run.env, "cache_dir": str(layout.cache),
+        "argv": argv, "lib_dir": ":".join(run.lib_dirs), "extra_env": env, "cache_dir": str(layout.cache),
         "cache_vars": run.cache_vars, "banner": run.banner})
 
 
 def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, Any], plan: planner.Plan,
-                  layout: Layout, rid: str, target: Target, safe: bool = False, extra: tuple[Member, ...] = ()) -> Path:
+                  layout: Layout, rid: str, target: Target, safe: bool = False, extra: tuple[Member, ...] = (),
+                  cluster: tuple[Any, dict[str, Any]] | None = None) -> Path:
     final = layout.releases / rid
     make_dirs(layout.releases)
     with staged_dir(final, layout.releases / f".{rid}.partial") as stage:
@@ -247,7 +259,8 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
         bindir = stage / "bin"
         bindir.mkdir()
         copied: dict[str, str] = {}
-        main = _engine_script(bundle, doc, m, plan, layout, rid, final, stage, target.host, target.port, safe, copied)
+        main = _engine_script(bundle, doc, m, plan, layout, rid, final, stage, target.host, target.port, safe, copied,
+                              cluster)
         if not extra:
             (bindir / "launch").write_text(main)
         else:  # one engine per model, started and stopped together (group.sh.j2)
@@ -271,7 +284,10 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
             "unit_src": str(unit_src), "unit_file": str(layout.unit_file), "pidfile": str(layout.pidfile),
             "logfile": str(layout.logfile), "python": sys.executable, "site": str(final / "site"),
             "launch": str(final / "bin" / "launch"), "env_file": str(layout.env_file), "user": target.user,
-            "home": str(layout.cache), "ports": [target.port, *(x.port for x in extra)]}))
+            "home": str(layout.cache),
+            # a cluster's worker serves no API: what it holds is the port answering the head's checks
+            "ports": [cluster[0].check_port] if cluster and cluster[0].rank
+            else [target.port, *(x.port for x in extra)]}))
         for f in bindir.iterdir():
             f.chmod(0o755)
         plans = [plan, *(x.plan for x in extra)]

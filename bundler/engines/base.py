@@ -36,6 +36,9 @@ class Engine:
     #   summary(plan) -> str: its sizing in a few words, with its own flags' names
     #   plan(name, info, hw, intent, task, offer) -> Plan: its plan for a model of its formats on that box
     #       (engines/NAME/plan.py; offer: what the bundle carries, bundler/sizing.py)
+    # and, to serve one model over several servers (install.sh --nodes):
+    #   plan_cluster(name, info, nodes, intent) -> Plan: the plan over those servers (each's probe), or PlanRefused
+    #   cluster(plan, rank, head, port, address, interface) -> (argv, env): what server `rank` adds to its start
     # and, for a format of its own that is one file:
     #   facts(path) -> ModelInfo: what planning needs of a model file (the bundle records it)
     launch: Callable[[Any], Launch] | None = None
@@ -44,6 +47,8 @@ class Engine:
     summary: Callable[[Any], str] | None = None
     facts: Callable[[Any], Any] | None = None
     plan: Callable[..., Any] | None = None
+    plan_cluster: Callable[..., Any] | None = None
+    cluster: Callable[..., tuple[list[str], dict[str, str]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,11 @@ def cluster_env(address: str, interface: str) -> dict[str, str]:
     return {"VLLM_HOST_IP": address, "NCCL_SOCKET_IFNAME": interface, "GLOO_SOCKET_IFNAME": interface}
 
 
+def cluster(plan, rank: int, head: str, port: int, address: str, interface: str) -> tuple[list[str], dict[str, str]]:
+    """Server `rank`'s part of one service over several: vLLM's multi-node flags and its cluster environment."""
+    return cluster_args(plan, rank, head, port), cluster_env(address, interface)
+
+
 def launch(ctx) -> Launch:
     """vLLM's start: its wheels, then the release's own site (the middleware that guards every route)."""
     site = ctx.site()
@@ -190,5 +195,6 @@ ENGINE = Engine(NAME, "vLLM", FORMATS, triton=True, slow_start=True, fatal_log=F
                 guarded=(("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"),
                          ("POST", "/pooling"), ("GET", "/metrics"), ("GET", "/openapi.json")),
                 launch=launch, alternatives=alternatives, override=override, summary=summary,
-                plan=vplan.plan, embeds=True, gpu_share=vplan.VLLM_UTILIZATION)
+                plan=vplan.plan, plan_cluster=vplan.plan_cluster, cluster=cluster, embeds=True,
+                gpu_share=vplan.VLLM_UTILIZATION)
 ENGINES = (ENGINE,)

@@ -33,6 +33,19 @@ def plan(name, info, hw, intent, task, offer) -> Plan:
                 reasons=(f"the toy engine answers {intent.concurrency} requests at once from its file",))
 
 
+def plan_cluster(name, info, nodes, intent) -> Plan:
+    """Over several servers: every server holds a share of the answers' layers; the head answers."""
+    ctx = min(intent.context, info.context_length)
+    return Plan(engine=NAME, backend="cpu", model=name, threads=1, slots=intent.concurrency, context_per_slot=ctx,
+                gpu_layers=0, total_layers=info.layers, task="chat", nodes=len(nodes), pipeline_parallel=len(nodes),
+                reasons=(f"the toy engine over {len(nodes)} servers: the head answers once every worker is joined",))
+
+
+def cluster(plan, rank, head, port, address, interface):
+    return ["--cluster", str(rank), head, str(port), str(plan.nodes)], {"TOY_HOST_IP": address,
+                                                                         "TOY_IFNAME": interface}
+
+
 def launch(ctx) -> Launch:
     argv = [ctx.python, "-m", "bundler.engines.toy.server", ctx.model_path, ctx.name, ctx.host, str(ctx.port)]
     return Launch(argv, {"PYTHONPATH": str(ctx.final / "site")})
@@ -44,5 +57,5 @@ def summary(p) -> str:
 
 ENGINE = Engine(NAME, "Toy", ("toy",), python=True, reference="`python -m bundler.engines.toy.server MODEL`",
                 guarded=(("GET", "/v1/models"), ("POST", "/v1/completions")),
-                launch=launch, facts=facts, plan=plan, summary=summary)
+                launch=launch, facts=facts, plan=plan, summary=summary, plan_cluster=plan_cluster, cluster=cluster)
 ENGINES = (ENGINE,)

@@ -1,5 +1,9 @@
 """The toy engine's server: OpenAI's chat and completion routes, streamed or not, behind the key in
-LLAMA_API_KEY (the env file's), /health open. python -m bundler.engines.toy.server MODEL NAME HOST PORT"""
+LLAMA_API_KEY (the env file's), /health open. python -m bundler.engines.toy.server MODEL NAME HOST PORT
+[--cluster RANK HEAD PORT NODES]: over several servers, as vLLM's own multi-node runs: the head (rank 0)
+listens on HEAD:PORT and serves only once NODES-1 workers have joined, and exits when one leaves; a worker
+joins the head from its TOY_HOST_IP (retrying until the head is up), serves nothing, and exits when the
+head goes away."""
 
 from __future__ import annotations
 
@@ -15,7 +19,48 @@ def answer(answers: dict[str, str], text: str) -> str:
     return next((a for q, a in answers.items() if q and q in low), answers.get("", "Hello."))
 
 
-def serve(model: str, name: str, host: str, port: int) -> None:
+def join_head(rank: int, head: str, port: int) -> None:
+    """A worker: join the head, then stay until it goes away (its exit makes the service restart it)."""
+    import socket
+
+    while True:
+        try:
+            c = socket.create_connection((head, port), timeout=5, source_address=(os.environ["TOY_HOST_IP"], 0))
+            break
+        except OSError:
+            time.sleep(1)
+    c.sendall(f"{rank}\n".encode())
+    c.settimeout(None)
+    print(f"toy: worker {rank} joined the head at {head}:{port}", file=sys.stderr, flush=True)
+    while c.recv(1024):
+        pass
+    sys.exit(f"toy: the head at {head}:{port} went away")
+
+
+def gather_workers(head: str, port: int, nodes: int) -> None:
+    """The head: wait for every worker, then exit the whole engine as soon as one leaves."""
+    import socket
+    import threading
+
+    s = socket.create_server((head, port))
+    joined = []
+    while len(joined) < nodes - 1:
+        c, addr = s.accept()
+        rank = c.recv(64).decode().strip()
+        print(f"toy: worker {rank} joined from {addr[0]}", file=sys.stderr, flush=True)
+        joined.append((rank, c))
+
+    def watch(rank: str, c) -> None:
+        while c.recv(1024):
+            pass
+        print(f"toy: worker {rank} left; the engine stops", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    for rank, c in joined:
+        threading.Thread(target=watch, args=(rank, c), daemon=True).start()
+
+
+def serve(model: str, name: str, host: str, port: int, nodes: int = 1) -> None:
     with open(model) as f:
         answers = json.load(f)
     key = os.environ.get("LLAMA_API_KEY", "")
@@ -67,7 +112,7 @@ def serve(model: str, name: str, host: str, port: int) -> None:
                 return self.send(404, {"error": {"message": "not found"}})
             if not req.get("messages") and not req.get("prompt"):
                 return self.send(400, {"error": {"message": "no messages or prompt"}})
-            words = answer(answers, text).split()
+            words = answer(answers, text).split() + ([f"[{nodes} servers]"] if nodes > 1 else [])
             n = int(req.get("max_tokens") or 16)
             if req.get("ignore_eos"):  # exactly max_tokens, as bench asks
                 words = (words * (n // max(1, len(words)) + 1))[:n]
@@ -96,10 +141,24 @@ def serve(model: str, name: str, host: str, port: int) -> None:
             self.wfile.write(b"data: [DONE]\n\n")
             self.close_connection = True
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        def server_bind(self) -> None:  # http.server's asks the resolver for the host's name: none here
+            import socketserver
+
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = self.server_address[:2]
+
+    server = Server((host, port), Handler)
     print(f"toy: serving {name} from {model} on {host}:{port}", file=sys.stderr, flush=True)
     server.serve_forever()
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    n = 1
+    if "--cluster" in sys.argv:
+        i = sys.argv.index("--cluster")
+        rank, head, cport, n = int(sys.argv[i + 1]), sys.argv[i + 2], int(sys.argv[i + 3]), int(sys.argv[i + 4])
+        if rank:
+            join_head(rank, head, cport)
+        gather_workers(head, cport, n)
+    serve(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), n)

@@ -1,0 +1,146 @@
+"""One service over several servers (install.sh --nodes A,B,...): which of them this one is, the
+interface its engine's cluster traffic takes, the checks before anything changes, and the facts the
+release's cluster_node answers its peers with (bundler/cluster_node.py).
+
+The same command runs on every server: `--nodes` lists the servers' addresses on their private
+network, the head (which serves the API) first. Each finds its own rank by the address it holds.
+Workers are installed first (their engines wait for the head); the head's install asks each worker
+before it changes anything, and refuses naming any that does not answer as one of this service.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import ipaddress
+import json
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .. import cluster_node
+from ..errors import BundlerError
+
+DEFAULT_PORT = 29501  # vLLM's --master-port default; the check port is the next one
+SIOCGIFADDR = 0x8915
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: tuple[str, ...]  # the servers' addresses, the head first
+    rank: int
+    port: int  # the engine's rendezvous (vLLM's --master-port) on the head
+    interface: str  # this server's interface that holds nodes[rank]
+
+    @property
+    def address(self) -> str:
+        return self.nodes[self.rank]
+
+    @property
+    def head(self) -> str:
+        return self.nodes[0]
+
+    @property
+    def check_port(self) -> int:
+        return self.port + 1
+
+    @property
+    def role(self) -> str:
+        return "head" if self.rank == 0 else f"worker {self.rank}"
+
+
+def local_addresses() -> dict[str, str]:
+    """IPv4 address → interface, for every interface of this server that has one (no `ip` needed)."""
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address
+            out[socket.inet_ntoa(raw[20:24])] = name
+    return out
+
+
+def resolve(nodes: str, rank: int | None, port: int | None, have: dict[str, str] | None = None) -> Cluster:
+    """--nodes/--node-rank/--cluster-port checked against this server's addresses."""
+    addrs = tuple(a.strip() for a in nodes.split(",") if a.strip())
+    if len(addrs) < 2:
+        raise BundlerError(f"--nodes {nodes!r}: list two servers or more, the head first (e.g. --nodes "
+                           "10.0.0.1,10.0.0.2)", hint="for one server, leave --nodes out")
+    for a in addrs:
+        try:
+            ip = ipaddress.ip_address(a)
+        except ValueError:
+            raise BundlerError(f"--nodes: {a!r} is not an IP address", hint="give each server's address on the "
+                               "private network the servers share (names would need a resolver)") from None
+        if ip.version != 4 or ip.is_unspecified or ip.is_multicast:
+            raise BundlerError(f"--nodes: {a} cannot be a server's address here",
+                               hint="give each server's IPv4 address on the network the servers share")
+    if len(set(addrs)) != len(addrs):
+        raise BundlerError(f"--nodes {nodes!r} names a server twice", hint="list each server once")
+    have = local_addresses() if have is None else have
+    mine = [i for i, a in enumerate(addrs) if a in have]
+    if rank is None:
+        if len(mine) != 1:
+            held = ", ".join(f"{a} ({i})" for a, i in sorted(have.items())) or "none"
+            raise BundlerError(("none of" if not mine else "more than one of") + f" --nodes {','.join(addrs)} is an "
+                               f"address of this server (it has: {held})",
+                               hint="list the servers' addresses on their shared network, or say which this one is "
+                                    "with --node-rank")
+        rank = mine[0]
+    if not 0 <= rank < len(addrs):
+        raise BundlerError(f"--node-rank {rank}: --nodes lists {len(addrs)} servers (ranks 0 to {len(addrs) - 1})",
+                           hint="rank 0 is the head, the first address")
+    if addrs[rank] not in have:
+        raise BundlerError(f"--node-rank {rank} is {addrs[rank]}, which is not an address of this server",
+                           hint="run the command on that server, or give this server's rank")
+    port = port or DEFAULT_PORT
+    if not 1024 <= port <= 65534:
+        raise BundlerError(f"--cluster-port {port}: give a port in 1024..65534 (it and the next one are used)",
+                           hint=f"the default is {DEFAULT_PORT}")
+    return Cluster(addrs, rank, port, have[addrs[rank]])
+
+
+def plan_key(plan: Any) -> str:
+    """What every server of one service must plan alike (not threads or free RAM, which may differ)."""
+    keep = ("engine", "backend", "tensor_parallel", "pipeline_parallel", "data_parallel", "nodes", "max_model_len",
+            "max_num_seqs", "gpu_memory_utilization", "context_per_slot", "slots")
+    d = plan.to_dict()
+    return hashlib.sha256(json.dumps({k: d.get(k) for k in keep}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def gpus_of(hw: Any) -> str:
+    g = hw.gpus
+    return f"{len(g)} × {g[0].name} ({g[0].memory_total_mib} MiB)" if g else "no GPU"
+
+
+def facts(c: Cluster, manifest_sha: str, model: dict[str, Any], plan: Any, hw: Any, release: str) -> dict[str, Any]:
+    """What the release's cluster_node answers with, and compares its workers' answers to."""
+    return {"nodes": list(c.nodes), "rank": c.rank, "address": c.address, "check_port": c.check_port,
+            "bundle": manifest_sha, "model": f"{model['name']} {model.get('sha256') or model['file']}",
+            "plan": f"{plan_key(plan)} on {gpus_of(hw)}", "release": release, "wait_s": 600}
+
+
+def check_ports_free(c: Cluster) -> None:
+    """The ports this server will hold for the cluster are free on its cluster address."""
+    ports = [c.check_port] + ([c.port] if c.rank == 0 else [])
+    for p in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((c.address, p))
+            except OSError as e:
+                raise BundlerError(f"port {p} on {c.address} is taken ({e.strerror}); the cluster needs it and the "
+                                   "next", hint=f"stop what holds it, or give every server --cluster-port "
+                                                f"{c.port + 2}") from None
+
+
+def check_workers(c: Cluster, mine: dict[str, Any]) -> None:
+    """On the head, before anything changes: every worker answers as one of this service."""
+    if c.rank != 0:
+        return
+    probs = [p for r, a in cluster_node.workers(mine) if (p := cluster_node.problem(mine, r, a))]
+    if probs:
+        raise BundlerError("; ".join(probs) + "; nothing was changed on this server (the head)",
+                           hint="install on every worker first (the same command there), then here")

@@ -1,0 +1,153 @@
+"""One service over two servers (install.sh --nodes): two network namespaces joined by a veth pair
+stand for two servers on a private network, each with its own dead-end uplink that records every
+attempt to go further (the egress audit). The engine is the toy engine in its cluster mode (the head
+serves once its worker has joined, and stops when it leaves, as vLLM's multi-node does); the bundler,
+installer, supervisor and cluster checks are the real ones. vLLM itself across servers needs GPUs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bundler import egress
+from tests.e2e.test_toy_engine import REGISTRY, _copy_repo
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+HEAD, WORKER = "10.77.0.1", "10.77.0.2"
+PORT = 18095
+
+
+class Server:
+    """One 'server': an audited namespace, its address on the cluster link, its own prefix."""
+
+    def __init__(self, tmp: Path, name: str, address: str):
+        self.ns = egress.AuditedNamespace(tmp / f"{name}-egress.jsonl")
+        self.address, self.prefix = address, tmp / f"prefix-{name}"
+
+    def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 600)
+        return subprocess.run(self.ns.argv(cmd), **kw)
+
+
+def _link(a: Server, b: Server) -> str:
+    """A veth pair between the two namespaces, one /24 for the cluster."""
+    tag = uuid.uuid4().hex[:6]
+    ends = (f"cl{tag}a", f"cl{tag}b")
+    subprocess.run(["ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1]], check=True)
+    for s, end in ((a, ends[0]), (b, ends[1])):
+        subprocess.run(["ip", "link", "set", end, "netns", s.ns.name], check=True)
+        s.run(["ip", "addr", "add", f"{s.address}/24", "dev", end], check=True)
+        s.run(["ip", "link", "set", end, "up"], check=True)
+    return ends[0]
+
+
+def _get(url: str, key: str | None = None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _key(prefix: Path) -> str:
+    env = next((prefix / "etc").glob("*.env")).read_text()
+    return next(line.split("=", 1)[1] for line in env.splitlines() if line.startswith("LLAMA_API_KEY="))
+
+
+def test_one_service_over_two_servers(tmp_path, signing_home):
+    repo = tmp_path / "repo"
+    _copy_repo(repo)
+    shutil.copytree(ROOT / "tests/data/toy_engine", repo / "bundler/engines/toy")
+    registry = (repo / REGISTRY).read_text()
+    line = next(x for x in registry.splitlines() if x.startswith("PACKAGES = ("))
+    (repo / REGISTRY).write_text(registry.replace(line, line.replace(")", ', "toy")', 1)))
+    model = tmp_path / "answers.toy"
+    model.write_text(json.dumps({"capital of france": "Paris, of course.", "": "Hello from the toy engine."}))
+    sha = subprocess.run(["sha256sum", str(model)], capture_output=True, text=True, check=True).stdout.split()[0]
+    spec = tmp_path / "toy.toml"
+    spec.write_text(f'[bundle]\nname = "toy"\nversion = "1.0.0"\n\n[[models]]\nname = "toy-1"\nsource = "{model}"\n'
+                    f'sha256 = "{sha}"\nformat = "toy"\n\n[service]\nconcurrency = 3\n\n'
+                    '[engines.llama_cpp]\nbackends = []\n')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(spec), "--out", str(tmp_path / "dist")],
+                       cwd=repo, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bundle = tmp_path / "dist" / "toy"
+
+    head, worker = Server(tmp_path, "head", HEAD), Server(tmp_path, "worker", WORKER)
+    run_env = dict(os.environ, AIRGAP_LLM_PYTHON="/usr/bin/python3")
+    with head.ns, worker.ns:
+        _link(head, worker)
+
+        def install(s: Server, *more: str) -> subprocess.CompletedProcess:
+            return s.run([str(bundle / "install.sh"), "--prefix", str(s.prefix), "--nodes", f"{HEAD},{WORKER}",
+                          "--host", HEAD, "--port", str(PORT), "--service", "process", "--json", *more], env=run_env)
+
+        # the head first: refused before anything changes, naming the worker that does not answer
+        r = install(head)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"worker {WORKER} (rank 1) does not answer on {WORKER}:29502" in r.stderr, r.stderr
+        assert "install on every worker first" in r.stderr
+        assert not (head.prefix / "toy" / "current").exists()
+
+        # the worker, then the head: one endpoint, the head's, answers with the key and only with it
+        r = install(worker)
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = json.loads(r.stdout)
+        assert out["cluster"]["role"] == "worker 1" and out["answer"] is None
+        assert "joins the head at 10.77.0.1:29501" in r.stderr
+        r = install(head, "--bench", "--bench-levels", "1,3", "--bench-max-tokens", "8")
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = json.loads(r.stdout)
+        assert out["cluster"]["role"] == "head" and "paris" in out["answer"].lower()
+        assert "[2 servers]" in out["answer"]  # the head answered with its worker joined
+        assert all(lv["errors"] == 0 for lv in out["bench"]["levels"])
+        key = _key(head.prefix)
+        models = f"http://{HEAD}:{PORT}/v1/models"
+        for s in (head, worker):  # from either server
+            code = s.run([sys.executable, "-c", f"from tests.e2e.test_cluster import _get; print(_get({models!r}))"],
+                         cwd=ROOT).stdout.strip()
+            assert code == "401", (s.address, code)
+        code = head.run([sys.executable, "-c", f"from tests.e2e.test_cluster import _get; "
+                         f"print(_get({models!r}, {key!r}))"], cwd=ROOT).stdout.strip()
+        assert code == "200"
+        # the engine's cluster traffic was told this server's address and interface, never 0.0.0.0
+        launch = (head.prefix / "toy" / "current" / "bin" / "launch").read_text()
+        assert f"TOY_HOST_IP={HEAD}" in launch and "bundler.cluster_node" in launch
+
+        # a worker that stops is named by the head, whose engine stops with it; back, the head serves again
+        wctl = str(worker.prefix / "toy" / "current" / "bin" / "ctl")
+        assert worker.run([wctl, "stop"]).returncode == 0
+        log = next((head.prefix / "toy" / "log").glob("*.log"))
+        deadline = time.monotonic() + 60
+        while f"worker {WORKER} (rank 1) does not answer" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        assert worker.run([wctl, "start"]).returncode == 0
+        deadline = time.monotonic() + 90
+        while head.run([sys.executable, "-c", f"from tests.e2e.test_cluster import _get; "
+                        f"print(_get({models!r}, {key!r}))"], cwd=ROOT).stdout.strip() != "200":
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(2)
+
+        # uninstall on each server leaves neither a release nor a listener
+        for s in (head, worker):
+            r = s.run([str(bundle / "install.sh"), "--prefix", str(s.prefix), "--uninstall"], env=run_env)
+            assert r.returncode == 0, r.stderr
+            assert not (s.prefix / "toy").exists()
+        held = head.run(["ss", "-ltnH"]).stdout + worker.run(["ss", "-ltnH"]).stdout
+        assert f":{PORT} " not in held and ":29502 " not in held, held
+    # nothing tried to leave either server: the cluster's traffic stayed on its own link
+    assert head.ns.attempts() == [] and worker.ns.attempts() == [], (head.ns.attempts(), worker.ns.attempts())

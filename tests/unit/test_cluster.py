@@ -1,0 +1,139 @@
+"""install.sh --nodes: which server this is, what its peers must agree on, and what vLLM is started
+with on each (the two-server e2e test is tests/e2e/test_cluster.py)."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bundler import cluster_node
+from bundler.box import cluster, options
+from bundler.errors import BundlerError
+
+HAVE = {"127.0.0.1": "lo", "10.0.0.2": "eth1"}
+
+
+def test_each_server_finds_its_rank_by_the_address_it_holds():
+    c = cluster.resolve("10.0.0.1, 10.0.0.2", None, None, HAVE)
+    assert (c.rank, c.interface, c.head, c.port, c.check_port, c.role) == (1, "eth1", "10.0.0.1", 29501, 29502,
+                                                                          "worker 1")
+    assert cluster.resolve("10.0.0.1,10.0.0.2", 1, 30000, HAVE).port == 30000
+
+
+@pytest.mark.parametrize("nodes, rank, port, message", [
+    ("10.0.0.2", None, None, "list two servers or more"),
+    ("10.0.0.1,head.local", None, None, "'head.local' is not an IP address"),
+    ("10.0.0.1,0.0.0.0", None, None, "0.0.0.0 cannot be a server's address"),
+    ("10.0.0.1,10.0.0.1", None, None, "names a server twice"),
+    ("10.0.0.1,10.0.0.3", None, None, "none of --nodes 10.0.0.1,10.0.0.3 is an address of this server (it has: "
+                                      "10.0.0.2 (eth1), 127.0.0.1 (lo))"),
+    ("10.0.0.1,10.0.0.2", 2, None, "--node-rank 2: --nodes lists 2 servers"),
+    ("10.0.0.1,10.0.0.2", 0, None, "--node-rank 0 is 10.0.0.1, which is not an address of this server"),
+    ("10.0.0.1,10.0.0.2", None, 80, "--cluster-port 80"),
+])
+def test_a_cluster_that_cannot_be_is_refused_naming_why(nodes, rank, port, message):
+    with pytest.raises(BundlerError) as e:
+        cluster.resolve(nodes, rank, port, HAVE)
+    assert message in e.value.message
+
+
+def test_this_servers_addresses_are_read_without_ip():
+    assert cluster.local_addresses()["127.0.0.1"] == "lo"
+
+
+def test_cluster_options_go_together(capsys):
+    for argv, said in ([["--node-rank", "1"], "go with --nodes"], [["--nodes", "10.0.0.1,10.0.0.2", "--tune"],
+                                                                    "--tune does not go with --nodes"]):
+        with pytest.raises(SystemExit):
+            options.parse(["--bundle", "/b", *argv])
+        assert said in capsys.readouterr().err
+    o = options.parse(["--bundle", "/b", "--nodes", "10.0.0.1,10.0.0.2", "--cluster-port", "30000"])
+    assert (o.nodes, o.cluster_port, o.node_rank) == ("10.0.0.1,10.0.0.2", 30000, None)
+
+
+def _facts(rank: int, port: int, **kw) -> dict:
+    return {"nodes": ["127.0.0.1", "127.0.0.2"], "rank": rank, "address": f"127.0.0.{rank + 1}", "check_port": port,
+            "bundle": "b" * 64, "model": "m abc", "plan": "p1 on 1 × H100 (81559 MiB)", "release": f"r{rank}", **kw}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_head_names_a_worker_that_is_missing_or_runs_something_else():
+    port = _free_port()
+    head = _facts(0, port)
+    assert "worker 127.0.0.2 (rank 1) does not answer on 127.0.0.2:" in cluster_node.problem(head, 1, "127.0.0.2")
+    s = cluster_node.serve_checks(_facts(1, port))
+    try:
+        assert cluster_node.problem(head, 1, "127.0.0.2") == ""
+        assert cluster_node.ask("127.0.0.2", port)["release"] == "r1"
+        other = dict(head, plan="p2 on 2 × H100 (81559 MiB)")
+        assert "runs another plan ('p1 on 1 × H100 (81559 MiB)', this server 'p2 on 2 × H100" in \
+            cluster_node.problem(other, 1, "127.0.0.2")
+        with pytest.raises(BundlerError, match=r"runs another bundle \('bbbbbbbbbbbb', this server 'cccccccccccc'\)") \
+                as e:
+            cluster.check_workers(cluster.Cluster(("127.0.0.1", "127.0.0.2"), 0, port - 1, "lo"),
+                                  dict(head, bundle="c" * 64))
+        assert "install on every worker first" in e.value.hint
+    finally:
+        s.close()
+
+
+def test_the_head_stops_its_engine_when_a_worker_stops_answering(monkeypatch):
+    """vLLM's head can hang in a collective when a worker dies: the head's cluster_node stops it, so the
+    service restarts as a group, and says which worker."""
+    port = _free_port()
+    monkeypatch.setattr(cluster_node, "CHECK_EVERY", 0.2)
+    worker = cluster_node.serve_checks(_facts(1, port))
+    head = _facts(0, port)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stop = __import__("threading").Event()
+    t = __import__("threading").Thread(target=cluster_node.watch, args=(head, child, stop), daemon=True)
+    t.start()
+    time.sleep(0.5)
+    assert child.poll() is None  # the worker answers: the engine runs on
+    worker.close()
+    assert child.wait(timeout=10) != 0
+    assert "worker 127.0.0.2 (rank 1) does not answer" in head["_stopped_for"]
+
+
+def test_vllm_on_a_worker_runs_headless_behind_cluster_node_with_its_cluster_address(tmp_path, monkeypatch):
+    from bundler import planner
+    from bundler.box import release
+    from bundler.box.layout import Layout
+
+    monkeypatch.setattr(release, "engine_site", lambda *a: tmp_path / "site")
+    monkeypatch.setattr(release, "triton_toolchain", lambda *a, **k: {"cc": "/usr/bin/cc", "headers": "",
+                                                                        "flashinfer_jit": ""})
+    (tmp_path / "stage" / "bin").mkdir(parents=True)
+    plan = planner.Plan(engine="vllm", backend="cuda", model="m", threads=0, slots=8, context_per_slot=4096,
+                        gpu_layers=0, total_layers=80, max_model_len=4096, max_num_seqs=256, tensor_parallel=4,
+                        pipeline_parallel=2, nodes=2, gpu_memory_utilization=0.9)
+    doc = {"engines": [{"name": "vllm", "backend": "cuda", "dir": "engines/vllm", "version": "0.26.0"}], "files": []}
+    c = cluster.resolve("10.0.0.1,10.0.0.2", None, None, HAVE)
+    script = release._engine_script(tmp_path / "bundle", doc, {"name": "m", "file": "/srv/m", "on_box": True}, plan,
+                                    Layout(tmp_path / "p", tmp_path / "etc", "svc"), "r1", tmp_path / "final",
+                                    tmp_path / "stage", "10.0.0.1", 8000, False, {}, (c, _facts(1, 29502)))
+    flat = script.replace("'", "")
+    assert "VLLM_HOST_IP=10.0.0.2" in flat and "VLLM_HOST_IP=10.0.0.1" not in flat
+    assert "NCCL_SOCKET_IFNAME=eth1" in flat and "GLOO_SOCKET_IFNAME=eth1" in flat
+    assert "-m bundler.cluster_node " + str(tmp_path / "final" / "cluster.json") + " -- " in flat
+    assert ("--pipeline-parallel-size 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29501 "
+            "--headless") in flat
+    assert (tmp_path / "stage" / "cluster.json").is_file()
+
+
+def test_only_an_engine_that_spreads_over_servers_is_planned_over_them():
+    from bundler.box import planning
+
+    m = {"name": "g", "facts": {"format": "gguf", "architecture": "llama", "file_size": 1, "layers": 2, "heads": 1,
+                                "kv_heads": 1, "head_dim_k": 1, "head_dim_v": 1, "context_length": 4096}}
+    o = options.parse(["--bundle", "/b", "--nodes", "10.0.0.1,10.0.0.2"])
+    with pytest.raises(BundlerError, match="serves one server only; across servers: vLLM"):
+        planning.make_cluster_plan({"engines": [], "service": {"concurrency": 4, "context": 4096}}, m, None, o, 2)
