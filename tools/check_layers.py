@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "bundler"
 # every engine package is box side (its launch, its planner), but for its build modules: bundle side
-BOX_ROOTS = ("bundler.box", "bundler.supervise", "bundler.guard", "bundler.egress", "bundler.engines")
+BOX_ROOTS = ("bundler.box", "bundler.supervise", "bundler.guard", "bundler.egress", "bundler.cluster_node",
+             "bundler.engines")
 BUNDLE_SIDE = ("bundler.bundle", "bundler.cli", "bundler.spec", "bundler.lock", "bundler.sources", "bundler.signing",
                "bundler.cache", "bundler.toolchains", "bundler.boxlock", "bundler.sbom")
 BUILD_MODULES = ("build", "ext_build")  # engines/NAME/build.py and what it uses: the bundle side of an engine
