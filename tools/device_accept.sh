@@ -480,6 +480,48 @@ PY
     grep -E "compatibility|API key is|backend|Loading|loaded|Error|error" "$OUT/tabby.log" | head -20
 }
 
+vllm_audit() {  # issue #26, in the background (poll with `wait_for /tmp/va SECONDS`), after exl3 ends: the vLLM
+    # bundle of docs/device/gpu-box-vllm.toml installed on the bare box under --audit-egress (VLLM_HOST_IP set,
+    # so vLLM's get_ip() looks nothing up), a tiny random model, smoke, bench at 1 and 8
+    mkdir -p /tmp/va "$MODELS"
+    export HIDE_DIRS
+    setsid sh -c '
+        DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
+        set +e
+        [ -f /tmp/models/tiny-hf/config.json ] || python3 tools/random_hf_llama.py /tmp/models/tiny-hf tiny \
+            > /tmp/va/model.log 2>&1
+        i=0; while [ ! -f /tmp/exl3/rc ] && [ -d /tmp/exl3 ] && [ $i -lt 1500 ]; do sleep 5; i=$((i + 5)); done
+        t0=$(date +%s)
+        bare sh /tmp/b/gpu-box/install.sh --prefix /tmp/pfx-va --trust /tmp/b/signing-key.pub \
+            --model /tmp/models/tiny-hf --model-name tiny --concurrency 8 --context 1024 --smoke-any-answer \
+            --audit-egress --bench-levels 1,8 --bench-max-tokens 64 --json > /tmp/va/install.json 2> /tmp/va/install.log
+        echo $? > /tmp/va/install.rc
+        echo "{\"install_s\": $(( $(date +%s) - t0 ))}" > /tmp/va/time.json
+        tail -n 150 /tmp/pfx-va/gpu-box/log/*.log > /tmp/va/engine-tail.txt 2>/dev/null
+        cat /tmp/va/install.rc > /tmp/va/rc' < /dev/null > /tmp/va/driver.log 2>&1 &
+    info "vllm_audit started in the background"
+}
+
+gpu10() {  # session 10, one GPU: everything carried is here; start exl2, exl3 and vllm_audit, one after another
+    [ -f /tmp/b/key/signing-key.pub ] && cp /tmp/b/key/signing-key.pub /tmp/b/signing-key.pub
+    nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
+    for b in exl2-hub exl3-box gpu-box; do
+        info "$b: $(find /tmp/b/$b -type f | wc -l) files, $(du -sh /tmp/b/$b | cut -f1)"
+    done
+    exl2; exl3; vllm_audit
+}
+
+collect() {  # what the background phases have written so far → $OUT (poll: collect SECONDS)
+    i=0
+    while [ "$i" -lt "$1" ] && { [ ! -f /tmp/va/rc ] || [ ! -f /tmp/exl3/rc ]; }; do sleep 5; i=$((i + 5)); done
+    for d in exl2 exl3 va; do
+        [ -d /tmp/$d ] || continue
+        printf '== %s: model %s, install rc %s\n' "$d" "$(cat /tmp/$d/model.rc 2>/dev/null)" "$(cat /tmp/$d/rc 2>/dev/null || echo running)"
+        tr '\r' '\n' < /tmp/$d/install.log 2>/dev/null | grep -vE "waiting for the engine|concurrency [0-9]+:|B/s\]" | tail -n 14
+        tar czf "$OUT/$d.tgz" -C /tmp/$d . 2>/dev/null || true
+    done
+}
+
 pack() {
     tar czf "$OUT/res.tgz" -C "$RES" .
     ls "$RES" | tr '\n' ' ' >&2

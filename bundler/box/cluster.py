@@ -23,7 +23,7 @@ from .. import cluster_node
 from ..errors import BundlerError
 
 DEFAULT_PORT = 29501  # vLLM's --master-port default; the check port is the next one
-SIOCGIFADDR = 0x8915
+SIOCGIFADDR, SIOCGIFCONF = 0x8915, 0x8912
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,27 @@ class Cluster:
 
 
 def local_addresses() -> dict[str, str]:
-    """IPv4 address → interface, for every interface of this server that has one (no `ip` needed)."""
+    """IPv4 address → interface (its label: eth0:1 for a second address), every one this server holds,
+    read from the kernel (SIOCGIFCONF) with no `ip` needed."""
+    import array
+
     out = {}
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        buf = array.array("B", bytes(40 * 256))  # struct ifreq is 40 bytes on 64-bit Linux
+        try:
+            got = fcntl.ioctl(s.fileno(), SIOCGIFCONF, struct.pack("iL", len(buf), buf.buffer_info()[0]))
+            size = struct.unpack("iL", got)[0]
+            raw = buf.tobytes()[:size]
+            for i in range(0, size - 39, 40):
+                out[socket.inet_ntoa(raw[i + 20:i + 24])] = raw[i:i + 16].split(b"\0", 1)[0].decode()
+        except OSError:
+            pass
         for _, name in socket.if_nameindex():
-            try:
+            try:  # each interface's first address, where SIOCGIFCONF did not answer
                 raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
             except OSError:
                 continue  # no IPv4 address
-            out[socket.inet_ntoa(raw[20:24])] = name
+            out.setdefault(socket.inet_ntoa(raw[20:24]), name)
     return out
 
 
