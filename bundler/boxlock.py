@@ -45,23 +45,27 @@ def _compile(requirement: str, constraints: dict[str, str], python: str, platfor
 
 
 def lock_requirements(requirements: list[str], box: Any, workdir: Path, label: str, log=print,
-                      hint: str = "") -> tuple[dict[str, tuple[str, list[str]]], dict]:
+                      hint: str = "", keep_stack: bool = True) -> tuple[dict[str, tuple[str, list[str]]], dict]:
     """Lock requirements for the box's Python and platform, keeping its CUDA stack (torch, triton,
-    nvidia-*) as it is and preferring every other version it has; return (pins to carry, summary)."""
+    nvidia-*) as it is (keep_stack=False: whatever the requirements need, carried) and preferring every
+    other version it has; return (pins to carry, summary)."""
     python = ".".join(box.python.split(".")[:2])
     glibc_minor = int(box.glibc.split(".")[1]) if "." in box.glibc else 17
     platform_tag = f"{box.arch}-manylinux_2_{min(glibc_minor, 40)}"
     installed = {_norm(k): v for k, v in box.installed.items()}
-    hard = {k: v for k, v in installed.items() if k.startswith(GPU_STACK)}
+    hard = {k: v for k, v in installed.items() if k.startswith(GPU_STACK)} if keep_stack else {}
     out = workdir / "engine.lock"
     requirement = "\n".join(requirements)
-    log(f"locking {label} for Python {python} on {platform_tag} (uv), keeping the box's "
-        f"torch {installed.get('torch', '?')} stack")
+    log(f"locking {label} for Python {python} on {platform_tag} (uv), " +
+        (f"keeping the box's torch {installed.get('torch', '?')} stack" if keep_stack else
+         "with the torch stack it needs, carried"))
     err = _compile(requirement, hard, python, platform_tag, out)
     if err:
         raise BundlerError(f"cannot lock {label} against the box's CUDA stack:\n{err[-1500:]}",
                            hint=hint or "pick versions that work with the box's torch")
     pins = _pins(out.read_text())
+    if not keep_stack:  # the box's own stack is not mixed in: what the engine's torch needs comes with it
+        installed = {k: v for k, v in installed.items() if not k.startswith(GPU_STACK)}
     # prefer what the box has: constrain every other package it has at another version
     prefer = dict(hard)
     prefer.update({n: installed[n] for n, (v, _) in pins.items() if n in installed and installed[n] != v})
@@ -86,6 +90,19 @@ def lock_requirements(requirements: list[str], box: Any, workdir: Path, label: s
     summary["reuses"] = {k: v for k, v in box.installed.items() if _norm(k) in stack}
     log(f"{label} lock: {len(pins)} packages, {len(pins) - len(carry)} already on the box, {len(carry)} to carry")
     return carry, summary
+
+
+def newest(name: str, box: Any, workdir: Path) -> str:
+    """The newest release of `name` that resolves for the box's Python and platform, whatever it needs
+    (lock_requirements' preference for what the box has could otherwise settle on an older one)."""
+    python = ".".join(box.python.split(".")[:2])
+    glibc_minor = int(box.glibc.split(".")[1]) if "." in box.glibc else 17
+    out = workdir / f"{name}-newest.lock"
+    err = _compile(name, {}, python, f"{box.arch}-manylinux_2_{min(glibc_minor, 40)}", out)
+    if err:
+        raise BundlerError(f"no release of {name} resolves for Python {python} on {box.arch}:\n{err[-1500:]}",
+                           hint=f"pin a release of {name} in the spec")
+    return _pins(out.read_text())[_norm(name)][0]
 
 
 def download(carry: dict[str, tuple[str, list[str]]], box: Any, dest: Path, log=print) -> list[Path]:

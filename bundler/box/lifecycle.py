@@ -83,6 +83,9 @@ def install(opts: Options) -> dict[str, Any] | None:
     else:
         plan, oplans = make_plan(doc, m, hw, opts, others)
     print_plan(plan, hw, oplans, [o["port"] for o in others])
+    for e in doc["engines"]:  # which release of an engine, where the bundle chose it (vLLM's "latest")
+        if e.get("why") and e["name"] in {p.engine for p in [plan, *oplans]}:
+            info(f"{engines.get(e['name']).label}: {e['why']}")
     for name in sorted({p.engine for p in [plan, *oplans]} & set(TRITON_ENGINES)):
         if not opts.box_file:
             triton_toolchain(doc, name)

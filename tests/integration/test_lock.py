@@ -5,6 +5,7 @@ import zipfile
 import pytest
 
 from bundler import lock
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.network
 
@@ -59,3 +60,38 @@ def test_a_missing_package_fails_with_what_was_asked(tmp_path):
         lock.compile_lock(["airgap-llm-no-such-package-xyz==9.9"], tmp_path / "x.lock")
     assert "airgap-llm-no-such-package-xyz" in e.value.message
     assert "reachable" in e.value.hint
+
+
+def test_the_newest_vllm_is_locked_for_the_gpu_box_with_the_torch_it_needs(tmp_path):
+    """[engines.vllm] version = "latest" against the GPU box's probe (Python 3.12, torch 2.11.0): the newest
+    vLLM on the index, which pins a newer torch than the box has, so its own torch stack is carried."""
+    import json
+
+    from bundler import probe
+    from bundler.engines.vllm.build import lock_latest
+    from bundler.versions import version_tuple
+
+    box = probe.Hardware.from_dict(json.loads((ROOT / "tests/data/boxes/device-h200x2-probe.json").read_text()))
+    said = []
+    version, carry, summary, why = lock_latest(box, tmp_path, log=said.append)
+    # 0.33.0 when this was written: 0.34.0 is listed, but pins a flashinfer-python the index does not have
+    assert version_tuple(version) >= (0, 33), version
+    assert carry["vllm"][0] == version
+    assert version_tuple(carry["torch"][0]) > (2, 11), carry["torch"]  # not the box's 2.11.0
+    assert not any(k.startswith("torch") for k in summary["reuses"])  # nothing of the box's stack is relied on
+    assert f"vLLM {version}, the newest that resolved on the index" in why and "its own torch stack is carried" in why
+    assert why in said
+
+
+def test_the_newest_vllm_is_refused_for_a_driver_older_than_its_cuda(tmp_path):
+    import json
+
+    from bundler import probe
+    from bundler.engines.vllm.build import lock_latest
+    from bundler.errors import BundlerError
+
+    d = json.loads((ROOT / "tests/data/boxes/device-h200x2-probe.json").read_text())
+    for g in d["gpus"]:
+        g["driver"] = "550.54.15"
+    with pytest.raises(BundlerError, match="driver 550.54.15 is older than 580"):
+        lock_latest(probe.Hardware.from_dict(d), tmp_path, log=lambda *_: None)

@@ -304,3 +304,16 @@ def test_the_launch_sets_each_generations_own_needs(gen, tmp_path, monkeypatch):
             assert str(final / "include" / "python3.12") in wrapper
             assert (stage / "include" / "python3.12" / "Python.h").is_file()
         assert conf["model"]["max_batch_size"] == 4
+
+
+def test_a_finished_extension_build_lands_in_a_fresh_cache(tmp_path):
+    """The last step of a 10-minute build: its folder moved under the cache's key, where the generation's
+    folder does not exist yet (it failed there once, losing the build)."""
+    from bundler.engines.exllama.build import commit_build
+
+    work = tmp_path / "exllama-build" / ".k.partial"
+    work.mkdir(parents=True)
+    (work / "x.whl").write_text("w")
+    done = tmp_path / "exllamav3-ext" / "k"
+    commit_build(work, done)
+    assert (done / "x.whl").read_text() == "w" and not work.exists()

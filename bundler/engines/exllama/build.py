@@ -182,6 +182,14 @@ def refuse_unbuildable(box: Any, why: list[str], gen: Gen) -> None:
                             "bundles")
 
 
+def commit_build(work: Path, done: Path) -> None:
+    """A finished build folder into the cache under its key. The cache's folder for the generation may
+    not exist yet (a fresh cache): a 10-minute build once failed at this last step for want of it."""
+    done.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(done, ignore_errors=True)
+    os.replace(work, done)
+
+
 def ext_wheel(exl_wheel: Path, box: Any, gen: Gen, log=print) -> Path:
     """exllamavN's extension as a wheel for the box: from the cache (keyed by every input), else built
     here in a venv of the box's Python with PyPI's torch of the box's version (gen.build_time on 2 cores)."""
@@ -243,8 +251,7 @@ def ext_wheel(exl_wheel: Path, box: Any, gen: Gen, log=print) -> Path:
         raise BundlerError(f"the {gen.label} extension build failed (exit {proc.returncode}):\n{tail}",
                            hint=f"full log: {work / 'build.log'}")
     (work / "complete").write_text(f"{py} torch {torch} cuda {got} archs {archs} {time.monotonic() - t0:.0f}s\n")
-    shutil.rmtree(done, ignore_errors=True)
-    os.replace(work, done)
+    commit_build(work, done)
     built = cached_ext(done, gen)
     if built is None:
         raise BundlerError(f"the {gen.label} extension build wrote no wheel into {done}",

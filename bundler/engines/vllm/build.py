@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import lock
-from ...boxlock import download, lock_requirements
+from ...boxlock import download, lock_requirements, newest
 from ...toolchains import zig_wheel
 from . import NAME
 
@@ -19,7 +19,38 @@ from . import NAME
 def lock_for_box(version: str, box: Any, workdir: Path, log=print) -> tuple[dict[str, tuple[str, list[str]]], dict]:
     """Lock vllm==version for the box; return (pins to carry, summary)."""
     return lock_requirements([f"vllm=={version}"], box, workdir, f"vllm=={version}", log=log,
-                             hint="pick a vLLM version that pins the box's torch (vLLM 0.26.0 pins torch 2.11.0)")
+                             hint="pick a vLLM version that pins the box's torch (vLLM 0.26.0 pins torch 2.11.0), "
+                                  'or version = "latest", which carries the torch it needs')
+
+
+LATEST = "latest"
+CUDA13_DRIVER = 580  # vLLM's and torch's CUDA 13 wheels need this driver or newer
+
+
+def lock_latest(box: Any, workdir: Path, log=print) -> tuple[str, dict[str, tuple[str, list[str]]], dict, str]:
+    """version = "latest": the newest vLLM on the index for the box's Python and platform. Where it runs on
+    the box's own torch stack, that stack is kept; where it pins another torch, it carries its own.
+    Returns (version, pins to carry, summary, why: one line the plan and manifest show)."""
+    from ...errors import BundlerError
+
+    driver = box.gpus[0].driver if box.gpus else ""
+    if box.gpus and int(driver.split(".")[0] or 0) < CUDA13_DRIVER:
+        raise BundlerError(f"the box's NVIDIA driver {driver} is older than {CUDA13_DRIVER}, which the newest "
+                           "vLLM's CUDA 13 wheels need", hint="update the driver, or pin an older vLLM "
+                                                               '(version = "0.26.0" and older: see docs/DESIGN.md)')
+    version = newest("vllm", box, workdir)
+    carry, summary = lock_requirements([f"vllm=={version}"], box, workdir, f"vllm=={version} (the newest)", log=log,
+                                       keep_stack=False)
+    torch_box = next((v for k, v in box.installed.items() if k.lower() == "torch"), "")
+    torch_new = carry["torch"][0] if "torch" in carry else torch_box
+    if torch_new.split("+")[0] == torch_box.split("+")[0]:
+        carry, summary = lock_for_box(version, box, workdir, log=log)  # the box's stack fits it: keep it
+        why = f"vLLM {version}, the newest that resolved on the index when bundled; it runs on the box's torch {torch_box}"
+    else:
+        why = (f"vLLM {version}, the newest that resolved on the index when bundled; it needs torch {torch_new}, the box has "
+               f"{torch_box or 'none'}: its own torch stack is carried ({summary['carried']} wheels)")
+    log(why)
+    return version, carry, summary, why
 
 
 SPEC_TABLES = ("vllm",)
@@ -37,8 +68,9 @@ class VllmSpec:
 
 def read_spec(table: str, r: Any, path: Path) -> VllmSpec:
     version = r.get("version", str, "")
-    if version and not re.match(r"^\d+\.\d+(\.\d+)?$", version):
-        r.fail("engines.vllm.version", f"is {version!r}", "pin a release, e.g. version = \"0.26.0\"")
+    if version and version != LATEST and not re.match(r"^\d+\.\d+(\.\d+)?$", version):
+        r.fail("engines.vllm.version", f"is {version!r}", "pin a release, e.g. version = \"0.26.0\", or say "
+               "version = \"latest\" (the newest on the index, with its own torch where the box's does not fit)")
     headers = r.get("python_headers", str, "")
     if headers:
         headers = str((path.parent / headers).resolve()) if not Path(headers).is_absolute() else headers
@@ -80,8 +112,12 @@ def bundle(ctx: Any) -> list[dict[str, Any]]:
     ctx.needs_box("vLLM")
     ctx.step(f"vLLM {spec.vllm.version} for the box")
     edir = ctx.stage / "engines" / "vllm"
+    version, why = spec.vllm.version, ""
     with tempfile.TemporaryDirectory(prefix="airgap-vllm-") as td:
-        carry, summary = lock_for_box(spec.vllm.version, target, Path(td), log=ctx.log)
+        if version == LATEST:
+            version, carry, summary, why = lock_latest(target, Path(td), log=ctx.log)
+        else:
+            carry, summary = lock_for_box(version, target, Path(td), log=ctx.log)
     wheels = download(carry, target, lock.wheel_cache() / "vllm", log=ctx.log)
     (edir / "wheels").mkdir(parents=True)
     for w in wheels:
@@ -94,6 +130,6 @@ def bundle(ctx: Any) -> list[dict[str, Any]]:
     lock.write_install_lock(edir / "wheels", edir / "requirements.lock")
     headers = ctx.python_headers(edir)
     reused = summary.pop("reuses")
-    return [{"name": NAME, "backend": "cuda", "version": spec.vllm.version, "dir": "engines/vllm",
+    return [{"name": NAME, "backend": "cuda", "version": version, "dir": "engines/vllm", "why": why,
              "python": summary["python"], "arch": target.arch, "glibc": "2.28", "cuda": "13",
              "lock": summary, "reuses": reused, "cpu_flags": [], "python_headers": headers}]
