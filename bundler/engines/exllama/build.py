@@ -185,6 +185,9 @@ def refuse_unbuildable(box: Any, why: list[str], gen: Gen) -> None:
 def commit_build(work: Path, done: Path) -> None:
     """A finished build folder into the cache under its key. The cache's folder for the generation may
     not exist yet (a fresh cache): a 10-minute build once failed at this last step for want of it."""
+    import os
+    import shutil
+
     done.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(done, ignore_errors=True)
     os.replace(work, done)

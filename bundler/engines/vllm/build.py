@@ -45,10 +45,11 @@ def lock_latest(box: Any, workdir: Path, log=print) -> tuple[str, dict[str, tupl
     torch_new = carry["torch"][0] if "torch" in carry else torch_box
     if torch_new.split("+")[0] == torch_box.split("+")[0]:
         carry, summary = lock_for_box(version, box, workdir, log=log)  # the box's stack fits it: keep it
-        why = f"vLLM {version}, the newest that resolved on the index when bundled; it runs on the box's torch {torch_box}"
+        why = f"vLLM {version}, the newest that resolved on the index when bundled; it runs on the box's torch " \
+              f"{torch_box}"
     else:
-        why = (f"vLLM {version}, the newest that resolved on the index when bundled; it needs torch {torch_new}, the box has "
-               f"{torch_box or 'none'}: its own torch stack is carried ({summary['carried']} wheels)")
+        why = (f"vLLM {version}, the newest that resolved on the index when bundled; it needs torch {torch_new}, "
+               f"the box has {torch_box or 'none'}: its own torch stack is carried ({summary['carried']} wheels)")
     log(why)
     return version, carry, summary, why
 
