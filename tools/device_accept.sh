@@ -26,7 +26,7 @@ info() { printf '[device] %s\n' "$*" >&2; }
 
 receive() {
     mkdir -p /tmp/b
-    for d in .carry/x*; do [ -d "$d" ] && cp -a "$d"/. /tmp/b/ && rm -rf "$d"; done
+    for d in .carry/*/; do [ -d "$d" ] && cp -a "$d"/. /tmp/b/ && rm -rf "$d"; done
     info "bundle files here: $(find /tmp/b -type f | wc -l), $(du -sh /tmp/b | cut -f1)"
 }
 
@@ -502,13 +502,14 @@ vllm_audit() {  # issue #26, in the background (poll with `wait_for /tmp/va SECO
     info "vllm_audit started in the background"
 }
 
-gpu10() {  # session 10, one GPU: everything carried is here; start exl2, exl3 and vllm_audit, one after another
+gpu10() {  # session 10, one GPU: the ExLlama bundles are here (vLLM's still travelling): start exl2 and exl3,
+    # one after the other, in the background; `vllm_audit` starts once vLLM's bundle is here
     [ -f /tmp/b/key/signing-key.pub ] && cp /tmp/b/key/signing-key.pub /tmp/b/signing-key.pub
     nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
-    for b in exl2-hub exl3-box gpu-box; do
+    for b in exl2-hub exl3-box; do
         info "$b: $(find /tmp/b/$b -type f | wc -l) files, $(du -sh /tmp/b/$b | cut -f1)"
     done
-    exl2; exl3; vllm_audit
+    exl2; exl3
 }
 
 collect() {  # what the background phases have written so far → $OUT (poll: collect SECONDS)

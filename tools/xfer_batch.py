@@ -4,8 +4,8 @@ carries 64 MiB per call, like the gateways our users face): files are packed in
 order into batches of at most LIMIT bytes and hard-linked under .carry/xfer/.
 
 usage: xfer_batch.py BUNDLE_DIR N [LIMIT_MB]   → prints how many batches there are
-       xfer_batch.py --all LIMIT_MB DIR...        → every batch of the files of all DIRs at once, as
-                                                   .carry/x01/DIR_NAME/..., .carry/x02/...: one per call
+       xfer_batch.py --all LIMIT_MB P DIR...      → every batch of the files of all DIRs at once, as
+                                                   .carry/P01/DIR_NAME/..., .carry/P02/...: one per call
 """
 
 import os
@@ -35,23 +35,23 @@ def batches(root: Path | list[Path], limit: int) -> list[list[Path]]:
     return out
 
 
-def main_all(limit_mb: str, dirs: list[str]) -> None:
+def main_all(limit_mb: str, prefix: str, dirs: list[str]) -> None:
     roots = [Path(d).resolve() for d in dirs]
     bs = batches(roots, int(float(limit_mb) * (1 << 20)))
-    for old in Path(".carry").glob("x[0-9][0-9]"):
+    for old in Path(".carry").glob(f"{prefix}[0-9][0-9]"):
         shutil.rmtree(old)
     for i, b in enumerate(bs, 1):
         for f in b:
             root = next(r for r in roots if f.is_relative_to(r))
-            target = Path(".carry") / f"x{i:02d}" / root.name / f.relative_to(root)
+            target = Path(".carry") / f"{prefix}{i:02d}" / root.name / f.relative_to(root)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(f, target)
-        print(f".carry/x{i:02d}: {len(b)} files, {sum(f.stat().st_size for f in b) >> 20} MiB")
+        print(f".carry/{prefix}{i:02d}: {len(b)} files, {sum(f.stat().st_size for f in b) >> 20} MiB")
 
 
 def main() -> None:
     if sys.argv[1] == "--all":
-        return main_all(sys.argv[2], sys.argv[3:])
+        return main_all(sys.argv[2], sys.argv[3], sys.argv[4:])
     root, n = Path(sys.argv[1]), int(sys.argv[2])
     limit = int(float(sys.argv[3]) * (1 << 20)) if len(sys.argv) > 3 else 58 << 20
     bs = batches(root, limit)
