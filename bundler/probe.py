@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import shutil
@@ -266,11 +267,24 @@ def installed_distributions(paths: tuple[str, ...]) -> dict[str, str]:
 
 
 def _site_packages() -> tuple[str, ...]:
+    """The site-packages of this python as it runs engines. The installer runs with -I -S (nothing of the
+    bundle folder or the environment is imported before verification), and without site.py a venv's python
+    (the GPU boxes' /opt/torch/.venv) reports the base install's folders: its torch went unseen. So the
+    same python is asked once more, isolated but with site.py, from /."""
     import site
+    import subprocess
     import sysconfig
 
     paths = [sysconfig.get_paths()["purelib"], *getattr(site, "getsitepackages", lambda: [])()]
-    return tuple(dict.fromkeys(p for p in paths if os.path.isdir(p)))
+    if sys.flags.no_site:
+        try:
+            out = subprocess.run([sys.executable, "-I", "-c", "import json, site, sysconfig; print(json.dumps("
+                                  "[sysconfig.get_paths()['purelib'], *site.getsitepackages()]))"],
+                                 capture_output=True, text=True, timeout=30, cwd="/").stdout
+            paths = [*json.loads(out), *paths]
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    return tuple(dict.fromkeys(p for p in paths if isinstance(p, str) and os.path.isdir(p)))
 
 
 def probe(prefix: Path) -> Hardware:

@@ -344,10 +344,12 @@ exl2() {  # issue #14, in the background (poll with `wait_for /tmp/exl2 SECONDS`
 
 unwheel() {  # unwheel WHEELS_DIR SITE: every wheel of a bundle's engine (parts joined) unpacked into SITE
     mkdir -p "$2"
+    j=$(mktemp /tmp/joined-XXXXXX.whl)  # its own: exl2 and exl3 unpack at the same time (a shared one gave a Bus error)
     for w in "$1"/*.whl "$1"/*.whl.part000; do
-        case "$w" in *ziglang*|*'*'*) continue ;; *.part000) cat "${w%.part000}".part* > /tmp/joined.whl; w=/tmp/joined.whl ;; esac
+        case "$w" in *ziglang*|*'*'*) continue ;; *.part000) cat "${w%.part000}".part* > "$j"; w=$j ;; esac
         python3 -m zipfile -e "$w" "$2"
     done
+    rm -f "$j"
 }
 
 EXL3_CAL='
@@ -492,12 +494,12 @@ vllm_audit() {  # issue #26, in the background (poll with `wait_for /tmp/va SECO
             > /tmp/va/model.log 2>&1
         i=0; while [ ! -f /tmp/exl3/rc ] && [ -d /tmp/exl3 ] && [ $i -lt 1500 ]; do sleep 5; i=$((i + 5)); done
         t0=$(date +%s)
-        bare sh /tmp/b/gpu-box/install.sh --prefix /tmp/pfx-va --trust /tmp/b/signing-key.pub \
+        bare sh /tmp/b/gpu-box/install.sh --trust /tmp/b/signing-key.pub \
             --model /tmp/models/tiny-hf --model-name tiny --concurrency 8 --context 1024 --smoke-any-answer \
             --audit-egress --bench-levels 1,8 --bench-max-tokens 64 --json > /tmp/va/install.json 2> /tmp/va/install.log
         echo $? > /tmp/va/install.rc
         echo "{\"install_s\": $(( $(date +%s) - t0 ))}" > /tmp/va/time.json
-        tail -n 150 /tmp/pfx-va/gpu-box/log/*.log > /tmp/va/engine-tail.txt 2>/dev/null
+        tail -n 150 /opt/airgap-llm/gpu-box/log/*.log > /tmp/va/engine-tail.txt 2>/dev/null
         cat /tmp/va/install.rc > /tmp/va/rc' < /dev/null > /tmp/va/driver.log 2>&1 &
     info "vllm_audit started in the background"
 }
