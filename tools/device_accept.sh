@@ -408,6 +408,36 @@ exl3() {  # issue #14, in the background (poll with `wait_for /tmp/exl3 SECONDS`
     info "exl3 started in the background"
 }
 
+exl_install() {  # exl_install exl2|exl3 [WAIT_DIR]: in the background, after WAIT_DIR/rc appears, the README's root
+    # install on the bare box of the delta bundle (/tmp/b/d/NAME, made with the installer's probe fix) over
+    # the bundle carried first (--base), serving its box: model: key, 401s, smoke, bench at 1 and 8 with
+    # TabbyAPI's own defaults beside it, all under the egress audit
+    g=$1 name=exl2-hub
+    [ "$g" = exl3 ] && name=exl3-box
+    rm -rf "/tmp/$g-d" && mkdir -p "/tmp/$g-d"
+    export HIDE_DIRS
+    setsid sh -c "
+        DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
+        i=0; while [ -n '${2:-}' ] && [ ! -f '${2:-}/rc' ] && [ \$i -lt 900 ]; do sleep 3; i=\$((i + 3)); done
+        t0=\$(date +%s)
+        bare sh /tmp/b/d/$name/install.sh --base /tmp/b/$name --trust /tmp/b/signing-key.pub --smoke-any-answer \
+            --bench --bench-levels 1,8 --baseline --audit-egress --json > /tmp/$g-d/install.json 2> /tmp/$g-d/install.log
+        echo \$? > /tmp/$g-d/install.rc
+        echo \$(( \$(date +%s) - t0 )) > /tmp/$g-d/seconds
+        tail -n 200 /opt/airgap-llm/$name/log/*.log > /tmp/$g-d/engine-tail.txt 2>/dev/null
+        cp /tmp/$g-d/install.rc /tmp/$g-d/rc" < /dev/null > "/tmp/$g-d/driver.log" 2>&1 &
+    info "$g install started in the background"
+}
+
+exl3_model() {  # the tiny EXL3 model again, made on the box as it is: the converter's Triton kernels (fla)
+    # compile their launchers with a C compiler, which `bare` hides (the install itself still runs bare)
+    rm -rf /tmp/models/exl3-work /tmp/models/tiny-exl3
+    export EXL3_CONVERT
+    setsid sh -c 't0=$(date +%s); PYTHONPATH=/tmp/exl3site python3 -c "$EXL3_CONVERT" -i /tmp/models/exl3-src \
+        -w /tmp/models/exl3-work -o /tmp/models/tiny-exl3 -b 4.0 -cr 16 -cc 512 > /tmp/exl3-model.log 2>&1
+        echo "model (not bare): rc $? in $(( $(date +%s) - t0 ))s" > /tmp/exl3-model.rc' < /dev/null > /dev/null 2>&1 &
+}
+
 exl2_direct() {  # issue #14 in one short call (a session with ~4 device minutes): the bundle's ExLlamaV2
     # wheels (.carry/exlq: exllamav2, its extension built here, TabbyAPI's dependencies) unpacked; a real
     # tiny EXL2 model quantized with them inside `bare`; TabbyAPI started by the release's own wrapper
@@ -485,16 +515,17 @@ PY
 vllm_audit() {  # issue #26, in the background (poll with `wait_for /tmp/va SECONDS`), after exl3 ends: the vLLM
     # bundle of docs/device/gpu-box-vllm.toml installed on the bare box under --audit-egress (VLLM_HOST_IP set,
     # so vLLM's get_ip() looks nothing up), a tiny random model, smoke, bench at 1 and 8
-    mkdir -p /tmp/va "$MODELS"
-    export HIDE_DIRS
+    rm -rf /tmp/va && mkdir -p /tmp/va "$MODELS"
+    export HIDE_DIRS VA_WAIT VA_DELTA  # VA_DELTA=1: the delta bundle /tmp/b/d/gpu-box over /tmp/b/gpu-box
     setsid sh -c '
         DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
         set +e
         [ -f /tmp/models/tiny-hf/config.json ] || python3 tools/random_hf_llama.py /tmp/models/tiny-hf tiny \
             > /tmp/va/model.log 2>&1
-        i=0; while [ ! -f /tmp/exl3/rc ] && [ -d /tmp/exl3 ] && [ $i -lt 1500 ]; do sleep 5; i=$((i + 5)); done
+        W=${VA_WAIT:-/tmp/exl3}
+        i=0; while [ ! -f $W/rc ] && [ -d $W ] && [ $i -lt 1500 ]; do sleep 5; i=$((i + 5)); done
         t0=$(date +%s)
-        bare sh /tmp/b/gpu-box/install.sh --trust /tmp/b/signing-key.pub \
+        bare sh /tmp/b/${VA_DELTA:+d/}gpu-box/install.sh ${VA_DELTA:+--base /tmp/b/gpu-box} --trust /tmp/b/signing-key.pub \
             --model /tmp/models/tiny-hf --model-name tiny --concurrency 8 --context 1024 --smoke-any-answer \
             --audit-egress --bench-levels 1,8 --bench-max-tokens 64 --json > /tmp/va/install.json 2> /tmp/va/install.log
         echo $? > /tmp/va/install.rc
@@ -517,7 +548,7 @@ gpu10() {  # session 10, one GPU: the ExLlama bundles are here (vLLM's still tra
 collect() {  # what the background phases have written so far → $OUT (poll: collect SECONDS)
     i=0
     while [ "$i" -lt "$1" ] && { [ ! -f /tmp/va/rc ] || [ ! -f /tmp/exl3/rc ]; }; do sleep 5; i=$((i + 5)); done
-    for d in exl2 exl3 va; do
+    for d in exl2 exl3 va exl2-d exl3-d; do
         [ -d /tmp/$d ] || continue
         printf '== %s: model %s, install rc %s\n' "$d" "$(cat /tmp/$d/model.rc 2>/dev/null)" "$(cat /tmp/$d/rc 2>/dev/null || echo running)"
         tr '\r' '\n' < /tmp/$d/install.log 2>/dev/null | grep -vE "waiting for the engine|concurrency [0-9]+:|B/s\]" | tail -n 14

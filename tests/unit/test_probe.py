@@ -88,3 +88,25 @@ def test_probe_of_a_pcie_box_an_old_driver_and_a_box_without_nvidia_smi(tmp_path
 def test_single_rtx3090_output():
     (g,) = parse_gpu_csv((DATA / "rtx3090x1" / "nvidia-smi-query.csv").read_text())
     assert (g.name, g.memory_total_mib, g.compute_capability) == ("NVIDIA GeForce RTX 3090", 24576, "8.6")
+
+
+def test_a_venvs_packages_are_seen_when_the_installer_runs_without_site(tmp_path):
+    """The GPU boxes' python is a venv (/opt/torch/.venv) holding torch. The installer runs it with -I -S, and
+    without site.py a venv's python reports the base install's site-packages: the probe saw no torch, and
+    every bundle that reuses the box's torch was refused there (found on the H100, session 10)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "boxtorch-2.11.0.dist-info").mkdir()
+    (site / "boxtorch-2.11.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: boxtorch\n"
+                                                                  "Version: 2.11.0\n")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bundler import probe; "
+            "print(probe.installed_distributions(probe._site_packages()).get('boxtorch'))")
+    out = subprocess.run([str(venv / "bin" / "python"), "-I", "-S", "-c", code], capture_output=True, text=True,
+                         cwd="/")
+    assert out.stdout.strip() == "2.11.0", out.stdout + out.stderr

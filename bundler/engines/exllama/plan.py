@@ -39,7 +39,9 @@ def _plan_exl(name: str, info: ModelInfo, hw: Hardware, intent: Intent, engines:
         # refused to load on cc >= 8 without it (../shared/EXLLAMA.md); unpaged, one request at a time
         batch_note = (f"ExLlamaV2 serves ONE request at a time here: batching needs flash-attn (paged attention), "
                       f"which this bundle does not carry; the other {conc - 1} of the {conc} concurrent requests "
-                      "wait. For that load, rather: an EXL3 build (ExLlamaV3 batches with its Triton kernels), "
+                      "wait (measured on one H100: 8 concurrent requests served 1.04x the tokens/s of one, the "
+                      "first token after 3.4 s; ExLlamaV3 served 1.79x, docs/BENCHMARKS.md). For that load, "
+                      "rather: an EXL3 build (ExLlamaV3 batches with its Triton kernels), "
                       "an AWQ/GPTQ safetensors build with vLLM, or a GGUF with llama.cpp (both batch)")
         conc = 1
     usable = [max(0, g.memory_free_mib * MiB * GPU_FRACTION - EXL2_OVERHEAD) for g in hw.gpus]

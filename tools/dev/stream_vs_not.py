@@ -1,0 +1,20 @@
+import json, sys, time, urllib.request as u
+envf, base, model = sys.argv[1], sys.argv[2], sys.argv[3]
+env = dict(l.split("=", 1) for l in open(envf).read().splitlines() if "=" in l)
+key = next(v for k, v in env.items() if k.endswith("API_KEY"))
+def go(stream):
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 512, "ignore_eos": True, "stream": stream,
+            "temperature": 0}
+    r = u.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    t0 = time.monotonic(); n = 0
+    with u.urlopen(r, timeout=120) as resp:
+        if stream:
+            for line in resp:
+                n += line.startswith(b"data: {")
+        else:
+            d = json.loads(resp.read()); n = (d.get("usage") or {}).get("completion_tokens") or len(d["choices"][0]["text"])
+    return time.monotonic() - t0, n
+for s in (False, True, False, True):
+    t, n = go(s)
+    print(f"stream={s}: {n} {'chunks' if s else 'tokens (or chars)'} in {t:.2f}s")
