@@ -269,21 +269,28 @@ def installed_distributions(paths: tuple[str, ...]) -> dict[str, str]:
 def _site_packages() -> tuple[str, ...]:
     """The site-packages of this python as it runs engines. The installer runs with -I -S (nothing of the
     bundle folder or the environment is imported before verification), and without site.py a venv's python
-    (the GPU boxes' /opt/torch/.venv) reports the base install's folders: its torch went unseen. So the
-    same python is asked once more, isolated but with site.py, from /."""
+    (the GPU boxes' /opt/torch/.venv) reports the base install's folders: its torch went unseen. So the venv
+    is found as site.py finds it (pyvenv.cfg beside the executable or one folder up), by reading that file
+    and running nothing: site.py would run the venv's .pth files, as root here."""
     import site
-    import subprocess
     import sysconfig
 
     paths = [sysconfig.get_paths()["purelib"], *getattr(site, "getsitepackages", lambda: [])()]
     if sys.flags.no_site:
-        try:
-            out = subprocess.run([sys.executable, "-I", "-c", "import json, site, sysconfig; print(json.dumps("
-                                  "[sysconfig.get_paths()['purelib'], *site.getsitepackages()]))"],
-                                 capture_output=True, text=True, timeout=30, cwd="/").stdout
-            paths = [*json.loads(out), *paths]
-        except (OSError, ValueError, subprocess.SubprocessError):
-            pass
+        exe_dir = os.path.dirname(os.path.abspath(sys.executable))
+        venv = os.path.dirname(exe_dir)
+        for conf in (os.path.join(exe_dir, "pyvenv.cfg"), os.path.join(venv, "pyvenv.cfg")):
+            try:
+                with open(conf, encoding="utf-8") as f:
+                    text = f.read(65536)
+            except OSError:
+                continue
+            kv = dict((k.strip().lower(), v.strip().lower()) for k, v in
+                      (line.split("=", 1) for line in text.splitlines() if "=" in line))
+            system = kv.get("include-system-site-packages") == "true"
+            prefixes = [venv, *([sys.base_prefix] if system else [])]
+            paths = [*site.getsitepackages(prefixes), *(paths if system else [])]
+            break
     return tuple(dict.fromkeys(p for p in paths if isinstance(p, str) and os.path.isdir(p)))
 
 

@@ -105,8 +105,12 @@ def test_a_venvs_packages_are_seen_when_the_installer_runs_without_site(tmp_path
     (site / "boxtorch-2.11.0.dist-info").mkdir()
     (site / "boxtorch-2.11.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: boxtorch\n"
                                                                   "Version: 2.11.0\n")
+    # and nothing of the venv runs: site.py would run a .pth file's code, as root in the installer
+    marker = tmp_path / "pth-ran"
+    (site / "zz.pth").write_text(f"import os; open({str(marker)!r}, 'w').close()\n")
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bundler import probe; "
             "print(probe.installed_distributions(probe._site_packages()).get('boxtorch'))")
     out = subprocess.run([str(venv / "bin" / "python"), "-I", "-S", "-c", code], capture_output=True, text=True,
                          cwd="/")
     assert out.stdout.strip() == "2.11.0", out.stdout + out.stderr
+    assert not marker.exists()
