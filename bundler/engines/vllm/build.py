@@ -87,9 +87,10 @@ def lacks(configs: dict[str, Any], m: Any) -> tuple[str, str] | None:
     if configs["vllm"].version:
         return None
     return ("safetensors, which vLLM serves, and the spec bundles no vLLM",
-            'add [engines.vllm] version = "0.26.0" and bundle for the box: make bundle TARGET=box.json REUSE=1 '
-            "(box.json from ./install.sh --probe there); or, to carry the model for another bundle's engines, "
-            "[bundle] models_only = true")
+            'add [engines.vllm] version = "latest" (the newest vLLM, with the torch it needs) or "0.26.0" (the '
+            "newest on the box's torch 2.11, a smaller bundle) and bundle for the box: make bundle TARGET=box.json "
+            "REUSE=1 (box.json from ./install.sh --probe there); or, to carry the model for another bundle's "
+            "engines, [bundle] models_only = true")
 
 
 NEEDS_BOX = True  # locked against the box's own torch and CUDA stack: its probe file
