@@ -19,6 +19,7 @@ supervisor's) once it is back, instead of hanging in a collective that never com
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -69,17 +70,26 @@ def serve_checks(facts: dict[str, Any]) -> socket.socket:
 
 
 def ask(address: str, port: int, timeout: float = 3.0) -> dict[str, Any]:
-    """One server's answer on its check port; OSError or ValueError if there is none, or not one."""
+    """One server's answer on its check port, whole within `timeout` seconds; OSError or ValueError if there
+    is none, or not one (a peer that trickles bytes or nests JSON deep is no answer, not a hang or a crash)."""
+    deadline = time.monotonic() + timeout
     with socket.create_connection((address, port), timeout=timeout) as c:
         data = b""
         while len(data) <= ANSWER_MAX:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no whole answer within {timeout:g}s")
+            c.settimeout(left)
             chunk = c.recv(4096)
             if not chunk:
                 break
             data += chunk
     if len(data) > ANSWER_MAX:
         raise ValueError(f"an answer over {ANSWER_MAX} bytes")
-    doc = json.loads(data.decode())
+    try:
+        doc = json.loads(data.decode())
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"not JSON ({type(e).__name__})") from None
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
@@ -87,6 +97,13 @@ def ask(address: str, port: int, timeout: float = 3.0) -> dict[str, Any]:
 
 def problem(facts: dict[str, Any], rank: int, address: str) -> str:
     """What is wrong with worker `rank` at `address`, or '' when it answers as one of this service."""
+    try:
+        return _problem(facts, rank, address)
+    except Exception as e:  # noqa: BLE001 - whatever a peer sends, the checks go on and say so
+        return f"worker {address} (rank {rank}) gave an answer that does not read ({type(e).__name__})"
+
+
+def _problem(facts: dict[str, Any], rank: int, address: str) -> str:
     where = f"worker {address} (rank {rank})"
     try:
         got = ask(address, facts["check_port"])
@@ -95,14 +112,19 @@ def problem(facts: dict[str, Any], rank: int, address: str) -> str:
                 "service there (its bin/ctl start)")
     for k in SAME:
         if got.get(k) != facts[k]:
-            theirs, ours = (str(got.get(k))[:12], str(facts[k])[:12]) if k == "bundle" else (got.get(k), facts[k])
+            n = 12 if k == "bundle" else 200  # what a peer says is shown, never more than this of it
+            theirs, ours = str(got.get(k))[:n], str(facts[k])[:n]
             return (f"{where} runs another {k} ({theirs!r}, this server {ours!r}): install the same "
                     "bundle with the same options on every server")
     if got.get("rank") != rank:
-        return f"{where} says it is rank {got.get('rank')!r}: give every server the same --nodes list"
-    skew = abs(float(got.get("time") or 0) - time.time())
-    if skew > CLOCK_SKEW:
-        say(f"{where}'s clock is {skew:.0f}s off this server's: its logs will not line up with these")
+        return f"{where} says it is rank {str(got.get('rank'))[:40]!r}: give every server the same --nodes list"
+    try:
+        skew = abs(float(got.get("time")) - time.time())
+    except (TypeError, ValueError, OverflowError):
+        skew = math.inf
+    if not skew <= CLOCK_SKEW:
+        say(f"{where}'s clock is {skew:.0f}s off this server's (or unreadable): its logs will not line up with "
+            "these")
     return ""
 
 
@@ -175,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(facts, args[2:])
     except OSError as e:
         say(f"cannot answer checks on {facts.get('address')}:{facts.get('check_port')}: {e}")
+        return 75
+    except Exception as e:  # noqa: BLE001 - one line in the log and a restart, not a traceback
+        say(f"stopped: {type(e).__name__}: {e}")
         return 75
 
 

@@ -153,7 +153,7 @@ class AuditedNamespace:
         self.log.write_text("")
         pkg = str(Path(__file__).resolve().parents[1])
         self.watcher = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, sys.executable, "-s", "-m", "bundler.egress", "watch", "--iface",
+            ["ip", "netns", "exec", self.name, sys.executable, "-S", "-m", "bundler.egress", "watch", "--iface",
              UPLINK, "--out", str(self.log)], env=dict(os.environ, PYTHONPATH=pkg), cwd="/",
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):  # until the watcher's socket is open

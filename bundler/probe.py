@@ -255,14 +255,21 @@ def _existing_parent(path: Path) -> Path:
 
 
 def installed_distributions(paths: tuple[str, ...]) -> dict[str, str]:
-    """Distributions installed in these site-packages (not the bundle's own wheels on PYTHONPATH)."""
-    from importlib import metadata
+    """Distributions installed in these site-packages (not the bundle's own wheels on PYTHONPATH), by the
+    names of their NAME-VERSION.dist-info (or .egg-info) folders alone: the installer runs as root, and a
+    METADATA file could be a FIFO (a hang), a link to any file (read as root) or not UTF-8 (a crash)."""
+    import re
 
     found: dict[str, str] = {}
-    for dist in metadata.distributions(path=list(paths)):
-        name = dist.metadata["Name"]
-        if name:
-            found.setdefault(name.lower().replace("_", "-").replace(".", "-"), dist.version)
+    for folder in paths:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for entry in names:
+            m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._]*?)-([0-9][^-]*?)(?:-py[0-9.]+)?\.(?:dist|egg)-info$", entry)
+            if m:
+                found.setdefault(m.group(1).lower().replace("_", "-").replace(".", "-"), m.group(2))
     return dict(sorted(found.items()))
 
 

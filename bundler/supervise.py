@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cmd:
         p.error("no command given after --")
     if a.daemon:
-        args = [sys.executable, "-s", "-m", "bundler.supervise", "--pidfile", a.pidfile, "--log", a.log,
+        args = [sys.executable, "-S", "-m", "bundler.supervise", "--pidfile", a.pidfile, "--log", a.log,
                 "--env-file", a.env_file, "--user", a.user, "--home", a.home, "--", *cmd]
         with open(os.devnull, "rb") as dn, _open_log(a.log) as lg:
             proc = subprocess.Popen(args, stdin=dn, stdout=lg, stderr=lg, start_new_session=True,

@@ -87,9 +87,11 @@ def resolve(nodes: str, rank: int | None, port: int | None, have: dict[str, str]
         except ValueError:
             raise BundlerError(f"--nodes: {a!r} is not an IP address", hint="give each server's address on the "
                                "private network the servers share (names would need a resolver)") from None
-        if ip.version != 4 or ip.is_unspecified or ip.is_multicast:
-            raise BundlerError(f"--nodes: {a} cannot be a server's address here",
-                               hint="give each server's IPv4 address on the network the servers share")
+        if ip.version != 4 or ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip.is_reserved \
+                or ip.is_link_local or a == "255.255.255.255":
+            raise BundlerError(f"--nodes: {a} cannot be a server's address here (loopback, link-local, multicast, "
+                               "broadcast and reserved addresses are not a network the servers share)",
+                               hint="give each server's IPv4 address on the private network the servers share")
     if len(set(addrs)) != len(addrs):
         raise BundlerError(f"--nodes {nodes!r} names a server twice", hint="list each server once")
     have = local_addresses() if have is None else have
@@ -108,7 +110,7 @@ def resolve(nodes: str, rank: int | None, port: int | None, have: dict[str, str]
     if addrs[rank] not in have:
         raise BundlerError(f"--node-rank {rank} is {addrs[rank]}, which is not an address of this server",
                            hint="run the command on that server, or give this server's rank")
-    port = port or DEFAULT_PORT
+    port = DEFAULT_PORT if port is None else port
     if not 1024 <= port <= 65534:
         raise BundlerError(f"--cluster-port {port}: give a port in 1024..65534 (it and the next one are used)",
                            hint=f"the default is {DEFAULT_PORT}")

@@ -246,7 +246,7 @@ class Transaction:
         remove the half-started replacement."""
         assert self.previous is not None
         self.done = self.layout.home / f".upgrade-{os.getpid()}.done"  # read (and removed) by the guard only
-        subprocess.Popen([sys.executable, "-s", "-m", "bundler.guard", "--pid", str(os.getpid()), "--done",
+        subprocess.Popen([sys.executable, "-S", "-m", "bundler.guard", "--pid", str(os.getpid()), "--done",
                           str(self.done), "--ctl", str(self.previous / "bin" / "ctl"), "--remove", str(replacement)],
                          start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, close_fds=True, cwd="/")

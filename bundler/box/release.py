@@ -109,7 +109,8 @@ def engine_site(bundle: Path, doc: dict[str, Any], engine: dict[str, Any], layou
         secs = wheels.install(chosen, partial / "site")
         shutil.rmtree(partial / ".wheels")
         info(f"unpacked {len(chosen)} wheels in {secs:.1f}s")
-        subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(partial / "site")],
+        # -I -S: no site.py, so no .pth file of the box's python runs as root here
+        subprocess.run([sys.executable, "-I", "-S", "-m", "compileall", "-q", "-j", "0", str(partial / "site")],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         (partial / "complete").write_text(engine["version"] + "\n")
     return home / "site"
@@ -231,7 +232,7 @@ def _engine_script(bundle: Path, doc: dict[str, Any], m: dict[str, Any], plan: p
             raise BundlerError(f"{engine.label} does not serve across servers", hint="leave --nodes out")
         more, cenv = engine.cluster(plan, c.rank, c.head, c.port, c.address, c.interface)
         (stage / "cluster.json").write_text(json.dumps(facts, indent=2) + "\n")
-        argv = [sys.executable, "-s", "-m", "bundler.cluster_node", str(final / "cluster.json"), "--", *argv, *more]
+        argv = [sys.executable, "-S", "-m", "bundler.cluster_node", str(final / "cluster.json"), "--", *argv, *more]
         env.update(cenv)
         if str(final / "site") not in env.get("PYTHONPATH", "").split(":"):
             env["PYTHONPATH"] = ":".join(filter(None, [env.get("PYTHONPATH"), str(final / "site")]))
@@ -285,9 +286,10 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
             "logfile": str(layout.logfile), "python": sys.executable, "site": str(final / "site"),
             "launch": str(final / "bin" / "launch"), "env_file": str(layout.env_file), "user": target.user,
             "home": str(layout.cache),
-            # a cluster's worker serves no API: what it holds is the port answering the head's checks
+            # a cluster's worker serves no API: what it holds is the port answering the head's checks; the
+            # head holds its API and that port too (a local user who took it would answer for the head)
             "ports": [cluster[0].check_port] if cluster and cluster[0].rank
-            else [target.port, *(x.port for x in extra)]}))
+            else [target.port, *(x.port for x in extra), *([cluster[0].check_port] if cluster else [])]}))
         for f in bindir.iterdir():
             f.chmod(0o755)
         plans = [plan, *(x.plan for x in extra)]

@@ -433,6 +433,14 @@ def test_as_root_a_python_someone_else_can_replace_is_refused(bundle_dir, netns,
     r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"], env=env,
                   stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
+    # a venv's pyvenv.cfg names the python home whose standard library runs at start, even with -I -S: one
+    # another user owns is refused like the interpreter
+    cfg = tmp_path / "pyvenv.cfg"
+    cfg.write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    os.chown(cfg, 65534, 65534)
+    r = netns.run([str(bundle_dir / "install.sh"), "--prefix", str(tmp_path / "p"), "--dry-run"], env=env,
+                  stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and f"{cfg} can be changed by a user other than root" in r.stderr, r.stderr
 
 
 def test_keys_pinned_where_others_can_write_are_not_trusted_and_allow_unsigned_covers_no_forgery(bundle_dir, netns,

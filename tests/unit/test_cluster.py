@@ -1,6 +1,7 @@
 """install.sh --nodes: which server this is, what its peers must agree on, and what vLLM is started
 with on each (the two-server e2e test is tests/e2e/test_cluster.py)."""
 
+import json
 import subprocess
 import sys
 import time
@@ -25,6 +26,10 @@ def test_each_server_finds_its_rank_by_the_address_it_holds():
     ("10.0.0.2", None, None, "list two servers or more"),
     ("10.0.0.1,head.local", None, None, "'head.local' is not an IP address"),
     ("10.0.0.1,0.0.0.0", None, None, "0.0.0.0 cannot be a server's address"),
+    ("127.0.0.1,127.0.0.2", 0, None, "127.0.0.1 cannot be a server's address"),
+    ("10.0.0.1,169.254.1.2", None, None, "169.254.1.2 cannot be a server's address"),
+    ("10.0.0.1,255.255.255.255", None, None, "255.255.255.255 cannot be a server's address"),
+    ("10.0.0.1,10.0.0.2", None, 0, "--cluster-port 0"),
     ("10.0.0.1,10.0.0.1", None, None, "names a server twice"),
     ("10.0.0.1,10.0.0.3", None, None, "none of --nodes 10.0.0.1,10.0.0.3 is an address of this server (it has: "
                                       "10.0.0.2 (eth1), 127.0.0.1 (lo))"),
@@ -83,6 +88,46 @@ def test_the_head_names_a_worker_that_is_missing_or_runs_something_else():
         assert "install on every worker first" in e.value.hint
     finally:
         s.close()
+
+
+def _fake_worker(port: int, send) -> None:
+    import socket
+    import threading
+
+    s = socket.create_server(("127.0.0.2", port))
+
+    def serve():
+        c, _ = s.accept()
+        try:
+            send(c)
+        except OSError:
+            pass
+        finally:
+            c.close()
+            s.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+@pytest.mark.parametrize("name, send", [
+    ("trickle", lambda c: [c.sendall(b" ") or time.sleep(0.5) for _ in range(40)]),
+    ("deep", lambda c: c.sendall(b"[" * 60000)),
+    ("odd time", lambda c: c.sendall(json.dumps({**_facts(1, 0), "time": "x"}).encode())),
+    ("huge time", lambda c: c.sendall(json.dumps({**_facts(1, 0)}).encode().replace(b'"release"', b'"time": 1'
+                                                                                     + b"0" * 400 + b', "release"'))),
+    ("not utf-8", lambda c: c.sendall(b"\xff\xfe")),
+])
+def test_a_worker_answer_that_trickles_or_does_not_read_is_named_not_a_hang_or_a_crash(name, send):
+    """Someone on the cluster network, or a local user holding a worker's check port, answers the head: a
+    trickle (one byte at a time) is no answer after 3 s, and JSON nested 60,000 deep, a clock that is not a
+    number, or bytes that are not text are named, never an exception out of the checks."""
+    port = _free_port()
+    _fake_worker(port, send)
+    head = _facts(0, port)
+    t0 = time.monotonic()
+    said = cluster_node.problem(head, 1, "127.0.0.2")
+    assert time.monotonic() - t0 < 5, name
+    assert said == "" if name in ("odd time", "huge time") else said.startswith("worker 127.0.0.2 (rank 1)"), said
 
 
 def test_the_head_stops_its_engine_when_a_worker_stops_answering(monkeypatch):

@@ -114,3 +114,22 @@ def test_a_venvs_packages_are_seen_when_the_installer_runs_without_site(tmp_path
                          cwd="/")
     assert out.stdout.strip() == "2.11.0", out.stdout + out.stderr
     assert not marker.exists()
+
+
+def test_distributions_are_read_from_folder_names_so_no_file_of_the_box_is_opened_as_root(tmp_path):
+    """A METADATA that is a FIFO hung the root installer; one that links elsewhere was read as root; one not
+    in UTF-8 crashed it. The names and versions come from the dist-info folders' names alone."""
+    import os
+
+    from bundler.probe import installed_distributions
+
+    site = tmp_path / "site-packages"
+    (site / "torch-2.11.0+cu130.dist-info").mkdir(parents=True)
+    os.mkfifo(site / "torch-2.11.0+cu130.dist-info" / "METADATA")
+    (site / "Secret_Pkg-1.0.dist-info").mkdir()
+    (site / "Secret_Pkg-1.0.dist-info" / "METADATA").symlink_to("/etc/shadow")
+    (site / "odd-2.0-py3.12.egg-info").mkdir()
+    (site / "odd-2.0-py3.12.egg-info" / "PKG-INFO").write_bytes(b"\xff\xfe not utf-8")
+    (site / "not_a_dist").mkdir()
+    assert installed_distributions((str(site), str(tmp_path / "missing"))) == {
+        "odd": "2.0", "secret-pkg": "1.0", "torch": "2.11.0+cu130"}
