@@ -6,7 +6,6 @@ installer, supervisor and cluster checks are the real ones. vLLM itself across s
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bundler import egress
-from tests.e2e.test_toy_engine import REGISTRY, _copy_repo
+from tests.e2e.test_toy_engine import add_toy_engine, toy_bundle
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -68,23 +67,8 @@ def _key(prefix: Path) -> str:
 
 def test_one_service_over_two_servers(tmp_path, signing_home):
     repo = tmp_path / "repo"
-    _copy_repo(repo)
-    shutil.copytree(ROOT / "tests/data/toy_engine", repo / "bundler/engines/toy")
-    registry = (repo / REGISTRY).read_text()
-    line = next(x for x in registry.splitlines() if x.startswith("PACKAGES = ("))
-    (repo / REGISTRY).write_text(registry.replace(line, line.replace(")", ', "toy")', 1)))
-    model = tmp_path / "answers.toy"
-    model.write_text(json.dumps({"capital of france": "Paris, of course.", "": "Hello from the toy engine."}))
-    sha = subprocess.run(["sha256sum", str(model)], capture_output=True, text=True, check=True).stdout.split()[0]
-    spec = tmp_path / "toy.toml"
-    spec.write_text(f'[bundle]\nname = "toy"\nversion = "1.0.0"\n\n[[models]]\nname = "toy-1"\nsource = "{model}"\n'
-                    f'sha256 = "{sha}"\nformat = "toy"\n\n[service]\nconcurrency = 3\n\n'
-                    '[engines.llama_cpp]\nbackends = []\n')
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(spec), "--out", str(tmp_path / "dist")],
-                       cwd=repo, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    bundle = tmp_path / "dist" / "toy"
+    add_toy_engine(repo)
+    bundle, _ = toy_bundle(repo, tmp_path)
 
     head, worker = Server(tmp_path, "head", HEAD), Server(tmp_path, "worker", WORKER)
     run_env = dict(os.environ, AIRGAP_LLM_PYTHON="/usr/bin/python3")

@@ -28,18 +28,17 @@ def _copy_repo(dest: Path) -> None:
             shutil.copy2(ROOT / f, dest / f)
 
 
-def test_a_toy_engine_is_one_package_and_one_registry_line(tmp_path, netns, signing_home):
-    repo = tmp_path / "repo"
+def add_toy_engine(repo: Path) -> None:
+    """A copy of this repository with the toy engine in it: its package, and one name in the registry."""
     _copy_repo(repo)
     shutil.copytree(ROOT / "tests/data/toy_engine", repo / "bundler/engines/toy")
     registry = (repo / REGISTRY).read_text()
     line = next(x for x in registry.splitlines() if x.startswith("PACKAGES = ("))
     (repo / REGISTRY).write_text(registry.replace(line, line.replace(")", ', "toy")', 1)))
-    # nothing else of the repository changed: one line of the registry, and the new package
-    diff = subprocess.run(["git", "diff", "--no-index", "--numstat", str(ROOT / REGISTRY), str(repo / REGISTRY)],
-                          capture_output=True, text=True).stdout.split()
-    assert diff[:2] == ["1", "1"], diff
 
+
+def toy_bundle(repo: Path, tmp_path: Path) -> tuple[Path, str]:
+    """The real bundler, run in that copy, on a toy model: (the bundle, what it said on stderr)."""
     model = tmp_path / "answers.toy"
     model.write_text(json.dumps({"capital of france": "Paris, of course.", "": "Hello from the toy engine."}))
     sha = subprocess.run(["sha256sum", str(model)], capture_output=True, text=True, check=True).stdout.split()[0]
@@ -51,8 +50,19 @@ def test_a_toy_engine_is_one_package_and_one_registry_line(tmp_path, netns, sign
     r = subprocess.run([sys.executable, "-m", "bundler.cli", "bundle", str(spec), "--out", str(tmp_path / "dist")],
                        cwd=repo, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "==> the toy engine (nothing to build)" in r.stderr
-    bundle = tmp_path / "dist" / "toy"
+    return tmp_path / "dist" / "toy", r.stderr
+
+
+def test_a_toy_engine_is_one_package_and_one_registry_line(tmp_path, netns, signing_home):
+    repo = tmp_path / "repo"
+    add_toy_engine(repo)
+    # nothing else of the repository changed: one line of the registry, and the new package
+    diff = subprocess.run(["git", "diff", "--no-index", "--numstat", str(ROOT / REGISTRY), str(repo / REGISTRY)],
+                          capture_output=True, text=True).stdout.split()
+    assert diff[:2] == ["1", "1"], diff
+
+    bundle, said = toy_bundle(repo, tmp_path)
+    assert "==> the toy engine (nothing to build)" in said
     doc = json.loads((bundle / "manifest.json").read_text())
     assert [e["name"] for e in doc["engines"]] == ["toy"]
     assert doc["models"][0]["facts"]["format"] == "toy"
