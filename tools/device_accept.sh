@@ -186,25 +186,7 @@ routes() {  # vLLM from the bundle, a tiny random model: every route without the
         || { tail -n 40 "$OUT/install-routes.log"; tail -n 60 /tmp/pfx-r/gpu-box/log/gpu-box.log; exit 1; }
     info "installed and answering after $(( $(date +%s) - t0 ))s"
     grep -E "unpacked|wheels in|healthy after|first answer" "$OUT/install-routes.log" >&2 || true
-    PYTHONPATH=. python3 - "$OUT/routes.json" <<'PY'
-import json, sys, urllib.error, urllib.request as u
-env = dict(l.split("=", 1) for l in open("/tmp/pfx-r/etc/gpu-box.env").read().splitlines() if "=" in l)
-base = "http://127.0.0.1:8080"
-def call(method, path, key=None):
-    r = u.Request(base + path, data=b"{}" if method == "POST" else None, method=method,
-                  headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
-    try:
-        with u.urlopen(r, timeout=30) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, b""
-code, spec = call("GET", "/openapi.json", env["VLLM_API_KEY"])
-routes = sorted((m.upper(), p) for p, ms in json.loads(spec)["paths"].items() for m in ms if "{" not in p)
-seen = {f"{m} {p}": call(m, p)[0] for m, p in routes}
-print(json.dumps(seen, indent=1)); json.dump(seen, open(sys.argv[1], "w"), indent=1)
-bad = [r for r, c in seen.items() if c != 401 and not r.endswith(" /health")]
-print(f"{len(seen)} routes, open without the key: {bad or 'none'}")
-PY
+    python3 tools/dev/route_sweep.py /tmp/pfx-r/etc/gpu-box.env http://127.0.0.1:8080 "$OUT/routes.json"
     /tmp/pfx-r/gpu-box/current/bin/ctl stop
 }
 

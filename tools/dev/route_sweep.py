@@ -1,3 +1,5 @@
+"""Every route a served OpenAI-compatible engine lists in its /openapi.json, asked without the key (device runs:
+tools/device_accept.sh). usage: route_sweep.py ENV_FILE BASE_URL OUT.json"""
 import json, sys, urllib.error, urllib.request as u
 envf, base, out = sys.argv[1], sys.argv[2], sys.argv[3]
 env = dict(l.split("=", 1) for l in open(envf).read().splitlines() if "=" in l)

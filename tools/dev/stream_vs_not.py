@@ -1,3 +1,5 @@
+"""A served engine asked for 512 tokens, streamed and not, twice each (device runs: tools/device_accept.sh).
+usage: stream_vs_not.py ENV_FILE BASE_URL MODEL"""
 import json, sys, time, urllib.request as u
 envf, base, model = sys.argv[1], sys.argv[2], sys.argv[3]
 env = dict(l.split("=", 1) for l in open(envf).read().splitlines() if "=" in l)
