@@ -442,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--servers", type=int, default=1, metavar="N",
                     help="plan one service over N servers like the one described (vLLM's multi-node: data parallel "
                          "across them where one holds the model, else tensor parallel within × pipeline parallel "
-                         "across); what fits, and what would if it does not. Installing across servers is not built "
-                         "yet")
+                         "across); what fits, and what would if it does not. Pass the bundle's --concurrency and "
+                         "--context: install.sh --nodes plans with them (README: several servers)")
     pl.add_argument("--concurrency", type=int, default=4, help="requests served at once (default 4)")
     pl.add_argument("--context", type=int, default=4096, help="tokens per request (default 4096)")
     out = pl.add_mutually_exclusive_group()

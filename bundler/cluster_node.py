@@ -161,8 +161,26 @@ def watch(facts: dict[str, Any], child: subprocess.Popen, stop: threading.Event)
                 return
 
 
+BIND_WAIT = 120.0  # seconds: after a reboot the cluster interface may come up after the service starts
+
+
+def listen(facts: dict[str, Any]) -> socket.socket:
+    """serve_checks, retried while the cluster address is not there yet (or the port still held)."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            return serve_checks(facts)
+        except OSError as e:
+            if time.monotonic() - t0 >= BIND_WAIT:
+                raise
+            if time.monotonic() - t0 < 1:
+                say(f"cannot listen on {facts['address']}:{facts['check_port']} yet ({e.strerror}); trying again for "
+                    f"{BIND_WAIT:.0f}s")
+            time.sleep(2.0)
+
+
 def run(facts: dict[str, Any], argv: list[str]) -> int:
-    checks = serve_checks(facts)
+    checks = listen(facts)
     say(f"rank {facts['rank']} of {len(facts['nodes'])} ({facts['address']}), release {facts['release']}; "
         f"answering checks on {facts['address']}:{facts['check_port']}")
     if facts["rank"] == 0:

@@ -144,8 +144,14 @@ def inherit_options(opts: Options, layout: Layout) -> Options:
     except (OSError, ValueError, TypeError):
         return opts
     given = {"host": opts.host, "port": opts.port, "user": opts.user,
-             "service": None if opts.service == "auto" else opts.service}
-    was = {"host": t.host, "port": t.port, "user": t.user or None, "service": t.mode}
+             "service": None if opts.service == "auto" else opts.service, "nodes": opts.nodes}
+    was = {"host": t.host, "port": t.port, "user": t.user or None, "service": t.mode, "nodes": None}
+    c, _ = _cluster_of(current)  # one server of several stays one, where --nodes is not given again
+    if c is not None:
+        was["nodes"] = ",".join(c.nodes)
+        if opts.nodes is None:
+            given.update(node_rank=None, cluster_port=None)
+            was.update(node_rank=c.rank, cluster_port=c.port)
     taken, changed = {}, []
     for k, v in given.items():
         if v is None and was[k] is not None:
@@ -153,7 +159,8 @@ def inherit_options(opts: Options, layout: Layout) -> Options:
         elif v is not None and was[k] is not None and v != was[k]:
             changed.append(f"--{k} {v} (was {was[k]})")
     if taken:
-        info("as installed (release " + current.name + "): " + ", ".join(f"--{k} {v}" for k, v in taken.items())
+        info("as installed (release " + current.name + "): " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                                          for k, v in taken.items())
              + "; pass the option to change it")
     if changed:
         info("changing the installed release's " + ", ".join(changed))
@@ -707,9 +714,9 @@ def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planne
             answer: str | None, changed: bool, extra: tuple[Member, ...] = (),
             cluster: clusters.Cluster | None = None) -> dict[str, Any]:
     endpoint = f"http://{local_address(t.host)}:{t.port}/v1"
-    if cluster is not None and cluster.rank > 0:  # a worker: the service answers at the head
-        endpoint = f"http://{cluster.head if t.host in ('0.0.0.0', '::') else local_address(t.host)}:{t.port}/v1 " \
-                   f"(on the head, {cluster.head})"
+    worker = cluster is not None and cluster.rank > 0
+    if worker:  # the service answers at the head, with the head's key
+        endpoint = f"http://{cluster.head if t.host in ('0.0.0.0', '::') else local_address(t.host)}:{t.port}/v1"
     models = [{"model": m["name"], "task": plan.task, "engine": plan.engine, "endpoint": endpoint},
               *({"model": x.m["name"], "task": x.plan.task, "engine": x.plan.engine,
                  "endpoint": f"http://{local_address(t.host)}:{x.port}/v1"} for x in extra)]
@@ -717,7 +724,7 @@ def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planne
         "models": models,
         "endpoint": endpoint,
         "warnings": [w for pl in [plan, *(x.plan for x in extra)] for w in pl.warnings],
-        "api_key_file": str(layout.env_file),
+        "api_key_file": str(layout.env_file) + (" (not used by clients: they use the head's key)" if worker else ""),
         "model": m["name"],
         "engine": plan.engine,
         "service": (f"{layout.unit} (systemd; logs: journalctl -u {layout.unit})" if t.mode == "systemd"
@@ -734,7 +741,9 @@ def summary(layout: Layout, doc: dict[str, Any], m: dict[str, Any], plan: planne
         # the key read from the env file at run time and given to curl on its standard input: never on
         # a command line, where every local user can read it in /proc
         # and only once `ctl status` has seen the service's own engine holding the port
-        "curl": (f"{shlex.quote(str(layout.current / 'bin' / 'ctl'))} status && "
+        "curl": (f"# a worker serves no API: on the head ({cluster.head}), its summary's command asks {endpoint} with "
+                 "the head's key" if worker else
+                 f"{shlex.quote(str(layout.current / 'bin' / 'ctl'))} status && "
                  f"sed -n 's/^LLAMA_API_KEY=/Authorization: Bearer /p' {shlex.quote(str(layout.env_file))} | "
                  f"curl -s {shlex.quote(endpoint + '/chat/completions')} -H @- -H 'Content-Type: application/json' "
                  "-d " + shlex.quote(json.dumps({"model": m["name"], "max_tokens": 64, "temperature": 0, "messages": [

@@ -190,8 +190,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--node-rank", type=int, default=None,
                    help="this server's place in --nodes (0 = the head), where its address alone does not tell")
     c.add_argument("--cluster-port", type=int, default=None,
-                   help="the head's rendezvous port for the engine (vLLM's --master-port, default 29501); every "
-                        "server also answers the others' checks on the next port. Open both between the servers only")
+                   help="the head's rendezvous port for the engine (default 29501: vLLM's --master-port for a "
+                        "pipeline over the servers, its --data-parallel-rpc-port for a replica on each); every server "
+                        "also answers the others' checks on the next port. Open both between the servers only")
     return p
 
 
@@ -228,9 +229,11 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         p.error("--node-rank and --cluster-port go with --nodes")
     if a.nodes is not None:
         clash = [o for o, on in (("--tune", a.tune), ("--baseline", a.baseline), ("--audit-egress", a.audit_egress),
-                                 ("--box", a.box_file)) if on]
+                                 ("--box", a.box_file), ("--tensor-parallel", a.tensor_parallel is not None),
+                                 ("--data-parallel", a.data_parallel is not None)) if on]
         if clash:
-            p.error(f"{clash[0]} does not go with --nodes yet: it runs on one server")
+            p.error(f"{clash[0]} does not go with --nodes: it plans or measures one server (the plan over the "
+                    "servers comes from bundler plan --servers N)")
     if a.user == "root":
         p.error("--user root: the engine never runs as root; name an unprivileged account")
 

@@ -299,7 +299,7 @@ def build_release(bundle: Path, doc: dict[str, Any], data: bytes, m: dict[str, A
             "name": layout.name, "engine": "+".join(names_used),
             "model": ", ".join([m["name"], *(x.m["name"] for x in extra)]),
             "prefix": str(layout.prefix), "release": rid, "release_dir": str(final), "env_file": str(layout.env_file),
-            "gpus": any(p.backend == "cuda" for p in plans)}))
+            "gpus": any(p.backend == "cuda" for p in plans), "cluster": cluster is not None}))
         (stage / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
         if extra:
             (stage / "plans.json").write_text(json.dumps(

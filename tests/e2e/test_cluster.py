@@ -110,6 +110,16 @@ def test_one_service_over_two_servers(tmp_path, signing_home):
         # the engine's cluster traffic was told this server's address and interface, never 0.0.0.0
         launch = (head.prefix / "toy" / "current" / "bin" / "launch").read_text()
         assert f"TOY_HOST_IP={HEAD}" in launch and "bundler.cluster_node" in launch
+        unit = next((head.prefix / "toy" / "current" / "systemd").iterdir()).read_text()
+        assert "After=network-online.target" in unit  # after a reboot its cluster address is up first
+        # installed again without --nodes, a server stays one of the cluster (it used to become a single server)
+        r = worker.run([str(bundle / "install.sh"), "--prefix", str(worker.prefix), "--service", "process", "--json"],
+                       env=run_env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"--nodes {HEAD},{WORKER}" in r.stderr and "--node-rank 1" in r.stderr, r.stderr
+        out = json.loads(r.stdout)
+        assert out["changed"] is False and out["cluster"]["role"] == "worker 1"
+        assert out["endpoint"] == f"http://{HEAD}:{PORT}/v1" and out["curl"].startswith("# a worker serves no API")
 
         # a worker that stops is named by the head, whose engine stops with it; back, the head serves again
         wctl = str(worker.prefix / "toy" / "current" / "bin" / "ctl")
