@@ -582,9 +582,12 @@ def _cluster_of(release: Path) -> tuple[clusters.Cluster | None, dict[str, Any] 
     """A cluster release's place in its cluster (cluster.json), or (None, None) for one server's."""
     try:
         f = json.loads((release / "cluster.json").read_text())
+        return clusters.Cluster(tuple(str(n) for n in f["nodes"]), int(f["rank"]), int(f["check_port"]) - 1, ""), f
     except FileNotFoundError:
         return None, None
-    return clusters.Cluster(tuple(f["nodes"]), f["rank"], f["check_port"] - 1, ""), f
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BundlerError(f"{release / 'cluster.json'} does not read ({type(e).__name__}: {e})",
+                           hint="install the bundle again with --nodes") from None
 
 
 def _plan_of(d: dict[str, Any]) -> planner.Plan:
