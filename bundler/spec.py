@@ -142,6 +142,7 @@ class _Reader:
             self.fail(where, f"must be a table, got {type(table).__name__}", f"write it as [{where}]")
         self.table = table
         self.used: set[str] = set()
+        self.present = False  # an engine's table: written in the spec (even empty), or absent
 
     def fail(self, key: str, what: str, hint: str) -> None:
         raise SpecError(f"{self.path}: {key} {what}", hint=hint)
@@ -431,6 +432,7 @@ def _read_engines(path: Path, top: _Reader, models: list[ModelSpec]) -> dict[str
     for build in builds:  # each engine reads its own [engines.TABLE]
         for key in getattr(build, "SPEC_TABLES", ()):
             r = _Reader(path, f"engines.{key}", tables.get(key, dict, {}))
+            r.present = key in tables.table
             configs[key] = build.read_spec(key, r, path)
             r.done()
     tables.done()

@@ -224,3 +224,13 @@ def test_bundler_check_says_what_a_bundle_needs_in_seconds(tmp_path):
     r = check(str(bad))
     assert r.returncode == 1 and "GGUF, which only llama.cpp serves" in r.stderr
     assert not (tmp_path / "cold").exists()  # nothing fetched, nothing built
+
+
+def test_an_engines_vllm_table_without_a_version_asks_for_the_newest(write_spec):
+    """The default vLLM is the newest that resolves for the box ("latest"); no table, no vLLM; a pin stays."""
+    assert spec.load(write_spec(GOOD)).vllm.version == ""
+    assert spec.load(write_spec(GOOD + "\n[engines.vllm]\n")).vllm.version == "latest"
+    assert spec.load(write_spec(GOOD + '\n[engines.vllm]\nversion = "0.26.0"\n')).vllm.version == "0.26.0"
+    with pytest.raises(SpecError, match="engines.vllm.version is 'newest'") as e:
+        spec.load(write_spec(GOOD + '\n[engines.vllm]\nversion = "newest"\n'))
+    assert 'version = "latest"' in e.value.hint

@@ -59,7 +59,8 @@ SPEC_TABLES = ("vllm",)
 
 @dataclass(frozen=True)
 class VllmSpec:
-    """[engines.vllm]: the release bundled ("" = no vLLM in the bundle)."""
+    """[engines.vllm]: the release bundled ("" = no vLLM in the bundle; "latest", the default once the table is
+    written, = the newest that resolves for the box when bundling)."""
 
     version: str = ""
     # an include root (like /usr/include) holding the target Python's headers (pythonX.Y/Python.h), for
@@ -68,7 +69,8 @@ class VllmSpec:
 
 
 def read_spec(table: str, r: Any, path: Path) -> VllmSpec:
-    version = r.get("version", str, "")
+    # [engines.vllm] written without a version: the newest (the spec asks for vLLM, not for a release)
+    version = r.get("version", str, LATEST if getattr(r, "present", False) else "")
     if version and version != LATEST and not re.match(r"^\d+\.\d+(\.\d+)?$", version):
         r.fail("engines.vllm.version", f"is {version!r}", "pin a release, e.g. version = \"0.26.0\", or say "
                "version = \"latest\" (the newest on the index, with its own torch where the box's does not fit)")
