@@ -354,7 +354,7 @@ if not ok:
 main(args, state)'
 
 exl3() {  # issue #14, in the background (poll with `wait_for /tmp/exl3 SECONDS`): a real tiny EXL3 model,
-    # quantized here by the bundle's own exllamav3 with its prebuilt extension inside `bare` (its PyPI wheel
+    # quantized here by the bundle's own exllamav3 with its prebuilt extension (exl3_convert; its PyPI wheel
     # lacks the calibration texts: made from exllamav2's c4.utf8, which the exl2 bundle carries), then the
     # README's root install of docs/device/gpu-box-exl3.toml (model box:/tmp/models/tiny-exl3) serving it
     # through TabbyAPI's main, after `exl2` has finished (key, 401 on every route, smoke, bench at 1 and 8,
@@ -372,8 +372,7 @@ exl3() {  # issue #14, in the background (poll with `wait_for /tmp/exl3 SECONDS`
         python3 -c "$EXL3_CAL" "$C4" $S/exllamav3/conversion/standard_cal_data
         t0=$(date +%s)
         python3 tools/random_hf_llama.py /tmp/models/exl3-src exl2-tiny --vocab 1024 --bpe "$C4" > /tmp/exl3/model.log 2>&1
-        bare env PYTHONPATH=$S python3 -c "$EXL3_CONVERT" -i /tmp/models/exl3-src -w /tmp/models/exl3-work \
-            -o /tmp/models/tiny-exl3 -b 4.0 -cr 16 -cc 512 >> /tmp/exl3/model.log 2>&1
+        exl3_convert >> /tmp/exl3/model.log 2>&1
         echo "model: rc $? in $(( $(date +%s) - t0 ))s" > /tmp/exl3/model.rc
         i=0; while [ ! -f /tmp/exl2/rc ] && [ -d /tmp/exl2 ] && [ $i -lt 900 ]; do sleep 5; i=$((i + 5)); done
         bare sh /tmp/b/exl3-box/install.sh --trust /tmp/b/signing-key.pub --smoke-any-answer --bench \
@@ -401,6 +400,7 @@ exl_install() {  # exl_install exl2|exl3 [WAIT_DIR]: in the background, after WA
     setsid sh -c "
         DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh
         i=0; while [ -n '${2:-}' ] && [ ! -f '${2:-}/rc' ] && [ \$i -lt 900 ]; do sleep 3; i=\$((i + 3)); done
+        chmod -R a+rX /tmp/models  # the engine's account reads the models (the installer refuses otherwise)
         t0=\$(date +%s)
         bare sh /tmp/b/d/$name/install.sh --base /tmp/b/$name --trust /tmp/b/signing-key.pub --smoke-any-answer \
             --bench --bench-levels 1,8 --baseline --audit-egress --json > /tmp/$g-d/install.json 2> /tmp/$g-d/install.log
@@ -411,12 +411,18 @@ exl_install() {  # exl_install exl2|exl3 [WAIT_DIR]: in the background, after WA
     info "$g install started in the background"
 }
 
-exl3_model() {  # the tiny EXL3 model again, made on the box as it is: the converter's Triton kernels (fla)
-    # compile their launchers with a C compiler, which `bare` hides (the install itself still runs bare)
+exl3_convert() {  # /tmp/models/exl3-src → /tmp/models/tiny-exl3 with the exllamav3 unpacked in /tmp/exl3site, on
+    # the box as it is, not `bare`: the converter's Triton kernels (fla) compile their launchers with a C
+    # compiler, which `bare` hides (a Bus error and then '/opt/gcc/bin/gcc' not found there; the install
+    # itself still runs bare)
     rm -rf /tmp/models/exl3-work /tmp/models/tiny-exl3
+    PYTHONPATH=/tmp/exl3site python3 -c "$EXL3_CONVERT" -i /tmp/models/exl3-src -w /tmp/models/exl3-work \
+        -o /tmp/models/tiny-exl3 -b 4.0 -cr 16 -cc 512
+}
+
+exl3_model() {  # exl3_convert again, in the background: /tmp/exl3-model.log, then /tmp/exl3-model.rc
     export EXL3_CONVERT
-    setsid sh -c 't0=$(date +%s); PYTHONPATH=/tmp/exl3site python3 -c "$EXL3_CONVERT" -i /tmp/models/exl3-src \
-        -w /tmp/models/exl3-work -o /tmp/models/tiny-exl3 -b 4.0 -cr 16 -cc 512 > /tmp/exl3-model.log 2>&1
+    setsid sh -c 'DEVICE_ACCEPT_LIB=1 . tools/device_accept.sh; t0=$(date +%s); exl3_convert > /tmp/exl3-model.log 2>&1
         echo "model (not bare): rc $? in $(( $(date +%s) - t0 ))s" > /tmp/exl3-model.rc' < /dev/null > /dev/null 2>&1 &
 }
 
