@@ -46,7 +46,7 @@ def answer(facts: dict[str, Any]) -> bytes:
 
 def serve_checks(facts: dict[str, Any]) -> socket.socket:
     """Listen on the cluster address's check port; each connection gets the answer and is closed."""
-    s = socket.socket(socket.AF_INET6 if ":" in facts["address"] else socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # --nodes takes IPv4 addresses only
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((facts["address"], facts["check_port"]))
     s.listen(16)

@@ -288,7 +288,7 @@ def _site_packages() -> tuple[str, ...]:
         venv = os.path.dirname(exe_dir)
         for conf in (os.path.join(exe_dir, "pyvenv.cfg"), os.path.join(venv, "pyvenv.cfg")):
             try:
-                with open(conf, encoding="utf-8") as f:
+                with open(conf, encoding="utf-8", errors="replace") as f:
                     text = f.read(65536)
             except OSError:
                 continue

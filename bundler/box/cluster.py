@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import cluster_node
 from ..errors import BundlerError
+from .preflight import check_port
 
 DEFAULT_PORT = 29501  # vLLM's --master-port default; the check port is the next one
 SIOCGIFADDR, SIOCGIFCONF = 0x8915, 0x8912
@@ -64,14 +65,13 @@ def local_addresses() -> dict[str, str]:
             raw = buf.tobytes()[:size]
             for i in range(0, size - 39, 40):
                 out[socket.inet_ntoa(raw[i + 20:i + 24])] = raw[i:i + 16].split(b"\0", 1)[0].decode()
-        except OSError:
-            pass
-        for _, name in socket.if_nameindex():
-            try:  # each interface's first address, where SIOCGIFCONF did not answer
-                raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-            except OSError:
-                continue  # no IPv4 address
-            out.setdefault(socket.inet_ntoa(raw[20:24]), name)
+        except OSError:  # where SIOCGIFCONF does not answer: each interface's first address
+            for _, name in socket.if_nameindex():
+                try:
+                    raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue  # no IPv4 address
+                out.setdefault(socket.inet_ntoa(raw[20:24]), name)
     return out
 
 
@@ -138,16 +138,10 @@ def facts(c: Cluster, manifest_sha: str, model: dict[str, Any], plan: Any, hw: A
 
 
 def check_ports_free(c: Cluster) -> None:
-    """The ports this server will hold for the cluster are free on its cluster address."""
-    ports = [c.check_port] + ([c.port] if c.rank == 0 else [])
-    for p in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((c.address, p))
-            except OSError as e:
-                raise BundlerError(f"port {p} on {c.address} is taken ({e.strerror}); the cluster needs it and the "
-                                   "next", hint=f"stop what holds it, or give every server --cluster-port "
-                                                f"{c.port + 2}") from None
+    """The ports this server will hold for the cluster are free on its cluster address (naming who holds
+    one, as for the API's port); the next pair is suggested, for every server."""
+    for p in [c.check_port] + ([c.port] if c.rank == 0 else []):
+        check_port(c.address, p, False, "--cluster-port", c.port + 2)
 
 
 def check_workers(c: Cluster, mine: dict[str, Any]) -> None:

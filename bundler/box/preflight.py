@@ -86,8 +86,9 @@ def wheels_glibc(doc: dict[str, Any], python: str) -> tuple[str, str]:
     return (f"{worst[0]}.{worst[1]}" if name else ""), name
 
 
-def check_port(host: str, port: int, ours_running: bool) -> None:
-    """Refuse a port another program holds (ours is stopped and restarted by the upgrade)."""
+def check_port(host: str, port: int, ours_running: bool, option: str = "--port", other: int | None = None) -> None:
+    """Refuse a port another program holds (ours is stopped and restarted by the upgrade). `option` and
+    `other` make the hint: the option that moves the port, and a value to suggest (default port + 1)."""
     if ours_running:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -107,7 +108,7 @@ def check_port(host: str, port: int, ours_running: bool) -> None:
             who = holder(port)
             raise BundlerError(f"port {port} on {host} is taken by another program ({e.strerror}"
                                f"{': ' + who if who else ''}); nothing was changed",
-                               hint=f"free it, or pick another with --port (e.g. --port {port + 1})")
+                               hint=f"free it, or pick another with {option} (e.g. {option} {other or port + 1})")
 
 
 # the engines whose kernels are Triton's, by name → label

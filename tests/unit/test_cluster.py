@@ -182,3 +182,13 @@ def test_only_an_engine_that_spreads_over_servers_is_planned_over_them():
     o = options.parse(["--bundle", "/b", "--nodes", "10.0.0.1,10.0.0.2"])
     with pytest.raises(BundlerError, match="serves one server only; across servers: vLLM"):
         planning.make_cluster_plan({"engines": [], "service": {"concurrency": 4, "context": 4096}}, m, None, o, 2)
+
+
+def test_a_cluster_port_held_by_another_program_is_refused_naming_the_option():
+    import socket
+
+    port = _free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        with pytest.raises(BundlerError, match=f"port {port} on 127.0.0.1 is taken by another program") as e:
+            cluster.check_ports_free(cluster.Cluster(("127.0.0.1", "127.0.0.2"), 0, port - 1, "lo"))
+    assert f"--cluster-port {port + 1}" in e.value.hint  # the next pair: this port and the one after are both used
