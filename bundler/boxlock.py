@@ -33,6 +33,13 @@ def _uv() -> list[str]:
         raise BundlerError("uv is needed to lock vLLM for another Python", hint="pip install -e '.[bundle]'")
 
 
+def _target(box: Any) -> tuple[str, int, str]:
+    """The box's Python (X.Y), glibc minor version and uv's platform tag for it."""
+    python = ".".join(box.python.split(".")[:2])
+    glibc_minor = int(box.glibc.split(".")[1]) if "." in box.glibc else 17
+    return python, glibc_minor, f"{box.arch}-manylinux_2_{min(glibc_minor, 40)}"
+
+
 def _compile(requirement: str, constraints: dict[str, str], python: str, platform_tag: str, out: Path) -> str:
     req = out.with_suffix(".in")
     req.write_text(requirement + "\n")
@@ -49,9 +56,7 @@ def lock_requirements(requirements: list[str], box: Any, workdir: Path, label: s
     """Lock requirements for the box's Python and platform, keeping its CUDA stack (torch, triton,
     nvidia-*) as it is (keep_stack=False: whatever the requirements need, carried) and preferring every
     other version it has; return (pins to carry, summary)."""
-    python = ".".join(box.python.split(".")[:2])
-    glibc_minor = int(box.glibc.split(".")[1]) if "." in box.glibc else 17
-    platform_tag = f"{box.arch}-manylinux_2_{min(glibc_minor, 40)}"
+    python, _, platform_tag = _target(box)
     installed = {_norm(k): v for k, v in box.installed.items()}
     hard = {k: v for k, v in installed.items() if k.startswith(GPU_STACK)} if keep_stack else {}
     out = workdir / "engine.lock"
@@ -95,10 +100,9 @@ def lock_requirements(requirements: list[str], box: Any, workdir: Path, label: s
 def newest(name: str, box: Any, workdir: Path) -> str:
     """The newest release of `name` that resolves for the box's Python and platform, whatever it needs
     (lock_requirements' preference for what the box has could otherwise settle on an older one)."""
-    python = ".".join(box.python.split(".")[:2])
-    glibc_minor = int(box.glibc.split(".")[1]) if "." in box.glibc else 17
+    python, _, platform_tag = _target(box)
     out = workdir / f"{name}-newest.lock"
-    err = _compile(name, {}, python, f"{box.arch}-manylinux_2_{min(glibc_minor, 40)}", out)
+    err = _compile(name, {}, python, platform_tag, out)
     if err:
         raise BundlerError(f"no release of {name} resolves for Python {python} on {box.arch}:\n{err[-1500:]}",
                            hint=f"pin a release of {name} in the spec")
@@ -109,13 +113,12 @@ def download(carry: dict[str, tuple[str, list[str]]], box: Any, dest: Path, log=
     """Fetch the carried pins as wheels for the box (pip checks every hash)."""
     from . import lock
 
-    python = ".".join(box.python.split(".")[:2])
+    python, glibc_minor, _ = _target(box)
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="airgap-vllm-") as td:
         req = Path(td) / "carry.txt"
         req.write_text("".join(f"{n}=={v} {' '.join(h)}\n" for n, (v, h) in sorted(carry.items())))
         nodot = python.replace(".", "")
-        glibc_minor = int(box.glibc.split(".")[1]) if "." in box.glibc else 17
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                "--require-hashes", "--dest", str(dest), "-r", str(req), "--python-version", python,
                "--implementation", "cp", "--abi", f"cp{nodot}", "--abi", "abi3", "--abi", "none"]

@@ -70,7 +70,7 @@ class VllmSpec:
 
 def read_spec(table: str, r: Any, path: Path) -> VllmSpec:
     # [engines.vllm] written without a version: the newest (the spec asks for vLLM, not for a release)
-    version = r.get("version", str, LATEST if getattr(r, "present", False) else "")
+    version = r.get("version", str, LATEST if r.present else "")
     if version and version != LATEST and not re.match(r"^\d+\.\d+(\.\d+)?$", version):
         r.fail("engines.vllm.version", f"is {version!r}", "pin a release, e.g. version = \"0.26.0\", or say "
                "version = \"latest\" (the newest on the index, with its own torch where the box's does not fit)")
