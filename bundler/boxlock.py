@@ -54,8 +54,8 @@ def _compile(requirement: str, constraints: dict[str, str], python: str, platfor
 def lock_requirements(requirements: list[str], box: Any, workdir: Path, label: str, log=print,
                       hint: str = "", keep_stack: bool = True) -> tuple[dict[str, tuple[str, list[str]]], dict]:
     """Lock requirements for the box's Python and platform, keeping its CUDA stack (torch, triton,
-    nvidia-*) as it is (keep_stack=False: whatever the requirements need, carried) and preferring every
-    other version it has; return (pins to carry, summary)."""
+    nvidia-*) as it is (keep_stack=False: whatever versions the requirements need, carried where the box
+    has another) and preferring every other version it has; return (pins to carry, summary)."""
     python, _, platform_tag = _target(box)
     installed = {_norm(k): v for k, v in box.installed.items()}
     hard = {k: v for k, v in installed.items() if k.startswith(GPU_STACK)} if keep_stack else {}
@@ -69,11 +69,12 @@ def lock_requirements(requirements: list[str], box: Any, workdir: Path, label: s
         raise BundlerError(f"cannot lock {label} against the box's CUDA stack:\n{err[-1500:]}",
                            hint=hint or "pick versions that work with the box's torch")
     pins = _pins(out.read_text())
-    if not keep_stack:  # the box's own stack is not mixed in: what the engine's torch needs comes with it
-        installed = {k: v for k, v in installed.items() if not k.startswith(GPU_STACK)}
-    # prefer what the box has: constrain every other package it has at another version
+    # prefer what the box has: constrain every other package it has at another version (keep_stack=False:
+    # not its CUDA stack, whose versions are the engine's torch's to choose; where that choice equals what
+    # the box has, byte for byte the same wheel, it is reused rather than carried, and checked like any reuse)
     prefer = dict(hard)
-    prefer.update({n: installed[n] for n, (v, _) in pins.items() if n in installed and installed[n] != v})
+    prefer.update({n: installed[n] for n, (v, _) in pins.items()
+                   if n in installed and installed[n] != v and (keep_stack or not n.startswith(GPU_STACK))})
     out2 = workdir / "engine-reuse.lock"
     for _ in range(5):  # drop the preferences the resolver names as conflicting, then try again
         if len(prefer) == len(hard):

@@ -78,7 +78,13 @@ def test_the_newest_vllm_is_locked_for_the_gpu_box_with_the_torch_it_needs(tmp_p
     assert version_tuple(version) >= (0, 33), version
     assert carry["vllm"][0] == version
     assert version_tuple(carry["torch"][0]) > (2, 11), carry["torch"]  # not the box's 2.11.0
-    assert not any(k.startswith("torch") for k in summary["reuses"])  # nothing of the box's stack is relied on
+    assert "torch" not in summary["reuses"] and "triton" not in summary["reuses"]
+    # of the box's stack, only what the new torch needs at the very version the box has is reused (and
+    # checked at install); the rest, its cuBLAS, cuDNN and NCCL among them, is carried
+    box_has = {k.lower(): v for k, v in box.installed.items()}
+    assert summary["reuses"] and all(box_has[k.lower()] == v for k, v in summary["reuses"].items())
+    assert not set(summary["reuses"]) & set(carry)
+    assert {"nvidia-cublas", "nvidia-cudnn-cu13", "nvidia-nccl-cu13"} <= set(carry), sorted(carry)
     assert f"vLLM {version}, the newest that resolved on the index" in why and "its own torch stack is carried" in why
     assert why in said
 

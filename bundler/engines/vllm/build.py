@@ -49,7 +49,9 @@ def lock_latest(box: Any, workdir: Path, log=print) -> tuple[str, dict[str, tupl
               f"{torch_box}"
     else:
         why = (f"vLLM {version}, the newest that resolved on the index when bundled; it needs torch {torch_new}, "
-               f"the box has {torch_box or 'none'}: its own torch stack is carried ({summary['carried']} wheels)")
+               f"the box has {torch_box or 'none'}: its own torch stack is carried ({summary['carried']} wheels)"
+               + (f", with the box's {len(summary['reuses'])} CUDA packages of the very versions it needs"
+                  if summary["reuses"] else ""))
     log(why)
     return version, carry, summary, why
 
