@@ -188,7 +188,7 @@ class AuditedNamespace:
             except (ProcessLookupError, ValueError):
                 pass
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-        for f in (self.etc / "resolv.conf", self.etc):
+        for f in (*self.etc.glob("*"), self.etc):  # resolv.conf, and a hosts file a test put beside it
             try:
                 f.unlink() if f.is_file() else f.rmdir()
             except OSError:

@@ -117,6 +117,42 @@ def resolve(nodes: str, rank: int | None, port: int | None, have: dict[str, str]
     return Cluster(addrs, rank, port, have[addrs[rank]])
 
 
+def hosts_missing(c: Cluster, hosts: str) -> list[str]:
+    """The /etc/hosts lines this server lacks for torch to name its peers without DNS. torch's rendezvous
+    (c10d) names every connection's address with getnameinfo, and accepts and connects on IPv6 sockets:
+    the address it asks for is the IPv4-mapped ::ffff:A, which only an entry of that form answers from
+    the file (an `A name` entry does not). Unanswered, each engine process asks the site's resolver for
+    A's reverse name once (10 s where no resolver answers) before it gives names up. Read, never asked:
+    asking would be the lookup itself."""
+    have, names = set(), {}  # names: what the file already calls an address, suggested for its mapped form
+    for line in hosts.splitlines():
+        fields = line.split("#", 1)[0].split()
+        try:
+            address = ipaddress.ip_address(fields[0]) if len(fields) >= 2 else None
+        except ValueError:
+            continue
+        if address is not None:
+            have.add(address)
+            names.setdefault(str(address), fields[1])
+    return [f"::ffff:{a} {names.get(a, f'airgap-node-{k}')}" for k, a in enumerate(c.nodes)
+            if ipaddress.ip_address(f"::ffff:{a}") not in have]
+
+
+def hosts_note(c: Cluster, path: str = "/etc/hosts") -> str:
+    """One line for the installer to print where /etc/hosts lacks the peers' names; empty where it has them."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        text = ""
+    missing = hosts_missing(c, text)
+    if not missing:
+        return ""
+    return (f"torch asks DNS for the name of each cluster address once per engine process (10 s where no DNS "
+            f"answers, and a lookup the egress audit records); to answer from this server, add to {path} on "
+            f"every server: " + "; ".join(missing))
+
+
 def plan_key(plan: Any) -> str:
     """What every server of one service must plan alike (not threads or free RAM, which may differ)."""
     keep = ("engine", "backend", "tensor_parallel", "pipeline_parallel", "data_parallel", "nodes", "max_model_len",

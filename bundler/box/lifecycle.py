@@ -79,6 +79,8 @@ def install(opts: Options) -> dict[str, Any] | None:
     if cluster:
         info(f"cluster: this server is the {cluster.role} of {len(cluster.nodes)} ({cluster.address} on "
              f"{cluster.interface}); the engine's traffic between servers stays on that interface")
+        if note := clusters.hosts_note(cluster):
+            info(note)
         plan, oplans = make_cluster_plan(doc, m, hw, opts, len(cluster.nodes), others), []
     else:
         plan, oplans = make_plan(doc, m, hw, opts, others)

