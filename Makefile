@@ -31,7 +31,7 @@ unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests/unit
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check bundler tests
+	$(VENV)/bin/ruff check bundler tests tools
 	sh -n bundler/engines/llama_cpp/build_llama_server.sh
 	$(PY) tools/check_layers.py
 

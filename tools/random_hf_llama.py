@@ -133,7 +133,7 @@ def write_shard(path: str, items: list[tuple[str, tuple[int, ...]]], seed: int) 
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for name, shape in items:
+        for _name, shape in items:
             left = _numel(shape)
             if len(shape) == 1:  # RMSNorm weights: ones
                 f.write(np.full(left, ONE_BF16, dtype=np.uint16).tobytes())
