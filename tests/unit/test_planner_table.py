@@ -254,6 +254,9 @@ def test_an_8b_on_two_servers_of_one_gpu_runs_a_replica_on_each(load):
     assert vllm.cluster_args(p, 1, "10.0.0.1", 29550) == [
         "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1", "--data-parallel-address", "10.0.0.1",
         "--data-parallel-rpc-port", "29550", "--headless"]
+    # the head sets no start rank: with one, vLLM balances externally and refuses its headless workers
+    assert vllm.cluster_args(p, 0, "10.0.0.1", 29550) == [
+        "--data-parallel-size-local", "1", "--data-parallel-address", "10.0.0.1", "--data-parallel-rpc-port", "29550"]
 
 
 def test_unequal_servers_and_a_model_no_two_servers_hold_are_refused_naming_what_would():

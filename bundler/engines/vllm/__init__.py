@@ -102,8 +102,12 @@ def cluster_args(plan, rank: int, master_addr: str, master_port: int) -> list[st
         args = ["--pipeline-parallel-size", str(plan.pipeline_parallel), "--nnodes", str(plan.nodes),
                 "--node-rank", str(rank), "--master-addr", master_addr, "--master-port", str(master_port)]
     else:
+        # the head's API spreads requests over every replica (vLLM's internal load balancing): a start rank
+        # on the head would switch vLLM to external balancing, where each server serves its own API, and
+        # the head then refuses its headless workers (vLLM 0.32 on CPUs: tests/e2e/test_cluster.py)
         local = max(1, plan.data_parallel // plan.nodes)
-        args = ["--data-parallel-size-local", str(local), "--data-parallel-start-rank", str(rank * local),
+        args = ["--data-parallel-size-local", str(local),
+                *(["--data-parallel-start-rank", str(rank * local)] if rank else []),
                 "--data-parallel-address", master_addr, "--data-parallel-rpc-port", str(master_port)]
     return args + (["--headless"] if rank else [])
 
