@@ -70,8 +70,8 @@ def lock_requirements(requirements: list[str], box: Any, workdir: Path, label: s
                            hint=hint or "pick versions that work with the box's torch")
     pins = _pins(out.read_text())
     # prefer what the box has: constrain every other package it has at another version (keep_stack=False:
-    # not its CUDA stack, whose versions are the engine's torch's to choose; where that choice equals what
-    # the box has, byte for byte the same wheel, it is reused rather than carried, and checked like any reuse)
+    # not its CUDA stack, whose versions are the engine's torch's to choose; where that choice is the
+    # release the box has, by name and version, it is reused rather than carried, and checked like any reuse)
     prefer = dict(hard)
     prefer.update({n: installed[n] for n, (v, _) in pins.items()
                    if n in installed and installed[n] != v and (keep_stack or not n.startswith(GPU_STACK))})

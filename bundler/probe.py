@@ -260,17 +260,22 @@ def installed_distributions(paths: tuple[str, ...]) -> dict[str, str]:
     METADATA file could be a FIFO (a hang), a link to any file (read as root) or not UTF-8 (a crash)."""
     import re
 
-    found: dict[str, str] = {}
+    found: dict[str, str | None] = {}  # the first folder that has a name decides, as import would
     for folder in paths:
         try:
             names = sorted(os.listdir(folder))
         except OSError:
             continue
+        here: dict[str, set[str]] = {}
         for entry in names:
             m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._]*?)-([0-9][^-]*?)(?:-py[0-9.]+)?\.(?:dist|egg)-info$", entry)
             if m:
-                found.setdefault(m.group(1).lower().replace("_", "-").replace(".", "-"), m.group(2))
-    return dict(sorted(found.items()))
+                here.setdefault(m.group(1).lower().replace("_", "-").replace(".", "-"), set()).add(m.group(2))
+        for name, versions in here.items():
+            # two versions' folders in one place (an uninstall that stopped half-way): which files are on
+            # disk is unknown, so it counts as absent; never reused, the bundle carries its own
+            found.setdefault(name, versions.pop() if len(versions) == 1 else None)
+    return dict(sorted((k, v) for k, v in found.items() if v is not None))
 
 
 def _site_packages() -> tuple[str, ...]:

@@ -14,7 +14,10 @@ import fcntl
 import hashlib
 import ipaddress
 import json
+import os
+import re
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +28,7 @@ from .preflight import check_port
 
 DEFAULT_PORT = 29501  # vLLM's --master-port default; the check port is the next one
 SIOCGIFADDR, SIOCGIFCONF = 0x8915, 0x8912
+HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
 
 
 @dataclass(frozen=True)
@@ -125,26 +129,32 @@ def hosts_missing(c: Cluster, hosts: str) -> list[str]:
     A's reverse name once (10 s where no resolver answers) before it gives names up. Read, never asked:
     asking would be the lookup itself."""
     have, names = set(), {}  # names: what the file already calls an address, suggested for its mapped form
-    for line in hosts.splitlines():
-        fields = line.split("#", 1)[0].split()
+    for line in hosts.split("\n"):  # as glibc reads it: lines end at \n, fields part at spaces and tabs
+        fields = [f for f in re.split(r"[ \t]+", line.split("#", 1)[0].strip(" \t")) if f]
         try:
             address = ipaddress.ip_address(fields[0]) if len(fields) >= 2 else None
         except ValueError:
             continue
         if address is not None:
             have.add(address)
-            names.setdefault(str(address), fields[1])
+            if HOSTNAME.match(fields[1]):  # a name only: the note is printed, and pasted on every server
+                names.setdefault(str(address), fields[1])
     return [f"::ffff:{a} {names.get(a, f'airgap-node-{k}')}" for k, a in enumerate(c.nodes)
             if ipaddress.ip_address(f"::ffff:{a}") not in have]
 
 
 def hosts_note(c: Cluster, path: str = "/etc/hosts") -> str:
     """One line for the installer to print where /etc/hosts lacks the peers' names; empty where it has them."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read(1 << 20)
+    text = ""
+    try:  # a regular file only (links followed): a FIFO or a terminal there would hang the install
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                text = os.read(fd, 1 << 20).decode("utf-8", errors="replace")
+        finally:
+            os.close(fd)
     except OSError:
-        text = ""
+        pass
     missing = hosts_missing(c, text)
     if not missing:
         return ""

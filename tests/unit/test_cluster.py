@@ -206,3 +206,21 @@ def test_the_hosts_lines_torch_needs_to_name_its_peers_without_dns_are_named(tmp
     hosts.write_text(hosts.read_text() + "::ffff:10.0.0.1 gpu-a\n::ffff:10.0.0.2 gpu-b # added\nnot-an-address x\n")
     assert cluster.hosts_note(c, str(hosts)) == ""
     assert "::ffff:10.0.0.1 airgap-node-0" in cluster.hosts_note(c, str(tmp_path / "none"))  # no file: all named
+
+
+def test_an_odd_hosts_file_neither_hangs_the_install_nor_leaks_into_the_note(tmp_path):
+    """Found by review: a FIFO at the path hung the installer; a name with terminal escapes was printed and
+    suggested as it was; a line glibc cannot use (a vertical tab between its fields) counted as present."""
+    import os
+
+    c = cluster.Cluster(("10.0.0.1", "10.0.0.2"), 0, 29501, "eth1")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    assert "::ffff:10.0.0.1 airgap-node-0" in cluster.hosts_note(c, str(fifo))
+    assert time.monotonic() - t0 < 2
+    hosts = tmp_path / "hosts"
+    hosts.write_bytes(b"10.0.0.1 \x1b]0;pwned\x07\x1b[2Jgpu-a\n::ffff:10.0.0.2\x0bgpu-b\n")
+    note = cluster.hosts_note(c, str(hosts))
+    assert "\x1b" not in note and "::ffff:10.0.0.1 airgap-node-0" in note
+    assert "::ffff:10.0.0.2 airgap-node-1" in note  # the \x0b line is no entry to glibc, so none here

@@ -133,3 +133,19 @@ def test_distributions_are_read_from_folder_names_so_no_file_of_the_box_is_opene
     (site / "not_a_dist").mkdir()
     assert installed_distributions((str(site), str(tmp_path / "missing"))) == {
         "odd": "2.0", "secret-pkg": "1.0", "torch": "2.11.0+cu130"}
+
+
+def test_a_package_with_two_versions_in_one_folder_counts_as_absent_so_it_is_never_reused(tmp_path):
+    """Found by review: two dist-info folders of one package in one site-packages (an uninstall stopped
+    half-way) reported whichever sorted first, and a lock could reuse files that are another version. Such
+    a package is now absent (the bundle carries its own); a later folder cannot stand in for it either,
+    since import would find the first folder's files."""
+    from bundler.probe import installed_distributions
+
+    site, base = tmp_path / "venv-site", tmp_path / "base-site"
+    for v in ("12.8.4.1", "12.9.1.4"):
+        (site / f"nvidia_cublas_cu12-{v}.dist-info").mkdir(parents=True)
+    (site / "numpy-2.3.5.dist-info").mkdir()
+    (base / "nvidia_cublas_cu12-12.8.4.1.dist-info").mkdir(parents=True)
+    (base / "numpy-1.26.4.dist-info").mkdir()
+    assert installed_distributions((str(site), str(base))) == {"numpy": "2.3.5"}
